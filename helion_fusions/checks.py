@@ -1,0 +1,75 @@
+"""Argument checks shared by every op's host wrapper.
+
+Errors are ``TypeError`` (wrong dtype or kind) or ``ValueError`` (wrong shape, device,
+layout or value), and each message names the offending argument and what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+FLOAT_ACTIVATIONS = (torch.bfloat16, torch.float16)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+
+
+def _names(dtypes: Iterable[torch.dtype]) -> str:
+    return " or ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    name: str,
+    value: object,
+    *,
+    dtypes: Sequence[torch.dtype] | None = None,
+    shape: Sequence[int] | None = None,
+    device: torch.device | None = None,
+    last_dim_contiguous: bool = False,
+    contiguous: bool = False,
+) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {_names(dtypes)}, got {str(value.dtype).replace('torch.', '')}")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(value.shape)}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of input), got {value.device}")
+    if last_dim_contiguous and value.dim() > 0 and value.size(-1) > 1 and value.stride(-1) != 1:
+        raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {list(value.stride())}")
+    if contiguous and not value.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {list(value.stride())}")
+    return value
+
+
+def check_input_2d(name: str, value: object) -> torch.Tensor:
+    tensor = check_tensor(name, value, dtypes=FLOAT_ACTIVATIONS, last_dim_contiguous=True)
+    if tensor.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D [num_tokens, hidden_size] tensor, got shape {list(tensor.shape)}")
+    if tensor.size(1) == 0:
+        raise ValueError(f"{name}: hidden size must be positive, got shape {list(tensor.shape)}")
+    return tensor
+
+
+def check_scalar_scale(name: str, value: object, device: torch.device) -> torch.Tensor:
+    tensor = check_tensor(name, value, dtypes=(torch.float32,), device=device)
+    if tensor.numel() != 1:
+        raise ValueError(f"{name}: expected a one-element float32 tensor, got shape {list(tensor.shape)}")
+    return tensor
+
+
+def check_group_size(name: str, group_size: object, hidden: int, allowed: Sequence[int]) -> int:
+    if not isinstance(group_size, int) or group_size not in allowed:
+        raise ValueError(f"{name}: expected one of {list(allowed)}, got {group_size!r}")
+    if hidden % group_size:
+        raise ValueError(f"{name}: {group_size} does not divide the hidden size {hidden}")
+    return group_size
+
+
+def check_positive_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name}: expected a positive float, got {value!r}")
+    return float(value)

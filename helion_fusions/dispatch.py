@@ -1,0 +1,213 @@
+"""The generic dispatcher: device identity, config fallback chain, compile cache, warm-up.
+
+It knows no op by name. For an op call it asks the op's host wrapper for a
+:class:`~helion_fusions.registry.KernelLaunch`, picks a config for
+(device, op, dtype, hidden size, token bucket), compiles once per bucket and then only
+launches. CPU tensors run the op's eager reference, except under ``HELION_INTERPRET=1``
+where the Helion kernel itself runs eagerly (the CPU tests use this).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import helion
+import torch
+
+from helion_fusions import config_store
+from helion_fusions.registry import REGISTRY, TOKEN_GRID, KernelLaunch, OpSpec
+
+_INT32_LIMIT = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceIdentity:
+    """Canonical device name (``nvidia_h100``), its architecture family (``nvidia_sm90``) and fp8 flavour."""
+
+    name: str
+    family: str
+    fp8_dtype: torch.dtype
+
+
+_KNOWN_MODELS = ("h100", "h200", "h20", "gh200", "b200", "b300", "gb200", "a100", "l40s", "l4",
+                 "mi300x", "mi300a", "mi325x", "mi350x", "mi355x")
+
+
+def canonical_device_name(raw_name: str, vendor: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``nvidia_h100``; unknown models keep their first model token."""
+    tokens = [t for t in raw_name.lower().replace("-", " ").split() if t not in {"nvidia", "amd", "instinct", "tesla"}]
+    for token in tokens:
+        if token in _KNOWN_MODELS:
+            return f"{vendor}_{token}"
+    model = "".join(ch for ch in (tokens[0] if tokens else "unknown") if ch.isalnum())
+    return f"{vendor}_{model or 'unknown'}"
+
+
+@functools.cache
+def device_identity(index: int = 0) -> DeviceIdentity:
+    props = torch.cuda.get_device_properties(index)
+    if torch.version.hip is not None:
+        arch = props.gcnArchName.split(":")[0]
+        fp8 = torch.float8_e4m3fnuz if arch == "gfx942" else torch.float8_e4m3fn
+        return DeviceIdentity(canonical_device_name(props.name, "amd"), f"amd_{arch}", fp8)
+    return DeviceIdentity(canonical_device_name(props.name, "nvidia"), f"nvidia_sm{props.major}{props.minor}",
+                          torch.float8_e4m3fn)
+
+
+def fp8_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """The fp8 dtype engines use on ``device``: e4m3fnuz on MI300 (gfx942), e4m3fn elsewhere."""
+    device = torch.device("cuda" if device is None else device)
+    if device.type != "cuda":
+        return torch.float8_e4m3fn
+    return device_identity(device.index or 0).fp8_dtype
+
+
+# --- config resolution -------------------------------------------------------------------
+
+_warned: set[tuple[str, ...]] = set()
+
+
+def _warn_once(*key: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(key[-1], stacklevel=3)
+
+
+def resolve_config_file(spec: OpSpec, device: DeviceIdentity) -> config_store.ConfigFile | None:
+    """Walk the fallback chain; warns once naming what was used and why. None = architecture default."""
+    expected = spec_hash(spec)
+    problems = []
+    for step, path in config_store.candidate_paths(spec.name, device.name, device.family):
+        try:
+            loaded = config_store.load(path, spec.name, expected)
+        except config_store.ConfigError as error:
+            if path.exists():
+                problems.append(str(error))
+            continue
+        if step != "exact device":
+            _warn_once(spec.name, device.name, f"helion_fusions: {spec.name}: no usable config for {device.name}; "
+                       f"using the {step} config {path}" + "".join(f"\n  skipped: {p}" for p in problems))
+        elif problems:
+            _warn_once(spec.name, device.name, "\n".join(problems))
+        return loaded
+    _warn_once(spec.name, device.name, f"helion_fusions: {spec.name}: no usable config for {device.name} "
+               f"(family {device.family}); using the architecture default config"
+               + "".join(f"\n  skipped: {p}" for p in problems))
+    return None
+
+
+@functools.cache
+def spec_hash(spec: OpSpec) -> str:
+    from helion_fusions.kernels import quant
+
+    return config_store.kernel_hash(spec.kernel, quant)
+
+
+def choose_config(spec: OpSpec, launch: KernelLaunch, batch_invariant: bool) -> helion.Config:
+    file = _config_files(spec, launch.device.index or 0)
+    if file is None:
+        return spec.default_config(launch.hidden)
+    return helion.Config(**file.pick(launch.dtype, launch.hidden, launch.tokens, batch_invariant).config)
+
+
+@functools.cache
+def _config_files(spec: OpSpec, index: int) -> config_store.ConfigFile | None:
+    return resolve_config_file(spec, device_identity(index))
+
+
+# --- compile cache -------------------------------------------------------------------------
+
+_compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
+_compile_lock = threading.Lock()
+_batch_invariant = False
+
+
+def set_batch_invariant(enabled: bool) -> None:
+    """One reduction layout for every token count: a row's bytes never depend on the batch."""
+    global _batch_invariant
+    _batch_invariant = bool(enabled)
+
+
+def batch_invariant() -> bool:
+    return _batch_invariant
+
+
+def token_bucket(tokens: int) -> int:
+    """Token counts share a compiled kernel per bucket; T == 1 is its own (Helion specializes size 1)."""
+    for bound in TOKEN_GRID:
+        if tokens <= bound:
+            return bound
+    return TOKEN_GRID[-1] + 1
+
+
+def _interpret() -> bool:
+    return os.environ.get("HELION_INTERPRET") == "1"
+
+
+def run(spec: OpSpec, kwargs: dict[str, Any]) -> None:
+    launch = spec.prepare(**kwargs)
+    if launch is None:
+        return
+    if launch.device.type != "cuda":
+        if _interpret():
+            launch.kernel(*launch.args)
+        else:
+            spec.reference(**kwargs)
+        return
+    key = (spec.name, launch.key, token_bucket(launch.tokens), _batch_invariant,
+           launch.tokens * launch.hidden > _INT32_LIMIT, launch.device.index)
+    compiled = _compiled.get(key)
+    if compiled is None:
+        compiled = _compile(spec, launch, key)
+    compiled(*launch.args)
+
+
+def _compile(spec: OpSpec, launch: KernelLaunch, key: tuple[Any, ...]) -> Callable[..., Any]:
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"helion_fusions: {spec.name} would compile a kernel inside CUDA-graph capture "
+            f"(hidden={launch.hidden}, tokens={launch.tokens}); call helion_fusions.warmup() before capturing")
+    with _compile_lock:
+        compiled = _compiled.get(key)
+        if compiled is None:
+            config = choose_config(spec, launch, _batch_invariant)
+            compiled = launch.kernel.bind(launch.args).compile_config(config)
+            _compiled[key] = compiled
+    return compiled
+
+
+def compiled_count() -> int:
+    return len(_compiled)
+
+
+def warmup(
+    hidden_sizes: Iterable[int],
+    dtypes: Iterable[torch.dtype] = (torch.bfloat16,),
+    ops: Iterable[str] | None = None,
+    max_tokens: int = TOKEN_GRID[-1],
+    device: torch.device | str = "cuda",
+) -> int:
+    """Compile every token bucket of the given ops ahead of CUDA-graph capture.
+
+    Runs each op once per bucket on random data of the largest token count in the bucket.
+    Returns the number of compiled kernels in the cache.
+    """
+    names = list(REGISTRY) if ops is None else list(ops)
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise ValueError(f"ops: unknown op names {unknown}; registered ops are {sorted(REGISTRY)}")
+    device = torch.device(device)
+    buckets = sorted({token_bucket(t) for t in (*TOKEN_GRID, max_tokens) if t <= max_tokens})
+    for name in names:
+        spec = REGISTRY[name]
+        for hidden in hidden_sizes:
+            for dtype in dtypes:
+                for tokens in buckets:
+                    spec.op(**spec.make_inputs(min(tokens, max_tokens), hidden, dtype, device))
+    return compiled_count()

@@ -1,0 +1,1 @@
+"""Helion kernels, one module per fusion family, each with its eager reference and op declarations."""

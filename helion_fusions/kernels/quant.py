@@ -1,0 +1,158 @@
+"""Quantization epilogues shared by every fusion family.
+
+Each helper is plain PyTorch on tensors, so the same function runs inside a Helion
+kernel body (where it is traced into Triton) and in the eager references.
+
+Contract (shared NUMERICS.md):
+
+* fp8 scales are fp32 *dequant* scales, ``x ~= q * s``.
+* dynamic scale: ``s = max(min(amax, scale_ub) / fp8_max, 1 / (fp8_max * 512))``.
+* quantize: ``q = fp8(clamp(y / s, -fp8_max, fp8_max))``; static-scale ops multiply by
+  ``1 / s`` instead of dividing. Conversion rounds to nearest even and saturates.
+* ue8m0: ``s -> 2 ** ceil(log2(s))``, computed exactly on the fp32 bits.
+* nvfp4: per block of 16, ``sf = fp8_e4m3(global_scale * amax / 6)``, then
+  ``q = e2m1(x * (1 / (float(sf) / global_scale)))`` with ``q = 0`` where ``sf == 0``.
+  e2m1 rounds to nearest even and saturates at +-6; the sign bit is set for every
+  negative input, so a negative value that rounds to zero encodes as -0 (0x8).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_MIN_SCALE_DIVISOR = 512.0
+NVFP4_BLOCK = 16
+E2M1_MAX = 6.0
+# (threshold, inclusive) pairs between consecutive e2m1 magnitudes
+# 0, 0.5, 1, 1.5, 2, 3, 4, 6; ties go to the even code, so a midpoint that
+# rounds up is inclusive (>=) and one that rounds down is exclusive (>).
+_E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
+
+SWIZZLE_ROWS = 128
+SWIZZLE_COLS = 4
+
+
+def fp8_max_for(dtype: torch.dtype) -> float:
+    """The saturation bound engines use for an fp8 dtype (224 on MI300's e4m3fnuz)."""
+    if dtype == torch.float8_e4m3fn:
+        return 448.0
+    if dtype == torch.float8_e4m3fnuz:
+        return 224.0
+    raise TypeError(f"expected a float8_e4m3fn or float8_e4m3fnuz tensor, got {dtype}")
+
+
+def fp8_dynamic_scale(amax: torch.Tensor, fp8_max: float, scale_ub: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequant scale for a block whose absolute maximum is ``amax`` (fp32)."""
+    if scale_ub is not None:
+        amax = torch.minimum(amax, scale_ub)
+    return torch.clamp(amax / fp8_max, min=1.0 / (fp8_max * FP8_MIN_SCALE_DIVISOR))
+
+
+def ue8m0(scale: torch.Tensor) -> torch.Tensor:
+    """Round a positive normal fp32 scale up to a power of two, bit-exactly."""
+    bits = scale.view(torch.int32)
+    exponent = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    return (exponent << 23).view(torch.float32)
+
+
+def fp8_quantize(value: torch.Tensor, scale: torch.Tensor, fp8_max: float, dtype: torch.dtype) -> torch.Tensor:
+    """Per-token / per-group quantization: divide by the dequant scale."""
+    return torch.clamp(value / scale, -fp8_max, fp8_max).to(dtype)
+
+
+def fp8_quantize_static(value: torch.Tensor, inv_scale: torch.Tensor, fp8_max: float, dtype: torch.dtype) -> torch.Tensor:
+    """Static per-tensor quantization: multiply by ``1 / scale`` as the engine ops do."""
+    return torch.clamp(value * inv_scale, -fp8_max, fp8_max).to(dtype)
+
+
+def nvfp4_block_scale(amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """fp8-e4m3 block scale factor from a block amax (fp32)."""
+    return (global_scale * (amax / E2M1_MAX)).to(torch.float8_e4m3fn)
+
+
+def e2m1_codes(value: torch.Tensor) -> torch.Tensor:
+    """4-bit e2m1 codes (int32, sign in bit 3) of fp32 values."""
+    magnitude = torch.abs(value)
+    code = (value < 0).to(torch.int32) * 8
+    for threshold, inclusive in _E2M1_STEPS:
+        step = magnitude >= threshold if inclusive else magnitude > threshold
+        code = code + step.to(torch.int32)
+    return code
+
+
+def nvfp4_quantize(value: torch.Tensor, block_sf: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """e2m1 codes of ``value`` ([..., 16] blocks) given the blocks' fp8 scale factors [...]."""
+    sf = block_sf.to(torch.float32)
+    inv = 1.0 / (sf / global_scale)
+    scaled = value * inv[..., None]
+    return e2m1_codes(torch.where(sf[..., None] == 0.0, 0.0, scaled))
+
+
+def pack_e2m1(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Two codes per byte, the even element in the low nibble."""
+    return (lo | (hi << 4)).to(torch.uint8)
+
+
+def swizzled_scale_offset(row: torch.Tensor, col: torch.Tensor, num_cols: int) -> torch.Tensor:
+    """Byte offset of block scale (row, col) in the 128x4 swizzled layout of NVIDIA's block-scaled GEMMs."""
+    col_tiles = (num_cols + SWIZZLE_COLS - 1) // SWIZZLE_COLS
+    return (
+        ((row // 128) * col_tiles + col // 4) * 512
+        + (row % 32) * 16
+        + ((row // 32) % 4) * 4
+        + col % 4
+    )
+
+
+def swizzled_scale_shape(rows: int, num_cols: int) -> tuple[int, int]:
+    """Padded (rows, cols) of a swizzled block-scale buffer."""
+    return (
+        (rows + SWIZZLE_ROWS - 1) // SWIZZLE_ROWS * SWIZZLE_ROWS,
+        (num_cols + SWIZZLE_COLS - 1) // SWIZZLE_COLS * SWIZZLE_COLS,
+    )
+
+
+# --- eager references of each quant flavour (the executable contract) -----------------------
+
+def quantize_static_reference(y: torch.Tensor, scale: torch.Tensor, result: torch.Tensor) -> None:
+    fp8_max = fp8_max_for(result.dtype)
+    result.copy_(fp8_quantize_static(y.float(), 1.0 / scale.float().reshape(()), fp8_max, result.dtype))
+
+
+def quantize_per_group_reference(
+    y: torch.Tensor,
+    result: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int,
+    scale_ub: torch.Tensor | None = None,
+    use_ue8m0: bool = False,
+) -> None:
+    """Per-group (``group_size`` = hidden gives per-token) dynamic fp8 quantization of ``y`` [T, H]."""
+    fp8_max = fp8_max_for(result.dtype)
+    groups = y.float().reshape(y.shape[0], -1, group_size)
+    ub = None if scale_ub is None else scale_ub.float().reshape(())
+    s = fp8_dynamic_scale(torch.amax(torch.abs(groups), dim=-1), fp8_max, ub)
+    if use_ue8m0:
+        s = ue8m0(s)
+    result.copy_(fp8_quantize(groups, s[..., None], fp8_max, result.dtype).reshape(y.shape))
+    scale.copy_(s.reshape(scale.shape))
+
+
+def quantize_nvfp4_reference(
+    y: torch.Tensor, result: torch.Tensor, result_scale: torch.Tensor, global_scale: torch.Tensor, swizzled: bool
+) -> None:
+    rows, hidden = y.shape
+    blocks = y.float().reshape(rows, hidden // NVFP4_BLOCK, NVFP4_BLOCK)
+    gs = global_scale.float().reshape(())
+    sf = nvfp4_block_scale(torch.amax(torch.abs(blocks), dim=-1), gs)
+    codes = nvfp4_quantize(blocks, sf, gs).reshape(rows, hidden // 2, 2)
+    result.view(torch.uint8).copy_(pack_e2m1(codes[..., 0], codes[..., 1]))
+    flat = result_scale.view(torch.uint8).reshape(-1)
+    num_cols = hidden // NVFP4_BLOCK
+    if swizzled:
+        flat.zero_()
+        r = torch.arange(rows, device=y.device)[:, None]
+        k = torch.arange(num_cols, device=y.device)[None, :]
+        flat[swizzled_scale_offset(r, k, num_cols).reshape(-1)] = sf.view(torch.uint8).reshape(-1)
+    else:
+        flat.copy_(sf.view(torch.uint8).reshape(-1))

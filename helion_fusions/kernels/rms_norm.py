@@ -1,0 +1,410 @@
+"""RMSNorm and its quantized flavours, from one Helion kernel.
+
+``y = round(f32(x) * rsqrt(sum(f32(x)^2) / H + eps)) * weight`` (both products rounded to
+the input dtype), optionally after ``x = f32(input) + f32(residual)`` with
+``residual <- round(x)``; then one quant epilogue from :mod:`helion_fusions.kernels.quant`:
+none, static fp8, dynamic per-token fp8, per-group fp8, or nvfp4.
+
+The kernel sees the row as ``[num_groups, group]`` (``group = H`` when there are no
+groups), so per-group scales are a reduction over the last dim, and the variance a
+reduction over both.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import helion
+import helion.language as hl
+import torch
+
+from helion_fusions.checks import (
+    FP8_DTYPES,
+    check_group_size,
+    check_input_2d,
+    check_positive_float,
+    check_scalar_scale,
+    check_tensor,
+)
+from helion_fusions.kernels import quant
+from helion_fusions.kernels.quant import (
+    e2m1_codes,
+    fp8_dynamic_scale,
+    fp8_quantize,
+    fp8_quantize_static,
+    nvfp4_block_scale,
+    pack_e2m1,
+    swizzled_scale_offset,
+    ue8m0,
+)
+from helion_fusions.registry import KernelLaunch, OpSpec, register
+
+HIDDEN_GRID = (2048, 4096, 5120, 8192)
+GROUP_SIZES = (64, 128)
+
+
+class Quant(enum.IntEnum):
+    NONE = 0
+    STATIC = 1
+    PER_TOKEN = 2
+    PER_GROUP = 3
+    NVFP4 = 4
+
+
+@helion.kernel(static_shapes=False, autotune_effort="none")
+def rms_norm_kernel(
+    x: torch.Tensor,  # [T, NG, G]
+    residual: torch.Tensor,  # [T, NG, G], read and written when HAS_RESIDUAL
+    weight: torch.Tensor,  # [NG, G]
+    out: torch.Tensor,  # [T, NG, G] (none / fp8) or [T, NG, G // 2] uint8 (nvfp4)
+    scale_out: torch.Tensor,  # [T, 1] per-token, [T, NG] per-group, flat uint8 block scales (nvfp4)
+    scale_in: torch.Tensor,  # [1]: static scale, scale_ub, or nvfp4 global scale
+    epsilon: float,
+    QUANT: hl.constexpr,
+    HAS_RESIDUAL: hl.constexpr,
+    HAS_SCALE_UB: hl.constexpr,
+    UE8M0: hl.constexpr,
+    SWIZZLED: hl.constexpr,
+    FP8_MAX: hl.constexpr,
+) -> None:
+    T, NG, G = x.size()
+    NG = hl.specialize(NG)
+    G = hl.specialize(G)
+    for tile_t in hl.tile(T):
+        xf = x[tile_t, :, :].to(torch.float32)
+        if HAS_RESIDUAL:
+            xf = xf + residual[tile_t, :, :].to(torch.float32)
+            residual[tile_t, :, :] = xf.to(residual.dtype)
+        sum_sq = torch.sum(torch.sum(xf * xf, dim=-1), dim=-1)
+        rstd = torch.rsqrt(sum_sq / (NG * G) + epsilon)
+        y = (xf * rstd[:, None, None]).to(x.dtype) * weight[None, :, :]
+        yf = y.to(torch.float32)
+        if QUANT == 0:
+            out[tile_t, :, :] = y
+        elif QUANT == 1:
+            out[tile_t, :, :] = fp8_quantize_static(yf, 1.0 / scale_in[0], FP8_MAX, out.dtype)
+        elif QUANT == 2:
+            amax = torch.amax(torch.amax(torch.abs(yf), dim=-1), dim=-1)
+            s = fp8_dynamic_scale(amax, FP8_MAX, scale_in[0] if HAS_SCALE_UB else None)
+            out[tile_t, :, :] = fp8_quantize(yf, s[:, None, None], FP8_MAX, out.dtype)
+            scale_out[tile_t, 0] = s
+        elif QUANT == 3:
+            s = fp8_dynamic_scale(torch.amax(torch.abs(yf), dim=-1), FP8_MAX, scale_in[0] if HAS_SCALE_UB else None)
+            if UE8M0:
+                s = ue8m0(s)
+            out[tile_t, :, :] = fp8_quantize(yf, s[:, :, None], FP8_MAX, out.dtype)
+            scale_out[tile_t, :] = s
+        else:
+            global_scale = scale_in[0]
+            sf = nvfp4_block_scale(torch.amax(torch.abs(yf), dim=-1), global_scale)
+            sf_f32 = sf.to(torch.float32)
+            scaled = yf * (1.0 / (sf_f32 / global_scale))[:, :, None]
+            codes = e2m1_codes(torch.where(sf_f32[:, :, None] == 0.0, 0.0, scaled))
+            lo, hi = hl.split(codes.reshape(tile_t.block_size, -1, G // 2, 2))
+            out[tile_t, :, :] = pack_e2m1(lo, hi)
+            row = tile_t.index[:, None]
+            col = hl.arange(NG)[None, :]
+            if SWIZZLED:
+                offset = swizzled_scale_offset(row, col, NG)
+            else:
+                offset = row * NG + col
+            hl.store(scale_out, [offset], sf.view(torch.uint8), extra_mask=(row < T) & (col < NG))
+
+
+# --- reference ------------------------------------------------------------------------------
+
+def rms_norm_reference(
+    input: torch.Tensor, weight: torch.Tensor, epsilon: float, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The unfused eager composite; writes ``residual`` in place when given."""
+    x = input.float()
+    if residual is not None:
+        x = x + residual.float()
+        residual.copy_(x.to(residual.dtype))
+    rstd = torch.rsqrt(torch.sum(x * x, dim=-1, keepdim=True) / x.shape[-1] + epsilon)
+    return (x * rstd).to(input.dtype) * weight
+
+
+# --- host glue ------------------------------------------------------------------------------
+
+def _check_norm(input: Any, weight: Any, epsilon: Any) -> tuple[int, int]:
+    check_input_2d("input", input)
+    tokens, hidden = input.shape
+    check_tensor("weight", weight, dtypes=(input.dtype,), shape=(hidden,), device=input.device, contiguous=True)
+    check_positive_float("epsilon", epsilon)
+    return tokens, hidden
+
+
+def _check_like_input(name: str, value: Any, input: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    return check_tensor(name, value, dtypes=dtypes, shape=input.shape, device=input.device, last_dim_contiguous=True)
+
+
+def _launch(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    epsilon: float,
+    out: torch.Tensor,
+    flavour: Quant,
+    *,
+    residual: torch.Tensor | None = None,
+    scale_out: torch.Tensor | None = None,
+    scale_in: torch.Tensor | None = None,
+    group: int | None = None,
+    has_scale_ub: bool = False,
+    use_ue8m0: bool = False,
+    swizzled: bool = False,
+) -> KernelLaunch | None:
+    tokens, hidden = input.shape
+    if tokens == 0:
+        return None
+    group = group or hidden
+    groups = hidden // group
+    x = input.view(tokens, groups, group)
+    fp8_max = quant.fp8_max_for(out.dtype) if flavour in (Quant.STATIC, Quant.PER_TOKEN, Quant.PER_GROUP) else 0.0
+    out_view = out.view(tokens, groups, -1)
+    dummy = weight  # stands in for unused tensor arguments; never read
+    flags = (int(flavour), residual is not None, has_scale_ub, use_ue8m0, swizzled, fp8_max)
+    args = (
+        x,
+        x if residual is None else residual.view(tokens, groups, group),
+        weight.view(groups, group),
+        out_view,
+        dummy if scale_out is None else scale_out,
+        dummy if scale_in is None else scale_in,
+        float(epsilon),
+        *flags,
+    )
+    key = (input.dtype, out.dtype, hidden, group, *flags)
+    return KernelLaunch(rms_norm_kernel, args, key, tokens, hidden, input.device, input.dtype)
+
+
+def _check_fp8_result(result: Any, input: torch.Tensor) -> torch.Tensor:
+    return _check_like_input("result", result, input, FP8_DTYPES)
+
+
+def _check_residual(residual: Any, input: torch.Tensor) -> torch.Tensor | None:
+    return None if residual is None else _check_like_input("residual", residual, input, (input.dtype,))
+
+
+def _check_scale_ub(scale_ub: Any, input: torch.Tensor) -> bool:
+    if scale_ub is None:
+        return False
+    check_scalar_scale("scale_ub", scale_ub, input.device)
+    return True
+
+
+def _prepare_rms_norm(result, input, weight, epsilon):
+    _check_norm(input, weight, epsilon)
+    _check_like_input("result", result, input, (input.dtype,))
+    return _launch(input, weight, epsilon, result, Quant.NONE)
+
+
+def _reference_rms_norm(result, input, weight, epsilon):
+    result.copy_(rms_norm_reference(input, weight, epsilon))
+
+
+def _prepare_fused_add_rms_norm(input, residual, weight, epsilon):
+    _check_norm(input, weight, epsilon)
+    _check_residual(residual, input)
+    return _launch(input, weight, epsilon, input, Quant.NONE, residual=residual)
+
+
+def _reference_fused_add_rms_norm(input, residual, weight, epsilon):
+    input.copy_(rms_norm_reference(input, weight, epsilon, residual))
+
+
+def _prepare_static(result, input, weight, scale, epsilon, residual=None):
+    _check_norm(input, weight, epsilon)
+    _check_fp8_result(result, input)
+    check_scalar_scale("scale", scale, input.device)
+    _check_residual(residual, input)
+    return _launch(input, weight, epsilon, result, Quant.STATIC, residual=residual, scale_in=scale)
+
+
+def _reference_static(result, input, weight, scale, epsilon, residual=None):
+    quant.quantize_static_reference(rms_norm_reference(input, weight, epsilon, residual), scale, result)
+
+
+def _prepare_per_token(result, input, weight, scale, epsilon, scale_ub, residual):
+    tokens, _ = _check_norm(input, weight, epsilon)
+    _check_fp8_result(result, input)
+    check_tensor("scale", scale, dtypes=(torch.float32,), shape=(tokens, 1), device=input.device)
+    has_ub = _check_scale_ub(scale_ub, input)
+    _check_residual(residual, input)
+    return _launch(input, weight, epsilon, result, Quant.PER_TOKEN, residual=residual, scale_out=scale,
+                   scale_in=scale_ub, has_scale_ub=has_ub)
+
+
+def _reference_per_token(result, input, weight, scale, epsilon, scale_ub, residual):
+    y = rms_norm_reference(input, weight, epsilon, residual)
+    quant.quantize_per_group_reference(y, result, scale, y.shape[-1], scale_ub)
+
+
+def _prepare_per_block(result, input, weight, scale, epsilon, scale_ub, residual, group_size, is_scale_transposed,
+                       scale_ue8m0=False):
+    tokens, hidden = _check_norm(input, weight, epsilon)
+    _check_fp8_result(result, input)
+    check_group_size("group_size", group_size, hidden, GROUP_SIZES)
+    check_tensor("scale", scale, dtypes=(torch.float32,), shape=(tokens, hidden // group_size), device=input.device)
+    if tokens > 1 and hidden // group_size > 1:
+        major = scale.stride(0) == 1 if is_scale_transposed else scale.stride(1) == 1
+        if not major:
+            layout = "column-major (stride(0) == 1)" if is_scale_transposed else "row-major (stride(1) == 1)"
+            raise ValueError(f"scale: is_scale_transposed={is_scale_transposed} expects a {layout} scale tensor, "
+                             f"got strides {list(scale.stride())}")
+    has_ub = _check_scale_ub(scale_ub, input)
+    _check_residual(residual, input)
+    return _launch(input, weight, epsilon, result, Quant.PER_GROUP, residual=residual, scale_out=scale,
+                   scale_in=scale_ub, group=group_size, has_scale_ub=has_ub, use_ue8m0=bool(scale_ue8m0))
+
+
+def _reference_per_block(result, input, weight, scale, epsilon, scale_ub, residual, group_size, is_scale_transposed,
+                         scale_ue8m0=False):
+    y = rms_norm_reference(input, weight, epsilon, residual)
+    quant.quantize_per_group_reference(y, result, scale, group_size, scale_ub, scale_ue8m0)
+
+
+def _check_nvfp4(result, result_scale, input, swizzled) -> torch.Tensor:
+    tokens, hidden = input.shape
+    if hidden % quant.NVFP4_BLOCK:
+        raise ValueError(f"input: nvfp4 needs a hidden size divisible by {quant.NVFP4_BLOCK}, got {hidden}")
+    check_tensor("result", result, dtypes=(torch.uint8,), shape=(tokens, hidden // 2), device=input.device,
+                 last_dim_contiguous=True)
+    check_tensor("result_scale", result_scale, dtypes=(torch.uint8, torch.float8_e4m3fn, torch.int32),
+                 device=input.device, contiguous=True)
+    rows, cols = quant.swizzled_scale_shape(tokens, hidden // 16) if swizzled else (tokens, hidden // 16)
+    if result_scale.numel() * result_scale.element_size() != rows * cols:
+        layout = "swizzled (rows padded to 128, columns to 4)" if swizzled else "linear"
+        raise ValueError(f"result_scale: the {layout} layout needs {rows}x{cols} bytes, got shape "
+                         f"{list(result_scale.shape)} of {result_scale.dtype}")
+    flat = result_scale.view(torch.uint8).view(-1)
+    if swizzled and (rows, cols) != (tokens, hidden // 16):
+        flat.zero_()  # the GEMM reads the padding: it must be zero, never stale
+    return flat
+
+
+def _prepare_nvfp4(result, result_scale, input, weight, global_scale, epsilon, is_sf_swizzled_layout=True,
+                   residual=None):
+    _check_norm(input, weight, epsilon)
+    check_scalar_scale("global_scale", global_scale, input.device)
+    _check_residual(residual, input)
+    flat = _check_nvfp4(result, result_scale, input, is_sf_swizzled_layout)
+    return _launch(input, weight, epsilon, result, Quant.NVFP4, residual=residual, scale_out=flat,
+                   scale_in=global_scale, group=quant.NVFP4_BLOCK, swizzled=bool(is_sf_swizzled_layout))
+
+
+def _reference_nvfp4(result, result_scale, input, weight, global_scale, epsilon, is_sf_swizzled_layout=True,
+                     residual=None):
+    y = rms_norm_reference(input, weight, epsilon, residual)
+    quant.quantize_nvfp4_reference(y, result, result_scale, global_scale, is_sf_swizzled_layout)
+
+
+# --- tuning grid, seeds and bench inputs -----------------------------------------------------
+
+def default_config(hidden: int) -> helion.Config:
+    """Architecture default: one row per program, full row in registers."""
+    return helion.Config(block_sizes=[1], num_warps=4 if hidden <= 2048 else 8, reduction_loops=[None])
+
+
+def seed_configs(hidden: int, tokens: int) -> list[helion.Config]:
+    """Curated starting points; the residual is updated in place, so rows never loop (reduction_loops=None)."""
+    seeds = [helion.Config(block_sizes=[1], num_warps=w, reduction_loops=[None]) for w in (4, 8, 16)]
+    if hidden <= 4096 and tokens >= 128:
+        seeds += [helion.Config(block_sizes=[b], num_warps=w, reduction_loops=[None]) for b in (2, 4) for w in (4, 8)]
+    return seeds
+
+
+def _poisoned_fp8(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    from helion_fusions.dispatch import fp8_dtype
+    from helion_fusions.testing import poisoned
+
+    return poisoned(shape, fp8_dtype(device), device)
+
+
+def _activations(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    generator = torch.Generator(device="cpu").manual_seed(tokens * 7919 + hidden)
+    input = torch.randn(tokens, hidden, generator=generator).to(dtype=dtype, device=device)
+    weight = (1.0 + 0.5 * torch.randn(hidden, generator=generator)).to(dtype=dtype, device=device)
+    residual = torch.randn(tokens, hidden, generator=generator).to(dtype=dtype, device=device)
+    return {"input": input, "weight": weight, "residual": residual, "epsilon": 1e-6}
+
+
+def _inputs(flavour: Quant, with_residual: bool, fused_add_layout: bool = False):
+    def make(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        from helion_fusions.testing import poisoned
+
+        base = _activations(tokens, hidden, dtype, device)
+        residual = base.pop("residual")
+        kwargs: dict[str, Any] = {}
+        if flavour is Quant.NONE:
+            if not fused_add_layout:
+                kwargs["result"] = poisoned((tokens, hidden), dtype, device)
+        elif flavour is Quant.NVFP4:
+            rows, cols = quant.swizzled_scale_shape(tokens, hidden // 16)
+            kwargs["result"] = poisoned((tokens, hidden // 2), torch.uint8, device)
+            kwargs["result_scale"] = poisoned((rows, cols), torch.uint8, device)
+        else:
+            kwargs["result"] = _poisoned_fp8((tokens, hidden), device)
+        kwargs.update(base)
+        if with_residual:
+            kwargs["residual"] = residual
+        if flavour is Quant.STATIC:
+            kwargs["scale"] = torch.tensor([0.015], device=device)
+        elif flavour is Quant.PER_TOKEN:
+            kwargs.update(scale=poisoned((tokens, 1), torch.float32, device), scale_ub=None)
+            kwargs.setdefault("residual", None)
+        elif flavour is Quant.PER_GROUP:
+            kwargs.update(scale=poisoned((tokens, hidden // 128), torch.float32, device), scale_ub=None,
+                          group_size=128, is_scale_transposed=False)
+            kwargs.setdefault("residual", None)
+        elif flavour is Quant.NVFP4:
+            kwargs["global_scale"] = torch.tensor([448.0 * 6.0 / 8.0], device=device)
+        return kwargs
+    return make
+
+
+def _declare(name: str, schema: str, prepare, reference, flavour: Quant, with_residual: bool = False,
+             read_and_written: tuple[str, ...] = ()) -> OpSpec:
+    return register(OpSpec(
+        name=name, schema=schema, family="rms_norm", kernel=rms_norm_kernel, prepare=prepare, reference=reference,
+        make_inputs=_inputs(flavour, with_residual, fused_add_layout="input" in read_and_written),
+        default_config=default_config, seed_configs=seed_configs, hidden_sizes=HIDDEN_GRID,
+        read_and_written=read_and_written,
+    ))
+
+
+RMS_NORM = _declare(
+    "rms_norm", "(Tensor! result, Tensor input, Tensor weight, float epsilon) -> ()",
+    _prepare_rms_norm, _reference_rms_norm, Quant.NONE)
+FUSED_ADD_RMS_NORM = _declare(
+    "fused_add_rms_norm", "(Tensor! input, Tensor! residual, Tensor weight, float epsilon) -> ()",
+    _prepare_fused_add_rms_norm, _reference_fused_add_rms_norm, Quant.NONE, True, ("input", "residual"))
+RMS_NORM_STATIC_FP8_QUANT = _declare(
+    "rms_norm_static_fp8_quant",
+    "(Tensor! result, Tensor input, Tensor weight, Tensor scale, float epsilon) -> ()",
+    _prepare_static, _reference_static, Quant.STATIC)
+FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT = _declare(
+    "fused_add_rms_norm_static_fp8_quant",
+    "(Tensor! result, Tensor input, Tensor! residual, Tensor weight, Tensor scale, float epsilon) -> ()",
+    _prepare_static, _reference_static, Quant.STATIC, True, ("residual",))
+RMS_NORM_DYNAMIC_PER_TOKEN_QUANT = _declare(
+    "rms_norm_dynamic_per_token_quant",
+    "(Tensor! result, Tensor input, Tensor weight, Tensor! scale, float epsilon, Tensor? scale_ub, "
+    "Tensor!? residual) -> ()",
+    _prepare_per_token, _reference_per_token, Quant.PER_TOKEN)
+RMS_NORM_PER_BLOCK_QUANT = _declare(
+    "rms_norm_per_block_quant",
+    "(Tensor! result, Tensor input, Tensor weight, Tensor! scale, float epsilon, Tensor? scale_ub, "
+    "Tensor!? residual, int group_size, bool is_scale_transposed, bool scale_ue8m0=False) -> ()",
+    _prepare_per_block, _reference_per_block, Quant.PER_GROUP)
+RMS_NORM_NVFP4_QUANT = _declare(
+    "rms_norm_nvfp4_quant",
+    "(Tensor! result, Tensor! result_scale, Tensor input, Tensor weight, Tensor global_scale, float epsilon, "
+    "bool is_sf_swizzled_layout=True) -> ()",
+    _prepare_nvfp4, _reference_nvfp4, Quant.NVFP4)
+FUSED_ADD_RMS_NORM_NVFP4_QUANT = _declare(
+    "fused_add_rms_norm_nvfp4_quant",
+    "(Tensor! result, Tensor! result_scale, Tensor input, Tensor! residual, Tensor weight, Tensor global_scale, "
+    "float epsilon, bool is_sf_swizzled_layout=True) -> ()",
+    _prepare_nvfp4, _reference_nvfp4, Quant.NVFP4, True, ("residual",))

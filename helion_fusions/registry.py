@@ -1,0 +1,121 @@
+"""Op declarations and their registration as ``torch.ops.helion_fusions.*``.
+
+A fusion family declares each op once, as an :class:`OpSpec`; :func:`register` turns it
+into a real custom op (schema, CPU and CUDA implementations through the generic
+dispatcher, and a fake kernel), so ``torch.compile(fullgraph=True)`` and CUDA graphs see
+an ordinary operator. Nothing here knows any op by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import helion
+import torch
+
+NAMESPACE = "helion_fusions"
+TOKEN_GRID = (1, 16, 128, 1024, 4096, 16384)
+
+_LIB = torch.library.Library(NAMESPACE, "DEF")
+REGISTRY: dict[str, OpSpec] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLaunch:
+    """What the host wrapper hands the dispatcher: a Helion kernel and its arguments.
+
+    ``key`` holds everything besides the token count that selects a compiled kernel
+    (dtypes, model dims, epilogue flags); ``tokens`` and ``hidden`` select the config.
+    """
+
+    kernel: helion.Kernel
+    args: tuple[Any, ...]
+    key: tuple[Any, ...]
+    tokens: int
+    hidden: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """One fused op: its schema, kernel glue, reference and tuning/bench grid."""
+
+    name: str
+    schema: str
+    family: str
+    kernel: helion.Kernel
+    prepare: Callable[..., KernelLaunch | None]
+    reference: Callable[..., None]
+    make_inputs: Callable[[int, int, torch.dtype, torch.device], dict[str, Any]]
+    default_config: Callable[[int], helion.Config]
+    seed_configs: Callable[[int, int], list[helion.Config]]
+    hidden_sizes: tuple[int, ...]
+    token_counts: tuple[int, ...] = TOKEN_GRID
+    read_and_written: tuple[str, ...] = ()
+
+    def bytes_moved(self, kwargs: dict[str, Any]) -> int:
+        """Bytes the op must move: every tensor argument once, read-and-written ones twice."""
+        total = 0
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size() * (2 if name in self.read_and_written else 1)
+        return total
+
+    @property
+    def qualname(self) -> str:
+        return f"{NAMESPACE}::{self.name}"
+
+    @property
+    def arg_names(self) -> list[str]:
+        return [a.name for a in _parse(self).arguments]
+
+    @property
+    def mutated_args(self) -> list[str]:
+        return [a.name for a in _parse(self).arguments if a.alias_info is not None and a.alias_info.is_write]
+
+    @property
+    def op(self) -> Any:
+        return getattr(getattr(torch.ops, NAMESPACE), self.name)
+
+
+def _parse(spec: OpSpec) -> Any:
+    return torch._C.parse_schema(f"{spec.qualname}{spec.schema}")
+
+
+def normalize_call(spec: OpSpec, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Map a call's positional and keyword arguments onto the schema's names, with defaults."""
+    schema = _parse(spec)
+    bound: dict[str, Any] = {}
+    for argument, value in zip(schema.arguments, args):
+        bound[argument.name] = value
+    bound.update(kwargs)
+    for argument in schema.arguments:
+        if argument.name not in bound:
+            if not argument.has_default_value():
+                raise TypeError(f"{spec.name}: missing required argument {argument.name!r}")
+            bound[argument.name] = argument.default_value
+    return bound
+
+
+def register(spec: OpSpec) -> OpSpec:
+    """Define ``torch.ops.helion_fusions.<spec.name>`` and route it through the dispatcher."""
+    from helion_fusions import dispatch
+
+    if spec.name in REGISTRY:
+        raise ValueError(f"op {spec.name!r} is registered twice")
+    if not re.fullmatch(r"\(.*\)\s*->\s*\(\)", spec.schema):
+        raise ValueError(f"{spec.name}: only mutating ops returning () are supported, got {spec.schema!r}")
+    _LIB.define(f"{spec.name}{spec.schema}")
+
+    def implementation(*args: Any, **kwargs: Any) -> None:
+        dispatch.run(spec, normalize_call(spec, args, kwargs))
+
+    for key in ("CPU", "CUDA"):
+        _LIB.impl(spec.name, implementation, key)
+    torch.library.register_fake(spec.qualname, lib=_LIB)(lambda *args, **kwargs: None)
+    REGISTRY[spec.name] = spec
+    return spec

@@ -1,0 +1,64 @@
+"""Helpers shared by the tests, the autotuner's accuracy check and the bench correctness table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+_POISON_BYTE = 0x7F  # NaN in e4m3fn, a large value in every other dtype
+
+
+def poisoned(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """An output buffer whose every byte is 0x7F, so unwritten elements show."""
+    tensor = torch.empty(shape, dtype=dtype, device=device)
+    tensor.view(torch.uint8).fill_(_POISON_BYTE)
+    return tensor
+
+
+def _ordered(bits: torch.Tensor, width: int) -> torch.Tensor:
+    """Map sign-magnitude float bit patterns to integers ordered like the floats."""
+    sign = bits >> (width - 1) & 1
+    magnitude = bits & ((1 << (width - 1)) - 1)
+    return torch.where(sign == 1, -magnitude, magnitude)
+
+
+def ulp_distance(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Element-wise distance in representable steps (int64). Packed uint8 is read as two e2m1 nibbles."""
+    if actual.dtype != expected.dtype or actual.shape != expected.shape:
+        raise ValueError(f"cannot compare {actual.dtype}{list(actual.shape)} with {expected.dtype}{list(expected.shape)}")
+    width = actual.element_size() * 8
+    int_dtype = {8: torch.uint8, 16: torch.int16, 32: torch.int32}[width]
+    a = actual.detach().cpu().contiguous().view(int_dtype).to(torch.int64) & ((1 << width) - 1)
+    b = expected.detach().cpu().contiguous().view(int_dtype).to(torch.int64) & ((1 << width) - 1)
+    if actual.dtype == torch.uint8:  # two e2m1 codes per byte
+        return torch.maximum(
+            (_ordered(a & 0xF, 4) - _ordered(b & 0xF, 4)).abs(), (_ordered(a >> 4, 4) - _ordered(b >> 4, 4)).abs()
+        )
+    return (_ordered(a, width) - _ordered(b, width)).abs()
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    elements: int
+    flips: int  # elements one step apart: the documented rounding tie
+    worse: int  # elements further apart
+
+    def ok(self, max_flip_fraction: float) -> bool:
+        return self.worse == 0 and self.flips <= max_flip_fraction * self.elements
+
+    def __str__(self) -> str:
+        return f"{self.flips} one-step flips and {self.worse} larger mismatches in {self.elements} elements"
+
+
+def compare(actual: torch.Tensor, expected: torch.Tensor) -> Comparison:
+    distance = ulp_distance(actual, expected)
+    return Comparison(distance.numel(), int((distance == 1).sum()), int((distance > 1).sum()))
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, name: str, max_flip_fraction: float = 1e-4) -> Comparison:
+    """Byte equality, except at most ``max_flip_fraction`` of elements one representable step apart."""
+    result = compare(actual, expected)
+    if not result.ok(max_flip_fraction):
+        raise AssertionError(f"{name}: {result} (allowed: {max_flip_fraction:g} of elements one step apart)")
+    return result
