@@ -150,13 +150,21 @@ def _interpret() -> bool:
     return os.environ.get("HELION_INTERPRET") == "1"
 
 
+@functools.cache
+def interpreted(kernel: helion.Kernel) -> helion.Kernel:
+    """The same Helion source run eagerly by PyTorch (Helion's reference mode), for CPU tensors."""
+    from helion.runtime.ref_mode import RefMode
+
+    return helion.kernel(kernel.fn, static_shapes=False, autotune_effort="none", ref_mode=RefMode.EAGER)
+
+
 def run(spec: OpSpec, kwargs: dict[str, Any]) -> None:
     launch = spec.prepare(**kwargs)
     if launch is None:
         return
     if launch.device.type != "cuda":
         if _interpret():
-            launch.kernel(*launch.args)
+            interpreted(launch.kernel)(*launch.args)
         else:
             spec.reference(**kwargs)
         return

@@ -1,0 +1,239 @@
+"""``python -m helion_fusions.autotune`` (``make autotune``): tune every op for the GPU it runs on.
+
+For each op and hidden size it builds a small candidate set, curated seeds first, then a
+neighbourhood of row-block sizes and warp counts, and compiles all of them in parallel
+worker processes (which fill Triton's on-disk cache). Then, per token bucket, it checks
+each candidate against the op's reference (byte equality, allowing only the documented
+one-step rounding ties) and times it with an L2 flush (CUDA graphs for small T). A
+searched config is kept only where it beats the best seed on that shape.
+
+Results are written after every (op, hidden size), so an interrupted run resumes where it
+stopped; ``--fresh`` starts over. ``--budget-minutes`` bounds the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import helion
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from helion_fusions import REGISTRY, config_store, dispatch
+from helion_fusions.registry import OpSpec
+from helion_fusions.testing import compare
+
+MAX_FLIP_FRACTION = 1e-4
+GRAPH_TIMING_MAX_TOKENS = 256
+
+
+def search_configs(hidden: int) -> list[helion.Config]:
+    """Row-block sizes and warp counts that keep 4-64 row elements per thread."""
+    padded = 1 << (hidden - 1).bit_length()
+    found = []
+    for block in (1, 2, 4, 8):
+        for warps in (2, 4, 8, 16, 32):
+            per_thread = block * padded // (warps * 32)
+            if 4 <= per_thread <= 64:
+                found.append(helion.Config(block_sizes=[block], num_warps=warps, reduction_loops=[None]))
+    return found
+
+
+def candidates(spec: OpSpec, hidden: int, tokens: int) -> tuple[list[helion.Config], int]:
+    """Seeds first, then the searched neighbourhood; returns (configs, number of seeds)."""
+    seeds = spec.seed_configs(hidden, tokens)
+    seen = {repr(c) for c in seeds}
+    extra = []
+    for config in search_configs(hidden):
+        if repr(config) not in seen and (config.block_sizes[0] <= max(tokens, 1)):
+            seen.add(repr(config))
+            extra.append(config)
+    return seeds + extra, len(seeds)
+
+
+def _clone(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+_worker_binds: dict[tuple[Any, ...], Any] = {}
+
+
+def _precompile(job: tuple[str, int, int, str, dict[str, Any]]) -> str | None:
+    """Worker: compile and launch once, which fills Triton's on-disk cache. Returns an error or None."""
+    name, hidden, tokens, dtype_name, config = job
+    try:
+        spec = REGISTRY[name]
+        kwargs = spec.make_inputs(tokens, hidden, getattr(torch, dtype_name), torch.device("cuda"))
+        launch = spec.prepare(**kwargs)
+        key = (name, hidden, tokens, dtype_name)
+        if key not in _worker_binds:
+            _worker_binds[key] = launch.kernel.bind(launch.args)
+        _worker_binds[key].compile_config(helion.Config(**config))(*launch.args)
+        torch.cuda.synchronize()
+        return None
+    except Exception as error:  # a candidate that does not compile is reported and skipped
+        return f"{type(error).__name__}: {error}"
+
+
+def _time_us(fn: Any, tokens: int) -> float:
+    import triton.testing
+
+    if tokens <= GRAPH_TIMING_MAX_TOKENS:
+        return 1000.0 * triton.testing.do_bench_cudagraph(fn, rep=20)
+    return 1000.0 * triton.testing.do_bench(fn, warmup=5, rep=30)
+
+
+def tune_shape(spec: OpSpec, hidden: int, tokens: int, dtype: torch.dtype, device: torch.device,
+               bound: Any, configs: list[helion.Config], num_seeds: int, log: Any) -> config_store.Entry | None:
+    kwargs = spec.make_inputs(tokens, hidden, dtype, device)
+    expected = _clone(kwargs)
+    spec.reference(**expected)
+    best: list[tuple[float, int]] = []
+    for index, config in enumerate(configs):
+        trial = _clone(kwargs)
+        launch = spec.prepare(**trial)
+        try:
+            # on the CPU smoke path the kernel runs in interpret mode, where configs do not apply
+            fn = bound.compile_config(config) if device.type == "cuda" else dispatch.interpreted(launch.kernel)
+            fn(*launch.args)
+        except Exception as error:
+            log(f"  {spec.name} H={hidden} T={tokens}: candidate {index} failed: {type(error).__name__}: {error}")
+            continue
+        bad = [f"{name}: {result}" for name in spec.mutated_args if trial[name] is not None
+               for result in [compare(trial[name], expected[name])] if not result.ok(MAX_FLIP_FRACTION)]
+        if bad:
+            log(f"  {spec.name} H={hidden} T={tokens}: candidate {index} rejected ({'; '.join(bad)})")
+            continue
+        if device.type == "cuda":
+            elapsed = _time_us(lambda: fn(*launch.args), tokens)
+        else:
+            start = time.perf_counter()
+            fn(*launch.args)
+            elapsed = 1e6 * (time.perf_counter() - start)
+        best.append((elapsed, index))
+    if not best:
+        return None
+    seed_times = [t for t, i in best if i < num_seeds]
+    best_seed = min(seed_times) if seed_times else None
+    elapsed, index = min(best)
+    source = "seed" if index < num_seeds else "tuned"
+    if best_seed is not None and source == "tuned" and elapsed >= best_seed:
+        elapsed, index, source = best_seed, min((t, i) for t, i in best if i < num_seeds)[1], "seed"
+    config = dict(configs[index].config)
+    return config_store.Entry(dtype=str(dtype).removeprefix("torch."), hidden=hidden, tokens=tokens,
+                              config=config, time_us=round(elapsed, 3),
+                              seed_time_us=None if best_seed is None else round(best_seed, 3), source=source)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", default="all", help="comma-separated op names (default: all)")
+    parser.add_argument("--hidden", default=None, help="comma-separated hidden sizes (default: each op's grid)")
+    parser.add_argument("--tokens", default=None, help="comma-separated token counts (default: each op's grid)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--budget-minutes", type=float, default=15.0, help="stop starting new work after this")
+    parser.add_argument("--out", type=Path, default=None, help="config root (default: the package's configs/)")
+    parser.add_argument("--fresh", action="store_true", help="ignore existing results instead of resuming")
+    parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="parallel compile workers")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU smoke run: tiny shapes, interpret mode, checks the plumbing end to end")
+    args = parser.parse_args(argv)
+
+    names = list(REGISTRY) if args.ops == "all" else args.ops.split(",")
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        parser.error(f"--ops: unknown op names {unknown}; choose from {sorted(REGISTRY)}")
+    dtype = getattr(torch, args.dtype)
+    if args.smoke or not torch.cuda.is_available():
+        if not args.smoke:
+            parser.error("no CUDA device found; use --smoke for a CPU plumbing run")
+        os.environ["HELION_INTERPRET"] = "1"
+        device = torch.device("cpu")
+        identity = dispatch.DeviceIdentity("cpu_smoke", "cpu", torch.float8_e4m3fn)
+    else:
+        device = torch.device("cuda")
+        identity = dispatch.device_identity()
+    root = args.out or config_store.config_root()
+    deadline = time.monotonic() + 60 * args.budget_minutes
+
+    units = []
+    for name in names:
+        spec = REGISTRY[name]
+        hiddens = [int(h) for h in args.hidden.split(",")] if args.hidden else list(spec.hidden_sizes)
+        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(spec.token_counts)
+        if args.smoke:
+            hiddens, tokens = hiddens[:1] if args.hidden else [256], tokens[:2] if args.tokens else [1, 7]
+        units += [(spec, h, tokens) for h in hiddens]
+
+    existing: dict[str, list[config_store.Entry]] = {}
+    for spec in {u[0].name: u[0] for u in units}.values():
+        path = root / identity.name / f"{spec.name}.json"
+        if path.exists() and not args.fresh:
+            try:
+                existing[spec.name] = list(config_store.load(path, spec.name, dispatch.spec_hash(spec)).entries)
+            except config_store.ConfigError as error:
+                print(f"not resuming from {error}", file=sys.stderr)
+    done = lambda spec, h, t: any(e.hidden == h and e.tokens == t and e.dtype == args.dtype  # noqa: E731
+                                  for e in existing.get(spec.name, []))
+    todo = [(spec, h, [t for t in ts if not done(spec, h, t)]) for spec, h, ts in units]
+    todo = [(spec, h, ts) for spec, h, ts in todo if ts]
+    print(f"tuning {sum(len(ts) for _, _, ts in todo)} shapes of {len(names)} ops on {identity.name} "
+          f"({identity.family}), budget {args.budget_minutes:g} min, results in {root / identity.name}")
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
+        log = progress.console.log
+        if device.type == "cuda" and todo:
+            jobs = []
+            for spec, hidden, ts in todo:
+                for tokens in sorted({min(ts), max(ts)}):
+                    configs, _ = candidates(spec, hidden, tokens)
+                    jobs += [(spec.name, hidden, tokens, args.dtype, dict(c.config)) for c in configs]
+            task = progress.add_task("compiling candidates", total=len(jobs))
+            context = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+                for error in pool.map(_precompile, jobs, chunksize=4):
+                    if error:
+                        log(f"  precompile: {error.splitlines()[0][:200]}")
+                    progress.advance(task)
+        task = progress.add_task("tuning shapes", total=sum(len(ts) for _, _, ts in todo))
+        skipped = []
+        for spec, hidden, ts in todo:
+            if time.monotonic() > deadline:
+                skipped.append(f"{spec.name} H={hidden}")
+                progress.advance(task, len(ts))
+                continue
+            entries = existing.setdefault(spec.name, [])
+            binds: dict[bool, Any] = {}
+            for tokens in ts:
+                progress.update(task, description=f"{spec.name} H={hidden} T={tokens}")
+                configs, num_seeds = candidates(spec, hidden, tokens)
+                single = tokens == 1
+                if single not in binds and device.type == "cuda":
+                    launch = spec.prepare(**spec.make_inputs(tokens, hidden, dtype, device))
+                    binds[single] = launch.kernel.bind(launch.args)
+                entry = tune_shape(spec, hidden, tokens, dtype, device, binds.get(single), configs, num_seeds, log)
+                if entry is None:
+                    log(f"  {spec.name} H={hidden} T={tokens}: no candidate passed; keeping the architecture default")
+                else:
+                    entries.append(entry)
+                    log(f"{spec.name} H={hidden} T={tokens}: {entry.time_us:.2f} us ({entry.source}; "
+                        f"best seed {entry.seed_time_us} us)")
+                progress.advance(task)
+            if entries:
+                config_store.save(root / identity.name / f"{spec.name}.json", spec.name, identity.name,
+                                  identity.family, dispatch.spec_hash(spec), entries)
+    if skipped:
+        print(f"budget reached; not tuned (re-run to resume): {', '.join(skipped)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

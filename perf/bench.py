@@ -1,0 +1,325 @@
+"""``python -m perf.bench`` (``make bench``): eager vs torch.compile vs ours, per op and shape.
+
+One process per device. For each op and (T, H) of its grid it times, with L2 flushed
+before every call (median of many):
+
+* ``eager``: the op's reference (the unfused composite) run eagerly;
+* ``compile``: ``torch.compile(reference, dynamic=False)``, compiled for this shape;
+* ``compile_dynamic``: ``torch.compile(reference)`` with the token dimension marked dynamic;
+* ``ours``: ``torch.ops.helion_fusions.<op>`` (dispatch included);
+* for T <= 256, ``ours`` and ``compile`` again inside CUDA graphs (``*_graph_us``).
+
+GB/s comes from the bytes the op must move; ``pct_copy_bw`` compares it with a
+device-to-device copy measured in the same run. It writes ``perf/results/<device>.md``,
+``.csv`` and ``.png``. Without a GPU it prints a correctness table on small shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tabulate import tabulate
+
+from helion_fusions import REGISTRY, dispatch
+from helion_fusions.registry import OpSpec
+from helion_fusions.testing import compare
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GRAPH_MAX_TOKENS = 256
+L2_FLUSH_BYTES = 256 * 1024 * 1024
+COLUMNS = ["device", "op", "dtype", "T", "H", "bytes", "eager_us", "compile_us", "compile_dynamic_us", "ours_us",
+           "ours_graph_us", "compile_graph_us", "gbps", "pct_copy_bw", "speedup_vs_compile", "flips",
+           "helion", "triton", "torch", "repro"]
+
+
+def _clone(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+class Timer:
+    """CUDA-event timing with an L2 flush before every timed call; medians in microseconds."""
+
+    def __init__(self, reps: int) -> None:
+        self.reps = reps
+        self.flush_buffer = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+
+    def eager(self, fn: Callable[[], Any]) -> float:
+        for _ in range(3):
+            fn()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        torch.cuda.synchronize()
+        for start, end in zip(starts, ends):
+            self.flush_buffer.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+    def graph(self, fn: Callable[[], Any]) -> float:
+        """Replay time of ``fn`` captured in a CUDA graph, each call after an L2 flush.
+
+        Two graphs are captured, flush+fn and flush alone, repeated ``reps`` times; the
+        per-call time is the difference of their replay times.
+        """
+        fn()
+        torch.cuda.synchronize()
+        stream = torch.cuda.Stream()
+        graphs = []
+        for with_fn in (True, False):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+                for _ in range(self.reps):
+                    self.flush_buffer.zero_()
+                    if with_fn:
+                        fn()
+            graphs.append(graph)
+        times = []
+        for graph in graphs:
+            graph.replay()
+            samples = []
+            for _ in range(5):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                torch.cuda.synchronize()
+                samples.append(start.elapsed_time(end))
+            times.append(statistics.median(samples))
+        return max(0.0, 1000.0 * (times[0] - times[1]) / self.reps)
+
+
+def copy_bandwidth_gbps(timer: Timer) -> float:
+    source = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    elapsed_us = timer.eager(lambda: target.copy_(source))
+    return 2 * source.numel() / elapsed_us / 1e3
+
+
+def _mark_tokens_dynamic(kwargs: dict[str, Any], tokens: int) -> dict[str, Any]:
+    marked = _clone(kwargs)
+    if tokens > 1:
+        for value in marked.values():
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == tokens:
+                torch._dynamo.mark_dynamic(value, 0)
+    return marked
+
+
+def _call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[[], Any]:
+    return lambda: fn(**kwargs)
+
+
+def bench_row(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, timer: Timer, copy_gbps: float,
+              compiled_static: Callable[..., Any], compiled_dynamic: Callable[..., Any], device_name: str) -> dict:
+    kwargs = spec.make_inputs(tokens, hidden, dtype, torch.device("cuda"))
+    expected, ours = _clone(kwargs), _clone(kwargs)
+    spec.reference(**expected)
+    spec.op(**ours)
+    flips = sum(compare(ours[n], expected[n]).flips + compare(ours[n], expected[n]).worse
+                for n in spec.mutated_args if ours[n] is not None)
+    row: dict[str, Any] = {"device": device_name, "op": spec.name, "dtype": str(dtype).removeprefix("torch."),
+                           "T": tokens, "H": hidden, "bytes": spec.bytes_moved(kwargs), "flips": flips}
+    # read-and-written tensors (residuals) are updated in place by every call; the work is the same
+    row["eager_us"] = timer.eager(_call(spec.reference, _clone(kwargs)))
+    static_kwargs = _clone(kwargs)
+    row["compile_us"] = timer.eager(_call(compiled_static, static_kwargs))
+    row["compile_dynamic_us"] = timer.eager(_call(compiled_dynamic, _mark_tokens_dynamic(kwargs, tokens)))
+    ours_kwargs = _clone(kwargs)
+    row["ours_us"] = timer.eager(_call(spec.op, ours_kwargs))
+    if tokens <= GRAPH_MAX_TOKENS:
+        row["ours_graph_us"] = timer.graph(_call(spec.op, ours_kwargs))
+        row["compile_graph_us"] = timer.graph(_call(compiled_static, static_kwargs))
+    else:
+        row["ours_graph_us"] = row["compile_graph_us"] = float("nan")
+    row["gbps"] = row["bytes"] / row["ours_us"] / 1e3
+    row["pct_copy_bw"] = 100.0 * row["gbps"] / copy_gbps
+    row["speedup_vs_compile"] = row["compile_us"] / row["ours_us"]
+    row.update({name: version(name) for name in ("helion", "triton", "torch")})
+    row["repro"] = f"python -m perf.bench --ops {spec.name} --tokens {tokens} --hidden {hidden} --dtype {row['dtype']}"
+    return row
+
+
+def dispatch_overhead(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, calls: int = 2000) -> dict:
+    """Host microseconds per call: through torch.ops, the compiled Helion function, and a raw Triton launch."""
+    import time
+
+    kwargs = spec.make_inputs(tokens, hidden, dtype, torch.device("cuda"))
+    spec.op(**kwargs)
+    launch = spec.prepare(**kwargs)
+    compiled = next(fn for key, fn in dispatch._compiled.items() if key[0] == spec.name and key[1] == launch.key)
+    captured: dict[str, Any] = {}
+
+    def capture(kernel: Any, grid: Any, *args: Any, **options: Any) -> None:
+        captured.update(kernel=kernel, grid=grid, args=args, options=options)
+
+    compiled(*launch.args, _launcher=capture)
+    kernel, grid, args, options = captured["kernel"], captured["grid"], captured["args"], captured["options"]
+
+    def per_call(fn: Callable[[], Any]) -> float:
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter() - start
+        torch.cuda.synchronize()
+        return 1e6 * elapsed / calls
+
+    result = {
+        "torch_op_us": per_call(lambda: spec.op(**kwargs)),
+        "helion_fn_us": per_call(lambda: compiled(*launch.args)),
+        "raw_triton_us": per_call(lambda: kernel[grid](*args, **options)),
+    }
+    result["overhead_us"] = result["torch_op_us"] - result["raw_triton_us"]
+    return result
+
+
+def geomean(values: list[float]) -> float:
+    values = [v for v in values if v > 0 and math.isfinite(v)]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
+
+
+def summary(rows: list[dict], copy_gbps: float) -> list[str]:
+    lines = [f"copy bandwidth {copy_gbps:.0f} GB/s (read + write, measured in this run)"]
+    speedups = [r["speedup_vs_compile"] for r in rows]
+    worst = min(rows, key=lambda r: r["speedup_vs_compile"])
+    lines.append(f"geomean speedup_vs_compile {geomean(speedups):.2f}x over {len(rows)} rows; "
+                 f"min {worst['speedup_vs_compile']:.2f}x ({worst['op']} T={worst['T']} H={worst['H']}); "
+                 f"rows below 1.0: {sum(s < 1.0 for s in speedups)}")
+    large = [r for r in rows if r["T"] >= 4096]
+    if large:
+        low = min(large, key=lambda r: r["pct_copy_bw"])
+        lines.append(f"T >= 4096: pct_copy_bw mean {statistics.mean(r['pct_copy_bw'] for r in large):.1f}%, "
+                     f"min {low['pct_copy_bw']:.1f}% ({low['op']} T={low['T']} H={low['H']}); "
+                     f"rows >= 85%: {sum(r['pct_copy_bw'] >= 85 for r in large)}/{len(large)}")
+    decode = [r for r in rows if r["T"] <= 16 and math.isfinite(r["ours_graph_us"])]
+    if decode:
+        lines.append(f"T <= 16 under CUDA graphs: ours <= compile in "
+                     f"{sum(r['ours_graph_us'] <= r['compile_graph_us'] for r in decode)}/{len(decode)} rows; "
+                     f"ours {min(r['ours_graph_us'] for r in decode):.2f}-{max(r['ours_graph_us'] for r in decode):.2f} us")
+    mismatched = [r for r in rows if r["flips"]]
+    lines.append(f"rows with any byte differing from the reference: {len(mismatched)}"
+                 + (f" (max {max(r['flips'] for r in mismatched)} one-step flips)" if mismatched else ""))
+    for op in dict.fromkeys(r["op"] for r in rows):
+        mine = [r for r in rows if r["op"] == op]
+        lines.append(f"  {op}: geomean {geomean([r['speedup_vs_compile'] for r in mine]):.2f}x, "
+                     f"min {min(r['speedup_vs_compile'] for r in mine):.2f}x")
+    return lines
+
+
+def write_results(rows: list[dict], copy_gbps: float, device_name: str, device_label: str, out: Path,
+                  overhead: dict | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{device_name}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    shown = ["op", "T", "H", "eager_us", "compile_us", "compile_dynamic_us", "ours_us", "ours_graph_us",
+             "compile_graph_us", "gbps", "pct_copy_bw", "speedup_vs_compile", "flips"]
+    table = tabulate([[r[c] for c in shown] for r in rows], headers=shown, floatfmt=".2f", tablefmt="github")
+    text = "\n".join([f"# {device_label} ({device_name})", "",
+                      f"helion {rows[0]['helion']}, triton {rows[0]['triton']}, torch {rows[0]['torch']}; "
+                      f"dtype {rows[0]['dtype']}; times in us, medians with L2 flushed; written by `make bench`.", "",
+                      *[f"- {line}" for line in summary(rows, copy_gbps)],
+                      *([f"- host time per call (T=16, H=4096, outside graphs): torch.ops "
+                         f"{overhead['torch_op_us']:.1f} us, Helion compiled function {overhead['helion_fn_us']:.1f} us, "
+                         f"raw Triton launch {overhead['raw_triton_us']:.1f} us; dispatch overhead "
+                         f"{overhead['overhead_us']:.1f} us"] if overhead else []),
+                      "", table, ""])
+    (out / f"{device_name}.md").write_text(text)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axis = plt.subplots(figsize=(10, 5))
+    for op in dict.fromkeys(r["op"] for r in rows):
+        mine = [r for r in rows if r["op"] == op]
+        axis.plot(range(len(mine)), [r["speedup_vs_compile"] for r in mine], marker="o", label=op)
+    axis.axhline(1.0, color="black", linewidth=0.8)
+    axis.set_xlabel("shape index (T-major over the H grid)")
+    axis.set_ylabel("speedup vs torch.compile")
+    axis.set_title(device_label)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / f"{device_name}.png", dpi=100)
+
+
+def cpu_correctness(specs: list[OpSpec]) -> int:
+    """No GPU: run each op's Helion kernel in interpret mode on small shapes against its reference."""
+    import os
+
+    os.environ["HELION_INTERPRET"] = "1"
+    rows, failures = [], 0
+    for spec in specs:
+        for tokens, hidden in ((1, 256), (7, 1024)):
+            kwargs = spec.make_inputs(tokens, hidden, torch.bfloat16, torch.device("cpu"))
+            expected, ours = _clone(kwargs), _clone(kwargs)
+            spec.reference(**expected)
+            spec.op(**ours)
+            results = [compare(ours[n], expected[n]) for n in spec.mutated_args if ours[n] is not None]
+            ok = all(r.ok(1e-4) for r in results)
+            failures += not ok
+            rows.append([spec.name, tokens, hidden, "; ".join(map(str, results)), "ok" if ok else "MISMATCH"])
+    print("No CUDA device: correctness of the Helion kernels (interpret mode) against the references")
+    print(tabulate(rows, headers=["op", "T", "H", "comparison", "status"], tablefmt="github"))
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", default="all", help="comma-separated op names (default: all)")
+    parser.add_argument("--tokens", default=None, help="comma-separated token counts (default: each op's grid)")
+    parser.add_argument("--hidden", default=None, help="comma-separated hidden sizes (default: each op's grid)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--reps", type=int, default=50, help="timed calls per measurement")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    names = list(REGISTRY) if args.ops == "all" else args.ops.split(",")
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        parser.error(f"--ops: unknown op names {unknown}; choose from {sorted(REGISTRY)}")
+    specs = [REGISTRY[n] for n in names]
+    if not torch.cuda.is_available():
+        return cpu_correctness(specs)
+
+    from rich.progress import track
+
+    torch._dynamo.config.cache_size_limit = 4096
+    torch._dynamo.config.accumulated_cache_size_limit = 1 << 16
+    dtype = getattr(torch, args.dtype)
+    identity = dispatch.device_identity()
+    label = torch.cuda.get_device_name()
+    timer = Timer(args.reps)
+    copy_gbps = copy_bandwidth_gbps(timer)
+    print(f"{label}: copy bandwidth {copy_gbps:.0f} GB/s")
+    shapes = [(spec, t, h) for spec in specs
+              for h in ([int(x) for x in args.hidden.split(",")] if args.hidden else spec.hidden_sizes)
+              for t in ([int(x) for x in args.tokens.split(",")] if args.tokens else spec.token_counts)]
+    compiled = {spec.name: (torch.compile(spec.reference, dynamic=False), torch.compile(spec.reference))
+                for spec in specs}
+    rows = []
+    for spec, tokens, hidden in track(shapes, description="benchmarking"):
+        static, dynamic = compiled[spec.name]
+        rows.append(bench_row(spec, tokens, hidden, dtype, timer, copy_gbps, static, dynamic, identity.name))
+    overhead = dispatch_overhead(specs[0], 16, 4096, dtype)
+    print(f"host time per call: {overhead}")
+    write_results(rows, copy_gbps, identity.name, label, args.out, overhead)
+    print((args.out / f"{identity.name}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
