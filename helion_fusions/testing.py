@@ -38,26 +38,37 @@ def ulp_distance(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     return (_ordered(a, width) - _ordered(b, width)).abs()
 
 
+def tie_steps(dtype: torch.dtype) -> int:
+    """How far apart a rounding tie may leave two results, in representable steps.
+
+    Quantized codes and fp32 scales: one step. 16-bit outputs: a one-step tie in the
+    normalized value is multiplied by the weight (|w| may exceed 1) and rounded again,
+    so it can show as up to four steps.
+    """
+    return 4 if dtype in (torch.bfloat16, torch.float16) else 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Comparison:
     elements: int
-    flips: int  # elements one step apart: the documented rounding tie
+    flips: int  # elements at most tie_steps apart: the documented rounding tie
     worse: int  # elements further apart
 
     def ok(self, max_flip_fraction: float) -> bool:
         return self.worse == 0 and self.flips <= max_flip_fraction * self.elements
 
     def __str__(self) -> str:
-        return f"{self.flips} one-step flips and {self.worse} larger mismatches in {self.elements} elements"
+        return f"{self.flips} rounding-tie flips and {self.worse} larger mismatches in {self.elements} elements"
 
 
 def compare(actual: torch.Tensor, expected: torch.Tensor) -> Comparison:
     distance = ulp_distance(actual, expected)
-    return Comparison(distance.numel(), int((distance == 1).sum()), int((distance > 1).sum()))
+    steps = tie_steps(actual.dtype)
+    return Comparison(distance.numel(), int(((distance > 0) & (distance <= steps)).sum()), int((distance > steps).sum()))
 
 
 def assert_matches(actual: torch.Tensor, expected: torch.Tensor, name: str, max_flip_fraction: float = 1e-4) -> Comparison:
-    """Byte equality, except at most ``max_flip_fraction`` of elements one representable step apart."""
+    """Byte equality, except at most ``max_flip_fraction`` of elements a rounding tie apart (see tie_steps)."""
     result = compare(actual, expected)
     if not result.ok(max_flip_fraction):
         raise AssertionError(f"{name}: {result} (allowed: {max_flip_fraction:g} of elements one step apart)")

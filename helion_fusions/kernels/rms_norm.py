@@ -58,7 +58,7 @@ def rms_norm_kernel(
     residual: torch.Tensor,  # [T, NG, G], read and written when HAS_RESIDUAL
     weight: torch.Tensor,  # [NG, G]
     out: torch.Tensor,  # [T, NG, G] (none / fp8) or [T, NG, G // 2] uint8 (nvfp4)
-    scale_out: torch.Tensor,  # [T, 1] per-token, [T, NG] per-group, flat uint8 block scales (nvfp4)
+    scale_out: torch.Tensor,  # [T] per-token, [T, NG] per-group, flat uint8 block scales (nvfp4)
     scale_in: torch.Tensor,  # [1]: static scale, scale_ub, or nvfp4 global scale
     epsilon: float,
     QUANT: hl.constexpr,
@@ -88,7 +88,7 @@ def rms_norm_kernel(
             amax = torch.amax(torch.amax(torch.abs(yf), dim=-1), dim=-1)
             s = fp8_dynamic_scale(amax, FP8_MAX, scale_in[0] if HAS_SCALE_UB else None)
             out[tile_t, :, :] = fp8_quantize(yf, s[:, None, None], FP8_MAX, out.dtype)
-            scale_out[tile_t, 0] = s
+            scale_out[tile_t] = s
         elif QUANT == 3:
             s = fp8_dynamic_scale(torch.amax(torch.abs(yf), dim=-1), FP8_MAX, scale_in[0] if HAS_SCALE_UB else None)
             if UE8M0:
@@ -232,7 +232,7 @@ def _prepare_per_token(result, input, weight, scale, epsilon, scale_ub, residual
     check_tensor("scale", scale, dtypes=(torch.float32,), shape=(tokens, 1), device=input.device)
     has_ub = _check_scale_ub(scale_ub, input)
     _check_residual(residual, input)
-    return _launch(input, weight, epsilon, result, Quant.PER_TOKEN, residual=residual, scale_out=scale,
+    return _launch(input, weight, epsilon, result, Quant.PER_TOKEN, residual=residual, scale_out=scale[:, 0],
                    scale_in=scale_ub, has_scale_ub=has_ub)
 
 
