@@ -9,6 +9,7 @@ an ordinary operator. Nothing here knows any op by name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -86,18 +87,24 @@ def _parse(spec: OpSpec) -> Any:
     return torch._C.parse_schema(f"{spec.qualname}{spec.schema}")
 
 
+@functools.cache
+def _signature(spec: OpSpec) -> tuple[tuple[str, ...], dict[str, Any]]:
+    arguments = _parse(spec).arguments
+    return tuple(a.name for a in arguments), {a.name: a.default_value for a in arguments if a.has_default_value()}
+
+
 def normalize_call(spec: OpSpec, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Map a call's positional and keyword arguments onto the schema's names, with defaults."""
-    schema = _parse(spec)
-    bound: dict[str, Any] = {}
-    for argument, value in zip(schema.arguments, args):
-        bound[argument.name] = value
-    bound.update(kwargs)
-    for argument in schema.arguments:
-        if argument.name not in bound:
-            if not argument.has_default_value():
-                raise TypeError(f"{spec.name}: missing required argument {argument.name!r}")
-            bound[argument.name] = argument.default_value
+    names, defaults = _signature(spec)
+    bound = dict(zip(names, args))
+    if kwargs:
+        bound.update(kwargs)
+    if len(bound) < len(names):
+        for name in names:
+            if name not in bound:
+                if name not in defaults:
+                    raise TypeError(f"{spec.name}: missing required argument {name!r}")
+                bound[name] = defaults[name]
     return bound
 
 

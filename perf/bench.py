@@ -109,7 +109,7 @@ def _mark_tokens_dynamic(kwargs: dict[str, Any], tokens: int) -> dict[str, Any]:
     marked = _clone(kwargs)
     if tokens > 1:
         for value in marked.values():
-            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == tokens:
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == tokens:
                 torch._dynamo.mark_dynamic(value, 0)
     return marked
 

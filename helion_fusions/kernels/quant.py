@@ -151,7 +151,7 @@ def quantize_per_group_reference(
 ) -> None:
     """Per-group (``group_size`` = hidden gives per-token) dynamic fp8 quantization of ``y`` [T, H]."""
     fp8_max = fp8_max_for(result.dtype)
-    groups = y.float().reshape(y.shape[0], -1, group_size)
+    groups = y.float().reshape(y.shape[0], y.shape[1] // group_size, group_size)
     ub = None if scale_ub is None else scale_ub.float().reshape(())
     s = fp8_dynamic_scale(torch.amax(torch.abs(groups), dim=-1), fp8_max, ub)
     if use_ue8m0:

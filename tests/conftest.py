@@ -1,0 +1,164 @@
+"""Shared fixtures and helpers for the helion_fusions tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import helion
+import pytest
+import torch
+from helion.runtime.ref_mode import RefMode
+
+import helion_fusions
+from helion_fusions import dispatch
+from helion_fusions.registry import REGISTRY, OpSpec
+from helion_fusions.testing import assert_matches, poisoned
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+POISON_BYTE = 0x7F
+
+
+# --- fixtures ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU calls run the Helion kernel itself (eagerly, Helion's reference mode) instead of the op's reference."""
+    monkeypatch.setenv("HELION_INTERPRET", "1")
+
+
+@pytest.fixture
+def reference_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU calls run the op's eager reference, as they do outside the tests."""
+    monkeypatch.delenv("HELION_INTERPRET", raising=False)
+
+
+@pytest.fixture
+def batch_invariant() -> Iterable[None]:
+    previous = dispatch.batch_invariant()
+    helion_fusions.set_batch_invariant(True)
+    yield
+    helion_fusions.set_batch_invariant(previous)
+
+
+def _clear_config_caches() -> None:
+    dispatch._config_files.cache_clear()
+    dispatch._warned.clear()
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterable[Path]:
+    """An empty config root in place of the shipped configs, with the dispatcher's caches cleared around the test."""
+    root = tmp_path / "configs"
+    root.mkdir()
+    monkeypatch.setenv("HELION_FUSIONS_CONFIG_DIR", str(root))
+    _clear_config_caches()
+    yield root
+    _clear_config_caches()
+
+
+@pytest.fixture
+def fp8_allclose_shim(monkeypatch: pytest.MonkeyPatch) -> None:
+    """opcheck's schema check compares tensors with torch.allclose, which has no CPU kernel for fp8.
+
+    Compare fp8 tensors bit for bit instead (stricter than allclose), so the check still runs on them.
+    """
+    allclose = torch.allclose
+
+    def fp8_aware_allclose(a: torch.Tensor, b: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
+        if a.dtype in FP8_DTYPES:
+            return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        return allclose(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "allclose", fp8_aware_allclose)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def spec_params(names: Iterable[str] | None = None) -> list[Any]:
+    """pytest params over registered ops, with the op name as the id."""
+    chosen = REGISTRY if names is None else names
+    return [pytest.param(REGISTRY[name], id=name) for name in chosen]
+
+
+@functools.cache
+def _sample_inputs(spec: OpSpec) -> dict[str, Any]:
+    return spec.make_inputs(1, 256, torch.bfloat16, torch.device("cpu"))
+
+
+def is_fp8_op(spec: OpSpec) -> bool:
+    """The op writes an fp8 ``result``."""
+    result = _sample_inputs(spec).get("result")
+    return result is not None and result.dtype in FP8_DTYPES
+
+
+def is_nvfp4_op(spec: OpSpec) -> bool:
+    return "result_scale" in spec.arg_names
+
+
+def clone_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def written(spec: OpSpec, kwargs: dict[str, Any]) -> list[str]:
+    """The op's mutated arguments that this call passes a tensor for."""
+    return [name for name in spec.mutated_args if isinstance(kwargs.get(name), torch.Tensor)]
+
+
+def comparable(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """nvfp4 block scales are fp8 bytes stored as uint8: compare them as fp8, so a step is an fp8 step."""
+    if name == "result_scale":
+        return tensor.contiguous().view(torch.uint8).view(torch.float8_e4m3fn)
+    return tensor
+
+
+def assert_outputs_match(
+    spec: OpSpec, actual: dict[str, Any], expected: dict[str, Any], max_flip_fraction: float = 1e-4
+) -> None:
+    """Every mutated output equal bit for bit, up to the contract's bounded one-step flips."""
+    names = written(spec, actual)
+    assert names, f"{spec.name}: the call mutates nothing"
+    for name in names:
+        assert_matches(comparable(name, actual[name]), comparable(name, expected[name]), f"{spec.name}.{name}",
+                       max_flip_fraction)
+
+
+def run_against_reference(spec: OpSpec, kwargs: dict[str, Any], max_flip_fraction: float = 1e-4) -> dict[str, Any]:
+    """Call the op on ``kwargs`` and the reference on a copy; returns the reference's copy."""
+    expected = clone_kwargs(kwargs)
+    spec.op(**kwargs)  # first, so its argument checks run before the reference sees the arguments
+    spec.reference(**expected)
+    assert_outputs_match(spec, kwargs, expected, max_flip_fraction)
+    return expected
+
+
+def with_fp8_result(kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """Swap the fp8 ``result`` buffer for a poisoned one of the other fp8 flavour."""
+    result = kwargs["result"]
+    kwargs["result"] = poisoned(tuple(result.shape), dtype, result.device)
+    return kwargs
+
+
+def is_poison(tensor: torch.Tensor) -> bool:
+    return bool((tensor.contiguous().view(torch.uint8) == POISON_BYTE).all())
+
+
+def round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+@functools.cache
+def codegen_kernel(kernel: helion.Kernel) -> helion.Kernel:
+    """The same Helion source with reference mode off, so it emits Triton code.
+
+    A kernel created while HELION_INTERPRET=1 was set runs eagerly and has no code generator.
+    """
+    if kernel.settings.ref_mode == RefMode.OFF:
+        return kernel
+    return helion.Kernel(kernel.fn, settings=dataclasses.replace(kernel.settings, ref_mode=RefMode.OFF),
+                         configs=kernel.configs)

@@ -1,0 +1,118 @@
+"""Registration: every op is a real torch custom op with the engine's schema, passes opcheck and compiles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_outputs_match, clone_kwargs, spec_params, written
+
+from helion_fusions.registry import NAMESPACE, REGISTRY, OpSpec
+
+# Argument names in schema order, and the mutated ones: keyword-identical to the engine's ops (NUMERICS.md).
+EXPECTED_SCHEMAS = {
+    "rms_norm": (["result", "input", "weight", "epsilon"], ["result"]),
+    "fused_add_rms_norm": (["input", "residual", "weight", "epsilon"], ["input", "residual"]),
+    "rms_norm_static_fp8_quant": (["result", "input", "weight", "scale", "epsilon"], ["result"]),
+    "fused_add_rms_norm_static_fp8_quant": (
+        ["result", "input", "residual", "weight", "scale", "epsilon"], ["result", "residual"]),
+    "rms_norm_dynamic_per_token_quant": (
+        ["result", "input", "weight", "scale", "epsilon", "scale_ub", "residual"], ["result", "scale", "residual"]),
+    "rms_norm_per_block_quant": (
+        ["result", "input", "weight", "scale", "epsilon", "scale_ub", "residual", "group_size", "is_scale_transposed",
+         "scale_ue8m0"], ["result", "scale", "residual"]),
+    "rms_norm_nvfp4_quant": (
+        ["result", "result_scale", "input", "weight", "global_scale", "epsilon", "is_sf_swizzled_layout"],
+        ["result", "result_scale"]),
+    "fused_add_rms_norm_nvfp4_quant": (
+        ["result", "result_scale", "input", "residual", "weight", "global_scale", "epsilon", "is_sf_swizzled_layout"],
+        ["result", "result_scale", "residual"]),
+}
+
+
+def _small_inputs(spec: OpSpec, tokens: int = 5, with_optional_residual: bool = False) -> dict[str, Any]:
+    kwargs = spec.make_inputs(tokens, 256, torch.bfloat16, torch.device("cpu"))
+    if with_optional_residual:
+        kwargs["residual"] = torch.randn(tokens, 256, dtype=torch.bfloat16)
+    return kwargs
+
+
+def _case_params() -> list[Any]:
+    """Every op with its default inputs, plus the ops whose residual is optional with one given."""
+    params = [pytest.param(spec, False, id=spec.name) for spec in REGISTRY.values()]
+    params += [pytest.param(spec, True, id=f"{spec.name}-residual") for spec in REGISTRY.values()
+               if "residual" in (kwargs := _small_inputs(spec, 1)) and kwargs["residual"] is None]
+    return params
+
+
+def test_the_registry_holds_the_rms_norm_family() -> None:
+    assert set(REGISTRY) == set(EXPECTED_SCHEMAS)
+
+
+@pytest.mark.parametrize("spec", spec_params())
+def test_op_is_registered_with_its_schema(spec: OpSpec) -> None:
+    packet = getattr(getattr(torch.ops, NAMESPACE), spec.name)
+    assert spec.op is packet
+    schema = packet.default._schema
+    assert schema == torch._C.parse_schema(f"{spec.qualname}{spec.schema}")
+    assert [a.name for a in schema.arguments] == EXPECTED_SCHEMAS[spec.name][0] == spec.arg_names
+    assert not schema.returns
+
+
+@pytest.mark.parametrize("spec", spec_params())
+def test_mutated_args(spec: OpSpec) -> None:
+    assert spec.mutated_args == EXPECTED_SCHEMAS[spec.name][1]
+    assert set(spec.read_and_written) <= set(spec.mutated_args)
+
+
+@pytest.mark.parametrize("spec", spec_params())
+def test_declaration_is_complete(spec: OpSpec) -> None:
+    kwargs = _small_inputs(spec)
+    assert set(kwargs) <= set(spec.arg_names)
+    schema = spec.op.default._schema
+    required = {a.name for a in schema.arguments if not a.has_default_value()}
+    assert required <= set(kwargs), f"make_inputs misses {required - set(kwargs)}"
+    assert callable(spec.reference) and callable(spec.prepare)
+    assert spec.hidden_sizes and spec.token_counts
+    assert spec.bytes_moved(kwargs) >= sum(v.numel() * v.element_size() for v in kwargs.values()
+                                           if isinstance(v, torch.Tensor))
+    hidden = spec.hidden_sizes[0]
+    assert spec.default_config(hidden) is not None
+    assert spec.seed_configs(hidden, spec.token_counts[-1])
+
+
+@pytest.mark.parametrize("mode", ["reference_path", "interpret"])
+@pytest.mark.parametrize(("spec", "with_residual"), _case_params())
+def test_opcheck(request, fp8_allclose_shim, mode: str, spec: OpSpec, with_residual: bool) -> None:
+    request.getfixturevalue(mode)
+    torch.library.opcheck(spec.op, (), _small_inputs(spec, with_optional_residual=with_residual))
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", ["reference_path", "interpret"])
+@pytest.mark.parametrize(("spec", "with_residual"), _case_params())
+def test_compile_fullgraph(request, fresh_dynamo, mode: str, spec: OpSpec, with_residual: bool) -> None:
+    request.getfixturevalue(mode)
+    op = spec.op
+    outputs = written(spec, _small_inputs(spec, with_optional_residual=with_residual))
+
+    def call(**kwargs: Any) -> list[torch.Tensor]:
+        op(**kwargs)
+        return [kwargs[name] for name in outputs]
+
+    compiled = torch.compile(call, fullgraph=True)  # raises on any graph break
+    for tokens in (5, 9):  # a second token count exercises the recompile / dynamic-shape path
+        kwargs = _small_inputs(spec, tokens, with_optional_residual=with_residual)
+        eager = clone_kwargs(kwargs)
+        returned = compiled(**kwargs)
+        call(**eager)
+        assert_outputs_match(spec, kwargs, eager, max_flip_fraction=0)
+        for name, tensor in zip(outputs, returned):
+            assert torch.equal(tensor.view(torch.uint8), kwargs[name].view(torch.uint8)), name
