@@ -124,6 +124,7 @@ def load(path: Path, op: str, expected_hash: str) -> ConfigFile:
                  f"expected an object with keys {sorted(_ENTRY_KEYS)}")
         _require(isinstance(item["hidden"], int) and item["hidden"] > 0, path, where, "hidden must be a positive int")
         _require(isinstance(item["tokens"], int) and item["tokens"] > 0, path, where, "tokens must be a positive int")
+        _require(isinstance(item["time_us"], (int, float)), path, where, "time_us must be a number")
         _require(isinstance(item["config"], dict), path, where, "config must be an object")
         try:
             helion.Config(**item["config"])

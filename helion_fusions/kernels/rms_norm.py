@@ -29,11 +29,12 @@ from helion_fusions.checks import (
 )
 from helion_fusions.kernels import quant
 from helion_fusions.kernels.quant import (
-    e2m1_codes,
+    div_rn,
     fp8_dynamic_scale,
     fp8_quantize,
     fp8_quantize_static,
     nvfp4_block_scale,
+    nvfp4_quantize,
     pack_e2m1,
     swizzled_scale_offset,
     ue8m0,
@@ -77,13 +78,13 @@ def rms_norm_kernel(
             xf = xf + residual[tile_t, :, :].to(torch.float32)
             residual[tile_t, :, :] = xf.to(residual.dtype)
         sum_sq = torch.sum(torch.sum(xf * xf, dim=-1), dim=-1)
-        rstd = torch.rsqrt(sum_sq / (NG * G) + epsilon)
+        rstd = torch.rsqrt(div_rn(sum_sq, NG * G) + epsilon)
         y = (xf * rstd[:, None, None]).to(x.dtype) * weight[None, :, :]
         yf = y.to(torch.float32)
         if QUANT == 0:
             out[tile_t, :, :] = y
         elif QUANT == 1:
-            out[tile_t, :, :] = fp8_quantize_static(yf, 1.0 / scale_in[0], FP8_MAX, out.dtype)
+            out[tile_t, :, :] = fp8_quantize_static(yf, scale_in[0], FP8_MAX, out.dtype)
         elif QUANT == 2:
             amax = torch.amax(torch.amax(torch.abs(yf), dim=-1), dim=-1)
             s = fp8_dynamic_scale(amax, FP8_MAX, scale_in[0] if HAS_SCALE_UB else None)
@@ -98,9 +99,7 @@ def rms_norm_kernel(
         else:
             global_scale = scale_in[0]
             sf = nvfp4_block_scale(torch.amax(torch.abs(yf), dim=-1), global_scale)
-            sf_f32 = sf.to(torch.float32)
-            scaled = yf * (1.0 / (sf_f32 / global_scale))[:, :, None]
-            codes = e2m1_codes(torch.where(sf_f32[:, :, None] == 0.0, 0.0, scaled))
+            codes = nvfp4_quantize(yf, sf, global_scale)
             lo, hi = hl.split(codes.reshape(tile_t.block_size, -1, G // 2, 2))
             out[tile_t, :, :] = pack_e2m1(lo, hi)
             row = tile_t.index[:, None]
