@@ -121,7 +121,7 @@ def rms_norm_reference(
     if residual is not None:
         x = x + residual.float()
         residual.copy_(x.to(residual.dtype))
-    rstd = torch.rsqrt(torch.sum(x * x, dim=-1, keepdim=True) / x.shape[-1] + epsilon)
+    rstd = torch.rsqrt(div_rn(torch.sum(x * x, dim=-1, keepdim=True), x.shape[-1]) + epsilon)
     return (x * rstd).to(input.dtype) * weight
 
 
