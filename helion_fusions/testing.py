@@ -30,7 +30,7 @@ def ulp_distance(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     width = actual.element_size() * 8
     int_dtype = {8: torch.uint8, 16: torch.int16, 32: torch.int32}[width]
     a = actual.detach().contiguous().view(int_dtype).to(torch.int64) & ((1 << width) - 1)
-    b = expected.detach().contiguous().view(int_dtype).to(expected.device).to(torch.int64) & ((1 << width) - 1)
+    b = expected.detach().contiguous().view(int_dtype).to(actual.device).to(torch.int64) & ((1 << width) - 1)
     if actual.dtype == torch.uint8:  # two e2m1 codes per byte
         return torch.maximum(
             (_ordered(a & 0xF, 4) - _ordered(b & 0xF, 4)).abs(), (_ordered(a >> 4, 4) - _ordered(b >> 4, 4)).abs()
