@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from helion_fusions import REGISTRY, config_store, dispatch
 from helion_fusions.registry import OpSpec
-from helion_fusions.testing import compare
+from helion_fusions.testing import compare_outputs, outputs_ok
 
 MAX_FLIP_FRACTION = 1e-4
 GRAPH_TIMING_MAX_TOKENS = 256
@@ -106,10 +106,10 @@ def tune_shape(spec: OpSpec, hidden: int, tokens: int, dtype: torch.dtype, devic
         except Exception as error:
             log(f"  {spec.name} H={hidden} T={tokens}: candidate {index} failed: {type(error).__name__}: {error}")
             continue
-        bad = [f"{name}: {result}" for name in spec.mutated_args if trial[name] is not None
-               for result in [compare(trial[name], expected[name])] if not result.ok(MAX_FLIP_FRACTION)]
-        if bad:
-            log(f"  {spec.name} H={hidden} T={tokens}: candidate {index} rejected ({'; '.join(bad)})")
+        results = compare_outputs(spec.mutated_args, trial, expected)
+        if not outputs_ok(results, MAX_FLIP_FRACTION):
+            detail = "; ".join(f"{name}: {result}" for name, result in results.items())
+            log(f"  {spec.name} H={hidden} T={tokens}: candidate {index} rejected ({detail})")
             continue
         if device.type == "cuda":
             elapsed = _time_us(lambda: fn(*launch.args), tokens)

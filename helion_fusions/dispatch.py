@@ -40,12 +40,12 @@ _KNOWN_MODELS = ("h100", "h200", "h20", "gh200", "b200", "b300", "gb200", "a100"
 
 
 def canonical_device_name(raw_name: str, vendor: str) -> str:
-    """``"NVIDIA H100 80GB HBM3"`` -> ``nvidia_h100``; unknown models keep their first model token."""
+    """``"NVIDIA H100 80GB HBM3"`` -> ``nvidia_h100``; unknown models keep their whole name."""
     tokens = [t for t in raw_name.lower().replace("-", " ").split() if t not in {"nvidia", "amd", "instinct", "tesla"}]
     for token in tokens:
         if token in _KNOWN_MODELS:
             return f"{vendor}_{token}"
-    model = "".join(ch for ch in (tokens[0] if tokens else "unknown") if ch.isalnum())
+    model = "_".join(filter(None, ("".join(ch for ch in t if ch.isalnum()) for t in tokens)))
     return f"{vendor}_{model or 'unknown'}"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -34,12 +35,12 @@ def _e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
 def _check_e2m1(values: list[float]) -> None:
     actual = quant.e2m1_codes(torch.tensor(values, dtype=torch.float32)).tolist()
     expected = [_e2m1_brute_force(v) for v in torch.tensor(values, dtype=torch.float32).tolist()]
-    mismatches = [(v, a, e) for v, a, e in zip(values, actual, expected) if a != e]
+    mismatches = [(v, a, e) for v, a, e in zip(values, actual, expected, strict=True) if a != e]
     assert not mismatches, f"(value, code, expected code): {mismatches[:10]}"
 
 
 def test_e2m1_tie_points() -> None:
-    ties = [(a + b) / 2 for a, b in zip(E2M1_VALUES, E2M1_VALUES[1:])]
+    ties = [(a + b) / 2 for a, b in itertools.pairwise(E2M1_VALUES)]
     around = [math.nextafter(t, direction) for t in ties for direction in (-math.inf, math.inf)]
     points = ties + around + list(E2M1_VALUES) + [6.5, 7.0, 1e30, math.inf]
     _check_e2m1(points + [-p for p in points])
@@ -166,7 +167,8 @@ def test_swizzled_offset_matches_the_documented_formula(rows: int, hidden: int) 
     cols = hidden // 16
     for r in range(rows):
         for k in range(cols):
-            documented = ((r // 128) * math.ceil(hidden / 64) + k // 4) * 512 + (r % 32) * 16 + ((r // 32) % 4) * 4 + k % 4
+            tile = (r // 128) * math.ceil(hidden / 64) + k // 4
+            documented = tile * 512 + (r % 32) * 16 + ((r // 32) % 4) * 4 + k % 4
             assert int(quant.swizzled_scale_offset(torch.tensor(r), torch.tensor(k), cols)) == documented
 
 

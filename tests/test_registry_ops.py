@@ -114,5 +114,15 @@ def test_compile_fullgraph(request, fresh_dynamo, mode: str, spec: OpSpec, with_
         returned = compiled(**kwargs)
         call(**eager)
         assert_outputs_match(spec, kwargs, eager, max_flip_fraction=0)
-        for name, tensor in zip(outputs, returned):
+        for name, tensor in zip(outputs, returned, strict=True):
             assert torch.equal(tensor.view(torch.uint8), kwargs[name].view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("spec", spec_params())
+def test_positional_call_equals_keyword_call(interpret, spec: OpSpec) -> None:
+    by_keyword = _small_inputs(spec)
+    by_position = clone_kwargs(by_keyword)
+    spec.op(**by_keyword)
+    schema = spec.op.default._schema
+    spec.op(*[by_position[a.name] if a.name in by_position else a.default_value for a in schema.arguments])
+    assert_outputs_match(spec, by_position, by_keyword, max_flip_fraction=0)

@@ -1,0 +1,91 @@
+"""Shipped configs: fresh for the current kernel source, and each still generates Triton code (on CPU)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import helion
+import pytest
+import torch
+from conftest import REPO_ROOT, codegen_kernel, spec_params
+
+from helion_fusions import config_store, dispatch
+from helion_fusions.registry import REGISTRY, OpSpec
+
+CONFIG_ROOT = REPO_ROOT / "configs"
+TUNED_DEVICES = ("nvidia_h100", "nvidia_h200")
+SHIPPED = sorted(CONFIG_ROOT.glob("*/*.json"))
+NO_CONFIGS = pytest.mark.skip(reason=f"no config files under {CONFIG_ROOT} yet")
+
+
+def _file_params() -> list[Any]:
+    if not SHIPPED:
+        return [pytest.param(None, marks=NO_CONFIGS, id="none")]
+    return [pytest.param(path, id=f"{path.parent.name}/{path.stem}") for path in SHIPPED]
+
+
+def _entry_params() -> list[Any]:
+    params = []
+    for path in SHIPPED:
+        try:
+            entries = json.loads(path.read_text())["entries"]
+        except (ValueError, KeyError, TypeError):
+            entries = []  # the load test reports the file
+        params += [pytest.param(path, index, id=f"{path.parent.name}/{path.stem}[{index}]")
+                   for index in range(len(entries))]
+    return params or [pytest.param(None, 0, marks=NO_CONFIGS, id="none")]
+
+
+@functools.cache
+def _bound(op: str, hidden: int, dtype: torch.dtype) -> Any:
+    """The kernel bound to CPU inputs of this op and shape (binding takes a second or two, so once per shape)."""
+    spec = REGISTRY[op]
+    launch = spec.prepare(**spec.make_inputs(7, hidden, dtype, torch.device("cpu")))
+    return codegen_kernel(launch.kernel).bind(launch.args)
+
+
+def _assert_generates_code(op: str, hidden: int, dtype: torch.dtype, config: helion.Config) -> None:
+    code = _bound(op, hidden, dtype).to_triton_code(config)
+    assert isinstance(code, str) and code.strip(), f"{op}: no code for {dict(config)}"
+
+
+def _op_of(path: Path) -> OpSpec:
+    assert path.stem in REGISTRY, f"{path}: no registered op {path.stem!r}"
+    return REGISTRY[path.stem]
+
+
+@pytest.mark.parametrize("path", _file_params())
+def test_config_file_loads_and_is_fresh(path: Path) -> None:
+    spec = _op_of(path)
+    loaded = config_store.load(path, spec.name, dispatch.spec_hash(spec))
+    assert loaded.device == path.parent.name
+    assert loaded.family, f"{path}: no architecture family"
+    dtypes = {e.dtype for e in loaded.entries}
+    assert all(isinstance(getattr(torch, d, None), torch.dtype) for d in dtypes), f"{path}: unknown dtypes {dtypes}"
+
+
+@pytest.mark.parametrize(("path", "index"), _entry_params())
+def test_config_entry_generates_code(path: Path, index: int) -> None:
+    spec = _op_of(path)
+    entry = config_store.load(path, spec.name, dispatch.spec_hash(spec)).entries[index]
+    _assert_generates_code(spec.name, entry.hidden, getattr(torch, entry.dtype), helion.Config(**entry.config))
+
+
+@pytest.mark.parametrize("spec", spec_params())
+def test_default_and_seed_configs_generate_code(spec: OpSpec) -> None:
+    hidden = spec.hidden_sizes[0]
+    configs = {json.dumps(dict(spec.default_config(hidden)), sort_keys=True): spec.default_config(hidden)}
+    for tokens in spec.token_counts:
+        for config in spec.seed_configs(hidden, tokens):
+            configs.setdefault(json.dumps(dict(config), sort_keys=True), config)
+    for config in configs.values():
+        _assert_generates_code(spec.name, hidden, torch.bfloat16, config)
+
+
+def test_every_op_has_configs_for_every_tuned_device() -> None:
+    missing = [f"{device}/{op}.json" for device in TUNED_DEVICES for op in REGISTRY
+               if not (CONFIG_ROOT / device / f"{op}.json").is_file()]
+    assert not missing, f"{len(missing)} config files missing under {CONFIG_ROOT}: {missing}"

@@ -1,0 +1,332 @@
+"""The dispatcher: token buckets, device names, the config store, the fallback chain, threads, batch invariance."""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_outputs_match, clone_kwargs, spec_params
+
+from helion_fusions import config_store, dispatch
+from helion_fusions.config_store import ConfigError, Entry
+from helion_fusions.dispatch import DeviceIdentity
+from helion_fusions.registry import REGISTRY, OpSpec
+
+SPEC = REGISTRY["rms_norm_static_fp8_quant"]
+H100 = DeviceIdentity("nvidia_h100", "nvidia_sm90", torch.float8_e4m3fn)
+CONFIG = {"block_sizes": [1], "num_warps": 4, "reduction_loops": [None]}
+
+
+# --- token buckets and device names -----------------------------------------------------------------
+
+@pytest.mark.parametrize(("tokens", "bucket"), [
+    (0, 1), (1, 1), (2, 16), (16, 16), (17, 128), (128, 128), (129, 1024), (1024, 1024), (1025, 4096),
+    (4096, 4096), (4097, 16384), (16384, 16384), (16385, 16385), (10**6, 16385),
+])
+def test_token_bucket(tokens: int, bucket: int) -> None:
+    assert dispatch.token_bucket(tokens) == bucket
+
+
+@pytest.mark.parametrize(("raw", "vendor", "name"), [
+    ("NVIDIA H100 80GB HBM3", "nvidia", "nvidia_h100"),
+    ("NVIDIA H100 PCIe", "nvidia", "nvidia_h100"),
+    ("NVIDIA H200", "nvidia", "nvidia_h200"),
+    ("NVIDIA B200", "nvidia", "nvidia_b200"),
+    ("NVIDIA A100-SXM4-80GB", "nvidia", "nvidia_a100"),
+    ("NVIDIA GH200 480GB", "nvidia", "nvidia_gh200"),
+    ("AMD Instinct MI300X", "amd", "amd_mi300x"),
+])
+def test_canonical_device_name(raw: str, vendor: str, name: str) -> None:
+    assert dispatch.canonical_device_name(raw, vendor) == name
+
+
+def test_unknown_device_name_is_stable() -> None:
+    raw = "NVIDIA RTX 6000 Ada Generation"
+    name = dispatch.canonical_device_name(raw, "nvidia")
+    assert name.startswith("nvidia_")
+    assert name == dispatch.canonical_device_name(raw, "nvidia")
+    assert name.replace("_", "").isalnum() and name == name.lower()
+
+
+# --- config files ---------------------------------------------------------------------------------
+
+def _entry(dtype: str = "bfloat16", hidden: int = 4096, tokens: int = 16, num_warps: int = 4) -> Entry:
+    return Entry(dtype=dtype, hidden=hidden, tokens=tokens, config={**CONFIG, "num_warps": num_warps}, time_us=2.0)
+
+
+def _save(path: Path, entries: list[Entry] | None = None, op: str = SPEC.name, device: str = "nvidia_h100",
+          family: str = "nvidia_sm90", hash_: str | None = None) -> Path:
+    config_store.save(path, op, device, family, dispatch.spec_hash(SPEC) if hash_ is None else hash_,
+                      entries or [_entry()])
+    return path
+
+
+def _load(path: Path) -> config_store.ConfigFile:
+    return config_store.load(path, SPEC.name, dispatch.spec_hash(SPEC))
+
+
+def test_save_then_load(tmp_path: Path) -> None:
+    entries = [_entry(tokens=1), _entry(tokens=16, num_warps=8), _entry("float16", 2048, 4096)]
+    path = _save(tmp_path / "nvidia_h100" / f"{SPEC.name}.json", entries)
+    loaded = _load(path)
+    assert (loaded.op, loaded.device, loaded.family, loaded.path) == (SPEC.name, "nvidia_h100", "nvidia_sm90", path)
+    assert sorted(loaded.entries, key=repr) == sorted(entries, key=repr)
+    assert set(loaded.versions) == {"helion", "triton", "torch"}
+    raw = json.loads(path.read_text())
+    assert raw["schema_version"] == config_store.SCHEMA_VERSION
+    assert raw["kernel_hash"] == dispatch.spec_hash(SPEC)
+
+
+def _picker(tmp_path: Path, entries: list[Entry]) -> Callable[..., Entry]:
+    loaded = _load(_save(tmp_path / "x" / f"{SPEC.name}.json", entries))
+
+    def pick(dtype: torch.dtype = torch.bfloat16, hidden: int = 4096, tokens: int = 1, invariant: bool = False):
+        return loaded.pick(dtype, hidden, tokens, invariant)
+
+    return pick
+
+
+def test_pick_by_dtype(tmp_path: Path) -> None:
+    pick = _picker(tmp_path, [_entry("bfloat16", num_warps=4), _entry("float16", num_warps=8)])
+    assert pick(torch.bfloat16).config["num_warps"] == 4
+    assert pick(torch.float16).config["num_warps"] == 8
+    # A dtype nobody tuned still gets a config (from the tuned ones) rather than failing.
+    assert pick(torch.float32).config["num_warps"] in (4, 8)
+
+
+def test_pick_nearest_hidden(tmp_path: Path) -> None:
+    pick = _picker(tmp_path, [_entry(hidden=h, num_warps=w) for h, w in ((2048, 1), (4096, 2), (8192, 4))])
+    assert [pick(hidden=h).hidden for h in (17, 2048, 3000, 4096, 5000, 6000, 8192, 65536)] == [
+        2048, 2048, 4096, 4096, 4096, 8192, 8192, 8192]
+
+
+def test_pick_token_bucket(tmp_path: Path) -> None:
+    pick = _picker(tmp_path, [_entry(tokens=t, num_warps=w) for t, w in ((1, 1), (16, 2), (128, 4), (4096, 8))])
+    assert [pick(tokens=t).tokens for t in (1, 2, 16, 17, 128, 129, 4096, 5000)] == [
+        1, 16, 16, 128, 128, 4096, 4096, 4096]
+
+
+def test_pick_batch_invariant_uses_the_largest_bucket(tmp_path: Path) -> None:
+    pick = _picker(tmp_path, [_entry(tokens=t) for t in (1, 16, 128, 4096)])
+    assert {pick(tokens=t, invariant=True).tokens for t in (1, 7, 300, 4096, 10**5)} == {4096}
+
+
+# --- config errors --------------------------------------------------------------------------------
+
+def _corrupt(tmp_path: Path, edit: Callable[[dict], Any]) -> Path:
+    path = _save(tmp_path / "nvidia_h100" / f"{SPEC.name}.json",
+                 [_entry(tokens=1), _entry(tokens=16), _entry(tokens=128)])
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def _assert_config_error(path: Path, *fragments: str, expected_hash: str | None = None) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_store.load(path, SPEC.name, dispatch.spec_hash(SPEC) if expected_hash is None else expected_hash)
+    message = str(caught.value)
+    for fragment in (str(path), *fragments):
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    _assert_config_error(tmp_path / "nvidia_h100" / "nope.json", "no such config file")
+
+
+def test_corrupt_json(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('{"schema_version": 1, "op": ')
+    _assert_config_error(path, "JSON")
+
+
+def test_not_an_object(tmp_path: Path) -> None:
+    path = tmp_path / "list.json"
+    path.write_text("[]")
+    _assert_config_error(path, "top level")
+
+
+def test_stale_kernel_hash(tmp_path: Path) -> None:
+    path = _save(tmp_path / "nvidia_h100" / f"{SPEC.name}.json", hash_="0123456789abcdef")
+    _assert_config_error(path, "kernel_hash", "stale", "0123456789abcdef", dispatch.spec_hash(SPEC))
+
+
+def _set(key: str, value: Any) -> Callable[[dict], None]:
+    return lambda raw: raw.__setitem__(key, value)
+
+
+def _set_entry(index: int, key: str, value: Any) -> Callable[[dict], None]:
+    return lambda raw: raw["entries"][index].__setitem__(key, value)
+
+
+def _drop_entry_key(index: int, key: str) -> Callable[[dict], None]:
+    return lambda raw: raw["entries"][index].pop(key)
+
+
+@pytest.mark.parametrize(("edit", "fragments"), [
+    pytest.param(_set("schema_version", 2), ["schema_version"], id="schema_version"),
+    pytest.param(_set("op", "rms_norm"), ["op", "'rms_norm'"], id="wrong_op"),
+    pytest.param(lambda raw: raw.pop("family"), ["top level", "family"], id="missing_top_level_key"),
+    pytest.param(_set("entries", []), ["entries"], id="no_entries"),
+    pytest.param(_drop_entry_key(0, "config"), ["entries[0]"], id="entry_missing_config"),
+    pytest.param(_drop_entry_key(2, "tokens"), ["entries[2]"], id="entry_missing_tokens"),
+    pytest.param(_set_entry(1, "hidden", 0), ["entries[1]", "hidden"], id="entry_hidden_zero"),
+    pytest.param(_set_entry(1, "tokens", "16"), ["entries[1]", "tokens"], id="entry_tokens_not_int"),
+    pytest.param(_set_entry(0, "config", [1, 2]), ["entries[0]", "config"], id="entry_config_not_object"),
+    pytest.param(_set_entry(0, "time_us", "fast"), ["entries[0]", "time_us"], id="entry_time_not_a_number"),
+    pytest.param(_set_entry(1, "config", {**CONFIG, "num_wraps": 4}), ["entries[1]", "num_wraps"],
+                 id="entry_unknown_helion_config_key"),
+])
+def test_bad_file(tmp_path: Path, edit: Callable[[dict], Any], fragments: list[str]) -> None:
+    _assert_config_error(_corrupt(tmp_path, edit), *fragments)
+
+
+# --- fallback chain -------------------------------------------------------------------------------
+
+def _resolve(device: DeviceIdentity = H100) -> tuple[config_store.ConfigFile | None, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resolved = dispatch.resolve_config_file(SPEC, device)
+    return resolved, [str(w.message) for w in caught]
+
+
+def _device_file(root: Path, device: str) -> Path:
+    return root / device / f"{SPEC.name}.json"
+
+
+def test_exact_device_file_is_used_silently(config_dir: Path) -> None:
+    _save(_device_file(config_dir, "nvidia_h100"))
+    _save(_device_file(config_dir, "nvidia_h200"), device="nvidia_h200")
+    resolved, messages = _resolve()
+    assert resolved is not None and resolved.device == "nvidia_h100"
+    assert resolved.path == _device_file(config_dir, "nvidia_h100")
+    assert messages == []
+
+
+def test_same_family_device_with_a_warning(config_dir: Path) -> None:
+    other = _save(_device_file(config_dir, "nvidia_h200"), device="nvidia_h200")
+    resolved, messages = _resolve()
+    assert resolved is not None and resolved.path == other
+    assert len(messages) == 1
+    assert "nvidia_h200" in messages[0] and str(other) in messages[0] and "nvidia_h100" in messages[0]
+
+
+def test_corrupt_exact_file_falls_back_to_the_family_and_names_it(config_dir: Path) -> None:
+    broken = _device_file(config_dir, "nvidia_h100")
+    broken.parent.mkdir()
+    broken.write_text("{ not json")
+    other = _save(_device_file(config_dir, "nvidia_h200"), device="nvidia_h200")
+    resolved, messages = _resolve()
+    assert resolved is not None and resolved.path == other
+    assert len(messages) == 1 and str(broken) in messages[0] and str(other) in messages[0]
+
+
+def test_stale_exact_file_falls_back_to_the_family(config_dir: Path) -> None:
+    stale = _save(_device_file(config_dir, "nvidia_h100"), hash_="0" * 16)
+    other = _save(_device_file(config_dir, "nvidia_h200"), device="nvidia_h200")
+    resolved, messages = _resolve()
+    assert resolved is not None and resolved.path == other
+    assert len(messages) == 1 and str(stale) in messages[0] and "stale" in messages[0]
+
+
+def test_nothing_usable_means_the_architecture_default(config_dir: Path) -> None:
+    resolved, messages = _resolve()
+    assert resolved is None
+    assert len(messages) == 1 and "architecture default" in messages[0] and "nvidia_h100" in messages[0]
+
+
+def test_other_families_are_ignored(config_dir: Path) -> None:
+    _save(_device_file(config_dir, "nvidia_b200"), device="nvidia_b200", family="nvidia_sm100")
+    _save(_device_file(config_dir, "amd_mi300x"), device="amd_mi300x", family="amd_gfx942")
+    resolved, messages = _resolve()
+    assert resolved is None
+    assert len(messages) == 1 and "architecture default" in messages[0]
+
+
+def test_other_ops_files_are_ignored(config_dir: Path) -> None:
+    config_store.save(config_dir / "nvidia_h100" / "rms_norm.json", "rms_norm", "nvidia_h100", "nvidia_sm90",
+                      dispatch.spec_hash(REGISTRY["rms_norm"]), [_entry()])
+    resolved, _ = _resolve()
+    assert resolved is None
+
+
+def test_fallback_warns_once(config_dir: Path) -> None:
+    _, first = _resolve()
+    _, second = _resolve()
+    assert len(first) == 1 and second == []
+
+
+def test_choose_config_follows_the_chain(config_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "device_identity", lambda index=0: H100)
+    launch = SPEC.prepare(**SPEC.make_inputs(7, 4096, torch.bfloat16, torch.device("cpu")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert dispatch.choose_config(SPEC, launch, False) == SPEC.default_config(4096)
+    dispatch._config_files.cache_clear()
+    _save(_device_file(config_dir, "nvidia_h100"), [_entry(tokens=1, num_warps=2), _entry(tokens=16, num_warps=16)])
+    assert dispatch.choose_config(SPEC, launch, False)["num_warps"] == 16
+    assert dispatch.choose_config(SPEC, launch, True)["num_warps"] == 16
+
+
+def test_spec_hash_is_stable_and_per_kernel_source() -> None:
+    assert dispatch.spec_hash(SPEC) == dispatch.spec_hash(REGISTRY["rms_norm"])  # one kernel for the family
+    assert len(dispatch.spec_hash(SPEC)) == 16 and int(dispatch.spec_hash(SPEC), 16) >= 0
+
+
+# --- concurrency and batch invariance -------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", spec_params(["rms_norm_static_fp8_quant", "rms_norm_per_block_quant",
+                                              "fused_add_rms_norm_nvfp4_quant"]))
+def test_concurrent_calls(interpret, spec: OpSpec) -> None:
+    """8 threads call the op at once, each on its own shapes; every result equals the reference."""
+    threads = 8
+    cases = [spec.make_inputs(tokens, 1024, torch.bfloat16, torch.device("cpu"))
+             for tokens in (1, 3, 7, 16, 33, 64, 129, 300)]
+    expected = [clone_kwargs(kwargs) for kwargs in cases]
+    for kwargs in expected:
+        spec.reference(**kwargs)
+    start = threading.Barrier(threads)
+
+    def call(index: int) -> None:
+        start.wait()
+        for _ in range(3):
+            kwargs = clone_kwargs(cases[index])  # in-place ops (residual) need fresh inputs per call
+            spec.op(**kwargs)
+            assert_outputs_match(spec, kwargs, expected[index])
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(call, range(threads)))  # re-raises a thread's failure
+
+
+ROW_OPS = ["rms_norm_static_fp8_quant", "fused_add_rms_norm_static_fp8_quant", "rms_norm_dynamic_per_token_quant",
+           "rms_norm_per_block_quant"]
+
+
+def _row(kwargs: dict[str, Any], row: int, tokens: int) -> dict[str, Any]:
+    """The same call for one row alone: every [tokens, ...] tensor cut down to that row (a copy)."""
+    return {name: value[row:row + 1].clone() if isinstance(value, torch.Tensor) and value.dim() == 2
+            and value.size(0) == tokens else value for name, value in kwargs.items()}
+
+
+@pytest.mark.parametrize("spec", spec_params(ROW_OPS))
+def test_batch_invariance(interpret, batch_invariant, spec: OpSpec) -> None:
+    tokens, hidden = 300, 4096
+    kwargs = spec.make_inputs(tokens, hidden, torch.bfloat16, torch.device("cpu"))
+    if kwargs.get("residual", ...) is None:
+        kwargs["residual"] = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+    rows = {row: _row(kwargs, row, tokens) for row in (0, 1, 150, 299)}
+    spec.op(**kwargs)
+    for row, alone in rows.items():
+        spec.op(**alone)
+        for name in spec.mutated_args:
+            if isinstance(alone.get(name), torch.Tensor):
+                batched = kwargs[name][row:row + 1]
+                assert torch.equal(alone[name].view(torch.uint8), batched.contiguous().view(torch.uint8)), (
+                    f"{name}: row {row} alone differs from row {row} of a {tokens}-token batch")

@@ -1,0 +1,193 @@
+"""The compiled kernels on a CUDA GPU against the reference on the same GPU; CUDA graphs; torch.compile."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+import torch
+from conftest import (
+    POISON_BYTE,
+    assert_outputs_match,
+    clone_kwargs,
+    is_nvfp4_op,
+    is_poison,
+    round_up,
+    run_against_reference,
+    written,
+)
+from helion.runtime.ref_mode import RefMode
+
+import helion_fusions
+from helion_fusions import dispatch
+from helion_fusions.kernels import quant
+from helion_fusions.registry import REGISTRY, OpSpec
+from helion_fusions.testing import poisoned
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+CUDA = torch.device("cuda")
+TOKENS = (1, 7, 300, 4096)
+PER_BLOCK = REGISTRY["rms_norm_per_block_quant"]
+
+
+def _hidden_sizes(spec: OpSpec) -> tuple[int, ...]:
+    """4096, 5120 and one size that is not a power of two, legal for the op."""
+    if is_nvfp4_op(spec):
+        return (4096, 5120, 16 * 65)
+    if "group_size" in spec.arg_names:
+        return (4096, 5120, 128 * 9)
+    return (4096, 5120, 1025)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_kernels() -> Iterable[None]:
+    """GPU calls run the compiled kernels, even when the session was started with HELION_INTERPRET=1."""
+    patch = pytest.MonkeyPatch()
+    patch.delenv("HELION_INTERPRET", raising=False)
+    kernels = {id(spec.kernel): spec.kernel for spec in REGISTRY.values()}.values()
+    interpreted = [kernel for kernel in kernels if kernel.settings.ref_mode != RefMode.OFF]
+    for kernel in interpreted:
+        kernel.settings.ref_mode = RefMode.OFF
+        kernel.reset()
+    yield
+    for kernel in interpreted:
+        kernel.settings.ref_mode = RefMode.EAGER
+        kernel.reset()
+    patch.undo()
+
+
+def _inputs(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    return spec.make_inputs(tokens, hidden, dtype, CUDA)
+
+
+def _cases() -> list[Any]:
+    cases = []
+    for spec in REGISTRY.values():
+        for tokens, hidden in itertools.product(TOKENS, _hidden_sizes(spec)):
+            cases.append(pytest.param(spec, tokens, hidden, torch.bfloat16, id=f"{spec.name}-{tokens}-{hidden}-bf16"))
+        for tokens in (7, 4096):
+            cases.append(pytest.param(spec, tokens, 4096, torch.float16, id=f"{spec.name}-{tokens}-4096-fp16"))
+    return cases
+
+
+@pytest.mark.parametrize(("spec", "tokens", "hidden", "dtype"), _cases())
+def test_compiled_matches_reference(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype) -> None:
+    kwargs = _inputs(spec, tokens, hidden, dtype)
+    if kwargs.get("residual", ...) is None:
+        kwargs["residual"] = torch.randn(tokens, hidden, dtype=dtype, device=CUDA)
+    run_against_reference(spec, kwargs)
+
+
+@pytest.mark.parametrize("layout", ["row_major", "transposed", "tma_aligned"])
+@pytest.mark.parametrize("group", [64, 128])
+@pytest.mark.parametrize("tokens", [1, 7, 300, 4096])
+def test_per_block_scale_layouts(layout: str, group: int, tokens: int) -> None:
+    hidden = 4096
+    groups = hidden // group
+    kwargs = _inputs(PER_BLOCK, tokens, hidden)
+    if layout == "row_major":
+        base = poisoned((tokens, groups), torch.float32, CUDA)
+        scale = base
+    elif layout == "transposed":
+        base = poisoned((groups, tokens), torch.float32, CUDA)
+        scale = base.t()
+    else:
+        base = poisoned((groups, round_up(tokens, 4)), torch.float32, CUDA)
+        scale = base[:, :tokens].t()
+    kwargs.update(scale=scale, group_size=group, is_scale_transposed=layout != "row_major")
+    run_against_reference(PER_BLOCK, kwargs)
+    if layout == "tma_aligned":
+        assert is_poison(base[:, tokens:]), "the TMA padding columns of the scale buffer were written"
+
+
+@pytest.mark.parametrize("swizzled", [True, False], ids=["swizzled", "linear"])
+@pytest.mark.parametrize("tokens", [1, 130, 4096])
+@pytest.mark.parametrize("spec", [s for s in REGISTRY.values() if is_nvfp4_op(s)], ids=lambda s: s.name)
+def test_nvfp4_layouts(spec: OpSpec, tokens: int, swizzled: bool) -> None:
+    hidden = 16 * 65  # 65 scale columns: the swizzled layout pads them to 68
+    kwargs = _inputs(spec, tokens, hidden)
+    kwargs["is_sf_swizzled_layout"] = swizzled
+    if not swizzled:
+        kwargs["result_scale"] = poisoned((tokens, hidden // 16), torch.uint8, CUDA)
+    run_against_reference(spec, kwargs)
+    if swizzled:
+        cols = hidden // 16
+        used = quant.swizzled_scale_offset(torch.arange(tokens, device=CUDA)[:, None],
+                                           torch.arange(cols, device=CUDA)[None, :], cols).reshape(-1)
+        padding = torch.ones(kwargs["result_scale"].numel(), dtype=torch.bool, device=CUDA)
+        padding[used] = False
+        assert bool((kwargs["result_scale"].reshape(-1)[padding] == 0).all()), "swizzled padding must be zero"
+
+
+@pytest.mark.parametrize("spec", list(REGISTRY.values()), ids=lambda s: s.name)
+def test_strided_input(spec: OpSpec) -> None:
+    tokens, hidden = 300, 4096
+    kwargs = _inputs(spec, tokens, hidden)
+    wide = torch.randn(tokens, hidden + 64, device=CUDA).to(kwargs["input"].dtype)
+    wide[:, :hidden] = kwargs["input"]
+    kwargs["input"] = wide[:, :hidden]
+    run_against_reference(spec, kwargs)
+
+
+# --- CUDA graphs ------------------------------------------------------------------------------------
+
+def _refill(spec: OpSpec, kwargs: dict[str, Any], seed: int) -> None:
+    """New activations in place, and outputs poisoned again, keeping every buffer's address."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    for name in ("input", "residual"):
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor):
+            value.copy_(torch.randn(value.shape, generator=generator))
+    for name in written(spec, kwargs):
+        if name not in ("input", "residual"):
+            kwargs[name].view(torch.uint8).fill_(POISON_BYTE)
+
+
+@pytest.mark.parametrize("spec", list(REGISTRY.values()), ids=lambda s: s.name)
+def test_cuda_graph_replay_after_warmup(spec: OpSpec) -> None:
+    helion_fusions.warmup(hidden_sizes=[4096], ops=[spec.name], max_tokens=16)
+    compiled = dispatch.compiled_count()
+    kwargs = _inputs(spec, 7, 4096)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        spec.op(**kwargs)
+    assert dispatch.compiled_count() == compiled, "capture compiled a kernel"
+    for seed in (1, 2):
+        _refill(spec, kwargs, seed)
+        eager = clone_kwargs(kwargs)
+        spec.op(**eager)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_outputs_match(spec, kwargs, eager, max_flip_fraction=0)
+
+
+def test_capture_without_warmup_raises() -> None:
+    spec = REGISTRY["rms_norm_static_fp8_quant"]
+    kwargs = _inputs(spec, 3, 2304)  # a hidden size no other test compiles
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="warmup"):
+        with torch.cuda.graph(graph):
+            spec.op(**kwargs)
+    torch.cuda.synchronize()
+
+
+# --- torch.compile --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", list(REGISTRY.values()), ids=lambda s: s.name)
+def test_compile_fullgraph(spec: OpSpec) -> None:
+    torch._dynamo.reset()
+    op = spec.op
+    kwargs = _inputs(spec, 7, 4096)
+    outputs = written(spec, kwargs)
+
+    def call(**arguments: Any) -> list[torch.Tensor]:
+        op(**arguments)
+        return [arguments[name] for name in outputs]
+
+    eager = clone_kwargs(kwargs)
+    call(**eager)
+    torch.compile(call, fullgraph=True)(**kwargs)
+    assert_outputs_match(spec, kwargs, eager, max_flip_fraction=0)
