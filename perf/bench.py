@@ -38,7 +38,9 @@ GRAPH_MAX_TOKENS = 256
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 COLUMNS = ["device", "op", "dtype", "T", "H", "bytes", "eager_us", "compile_us", "compile_dynamic_us", "ours_us",
            "ours_graph_us", "compile_graph_us", "gbps", "pct_copy_bw", "speedup_vs_compile", "flips",
-           "helion", "triton", "torch", "repro"]
+           "copy_gbps", "helion", "triton", "torch", "repro"]
+_INT_COLUMNS = {"T", "H", "bytes", "flips"}
+_TEXT_COLUMNS = {"device", "op", "dtype", "helion", "triton", "torch", "repro"}
 
 
 def _clone(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -172,6 +174,7 @@ def bench_row(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, timer:
     row["gbps"] = row["bytes"] / row["ours_us"] / 1e3
     row["pct_copy_bw"] = 100.0 * row["gbps"] / copy_gbps
     row["speedup_vs_compile"] = row["compile_us"] / row["ours_us"]
+    row["copy_gbps"] = copy_gbps
     row.update({name: version(name) for name in ("helion", "triton", "torch")})
     row["repro"] = f"python -m perf.bench --ops {spec.name} --tokens {tokens} --hidden {hidden} --dtype {row['dtype']}"
     return row
@@ -213,13 +216,22 @@ def dispatch_overhead(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype
     return result
 
 
+def read_rows(path: Path) -> list[dict]:
+    """Rows of an earlier run's CSV, typed as ``bench_row`` returns them."""
+    with open(path, newline="") as handle:
+        return [{k: v if k in _TEXT_COLUMNS else int(v) if k in _INT_COLUMNS else float(v) for k, v in row.items()}
+                for row in csv.DictReader(handle)]
+
+
 def geomean(values: list[float]) -> float:
     values = [v for v in values if v > 0 and math.isfinite(v)]
     return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
 
 
 def summary(rows: list[dict], copy_gbps: float) -> list[str]:
-    lines = [f"copy bandwidth {copy_gbps:.0f} GB/s (read + write, measured in this run)"]
+    runs = sorted({round(r["copy_gbps"]) for r in rows} | {round(copy_gbps)})
+    lines = [f"copy bandwidth {', '.join(map(str, runs))} GB/s (read + write; each row uses the copy measured "
+             "in its own run)"]
     speedups = [r["speedup_vs_compile"] for r in rows]
     worst = min(rows, key=lambda r: r["speedup_vs_compile"])
     lines.append(f"geomean speedup_vs_compile {geomean(speedups):.2f}x over {len(rows)} rows; "
@@ -318,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                         help="worker processes that pre-compile the per-shape torch.compile baselines")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of other ops from an existing <device>.csv in --out (a run split by --ops)")
     args = parser.parse_args(argv)
     names = list(REGISTRY) if args.ops == "all" else args.ops.split(",")
     unknown = [n for n in names if n not in REGISTRY]
@@ -348,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     for spec, tokens, hidden in track(shapes, description="benchmarking"):
         static, dynamic = compiled[spec.name]
         rows.append(bench_row(spec, tokens, hidden, dtype, timer, copy_gbps, static, dynamic, identity.name))
+    existing = args.out / f"{identity.name}.csv"
+    if args.append and existing.exists():
+        rows = [r for r in read_rows(existing) if r["op"] not in names] + rows
+        rows.sort(key=lambda r: list(REGISTRY).index(r["op"]) if r["op"] in REGISTRY else len(REGISTRY))
     overhead = dispatch_overhead(specs[0], 16, 4096, dtype)
     print(f"host time per call: {overhead}")
     write_results(rows, copy_gbps, identity.name, label, args.out, overhead)
