@@ -358,17 +358,17 @@ def main(argv: list[str] | None = None) -> int:
         warm_static_compiles(shapes, args.dtype, args.jobs)
     compiled = {spec.name: (torch.compile(spec.reference, dynamic=False), torch.compile(spec.reference))
                 for spec in specs}
-    rows = []
-    for spec, tokens, hidden in track(shapes, description="benchmarking"):
-        static, dynamic = compiled[spec.name]
-        rows.append(bench_row(spec, tokens, hidden, dtype, timer, copy_gbps, static, dynamic, identity.name))
     existing = args.out / f"{identity.name}.csv"
-    if args.append and existing.exists():
-        rows = [r for r in read_rows(existing) if r["op"] not in names] + rows
-        rows.sort(key=lambda r: list(REGISTRY).index(r["op"]) if r["op"] in REGISTRY else len(REGISTRY))
+    kept = [r for r in read_rows(existing) if r["op"] not in names] if args.append and existing.exists() else []
     overhead = dispatch_overhead(specs[0], 16, 4096, dtype)
     print(f"host time per call: {overhead}")
-    write_results(rows, copy_gbps, identity.name, label, args.out, overhead)
+    rows = []
+    for index, (spec, tokens, hidden) in enumerate(track(shapes, description="benchmarking")):
+        static, dynamic = compiled[spec.name]
+        rows.append(bench_row(spec, tokens, hidden, dtype, timer, copy_gbps, static, dynamic, identity.name))
+        if index + 1 == len(shapes) or shapes[index + 1][0] is not spec:  # save after every op
+            combined = sorted(kept + rows, key=lambda r: list(REGISTRY).index(r["op"]))
+            write_results(combined, copy_gbps, identity.name, label, args.out, overhead)
     print((args.out / f"{identity.name}.md").read_text())
     return 0
 
