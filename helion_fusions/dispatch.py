@@ -185,7 +185,14 @@ def _compile(spec: OpSpec, launch: KernelLaunch, key: tuple[Any, ...]) -> Callab
         compiled = _compiled.get(key)
         if compiled is None:
             config = choose_config(spec, launch, _batch_invariant)
-            compiled = launch.kernel.bind(launch.args).compile_config(config)
+            bound = launch.kernel.bind(launch.args)
+            try:
+                compiled = bound.compile_config(config)
+            except helion.exc.InvalidConfig as error:
+                # a tuned config may not fit another specialization (e.g. group 64 where 128 was tuned)
+                _warn_once(spec.name, repr(config), f"helion_fusions: {spec.name}: config {dict(config)} does not fit "
+                           f"hidden={launch.hidden} with these arguments ({error}); using the architecture default")
+                compiled = bound.compile_config(spec.default_config(launch.hidden))
             _compiled[key] = compiled
     return compiled
 
