@@ -27,6 +27,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from helion_fusions import REGISTRY, config_store, dispatch
+from helion_fusions.cli import add_grid_arguments, selected_grid
 from helion_fusions.registry import OpSpec
 from helion_fusions.testing import compare_outputs, outputs_ok
 
@@ -134,10 +135,7 @@ def tune_shape(spec: OpSpec, hidden: int, tokens: int, dtype: torch.dtype, devic
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ops", default="all", help="comma-separated op names (default: all)")
-    parser.add_argument("--hidden", default=None, help="comma-separated hidden sizes (default: each op's grid)")
-    parser.add_argument("--tokens", default=None, help="comma-separated token counts (default: each op's grid)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    add_grid_arguments(parser)
     parser.add_argument("--budget-minutes", type=float, default=15.0, help="stop starting new work after this")
     parser.add_argument("--out", type=Path, default=None, help="config root (default: the package's configs/)")
     parser.add_argument("--fresh", action="store_true", help="ignore existing results instead of resuming")
@@ -146,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU smoke run: tiny shapes, interpret mode, checks the plumbing end to end")
     args = parser.parse_args(argv)
 
-    names = list(REGISTRY) if args.ops == "all" else args.ops.split(",")
-    unknown = [n for n in names if n not in REGISTRY]
-    if unknown:
-        parser.error(f"--ops: unknown op names {unknown}; choose from {sorted(REGISTRY)}")
+    grid = selected_grid(parser, args)
     dtype = getattr(torch, args.dtype)
     if args.smoke or not torch.cuda.is_available():
         if not args.smoke:
@@ -164,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + 60 * args.budget_minutes
 
     units = []
-    for name in names:
-        spec = REGISTRY[name]
-        hiddens = [int(h) for h in args.hidden.split(",")] if args.hidden else list(spec.hidden_sizes)
-        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(spec.token_counts)
+    for spec, hiddens, tokens in grid:
         if args.smoke:
             hiddens, tokens = hiddens[:1] if args.hidden else [256], tokens[:2] if args.tokens else [1, 7]
         units += [(spec, h, tokens) for h in hiddens]
@@ -184,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                                   for e in existing.get(spec.name, []))
     todo = [(spec, h, [t for t in ts if not done(spec, h, t)]) for spec, h, ts in units]
     todo = [(spec, h, ts) for spec, h, ts in todo if ts]
-    print(f"tuning {sum(len(ts) for _, _, ts in todo)} shapes of {len(names)} ops on {identity.name} "
+    print(f"tuning {sum(len(ts) for _, _, ts in todo)} shapes of {len(grid)} ops on {identity.name} "
           f"({identity.family}), budget {args.budget_minutes:g} min, results in {root / identity.name}")
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:

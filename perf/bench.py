@@ -30,6 +30,7 @@ import torch
 from tabulate import tabulate
 
 from helion_fusions import REGISTRY, dispatch
+from helion_fusions.cli import add_grid_arguments, selected_grid
 from helion_fusions.registry import OpSpec
 from helion_fusions.testing import compare_outputs, outputs_ok
 
@@ -327,10 +328,7 @@ def cpu_correctness(specs: list[OpSpec]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", default="all", help="comma-separated op names (default: all)")
-    parser.add_argument("--tokens", default=None, help="comma-separated token counts (default: each op's grid)")
-    parser.add_argument("--hidden", default=None, help="comma-separated hidden sizes (default: each op's grid)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    add_grid_arguments(parser)
     parser.add_argument("--reps", type=int, default=30, help="timed calls per measurement")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                         help="worker processes that pre-compile the per-shape torch.compile baselines")
@@ -338,11 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append", action="store_true",
                         help="keep the rows of other ops from an existing <device>.csv in --out (a run split by --ops)")
     args = parser.parse_args(argv)
-    names = list(REGISTRY) if args.ops == "all" else args.ops.split(",")
-    unknown = [n for n in names if n not in REGISTRY]
-    if unknown:
-        parser.error(f"--ops: unknown op names {unknown}; choose from {sorted(REGISTRY)}")
-    specs = [REGISTRY[n] for n in names]
+    grid = selected_grid(parser, args)
+    specs = [spec for spec, _, _ in grid]
+    names = [spec.name for spec in specs]
     if not torch.cuda.is_available():
         return cpu_correctness(specs)
 
@@ -356,9 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer(args.reps)
     copy_gbps = copy_bandwidth_gbps(timer)
     print(f"{label}: copy bandwidth {copy_gbps:.0f} GB/s")
-    shapes = [(spec, t, h) for spec in specs
-              for h in ([int(x) for x in args.hidden.split(",")] if args.hidden else spec.hidden_sizes)
-              for t in ([int(x) for x in args.tokens.split(",")] if args.tokens else spec.token_counts)]
+    shapes = [(spec, t, h) for spec, hiddens, tokens in grid for h in hiddens for t in tokens]
     if args.jobs > 1:
         warm_static_compiles(shapes, args.dtype, args.jobs)
     compiled = {spec.name: (torch.compile(spec.reference, dynamic=False), torch.compile(spec.reference))
