@@ -28,15 +28,16 @@ def check_tensor(
     last_dim_contiguous: bool = False,
     contiguous: bool = False,
 ) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
+    # on every op call: keep the passing path to plain attribute reads and comparisons
+    if type(value) is not torch.Tensor and not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if dtypes is not None and value.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype {_names(dtypes)}, got {str(value.dtype).replace('torch.', '')}")
-    if shape is not None and tuple(value.shape) != tuple(shape):
+    if shape is not None and value.shape != shape:
         raise ValueError(f"{name}: expected shape {list(shape)}, got {list(value.shape)}")
     if device is not None and value.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (the device of input), got {value.device}")
-    if last_dim_contiguous and value.dim() > 0 and value.size(-1) > 1 and value.stride(-1) != 1:
+    if last_dim_contiguous and value.stride(-1) != 1 and value.dim() and value.size(-1) > 1:
         raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {list(value.stride())}")
     if contiguous and not value.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {list(value.stride())}")

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import helion
 import torch
@@ -24,12 +24,12 @@ _LIB = torch.library.Library(NAMESPACE, "DEF")
 REGISTRY: dict[str, OpSpec] = {}
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelLaunch:
+class KernelLaunch(NamedTuple):
     """What the host wrapper hands the dispatcher: a Helion kernel and its arguments.
 
     ``key`` holds everything besides the token count that selects a compiled kernel
     (dtypes, model dims, epilogue flags); ``tokens`` and ``hidden`` select the config.
+    A NamedTuple, since one is built on every call.
     """
 
     kernel: helion.Kernel

@@ -231,7 +231,7 @@ def _prepare_per_token(result, input, weight, scale, epsilon, scale_ub, residual
     check_tensor("scale", scale, dtypes=(torch.float32,), shape=(tokens, 1), device=input.device)
     has_ub = _check_scale_ub(scale_ub, input)
     _check_residual(residual, input)
-    return _launch(input, weight, epsilon, result, Quant.PER_TOKEN, residual=residual, scale_out=scale[:, 0],
+    return _launch(input, weight, epsilon, result, Quant.PER_TOKEN, residual=residual, scale_out=scale.view(-1),
                    scale_in=scale_ub, has_scale_ub=has_ub)
 
 
