@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from helion_fusions import REGISTRY, config_store, dispatch
 from helion_fusions.cli import add_grid_arguments, selected_grid
 from helion_fusions.registry import OpSpec
-from helion_fusions.testing import compare_outputs, outputs_ok
+from helion_fusions.testing import clone_kwargs, compare_outputs, outputs_ok
 
 MAX_FLIP_FRACTION = 1e-4
 GRAPH_TIMING_MAX_TOKENS = 256
@@ -57,10 +57,6 @@ def candidates(spec: OpSpec, hidden: int, tokens: int) -> tuple[list[helion.Conf
             seen.add(repr(config))
             extra.append(config)
     return seeds + extra, len(seeds)
-
-
-def _clone(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
 
 _worker_binds: dict[tuple[Any, ...], Any] = {}
@@ -94,11 +90,11 @@ def _time_us(fn: Any, tokens: int) -> float:
 def tune_shape(spec: OpSpec, hidden: int, tokens: int, dtype: torch.dtype, device: torch.device,
                bound: Any, configs: list[helion.Config], num_seeds: int, log: Any) -> config_store.Entry | None:
     kwargs = spec.make_inputs(tokens, hidden, dtype, device)
-    expected = _clone(kwargs)
+    expected = clone_kwargs(kwargs)
     spec.reference(**expected)
     best: list[tuple[float, int]] = []
     for index, config in enumerate(configs):
-        trial = _clone(kwargs)
+        trial = clone_kwargs(kwargs)
         launch = spec.prepare(**trial)
         try:
             # on the CPU smoke path the kernel runs in interpret mode, where configs do not apply

@@ -17,6 +17,11 @@ def poisoned(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: tor
     return tensor
 
 
+def clone_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an op call's arguments with every tensor cloned (outputs and in-place inputs included)."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
 def _ordered(bits: torch.Tensor, width: int) -> torch.Tensor:
     """Map sign-magnitude float bit patterns to integers ordered like the floats."""
     sign = bits >> (width - 1) & 1

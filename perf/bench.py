@@ -32,7 +32,7 @@ from tabulate import tabulate
 from helion_fusions import REGISTRY, dispatch
 from helion_fusions.cli import add_grid_arguments, selected_grid
 from helion_fusions.registry import OpSpec
-from helion_fusions.testing import compare_outputs, outputs_ok
+from helion_fusions.testing import clone_kwargs, compare_outputs, outputs_ok
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRAPH_MAX_TOKENS = 256
@@ -43,10 +43,6 @@ COLUMNS = ["device", "op", "dtype", "T", "H", "bytes", "eager_us", "compile_us",
            "copy_gbps", "helion", "triton", "torch", "repro"]
 _INT_COLUMNS = {"T", "H", "bytes", "flips"}
 _TEXT_COLUMNS = {"device", "op", "dtype", "helion", "triton", "torch", "repro"}
-
-
-def _clone(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
 
 class Timer:
@@ -115,7 +111,7 @@ def copy_bandwidth_gbps(timer: Timer) -> float:
 
 
 def _mark_tokens_dynamic(kwargs: dict[str, Any], tokens: int) -> dict[str, Any]:
-    marked = _clone(kwargs)
+    marked = clone_kwargs(kwargs)
     if tokens > 1:
         for value in marked.values():
             if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == tokens:
@@ -158,7 +154,7 @@ def _call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[[], Any]:
 def bench_row(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, timer: Timer, copy_gbps: float,
               compiled_static: Callable[..., Any], compiled_dynamic: Callable[..., Any], device_name: str) -> dict:
     kwargs = spec.make_inputs(tokens, hidden, dtype, torch.device("cuda"))
-    expected, ours = _clone(kwargs), _clone(kwargs)
+    expected, ours = clone_kwargs(kwargs), clone_kwargs(kwargs)
     spec.reference(**expected)
     spec.op(**ours)
     comparisons = compare_outputs(spec.mutated_args, ours, expected)
@@ -166,11 +162,11 @@ def bench_row(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, timer:
     row: dict[str, Any] = {"device": device_name, "op": spec.name, "dtype": str(dtype).removeprefix("torch."),
                            "T": tokens, "H": hidden, "bytes": spec.bytes_moved(kwargs), "flips": flips}
     # read-and-written tensors (residuals) are updated in place by every call; the work is the same
-    row["eager_us"] = timer.eager(_call(spec.reference, _clone(kwargs)))
-    static_kwargs = _clone(kwargs)
+    row["eager_us"] = timer.eager(_call(spec.reference, clone_kwargs(kwargs)))
+    static_kwargs = clone_kwargs(kwargs)
     row["compile_us"] = timer.eager(_call(compiled_static, static_kwargs))
     row["compile_dynamic_us"] = timer.eager(_call(compiled_dynamic, _mark_tokens_dynamic(kwargs, tokens)))
-    ours_kwargs = _clone(kwargs)
+    ours_kwargs = clone_kwargs(kwargs)
     row["ours_us"] = timer.eager(_call(spec.op, ours_kwargs))
     if tokens <= GRAPH_MAX_TOKENS:
         row["ours_graph_us"] = timer.graph(_call(spec.op, ours_kwargs))
@@ -313,7 +309,7 @@ def cpu_correctness(specs: list[OpSpec]) -> int:
     for spec in specs:
         for tokens, hidden in ((1, 256), (7, 1024)):
             kwargs = spec.make_inputs(tokens, hidden, torch.bfloat16, torch.device("cpu"))
-            expected, ours = _clone(kwargs), _clone(kwargs)
+            expected, ours = clone_kwargs(kwargs), clone_kwargs(kwargs)
             spec.reference(**expected)
             spec.op(**ours)
             results = compare_outputs(spec.mutated_args, ours, expected)

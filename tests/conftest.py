@@ -16,7 +16,7 @@ from helion.runtime.ref_mode import RefMode
 import helion_fusions
 from helion_fusions import dispatch
 from helion_fusions.registry import REGISTRY, OpSpec
-from helion_fusions.testing import compare_outputs, outputs_ok, poisoned
+from helion_fusions.testing import clone_kwargs, compare_outputs, outputs_ok, poisoned
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
@@ -105,10 +105,6 @@ def is_fp8_op(spec: OpSpec) -> bool:
 
 def is_nvfp4_op(spec: OpSpec) -> bool:
     return "result_scale" in spec.arg_names
-
-
-def clone_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
 
 def written(spec: OpSpec, kwargs: dict[str, Any]) -> list[str]:
