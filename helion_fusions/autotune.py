@@ -145,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke or not torch.cuda.is_available():
         if not args.smoke:
             parser.error("no CUDA device found; use --smoke for a CPU plumbing run")
-        os.environ["HELION_INTERPRET"] = "1"
         device = torch.device("cpu")
         identity = dispatch.DeviceIdentity("cpu_smoke", "cpu", torch.float8_e4m3fn)
     else:

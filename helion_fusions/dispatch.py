@@ -9,12 +9,13 @@ where the Helion kernel itself runs eagerly (the CPU tests use this).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import helion
@@ -148,6 +149,20 @@ def token_bucket(tokens: int) -> int:
 
 def _interpret() -> bool:
     return os.environ.get("HELION_INTERPRET") == "1"
+
+
+@contextlib.contextmanager
+def interpreting() -> Iterator[None]:
+    """CPU calls run the Helion kernels in reference mode (``HELION_INTERPRET=1``) inside this block."""
+    previous = os.environ.get("HELION_INTERPRET")
+    os.environ["HELION_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["HELION_INTERPRET"]
+        else:
+            os.environ["HELION_INTERPRET"] = previous
 
 
 @functools.cache
