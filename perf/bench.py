@@ -88,19 +88,22 @@ class Timer:
                     if with_fn:
                         fn()
             graphs.append(graph)
-        times = []
-        for graph in graphs:
-            graph.replay()
-            samples = []
-            for _ in range(5):
+        # warm replays bring the clocks up after host-side work (compiles) left the GPU idle;
+        # the two graphs are then sampled alternately so drift affects both alike
+        for _ in range(3):
+            for graph in graphs:
+                graph.replay()
+        samples: list[list[float]] = [[], []]
+        for _ in range(7):
+            for graph, bucket in zip(graphs, samples):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 graph.replay()
                 end.record()
                 torch.cuda.synchronize()
-                samples.append(start.elapsed_time(end))
-            times.append(statistics.median(samples))
-        return max(0.0, 1000.0 * (times[0] - times[1]) / self.reps)
+                bucket.append(start.elapsed_time(end))
+        with_fn, flush_only = (statistics.median(bucket) for bucket in samples)
+        return max(0.0, 1000.0 * (with_fn - flush_only) / self.reps)
 
 
 def copy_bandwidth_gbps(timer: Timer) -> float:
