@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         path = root / identity.name / f"{spec.name}.json"
         if path.exists() and not args.fresh:
             try:
-                existing[spec.name] = list(config_store.load(path, spec.name, dispatch.spec_hash(spec)).entries)
+                existing[spec.name] = list(
+                    config_store.load(path, spec.name, dispatch.spec_hash(spec), spec.config_problem).entries)
             except config_store.ConfigError as error:
                 print(f"not resuming from {error}", file=sys.stderr)
     done = lambda spec, h, t: any(e.hidden == h and e.tokens == t and e.dtype == args.dtype  # noqa: E731

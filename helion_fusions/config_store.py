@@ -21,7 +21,7 @@ import inspect
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +99,12 @@ def _require(condition: bool, path: Path, where: str, message: str) -> None:
         raise ConfigError(f"{path}: {where}: {message}")
 
 
-def load(path: Path, op: str, expected_hash: str) -> ConfigFile:
-    """Read and validate one config file; raises ConfigError naming the file and entry."""
+def load(path: Path, op: str, expected_hash: str,
+         config_problem: Callable[[dict[str, Any]], str | None] | None = None) -> ConfigFile:
+    """Read and validate one config file; raises ConfigError naming the file and entry.
+
+    ``config_problem`` is the op's own rule for configs (see ``OpSpec.config_problem``).
+    """
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
@@ -129,6 +133,8 @@ def load(path: Path, op: str, expected_hash: str) -> ConfigFile:
         _require(item["dtype"] in _DTYPES, path, where, f"dtype must be one of {sorted(_DTYPES)}, got {item['dtype']!r}")
         unknown = set(item["config"]) - _HELION_CONFIG_KEYS
         _require(not unknown, path, where, f"unknown Helion config keys {sorted(unknown)}")
+        problem = config_problem(item["config"]) if config_problem else None
+        _require(problem is None, path, where, str(problem))
         entries.append(Entry(
             dtype=str(item["dtype"]), hidden=item["hidden"], tokens=item["tokens"], config=item["config"],
             time_us=float(item["time_us"]), seed_time_us=item.get("seed_time_us"), source=item.get("source", "tuned"),

@@ -86,7 +86,7 @@ def resolve_config_file(spec: OpSpec, device: DeviceIdentity) -> config_store.Co
     problems = []
     for step, path in config_store.candidate_paths(spec.name, device.name, device.family):
         try:
-            loaded = config_store.load(path, spec.name, expected)
+            loaded = config_store.load(path, spec.name, expected, spec.config_problem)
         except config_store.ConfigError as error:
             if path.exists():
                 problems.append(str(error))

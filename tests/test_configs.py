@@ -60,7 +60,7 @@ def _op_of(path: Path) -> OpSpec:
 @pytest.mark.parametrize("path", _file_params())
 def test_config_file_loads_and_is_fresh(path: Path) -> None:
     spec = _op_of(path)
-    loaded = config_store.load(path, spec.name, dispatch.spec_hash(spec))
+    loaded = config_store.load(path, spec.name, dispatch.spec_hash(spec), spec.config_problem)
     assert loaded.device == path.parent.name
     assert loaded.family, f"{path}: no architecture family"
     dtypes = {e.dtype for e in loaded.entries}

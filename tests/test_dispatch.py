@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import threading
 import warnings
@@ -330,3 +332,23 @@ def test_batch_invariance(interpret, batch_invariant, spec: OpSpec) -> None:
                 batched = kwargs[name][row:row + 1]
                 assert torch.equal(alone[name].view(torch.uint8), batched.contiguous().view(torch.uint8)), (
                     f"{name}: row {row} alone differs from row {row} of a {tokens}-token batch")
+
+
+# --- op-specific config rules ---------------------------------------------------------------------------
+
+def test_looped_row_reduction_is_rejected_for_the_rms_norm_family(tmp_path: Path) -> None:
+    """A hand-edited reduction loop would make the in-place residual update normalize the wrong values."""
+    path = _corrupt(tmp_path, _set_entry(1, "config", {**CONFIG, "reduction_loops": [1024]}))
+    config_store.load(path, SPEC.name, dispatch.spec_hash(SPEC))  # the generic checks accept it
+    with pytest.raises(ConfigError) as caught:
+        config_store.load(path, SPEC.name, dispatch.spec_hash(SPEC), SPEC.config_problem)
+    message = str(caught.value)
+    assert str(path) in message and "entries[1]" in message and "reduction_loops must be None" in message
+
+
+def test_looped_config_falls_back_with_a_warning(config_dir: Path) -> None:
+    exact = _device_file(config_dir, "nvidia_h100")
+    _save(exact, [dataclasses.replace(_entry(tokens=1), config={**CONFIG, "reduction_loops": [512]})])
+    resolved, messages = _resolve()
+    assert resolved is None
+    assert len(messages) == 1 and "architecture default" in messages[0] and "reduction_loops" in messages[0]

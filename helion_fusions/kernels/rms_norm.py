@@ -312,14 +312,22 @@ def default_config(hidden: int) -> helion.Config:
 def seed_configs(hidden: int, tokens: int) -> list[helion.Config]:
     """Curated starting points.
 
-    No seed sets ``reduction_loops``: the row stays in registers (Helion's default), which the
-    in-place residual update relies on, since a looped reduction would read the residual
-    again after it was written.
+    No seed sets ``reduction_loops``: the row stays in registers (Helion's default); see
+    :func:`rows_in_registers`.
     """
     seeds = [helion.Config(block_sizes=[1], num_warps=w) for w in (4, 8, 16)]
     if hidden <= 4096 and tokens >= 128:
         seeds += [helion.Config(block_sizes=[b], num_warps=w) for b in (2, 4) for w in (4, 8)]
     return seeds
+
+
+def rows_in_registers(config: dict[str, Any]) -> str | None:
+    """Configs may not loop over the row: the residual is updated in place, so a looped
+    reduction would read it again after writing it and normalize the wrong values."""
+    if any(loop is not None for loop in config.get("reduction_loops") or ()):
+        return (f"reduction_loops must be None (the row stays in registers; the in-place residual "
+                f"update relies on it), got {config['reduction_loops']}")
+    return None
 
 
 def _poisoned_fp8(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -377,7 +385,7 @@ def _declare(name: str, schema: str, prepare, reference, flavour: Quant, with_re
         name=name, schema=schema, family="rms_norm", kernel=rms_norm_kernel, prepare=prepare, reference=reference,
         make_inputs=_inputs(flavour, with_residual, fused_add_layout="input" in read_and_written),
         default_config=default_config, seed_configs=seed_configs, hidden_sizes=HIDDEN_GRID,
-        read_and_written=read_and_written,
+        read_and_written=read_and_written, config_problem=rows_in_registers,
     ))
 
 
