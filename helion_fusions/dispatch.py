@@ -9,6 +9,7 @@ where the Helion kernel itself runs eagerly (the CPU tests use this).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import functools
@@ -141,10 +142,8 @@ def batch_invariant() -> bool:
 
 def token_bucket(tokens: int) -> int:
     """Token counts share a compiled kernel per bucket; T == 1 is its own (Helion specializes size 1)."""
-    for bound in TOKEN_GRID:
-        if tokens <= bound:
-            return bound
-    return TOKEN_GRID[-1] + 1
+    index = bisect.bisect_left(TOKEN_GRID, tokens)
+    return TOKEN_GRID[index] if index < len(TOKEN_GRID) else TOKEN_GRID[-1] + 1
 
 
 def _interpret() -> bool:

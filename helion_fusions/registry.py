@@ -45,9 +45,13 @@ def no_config_problem(config: dict[str, Any]) -> str | None:
     return None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class OpSpec:
-    """One fused op: its schema, kernel glue, reference and tuning/bench grid."""
+    """One fused op: its schema, kernel glue, reference and tuning/bench grid.
+
+    Compared and hashed by identity (each op is declared once), which keeps the per-call
+    caches keyed on it cheap.
+    """
 
     name: str
     schema: str
