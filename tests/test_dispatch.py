@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import assert_outputs_match, clone_kwargs, spec_params
 
+import helion_fusions
 from helion_fusions import config_store, dispatch
 from helion_fusions.config_store import ConfigError, Entry
 from helion_fusions.dispatch import DeviceIdentity
@@ -352,3 +353,23 @@ def test_looped_config_falls_back_with_a_warning(config_dir: Path) -> None:
     resolved, messages = _resolve()
     assert resolved is None
     assert len(messages) == 1 and "architecture default" in messages[0] and "reduction_loops" in messages[0]
+
+
+# --- warm-up ------------------------------------------------------------------------------------------
+
+def test_warmup_rejects_unknown_ops() -> None:
+    with pytest.raises(ValueError, match=r"ops: unknown op names \['not_an_op'\]"):
+        helion_fusions.warmup(hidden_sizes=[256], ops=["rms_norm", "not_an_op"], device="cpu")
+
+
+def test_warmup_runs_each_op_once_per_token_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, int, int, torch.dtype]] = []
+
+    def record(spec: OpSpec, kwargs: dict[str, Any]) -> None:
+        calls.append((spec.name, *kwargs["input"].shape, kwargs["input"].dtype))
+
+    monkeypatch.setattr(dispatch, "run", record)
+    helion_fusions.warmup(hidden_sizes=[256, 512], dtypes=[torch.float16], ops=["rms_norm_static_fp8_quant"],
+                          max_tokens=100, device="cpu")
+    # buckets 1, <=16 and <=128, the last warmed at max_tokens
+    assert calls == [("rms_norm_static_fp8_quant", t, h, torch.float16) for h in (256, 512) for t in (1, 16, 100)]
