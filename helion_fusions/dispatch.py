@@ -186,8 +186,46 @@ def run(spec: OpSpec, kwargs: dict[str, Any]) -> None:
            launch.tokens * launch.hidden > _INT32_LIMIT, launch.device.index)
     compiled = _compiled.get(key)
     if compiled is None:
-        compiled = _compile(spec, launch, key)
-    compiled(*launch.args)
+        _first_call(spec, launch, key, kwargs)
+    elif compiled is _USE_REFERENCE:
+        spec.reference(**kwargs)
+    else:
+        compiled(*launch.args)
+
+
+def _use_reference(*args: Any) -> None:
+    raise AssertionError("marker only: the dispatcher runs the op's reference instead")
+
+
+_USE_REFERENCE: Callable[..., Any] = _use_reference
+
+
+def _first_call(spec: OpSpec, launch: KernelLaunch, key: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Compile and launch; Triton builds the kernel on this first launch, before anything runs.
+
+    A build failure on this GPU (an unsupported instruction, too little shared memory)
+    falls back to the architecture default config, then to the eager reference, with one
+    warning: the op keeps working, slower, rather than crashing.
+    """
+    compiled = _compile(spec, launch, key)
+    try:
+        compiled(*launch.args)
+        return
+    except Exception as error:  # noqa: BLE001 - any build failure takes the fallback path
+        failure = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    try:
+        default = launch.kernel.bind(launch.args).compile_config(spec.default_config(launch.hidden))
+        default(*launch.args)
+        _compiled[key] = default
+        _warn_once(spec.name, str(key), f"helion_fusions: {spec.name}: the tuned kernel for hidden={launch.hidden}, "
+                   f"tokens={launch.tokens} failed to build on this GPU ({failure}); using the architecture default")
+        return
+    except Exception as error:  # noqa: BLE001
+        failure += f"; architecture default: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    _compiled[key] = _USE_REFERENCE
+    _warn_once(spec.name, str(key), f"helion_fusions: {spec.name}: no kernel builds on this GPU for "
+               f"hidden={launch.hidden}, tokens={launch.tokens} ({failure}); running the eager reference")
+    spec.reference(**kwargs)
 
 
 def _compile(spec: OpSpec, launch: KernelLaunch, key: tuple[Any, ...]) -> Callable[..., Any]:

@@ -20,7 +20,7 @@ import helion_fusions
 from helion_fusions import config_store, dispatch
 from helion_fusions.config_store import ConfigError, Entry
 from helion_fusions.dispatch import DeviceIdentity
-from helion_fusions.registry import REGISTRY, OpSpec
+from helion_fusions.registry import REGISTRY, KernelLaunch, OpSpec
 
 SPEC = REGISTRY["rms_norm_static_fp8_quant"]
 H100 = DeviceIdentity("nvidia_h100", "nvidia_sm90", torch.float8_e4m3fn)
@@ -373,3 +373,62 @@ def test_warmup_runs_each_op_once_per_token_bucket(monkeypatch: pytest.MonkeyPat
                           max_tokens=100, device="cpu")
     # buckets 1, <=16 and <=128, the last warmed at max_tokens
     assert calls == [("rms_norm_static_fp8_quant", t, h, torch.float16) for h in (256, 512) for t in (1, 16, 100)]
+
+
+# --- a kernel that does not build on this GPU ---------------------------------------------------------
+
+class _FakeBound:
+    """Stands in for a bound Helion kernel whose configs fail (or succeed) at their first launch."""
+
+    def __init__(self, failing: set[int], launched: list[int]) -> None:
+        self.failing, self.launched = failing, launched
+
+    def compile_config(self, config: Any) -> Callable[..., None]:
+        warps = dict(config)["num_warps"]
+
+        def launch(*args: Any) -> None:
+            if warps in self.failing:
+                raise RuntimeError(f"PTX assembly failed for num_warps={warps}")
+            self.launched.append(warps)
+        return launch
+
+
+def _fake_gpu_op(monkeypatch: pytest.MonkeyPatch, failing: set[int]) -> tuple[OpSpec, list[int], list[str]]:
+    """An op whose launches look like CUDA launches; the tuned config uses 16 warps, the default 8."""
+    launched: list[int] = []
+    references: list[str] = []
+    bound = _FakeBound(failing, launched)
+    kernel = type("FakeKernel", (), {"bind": lambda self, args: bound})()
+
+    def prepare(**kwargs: Any) -> Any:
+        return KernelLaunch(kernel, (), ("fake", kwargs["hidden"]), 16, kwargs["hidden"],
+                                     torch.device("cuda"), torch.bfloat16)
+
+    spec = dataclasses.replace(SPEC, name=f"fake_{sorted(failing)}", prepare=prepare,
+                               reference=lambda **kwargs: references.append("reference"),
+                               default_config=lambda hidden: dict(num_warps=8))
+    monkeypatch.setattr(dispatch, "choose_config", lambda spec, launch, invariant: dict(num_warps=16))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    return spec, launched, references
+
+
+def _calls(spec: OpSpec, hidden: int, count: int) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(count):
+            dispatch.run(spec, {"hidden": hidden})
+    return [str(w.message) for w in caught]
+
+
+def test_tuned_kernel_that_fails_to_build_falls_back_to_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, launched, references = _fake_gpu_op(monkeypatch, failing={16})
+    messages = _calls(spec, 4096, 3)
+    assert launched == [8, 8, 8] and references == []
+    assert len(messages) == 1 and "failed to build on this GPU" in messages[0] and "PTX assembly" in messages[0]
+
+
+def test_no_kernel_builds_then_the_reference_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, launched, references = _fake_gpu_op(monkeypatch, failing={16, 8})
+    messages = _calls(spec, 2048, 3)
+    assert launched == [] and references == ["reference"] * 3
+    assert len(messages) == 1 and "running the eager reference" in messages[0]
