@@ -4,7 +4,7 @@ For each op and hidden size it builds a small candidate set, curated seeds first
 neighbourhood of row-block sizes and warp counts, and compiles all of them in parallel
 worker processes (which fill Triton's on-disk cache). Then, per token bucket, it checks
 each candidate against the op's reference (byte equality, allowing only the documented
-one-step rounding ties) and times it with an L2 flush (CUDA graphs for small T). A
+rounding ties) and times it with an L2 flush (CUDA graphs for small T). A
 searched config is kept only where it beats the best seed on that shape.
 
 Results are written after every (op, hidden size), so an interrupted run resumes where it
@@ -117,12 +117,13 @@ def tune_shape(spec: OpSpec, hidden: int, tokens: int, dtype: torch.dtype, devic
         best.append((elapsed, index))
     if not best:
         return None
-    seed_times = [t for t, i in best if i < num_seeds]
-    best_seed = min(seed_times) if seed_times else None
-    elapsed, index = min(best)
-    source = "seed" if index < num_seeds else "tuned"
-    if best_seed is not None and source == "tuned" and elapsed >= best_seed:
-        elapsed, index, source = best_seed, min((t, i) for t, i in best if i < num_seeds)[1], "seed"
+    seed = min(((t, i) for t, i in best if i < num_seeds), default=None)
+    searched = min(((t, i) for t, i in best if i >= num_seeds), default=None)
+    if seed is None or (searched is not None and searched[0] < seed[0]):
+        (elapsed, index), source = searched, "tuned"
+    else:
+        (elapsed, index), source = seed, "seed"
+    best_seed = None if seed is None else seed[0]
     config = dict(configs[index].config)
     return config_store.Entry(dtype=str(dtype).removeprefix("torch."), hidden=hidden, tokens=tokens,
                               config=config, time_us=round(elapsed, 3),

@@ -29,7 +29,7 @@ def check_tensor(
     contiguous: bool = False,
 ) -> torch.Tensor:
     # on every op call: keep the passing path to plain attribute reads and comparisons
-    if type(value) is not torch.Tensor and not isinstance(value, torch.Tensor):
+    if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if dtypes is not None and value.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype {_names(dtypes)}, got {str(value.dtype).replace('torch.', '')}")

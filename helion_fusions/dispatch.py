@@ -193,42 +193,10 @@ def run(spec: OpSpec, kwargs: dict[str, Any]) -> None:
         compiled(*launch.args)
 
 
-def _use_reference(*args: Any) -> None:
-    raise AssertionError("marker only: the dispatcher runs the op's reference instead")
-
-
-_USE_REFERENCE: Callable[..., Any] = _use_reference
+_USE_REFERENCE = object()  # cache marker: no kernel builds for this key on this GPU
 
 
 def _first_call(spec: OpSpec, launch: KernelLaunch, key: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Compile and launch; Triton builds the kernel on this first launch, before anything runs.
-
-    A build failure on this GPU (an unsupported instruction, too little shared memory)
-    falls back to the architecture default config, then to the eager reference, with one
-    warning: the op keeps working, slower, rather than crashing.
-    """
-    compiled = _compile(spec, launch, key)
-    try:
-        compiled(*launch.args)
-        return
-    except Exception as error:  # noqa: BLE001 - any build failure takes the fallback path
-        failure = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-    try:
-        default = launch.kernel.bind(launch.args).compile_config(spec.default_config(launch.hidden))
-        default(*launch.args)
-        _compiled[key] = default
-        _warn_once(spec.name, str(key), f"helion_fusions: {spec.name}: the tuned kernel for hidden={launch.hidden}, "
-                   f"tokens={launch.tokens} failed to build on this GPU ({failure}); using the architecture default")
-        return
-    except Exception as error:  # noqa: BLE001
-        failure += f"; architecture default: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-    _compiled[key] = _USE_REFERENCE
-    _warn_once(spec.name, str(key), f"helion_fusions: {spec.name}: no kernel builds on this GPU for "
-               f"hidden={launch.hidden}, tokens={launch.tokens} ({failure}); running the eager reference")
-    spec.reference(**kwargs)
-
-
-def _compile(spec: OpSpec, launch: KernelLaunch, key: tuple[Any, ...]) -> Callable[..., Any]:
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             f"helion_fusions: {spec.name} would compile a kernel inside CUDA-graph capture "
@@ -236,17 +204,44 @@ def _compile(spec: OpSpec, launch: KernelLaunch, key: tuple[Any, ...]) -> Callab
     with _compile_lock:
         compiled = _compiled.get(key)
         if compiled is None:
-            config = choose_config(spec, launch, _batch_invariant)
-            bound = launch.kernel.bind(launch.args)
-            try:
-                compiled = bound.compile_config(config)
-            except helion.exc.InvalidConfig as error:
-                # a tuned config may not fit another specialization (e.g. group 64 where 128 was tuned)
-                _warn_once(spec.name, repr(config), f"helion_fusions: {spec.name}: config {dict(config)} does not fit "
-                           f"hidden={launch.hidden} with these arguments ({error}); using the architecture default")
-                compiled = bound.compile_config(spec.default_config(launch.hidden))
-            _compiled[key] = compiled
-    return compiled
+            _compiled[key] = _build_and_launch(spec, launch, kwargs)
+            return
+    if compiled is _USE_REFERENCE:
+        spec.reference(**kwargs)
+    else:
+        compiled(*launch.args)
+
+
+def _build_and_launch(spec: OpSpec, launch: KernelLaunch, kwargs: dict[str, Any]) -> Any:
+    """Compile the chosen config and make this call with it; returns what later calls should run.
+
+    Triton builds the kernel on its first launch, before anything runs, so a config that
+    does not work here (one that does not fit this specialization, e.g. group 64 where 128
+    was tuned; an unsupported instruction; too little shared memory) leaves the outputs
+    untouched. Then the architecture default is tried, then the eager reference, with one
+    warning: the op keeps working, slower, rather than crashing.
+    """
+    bound = launch.kernel.bind(launch.args)
+    chosen, default = choose_config(spec, launch, _batch_invariant), spec.default_config(launch.hidden)
+    attempts = [("chosen", chosen)] + ([("architecture default", default)] if dict(default) != dict(chosen) else [])
+    failures = []
+    for label, config in attempts:
+        try:
+            compiled = bound.compile_config(config)
+            compiled(*launch.args)
+        except Exception as error:  # noqa: BLE001 - any build failure takes the fallback path
+            first_line = str(error).splitlines()[0][:200] if str(error) else ""
+            failures.append(f"{label} config {dict(config)}: {type(error).__name__}: {first_line}")
+            continue
+        if failures:
+            _warn_once(spec.name, repr(launch.key), f"helion_fusions: {spec.name}: the tuned kernel for "
+                       f"hidden={launch.hidden}, tokens={launch.tokens} failed to build on this GPU "
+                       f"({'; '.join(failures)}); using the architecture default")
+        return compiled
+    _warn_once(spec.name, repr(launch.key), f"helion_fusions: {spec.name}: no kernel builds on this GPU for "
+               f"hidden={launch.hidden}, tokens={launch.tokens} ({'; '.join(failures)}); running the eager reference")
+    spec.reference(**kwargs)
+    return _USE_REFERENCE
 
 
 def compiled_count() -> int:

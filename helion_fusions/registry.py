@@ -41,10 +41,6 @@ class KernelLaunch(NamedTuple):
     dtype: torch.dtype
 
 
-def no_config_problem(config: dict[str, Any]) -> str | None:
-    return None
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class OpSpec:
     """One fused op: its schema, kernel glue, reference and tuning/bench grid.
@@ -66,7 +62,7 @@ class OpSpec:
     token_counts: tuple[int, ...] = TOKEN_GRID
     read_and_written: tuple[str, ...] = ()
     # what a stored config must not do for this op (None when acceptable); checked when configs load
-    config_problem: Callable[[dict[str, Any]], str | None] = no_config_problem
+    config_problem: Callable[[dict[str, Any]], str | None] | None = None
 
     def bytes_moved(self, kwargs: dict[str, Any]) -> int:
         """Bytes the op must move: every tensor argument once, read-and-written ones twice."""
