@@ -143,10 +143,25 @@ def test_fp8_dynamic_scale(dtype: torch.dtype) -> None:
     amax = torch.tensor([0.0, 1e-9, fp8_max * floor * 0.5, 1.0, 10.0, 1000.0])
     expected = [floor, floor, floor, 1.0 / fp8_max, 10.0 / fp8_max, 1000.0 / fp8_max]
     assert quant.fp8_dynamic_scale(amax, fp8_max).tolist() == pytest.approx(expected, rel=1e-7)
-    bounded = quant.fp8_dynamic_scale(amax, fp8_max, torch.tensor(5.0)).tolist()
+    bounded = quant.fp8_dynamic_scale(amax, fp8_max, scale_ub=torch.tensor(5.0)).tolist()
     assert bounded == pytest.approx([floor, floor, floor, 1.0 / fp8_max, 5.0 / fp8_max, 5.0 / fp8_max], rel=1e-7)
     # The bound applies to the amax, before the floor.
-    assert quant.fp8_dynamic_scale(amax, fp8_max, torch.tensor(0.0)).tolist() == pytest.approx([floor] * 6)
+    assert quant.fp8_dynamic_scale(amax, fp8_max, scale_ub=torch.tensor(0.0)).tolist() == pytest.approx([floor] * 6)
+
+
+@pytest.mark.parametrize("dtype", FP8_DTYPES, ids=str)
+def test_amax_floor_gives_the_contract_scale_floor_bit_exactly(dtype: torch.dtype) -> None:
+    """``max(amax, 1/512) / fp8_max`` is the contract's ``max(amax / fp8_max, 1 / (fp8_max * 512))``."""
+    fp8_max = quant.fp8_max_for(dtype)
+    amax = torch.cat([torch.rand(10_000) * 0.01, torch.tensor([0.0, 1.0 / 512])])
+    contract = torch.clamp(amax / torch.tensor(fp8_max), min=1.0 / (fp8_max * 512))
+    assert torch.equal(quant.fp8_dynamic_scale(amax, fp8_max), contract)
+
+
+def test_amax_floor_is_the_eps_of_per_token_group_quant() -> None:
+    amax = torch.tensor([0.0, 1e-12, 1e-10, 2.0])
+    assert quant.fp8_dynamic_scale(amax, 448.0, amax_floor=1e-10).tolist() == pytest.approx(
+        [1e-10 / 448, 1e-10 / 448, 1e-10 / 448, 2.0 / 448], rel=1e-7)
 
 
 # --- swizzled nvfp4 scale layout -------------------------------------------------------------------

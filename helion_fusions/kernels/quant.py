@@ -6,9 +6,15 @@ kernel body (where it is traced into Triton) and in the eager references.
 Contract (shared NUMERICS.md):
 
 * fp8 scales are fp32 *dequant* scales, ``x ~= q * s``.
-* dynamic scale: ``s = max(min(amax, scale_ub) / fp8_max, 1 / (fp8_max * 512))``.
+* dynamic scale: ``s = max(min(amax, scale_ub) / fp8_max, 1 / (fp8_max * 512))``, computed
+  as ``max(min(amax, scale_ub), amax_floor) / fp8_max`` with ``amax_floor = 1 / 512`` (the
+  same fp32 value: 1/512 is a power of two). ``per_token_group_fp8_quant`` passes its
+  ``eps`` as the floor instead, as the engine op does.
 * quantize: ``q = fp8(clamp(y / s, -fp8_max, fp8_max))``; static-scale ops multiply by
   ``1 / s`` instead of dividing. Conversion rounds to nearest even and saturates.
+  Static scales are per tensor, per token (``[T]``) or per channel (``[H]``).
+* dynamic per-tensor: ``s`` from the amax of the whole tensor, then divide like the
+  per-token and per-group flavours.
 * ue8m0: ``s -> 2 ** ceil(log2(s))``, computed exactly on the fp32 bits.
 * nvfp4: per block of 16, ``sf = fp8_e4m3(global_scale * amax / 6)``, then
   ``q = e2m1(x * (1 / (float(sf) / global_scale)))`` with ``q = 0`` where ``sf == 0``.
@@ -18,12 +24,15 @@ Contract (shared NUMERICS.md):
 
 from __future__ import annotations
 
+import enum
+from typing import Any
+
 import helion.language as hl
 import torch
 from helion._compiler.compile_environment import CompileEnvironment
 from helion.runtime.ref_mode import is_in_ref_mode_context
 
-FP8_MIN_SCALE_DIVISOR = 512.0
+FP8_AMAX_FLOOR = 1.0 / 512.0  # the dynamic-scale floor 1 / (fp8_max * 512), applied to the amax
 NVFP4_BLOCK = 16
 E2M1_MAX = 6.0
 # (threshold, inclusive) pairs between consecutive e2m1 magnitudes
@@ -33,6 +42,24 @@ _E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, F
 
 SWIZZLE_ROWS = 128
 SWIZZLE_COLS = 4
+
+
+class Quant(enum.IntEnum):
+    """The quant epilogue a kernel ends with (a constexpr kernel argument)."""
+
+    NONE = 0
+    STATIC = 1  # fp8 with a given scale: per tensor, per token or per channel (StaticScale)
+    PER_TOKEN = 2  # dynamic fp8, one scale per row
+    PER_GROUP = 3  # dynamic fp8, one scale per group of a row
+    NVFP4 = 4  # e2m1 codes with fp8 block scales
+    PER_TENSOR = 5  # dynamic fp8 with one scale, from the amax a previous AMAX launch left in scale_in
+    AMAX = 6  # no output: atomic max of |y| into scale_out[0] (the first of two per-tensor launches)
+
+
+class StaticScale(enum.IntEnum):
+    TENSOR = 0
+    TOKEN = 1
+    CHANNEL = 2
 
 
 def fp8_max_for(dtype: torch.dtype) -> float:
@@ -80,11 +107,13 @@ def to_fp8(value: torch.Tensor, fp8_max: float, dtype: torch.dtype) -> torch.Ten
     return torch.clamp(value, -fp8_max, fp8_max).to(dtype)
 
 
-def fp8_dynamic_scale(amax: torch.Tensor, fp8_max: float, scale_ub: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_dynamic_scale(
+    amax: torch.Tensor, fp8_max: float, amax_floor: float = FP8_AMAX_FLOOR, scale_ub: torch.Tensor | None = None
+) -> torch.Tensor:
     """Dequant scale for a block whose absolute maximum is ``amax`` (fp32)."""
     if scale_ub is not None:
         amax = torch.minimum(amax, scale_ub)
-    return torch.clamp(div_rn(amax, fp8_max), min=1.0 / (fp8_max * FP8_MIN_SCALE_DIVISOR))
+    return div_rn(torch.clamp(amax, min=amax_floor), fp8_max)
 
 
 def ue8m0(scale: torch.Tensor) -> torch.Tensor:
@@ -151,11 +180,86 @@ def swizzled_scale_shape(rows: int, num_cols: int) -> tuple[int, int]:
     )
 
 
+def store_quantized(
+    y: torch.Tensor,
+    out: torch.Tensor,
+    scale_out: torch.Tensor,
+    scale_in: torch.Tensor,
+    amax_floor: float,
+    tile_t: Any,
+    tile_g: Any,
+    T: int,
+    NG: int,
+    G: int,
+    QUANT: int,
+    HAS_SCALE_UB: bool,
+    UE8M0: bool,
+    SWIZZLED: bool,
+    STATIC_LAYOUT: int,
+    FP8_MAX: float,
+) -> None:
+    """The epilogue every family's kernel ends with: quantize ``y`` and store it (in a Helion kernel body).
+
+    ``y`` is ``[tile_t, groups, G]`` in the activation dtype: rows ``tile_t`` of an output
+    viewed as ``[T, NG, G]``, and either all ``NG`` groups (``tile_g`` None) or the groups
+    ``tile_g``. Per-token and per-tensor flavours need whole rows (``NG == 1``, or all
+    groups). ``out`` is ``[T, NG, G]`` (fp8 or the activation dtype) or ``[T, NG, G // 2]``
+    uint8 (nvfp4). ``scale_out``: ``[T]`` per-token, ``[T, NG]`` per-group (any strides),
+    flat uint8 block scales (nvfp4), ``[1]`` per-tensor and amax. ``scale_in``: the static
+    scale (``[1]``, ``[T]`` or ``[NG, G]``), ``scale_ub``, the nvfp4 global scale, or the
+    per-tensor amax.
+    """
+    groups = slice(None) if tile_g is None else tile_g
+    yf = y.to(torch.float32)
+    if QUANT == Quant.NONE:
+        out[tile_t, groups, :] = y
+    elif QUANT == Quant.STATIC:
+        if STATIC_LAYOUT == StaticScale.TENSOR:
+            scale = scale_in[0]
+        elif STATIC_LAYOUT == StaticScale.TOKEN:
+            scale = scale_in[tile_t][:, None, None]
+        else:
+            scale = scale_in[groups, :][None, :, :]
+        out[tile_t, groups, :] = fp8_quantize_static(yf, scale, FP8_MAX, out.dtype)
+    elif QUANT == Quant.AMAX:
+        amax = torch.amax(torch.amax(torch.amax(torch.abs(yf), dim=-1), dim=-1), dim=0)
+        hl.atomic_max(scale_out, [0], amax)
+    elif QUANT == Quant.PER_TENSOR:
+        s = fp8_dynamic_scale(scale_in[0], FP8_MAX, amax_floor)
+        out[tile_t, groups, :] = fp8_quantize(yf, s, FP8_MAX, out.dtype)
+        first_row = tile_t.index == 0
+        hl.store(scale_out, [tile_t.index * 0], first_row.to(torch.float32) * s, extra_mask=first_row)
+    elif QUANT == Quant.PER_TOKEN or QUANT == Quant.PER_GROUP:
+        amax = torch.amax(torch.abs(yf), dim=-1)
+        if QUANT == Quant.PER_TOKEN:
+            amax = torch.amax(amax, dim=-1)[:, None]
+        s = fp8_dynamic_scale(amax, FP8_MAX, amax_floor, scale_in[0] if HAS_SCALE_UB else None)
+        if UE8M0:
+            s = ue8m0(s)
+        out[tile_t, groups, :] = fp8_quantize(yf, s[:, :, None], FP8_MAX, out.dtype)
+        if QUANT == Quant.PER_TOKEN:
+            scale_out[tile_t] = s[:, 0]
+        else:
+            scale_out[tile_t, groups] = s
+    else:
+        global_scale = scale_in[0]
+        sf = nvfp4_block_scale(torch.amax(torch.abs(yf), dim=-1), global_scale)
+        codes = nvfp4_quantize(yf, sf, global_scale)
+        lo, hi = hl.split(codes.reshape(tile_t.block_size, -1, G // 2, 2))
+        out[tile_t, groups, :] = pack_e2m1(lo, hi)
+        row = tile_t.index[:, None]
+        col = (hl.arange(NG) if tile_g is None else tile_g.index)[None, :]
+        offset = swizzled_scale_offset(row, col, NG) if SWIZZLED else row * NG + col
+        hl.store(scale_out, [offset], sf.view(torch.uint8), extra_mask=(row < T) & (col < NG))
+
+
 # --- eager references of each quant flavour (the executable contract) -----------------------
 
 def quantize_static_reference(y: torch.Tensor, scale: torch.Tensor, result: torch.Tensor) -> None:
+    """Static fp8 quantization of ``y`` [T, H]; ``scale`` broadcasts against it (one element, [T, 1] or [1, H])."""
     fp8_max = fp8_max_for(result.dtype)
-    result.copy_(fp8_quantize_static(y.float(), scale.float().reshape(()), fp8_max, result.dtype))
+    scale = scale.float().reshape(()) if scale.numel() == 1 else scale.float()
+    result.copy_(fp8_quantize_static(y.float(), scale, fp8_max, result.dtype))
 
 
 def quantize_per_group_reference(
@@ -165,15 +269,26 @@ def quantize_per_group_reference(
     group_size: int,
     scale_ub: torch.Tensor | None = None,
     use_ue8m0: bool = False,
+    amax_floor: float = FP8_AMAX_FLOOR,
+    fp8_max: float | None = None,
 ) -> None:
     """Per-group (``group_size`` = hidden gives per-token) dynamic fp8 quantization of ``y`` [T, H]."""
-    fp8_max = fp8_max_for(result.dtype)
+    fp8_max = fp8_max_for(result.dtype) if fp8_max is None else fp8_max
     groups = y.float().reshape(y.shape[0], y.shape[1] // group_size, group_size)
     ub = None if scale_ub is None else scale_ub.float().reshape(())
-    s = fp8_dynamic_scale(torch.amax(torch.abs(groups), dim=-1), fp8_max, ub)
+    s = fp8_dynamic_scale(torch.amax(torch.abs(groups), dim=-1), fp8_max, amax_floor, ub)
     if use_ue8m0:
         s = ue8m0(s)
     result.copy_(fp8_quantize(groups, s[..., None], fp8_max, result.dtype).reshape(y.shape))
+    scale.copy_(s.reshape(scale.shape))
+
+
+def quantize_per_tensor_reference(y: torch.Tensor, result: torch.Tensor, scale: torch.Tensor) -> None:
+    """Dynamic per-tensor fp8 quantization: one scale from the amax of all of ``y``."""
+    fp8_max = fp8_max_for(result.dtype)
+    yf = y.float()
+    s = fp8_dynamic_scale(torch.amax(torch.abs(yf)), fp8_max)
+    result.copy_(fp8_quantize(yf, s, fp8_max, result.dtype))
     scale.copy_(s.reshape(scale.shape))
 
 

@@ -15,7 +15,6 @@ dynamic scale whose group maximum flips moves by the same step of the activation
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
 import helion
@@ -31,29 +30,11 @@ from helion_fusions.checks import (
     check_tensor,
 )
 from helion_fusions.kernels import quant
-from helion_fusions.kernels.quant import (
-    div_rn,
-    fp8_dynamic_scale,
-    fp8_quantize,
-    fp8_quantize_static,
-    nvfp4_block_scale,
-    nvfp4_quantize,
-    pack_e2m1,
-    swizzled_scale_offset,
-    ue8m0,
-)
+from helion_fusions.kernels.quant import Quant, StaticScale, div_rn, store_quantized
 from helion_fusions.registry import KernelLaunch, OpSpec, register
 
 HIDDEN_GRID = (2048, 4096, 5120, 8192)
 GROUP_SIZES = (64, 128)
-
-
-class Quant(enum.IntEnum):
-    NONE = 0
-    STATIC = 1
-    PER_TOKEN = 2
-    PER_GROUP = 3
-    NVFP4 = 4
 
 
 @helion.kernel(static_shapes=False, autotune_effort="none")
@@ -61,10 +42,11 @@ def rms_norm_kernel(
     x: torch.Tensor,  # [T, NG, G]
     residual: torch.Tensor,  # [T, NG, G], read and written when HAS_RESIDUAL
     weight: torch.Tensor,  # [NG, G]
-    out: torch.Tensor,  # [T, NG, G] (none / fp8) or [T, NG, G // 2] uint8 (nvfp4)
-    scale_out: torch.Tensor,  # [T] per-token, [T, NG] per-group, flat uint8 block scales (nvfp4)
-    scale_in: torch.Tensor,  # [1]: static scale, scale_ub, or nvfp4 global scale
+    out: torch.Tensor,  # [T, NG, G], or [T, NG, G // 2] uint8 for nvfp4
+    scale_out: torch.Tensor,  # see quant.store_quantized
+    scale_in: torch.Tensor,  # see quant.store_quantized
     epsilon: float,
+    amax_floor: float,
     QUANT: hl.constexpr,
     HAS_RESIDUAL: hl.constexpr,
     HAS_SCALE_UB: hl.constexpr,
@@ -83,35 +65,8 @@ def rms_norm_kernel(
         sum_sq = torch.sum(torch.sum(xf * xf, dim=-1), dim=-1)
         rstd = torch.rsqrt(div_rn(sum_sq, NG * G) + epsilon)
         y = (xf * rstd[:, None, None]).to(x.dtype) * weight[None, :, :]
-        yf = y.to(torch.float32)
-        if QUANT == 0:
-            out[tile_t, :, :] = y
-        elif QUANT == 1:
-            out[tile_t, :, :] = fp8_quantize_static(yf, scale_in[0], FP8_MAX, out.dtype)
-        elif QUANT == 2:
-            amax = torch.amax(torch.amax(torch.abs(yf), dim=-1), dim=-1)
-            s = fp8_dynamic_scale(amax, FP8_MAX, scale_in[0] if HAS_SCALE_UB else None)
-            out[tile_t, :, :] = fp8_quantize(yf, s[:, None, None], FP8_MAX, out.dtype)
-            scale_out[tile_t] = s
-        elif QUANT == 3:
-            s = fp8_dynamic_scale(torch.amax(torch.abs(yf), dim=-1), FP8_MAX, scale_in[0] if HAS_SCALE_UB else None)
-            if UE8M0:
-                s = ue8m0(s)
-            out[tile_t, :, :] = fp8_quantize(yf, s[:, :, None], FP8_MAX, out.dtype)
-            scale_out[tile_t, :] = s
-        else:
-            global_scale = scale_in[0]
-            sf = nvfp4_block_scale(torch.amax(torch.abs(yf), dim=-1), global_scale)
-            codes = nvfp4_quantize(yf, sf, global_scale)
-            lo, hi = hl.split(codes.reshape(tile_t.block_size, -1, G // 2, 2))
-            out[tile_t, :, :] = pack_e2m1(lo, hi)
-            row = tile_t.index[:, None]
-            col = hl.arange(NG)[None, :]
-            if SWIZZLED:
-                offset = swizzled_scale_offset(row, col, NG)
-            else:
-                offset = row * NG + col
-            hl.store(scale_out, [offset], sf.view(torch.uint8), extra_mask=(row < T) & (col < NG))
+        store_quantized(y, out, scale_out, scale_in, amax_floor, tile_t, None, T, NG, G,
+                        QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, StaticScale.TENSOR, FP8_MAX)
 
 
 # --- reference ------------------------------------------------------------------------------
@@ -175,6 +130,7 @@ def _launch(
         dummy if scale_out is None else scale_out,
         dummy if scale_in is None else scale_in,
         float(epsilon),
+        quant.FP8_AMAX_FLOOR,
         *flags,
     )
     key = (input.dtype, out.dtype, hidden, group, *flags)
