@@ -195,8 +195,8 @@ def store_quantized(
     HAS_SCALE_UB: bool,
     UE8M0: bool,
     SWIZZLED: bool,
-    STATIC_LAYOUT: int,
     FP8_MAX: float,
+    STATIC_LAYOUT: int = StaticScale.TENSOR,
 ) -> None:
     """The epilogue every family's kernel ends with: quantize ``y`` and store it (in a Helion kernel body).
 
@@ -211,44 +211,46 @@ def store_quantized(
     """
     groups = slice(None) if tile_g is None else tile_g
     yf = y.to(torch.float32)
+    # Helper code is traced, not parsed like a kernel body: loads are spelled hl.load, and
+    # views unsqueeze/squeeze (Helion lowers no slicing of device values).
+    first = hl.load(scale_in, [0])
     if QUANT == Quant.NONE:
         out[tile_t, groups, :] = y
     elif QUANT == Quant.STATIC:
         if STATIC_LAYOUT == StaticScale.TENSOR:
-            scale = scale_in[0]
+            scale = first
         elif STATIC_LAYOUT == StaticScale.TOKEN:
-            scale = scale_in[tile_t][:, None, None]
+            scale = hl.load(scale_in, [tile_t]).reshape(-1, 1, 1)
         else:
-            scale = scale_in[groups, :][None, :, :]
+            scale = hl.load(scale_in, [groups, slice(None)]).unsqueeze(0)
         out[tile_t, groups, :] = fp8_quantize_static(yf, scale, FP8_MAX, out.dtype)
     elif QUANT == Quant.AMAX:
         amax = torch.amax(torch.amax(torch.amax(torch.abs(yf), dim=-1), dim=-1), dim=0)
         hl.atomic_max(scale_out, [0], amax)
     elif QUANT == Quant.PER_TENSOR:
-        s = fp8_dynamic_scale(scale_in[0], FP8_MAX, amax_floor)
+        s = fp8_dynamic_scale(first, FP8_MAX, amax_floor)
         out[tile_t, groups, :] = fp8_quantize(yf, s, FP8_MAX, out.dtype)
         first_row = tile_t.index == 0
         hl.store(scale_out, [tile_t.index * 0], first_row.to(torch.float32) * s, extra_mask=first_row)
     elif QUANT == Quant.PER_TOKEN or QUANT == Quant.PER_GROUP:
         amax = torch.amax(torch.abs(yf), dim=-1)
         if QUANT == Quant.PER_TOKEN:
-            amax = torch.amax(amax, dim=-1)[:, None]
-        s = fp8_dynamic_scale(amax, FP8_MAX, amax_floor, scale_in[0] if HAS_SCALE_UB else None)
+            amax = torch.amax(amax, dim=-1, keepdim=True)
+        s = fp8_dynamic_scale(amax, FP8_MAX, amax_floor, first if HAS_SCALE_UB else None)
         if UE8M0:
             s = ue8m0(s)
-        out[tile_t, groups, :] = fp8_quantize(yf, s[:, :, None], FP8_MAX, out.dtype)
+        out[tile_t, groups, :] = fp8_quantize(yf, s.unsqueeze(-1), FP8_MAX, out.dtype)
         if QUANT == Quant.PER_TOKEN:
-            scale_out[tile_t] = s[:, 0]
+            scale_out[tile_t] = s.squeeze(-1)
         else:
             scale_out[tile_t, groups] = s
     else:
-        global_scale = scale_in[0]
-        sf = nvfp4_block_scale(torch.amax(torch.abs(yf), dim=-1), global_scale)
-        codes = nvfp4_quantize(yf, sf, global_scale)
+        sf = nvfp4_block_scale(torch.amax(torch.abs(yf), dim=-1), first)
+        codes = nvfp4_quantize(yf, sf, first)
         lo, hi = hl.split(codes.reshape(tile_t.block_size, -1, G // 2, 2))
         out[tile_t, groups, :] = pack_e2m1(lo, hi)
-        row = tile_t.index[:, None]
-        col = (hl.arange(NG) if tile_g is None else tile_g.index)[None, :]
+        row = tile_t.index.unsqueeze(1)
+        col = (hl.arange(NG) if tile_g is None else tile_g.index).unsqueeze(0)
         offset = swizzled_scale_offset(row, col, NG) if SWIZZLED else row * NG + col
         hl.store(scale_out, [offset], sf.view(torch.uint8), extra_mask=(row < T) & (col < NG))
 

@@ -30,7 +30,7 @@ from helion_fusions.checks import (
     check_tensor,
 )
 from helion_fusions.kernels import quant
-from helion_fusions.kernels.quant import Quant, StaticScale, div_rn, store_quantized
+from helion_fusions.kernels.quant import Quant, div_rn, store_quantized
 from helion_fusions.registry import KernelLaunch, OpSpec, register
 
 HIDDEN_GRID = (2048, 4096, 5120, 8192)
@@ -66,7 +66,7 @@ def rms_norm_kernel(
         rstd = torch.rsqrt(div_rn(sum_sq, NG * G) + epsilon)
         y = (xf * rstd[:, None, None]).to(x.dtype) * weight[None, :, :]
         store_quantized(y, out, scale_out, scale_in, amax_floor, tile_t, None, T, NG, G,
-                        QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, StaticScale.TENSOR, FP8_MAX)
+                        QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, FP8_MAX)
 
 
 # --- reference ------------------------------------------------------------------------------
