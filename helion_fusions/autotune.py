@@ -35,25 +35,13 @@ MAX_FLIP_FRACTION = 1e-4
 GRAPH_TIMING_MAX_TOKENS = 256
 
 
-def search_configs(hidden: int) -> list[helion.Config]:
-    """Row-block sizes and warp counts that keep 4-64 row elements per thread."""
-    padded = 1 << (hidden - 1).bit_length()
-    found = []
-    for block in (1, 2, 4, 8):
-        for warps in (2, 4, 8, 16, 32):
-            per_thread = block * padded // (warps * 32)
-            if 4 <= per_thread <= 64:
-                found.append(helion.Config(block_sizes=[block], num_warps=warps))
-    return found
-
-
 def candidates(spec: OpSpec, hidden: int, tokens: int) -> tuple[list[helion.Config], int]:
     """Seeds first, then the searched neighbourhood; returns (configs, number of seeds)."""
     seeds = spec.seed_configs(hidden, tokens)
     seen = {repr(c) for c in seeds}
     extra = []
-    for config in search_configs(hidden):
-        if repr(config) not in seen and (config.block_sizes[0] <= max(tokens, 1)):
+    for config in spec.search_configs(hidden, tokens):
+        if repr(config) not in seen:
             seen.add(repr(config))
             extra.append(config)
     return seeds + extra, len(seeds)
@@ -68,11 +56,11 @@ def _precompile(job: tuple[str, int, int, str, dict[str, Any]]) -> str | None:
     try:
         spec = REGISTRY[name]
         kwargs = spec.make_inputs(tokens, hidden, getattr(torch, dtype_name), torch.device("cuda"))
-        launch = spec.prepare(**kwargs)
-        key = (name, hidden, tokens, dtype_name)
-        if key not in _worker_binds:
-            _worker_binds[key] = launch.kernel.bind(launch.args)
-        _worker_binds[key].compile_config(helion.Config(**config))(*launch.args)
+        for index, launch in enumerate(spec.prepare(**kwargs)):
+            key = (name, hidden, tokens, dtype_name, index)
+            if key not in _worker_binds:
+                _worker_binds[key] = launch.kernel.bind(launch.args)
+            _worker_binds[key].compile_config(helion.Config(**config))(*launch.args)
         torch.cuda.synchronize()
         return None
     except Exception as error:  # a candidate that does not compile is reported and skipped
@@ -88,18 +76,27 @@ def _time_us(fn: Any, tokens: int) -> float:
 
 
 def tune_shape(spec: OpSpec, hidden: int, tokens: int, dtype: torch.dtype, device: torch.device,
-               bound: Any, configs: list[helion.Config], num_seeds: int, log: Any) -> config_store.Entry | None:
+               bound: list[Any], configs: list[helion.Config], num_seeds: int, log: Any) -> config_store.Entry | None:
+    """Check and time every candidate on one shape; ``bound`` holds the op's launches, bound (on a GPU).
+
+    An op of several launches runs them all with the candidate config."""
     kwargs = spec.make_inputs(tokens, hidden, dtype, device)
     expected = clone_kwargs(kwargs)
     spec.reference(**expected)
     best: list[tuple[float, int]] = []
     for index, config in enumerate(configs):
         trial = clone_kwargs(kwargs)
-        launch = spec.prepare(**trial)
+        launches = spec.prepare(**trial)
         try:
             # on the CPU smoke path the kernel runs in interpret mode, where configs do not apply
-            fn = bound.compile_config(config) if device.type == "cuda" else dispatch.interpreted(launch.kernel)
-            fn(*launch.args)
+            kernels = ([b.compile_config(config) for b in bound] if device.type == "cuda"
+                       else [dispatch.interpreted(launch.kernel) for launch in launches])
+
+            def fn() -> None:
+                for kernel, launch in zip(kernels, launches):
+                    kernel(*launch.args)
+
+            fn()
         except Exception as error:
             log(f"  {spec.name} H={hidden} T={tokens}: candidate {index} failed: {type(error).__name__}: {error}")
             continue
@@ -109,10 +106,10 @@ def tune_shape(spec: OpSpec, hidden: int, tokens: int, dtype: torch.dtype, devic
             log(f"  {spec.name} H={hidden} T={tokens}: candidate {index} rejected ({detail})")
             continue
         if device.type == "cuda":
-            elapsed = _time_us(lambda: fn(*launch.args), tokens)
+            elapsed = _time_us(fn, tokens)
         else:
             start = time.perf_counter()
-            fn(*launch.args)
+            fn()
             elapsed = 1e6 * (time.perf_counter() - start)
         best.append((elapsed, index))
     if not best:
@@ -199,14 +196,14 @@ def main(argv: list[str] | None = None) -> int:
                 progress.advance(task, len(ts))
                 continue
             entries = existing.setdefault(spec.name, [])
-            binds: dict[bool, Any] = {}
+            binds: dict[bool, list[Any]] = {}
             for tokens in ts:
                 progress.update(task, description=f"{spec.name} H={hidden} T={tokens}")
                 configs, num_seeds = candidates(spec, hidden, tokens)
                 single = tokens == 1
                 if single not in binds and device.type == "cuda":
-                    launch = spec.prepare(**spec.make_inputs(tokens, hidden, dtype, device))
-                    binds[single] = launch.kernel.bind(launch.args)
+                    launches = spec.prepare(**spec.make_inputs(tokens, hidden, dtype, device))
+                    binds[single] = [launch.kernel.bind(launch.args) for launch in launches]
                 entry = tune_shape(spec, hidden, tokens, dtype, device, binds.get(single), configs, num_seeds, log)
                 if entry is None:
                     log(f"  {spec.name} H={hidden} T={tokens}: no candidate passed; keeping the architecture default")

@@ -173,30 +173,30 @@ def interpreted(kernel: helion.Kernel) -> helion.Kernel:
 
 
 def run(spec: OpSpec, kwargs: dict[str, Any]) -> None:
-    launch = spec.prepare(**kwargs)
-    if launch is None:
-        return
-    if launch.device.type != "cuda":
-        if _interpret():
+    for launch in spec.prepare(**kwargs):
+        if launch.device.type != "cuda":
+            if not _interpret():
+                spec.reference(**kwargs)
+                return
             interpreted(launch.kernel)(*launch.args)
-        else:
-            spec.reference(**kwargs)
-        return
-    key = (spec.name, launch.key, token_bucket(launch.tokens), _batch_invariant,
-           launch.tokens * launch.hidden > _INT32_LIMIT, launch.device.index)
-    compiled = _compiled.get(key)
-    if compiled is None:
-        _first_call(spec, launch, key, kwargs)
-    elif compiled is _USE_REFERENCE:
-        spec.reference(**kwargs)
-    else:
-        compiled(*launch.args)
+            continue
+        key = (spec.name, launch.key, token_bucket(launch.tokens), _batch_invariant,
+               launch.tokens * launch.hidden > _INT32_LIMIT, launch.device.index)
+        compiled = _compiled.get(key)
+        if compiled is None:
+            compiled = _first_call(spec, launch, key)
+        elif compiled is not _USE_REFERENCE:
+            compiled(*launch.args)
+        if compiled is _USE_REFERENCE:
+            spec.reference(**kwargs)  # the whole op; a launch before this one only wrote scratch space
+            return
 
 
 _USE_REFERENCE = object()  # cache marker: no kernel builds for this key on this GPU
 
 
-def _first_call(spec: OpSpec, launch: KernelLaunch, key: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _first_call(spec: OpSpec, launch: KernelLaunch, key: tuple[Any, ...]) -> Any:
+    """Build (once, under a lock) and make this launch; returns the cache entry (maybe _USE_REFERENCE)."""
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             f"helion_fusions: {spec.name} would compile a kernel inside CUDA-graph capture "
@@ -204,22 +204,21 @@ def _first_call(spec: OpSpec, launch: KernelLaunch, key: tuple[Any, ...], kwargs
     with _compile_lock:
         compiled = _compiled.get(key)
         if compiled is None:
-            _compiled[key] = _build_and_launch(spec, launch, kwargs)
-            return
-    if compiled is _USE_REFERENCE:
-        spec.reference(**kwargs)
-    else:
+            compiled = _compiled[key] = _build_and_launch(spec, launch)
+            return compiled
+    if compiled is not _USE_REFERENCE:
         compiled(*launch.args)
+    return compiled
 
 
-def _build_and_launch(spec: OpSpec, launch: KernelLaunch, kwargs: dict[str, Any]) -> Any:
-    """Compile the chosen config and make this call with it; returns what later calls should run.
+def _build_and_launch(spec: OpSpec, launch: KernelLaunch) -> Any:
+    """Compile the chosen config and make this launch with it; returns what later calls should run.
 
     Triton builds the kernel on its first launch, before anything runs, so a config that
     does not work here (one that does not fit this specialization, e.g. group 64 where 128
     was tuned; an unsupported instruction; too little shared memory) leaves the outputs
-    untouched. Then the architecture default is tried, then the eager reference, with one
-    warning: the op keeps working, slower, rather than crashing.
+    untouched. Then the architecture default is tried, then the eager reference (which the
+    caller runs), with one warning: the op keeps working, slower, rather than crashing.
     """
     bound = launch.kernel.bind(launch.args)
     chosen, default = choose_config(spec, launch, _batch_invariant), spec.default_config(launch.hidden)
@@ -240,8 +239,12 @@ def _build_and_launch(spec: OpSpec, launch: KernelLaunch, kwargs: dict[str, Any]
         return compiled
     _warn_once(spec.name, repr(launch.key), f"helion_fusions: {spec.name}: no kernel builds on this GPU for "
                f"hidden={launch.hidden}, tokens={launch.tokens} ({'; '.join(failures)}); running the eager reference")
-    spec.reference(**kwargs)
     return _USE_REFERENCE
+
+
+def launch_count(spec: OpSpec, kwargs: dict[str, Any]) -> int:
+    """How many kernel launches a call with these arguments makes (the bench reports it)."""
+    return len(spec.prepare(**kwargs))
 
 
 def compiled_count() -> int:

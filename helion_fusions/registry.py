@@ -53,11 +53,14 @@ class OpSpec:
     schema: str
     family: str
     kernel: helion.Kernel
-    prepare: Callable[..., KernelLaunch | None]
+    # checks the arguments and returns the launches, in order (none for an empty input)
+    prepare: Callable[..., tuple[KernelLaunch, ...]]
     reference: Callable[..., None]
     make_inputs: Callable[[int, int, torch.dtype, torch.device], dict[str, Any]]
     default_config: Callable[[int], helion.Config]
     seed_configs: Callable[[int, int], list[helion.Config]]
+    # the autotuner's neighbourhood beyond the seeds, for (hidden, tokens)
+    search_configs: Callable[[int, int], list[helion.Config]]
     hidden_sizes: tuple[int, ...]
     token_counts: tuple[int, ...] = TOKEN_GRID
     read_and_written: tuple[str, ...] = ()

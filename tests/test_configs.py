@@ -40,16 +40,17 @@ def _entry_params() -> list[Any]:
 
 
 @functools.cache
-def _bound(op: str, hidden: int, dtype: torch.dtype) -> Any:
-    """The kernel bound to CPU inputs of this op and shape (binding takes a second or two, so once per shape)."""
+def _bound(op: str, hidden: int, dtype: torch.dtype) -> list[Any]:
+    """The op's launches bound to CPU inputs of this shape (binding takes a second or two, so once per shape)."""
     spec = REGISTRY[op]
-    launch = spec.prepare(**spec.make_inputs(7, hidden, dtype, torch.device("cpu")))
-    return codegen_kernel(launch.kernel).bind(launch.args)
+    launches = spec.prepare(**spec.make_inputs(7, hidden, dtype, torch.device("cpu")))
+    return [codegen_kernel(launch.kernel).bind(launch.args) for launch in launches]
 
 
 def _assert_generates_code(op: str, hidden: int, dtype: torch.dtype, config: helion.Config) -> None:
-    code = _bound(op, hidden, dtype).to_triton_code(config)
-    assert isinstance(code, str) and code.strip(), f"{op}: no code for {dict(config)}"
+    for bound in _bound(op, hidden, dtype):
+        code = bound.to_triton_code(config)
+        assert isinstance(code, str) and code.strip(), f"{op}: no code for {dict(config)}"
 
 
 def _op_of(path: Path) -> OpSpec:

@@ -268,7 +268,7 @@ def test_fallback_warns_once(config_dir: Path) -> None:
 
 def test_choose_config_follows_the_chain(config_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dispatch, "device_identity", lambda index=0: H100)
-    launch = SPEC.prepare(**SPEC.make_inputs(7, 4096, torch.bfloat16, torch.device("cpu")))
+    (launch,) = SPEC.prepare(**SPEC.make_inputs(7, 4096, torch.bfloat16, torch.device("cpu")))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert dispatch.choose_config(SPEC, launch, False) == SPEC.default_config(4096)
@@ -401,8 +401,8 @@ def _fake_gpu_op(monkeypatch: pytest.MonkeyPatch, failing: set[int]) -> tuple[Op
     kernel = type("FakeKernel", (), {"bind": lambda self, args: bound})()
 
     def prepare(**kwargs: Any) -> Any:
-        return KernelLaunch(kernel, (), ("fake", kwargs["hidden"]), 16, kwargs["hidden"],
-                                     torch.device("cuda"), torch.bfloat16)
+        return (KernelLaunch(kernel, (), ("fake", kwargs["hidden"]), 16, kwargs["hidden"],
+                             torch.device("cuda"), torch.bfloat16),)
 
     spec = dataclasses.replace(SPEC, name=f"fake_{sorted(failing)}", prepare=prepare,
                                reference=lambda **kwargs: references.append("reference"),

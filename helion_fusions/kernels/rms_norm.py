@@ -111,10 +111,10 @@ def _launch(
     has_scale_ub: bool = False,
     use_ue8m0: bool = False,
     swizzled: bool = False,
-) -> KernelLaunch | None:
+) -> tuple[KernelLaunch, ...]:
     tokens, hidden = input.shape
     if tokens == 0:
-        return None
+        return ()
     group = group or hidden
     groups = hidden // group
     x = input.view(tokens, groups, group)
@@ -134,7 +134,7 @@ def _launch(
         *flags,
     )
     key = (input.dtype, out.dtype, hidden, group, *flags)
-    return KernelLaunch(rms_norm_kernel, args, key, tokens, hidden, input.device, input.dtype)
+    return (KernelLaunch(rms_norm_kernel, args, key, tokens, hidden, input.device, input.dtype),)
 
 
 def _check_fp8_result(result: Any, input: torch.Tensor) -> torch.Tensor:
@@ -277,6 +277,14 @@ def seed_configs(hidden: int, tokens: int) -> list[helion.Config]:
     return seeds
 
 
+def search_configs(hidden: int, tokens: int) -> list[helion.Config]:
+    """Row-block sizes (up to the token count) and warp counts that keep 4-64 row elements per thread."""
+    padded = 1 << (hidden - 1).bit_length()
+    return [helion.Config(block_sizes=[block], num_warps=warps)
+            for block in (1, 2, 4, 8) if block <= max(tokens, 1)
+            for warps in (2, 4, 8, 16, 32) if 4 <= block * padded // (warps * 32) <= 64]
+
+
 def rows_in_registers(config: dict[str, Any]) -> str | None:
     """Configs may not loop over the row: the residual is updated in place, so a looped
     reduction would read it again after writing it and normalize the wrong values."""
@@ -340,7 +348,8 @@ def _declare(name: str, schema: str, prepare, reference, flavour: Quant, with_re
     return register(OpSpec(
         name=name, schema=schema, family="rms_norm", kernel=rms_norm_kernel, prepare=prepare, reference=reference,
         make_inputs=_inputs(flavour, with_residual, fused_add_layout="input" in read_and_written),
-        default_config=default_config, seed_configs=seed_configs, hidden_sizes=HIDDEN_GRID,
+        default_config=default_config, seed_configs=seed_configs, search_configs=search_configs,
+        hidden_sizes=HIDDEN_GRID,
         read_and_written=read_and_written, config_problem=rows_in_registers,
     ))
 
