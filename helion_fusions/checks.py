@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from helion_fusions.kernels import quant
+
 FLOAT_ACTIVATIONS = (torch.bfloat16, torch.float16)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
@@ -74,3 +76,50 @@ def check_positive_float(name: str, value: object) -> float:
     if not value > 0:
         raise ValueError(f"{name}: expected a positive float, got {value!r}")
     return float(value)
+
+
+def check_like(name: str, value: object, shape: Sequence[int], device: torch.device,
+               dtypes: Sequence[torch.dtype]) -> torch.Tensor:
+    """An output or residual laid out like a row-major activation (last dim contiguous)."""
+    return check_tensor(name, value, dtypes=dtypes, shape=shape, device=device, last_dim_contiguous=True)
+
+
+def check_scale_ub(name: str, value: object, device: torch.device) -> bool:
+    """An optional one-element bound on the amax; returns whether one was given."""
+    if value is None:
+        return False
+    check_scalar_scale(name, value, device)
+    return True
+
+
+def check_group_scale(name: str, scale: object, tokens: int, groups: int, device: torch.device,
+                      is_scale_transposed: bool | None) -> torch.Tensor:
+    """Per-group fp32 scales [T, H/g]; with ``is_scale_transposed`` given, its layout must match."""
+    check_tensor(name, scale, dtypes=(torch.float32,), shape=(tokens, groups), device=device)
+    if is_scale_transposed is not None and tokens > 1 and groups > 1:
+        major = scale.stride(0) == 1 if is_scale_transposed else scale.stride(1) == 1
+        if not major:
+            layout = "column-major (stride(0) == 1)" if is_scale_transposed else "row-major (stride(1) == 1)"
+            raise ValueError(f"{name}: is_scale_transposed={is_scale_transposed} expects a {layout} scale tensor, "
+                             f"got strides {list(scale.stride())}")
+    return scale
+
+
+def check_nvfp4_outputs(result_name: str, result: object, scale_name: str, scale: object, tokens: int, hidden: int,
+                        device: torch.device, swizzled: bool) -> torch.Tensor:
+    """Packed e2m1 [T, H/2] and block scales; returns the scales as flat bytes, swizzled padding zeroed."""
+    if hidden % quant.NVFP4_BLOCK:
+        raise ValueError(f"input: nvfp4 needs a hidden size divisible by {quant.NVFP4_BLOCK}, got {hidden}")
+    check_like(result_name, result, (tokens, hidden // 2), device, (torch.uint8,))
+    check_tensor(scale_name, scale, dtypes=(torch.uint8, torch.float8_e4m3fn, torch.int32), device=device,
+                 contiguous=True)
+    cols = hidden // quant.NVFP4_BLOCK
+    rows_padded, cols_padded = quant.swizzled_scale_shape(tokens, cols) if swizzled else (tokens, cols)
+    if scale.numel() * scale.element_size() != rows_padded * cols_padded:
+        layout = "swizzled (rows padded to 128, columns to 4)" if swizzled else "linear"
+        raise ValueError(f"{scale_name}: the {layout} layout needs {rows_padded}x{cols_padded} bytes, got shape "
+                         f"{list(scale.shape)} of {scale.dtype}")
+    flat = scale.view(torch.uint8).view(-1)
+    if swizzled and (rows_padded, cols_padded) != (tokens, cols):
+        flat.zero_()  # the GEMM reads the padding: it must be zero, never stale
+    return flat

@@ -289,7 +289,8 @@ def quantize_per_tensor_reference(y: torch.Tensor, result: torch.Tensor, scale: 
     """Dynamic per-tensor fp8 quantization: one scale from the amax of all of ``y``."""
     fp8_max = fp8_max_for(result.dtype)
     yf = y.float()
-    s = fp8_dynamic_scale(torch.amax(torch.abs(yf)), fp8_max)
+    amax = torch.amax(torch.abs(yf)) if yf.numel() else yf.new_zeros(())  # empty: the floor scale
+    s = fp8_dynamic_scale(amax, fp8_max)
     result.copy_(fp8_quantize(yf, s, fp8_max, result.dtype))
     scale.copy_(s.reshape(scale.shape))
 

@@ -23,10 +23,14 @@ import torch
 
 from helion_fusions.checks import (
     FP8_DTYPES,
+    check_group_scale,
     check_group_size,
     check_input_2d,
+    check_like,
+    check_nvfp4_outputs,
     check_positive_float,
     check_scalar_scale,
+    check_scale_ub,
     check_tensor,
 )
 from helion_fusions.kernels import quant
@@ -94,7 +98,7 @@ def _check_norm(input: Any, weight: Any, epsilon: Any) -> tuple[int, int]:
 
 
 def _check_like_input(name: str, value: Any, input: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
-    return check_tensor(name, value, dtypes=dtypes, shape=input.shape, device=input.device, last_dim_contiguous=True)
+    return check_like(name, value, input.shape, input.device, dtypes)
 
 
 def _launch(
@@ -145,13 +149,6 @@ def _check_residual(residual: Any, input: torch.Tensor) -> torch.Tensor | None:
     return None if residual is None else _check_like_input("residual", residual, input, (input.dtype,))
 
 
-def _check_scale_ub(scale_ub: Any, input: torch.Tensor) -> bool:
-    if scale_ub is None:
-        return False
-    check_scalar_scale("scale_ub", scale_ub, input.device)
-    return True
-
-
 def _prepare_rms_norm(result, input, weight, epsilon):
     _check_norm(input, weight, epsilon)
     _check_like_input("result", result, input, (input.dtype,))
@@ -188,7 +185,7 @@ def _prepare_per_token(result, input, weight, scale, epsilon, scale_ub, residual
     tokens, _ = _check_norm(input, weight, epsilon)
     _check_fp8_result(result, input)
     check_tensor("scale", scale, dtypes=(torch.float32,), shape=(tokens, 1), device=input.device)
-    has_ub = _check_scale_ub(scale_ub, input)
+    has_ub = check_scale_ub("scale_ub", scale_ub, input.device)
     _check_residual(residual, input)
     return _launch(input, weight, epsilon, result, Quant.PER_TOKEN, residual=residual, scale_out=scale.view(-1),
                    scale_in=scale_ub, has_scale_ub=has_ub)
@@ -204,14 +201,8 @@ def _prepare_per_block(result, input, weight, scale, epsilon, scale_ub, residual
     tokens, hidden = _check_norm(input, weight, epsilon)
     _check_fp8_result(result, input)
     check_group_size("group_size", group_size, hidden, GROUP_SIZES)
-    check_tensor("scale", scale, dtypes=(torch.float32,), shape=(tokens, hidden // group_size), device=input.device)
-    if tokens > 1 and hidden // group_size > 1:
-        major = scale.stride(0) == 1 if is_scale_transposed else scale.stride(1) == 1
-        if not major:
-            layout = "column-major (stride(0) == 1)" if is_scale_transposed else "row-major (stride(1) == 1)"
-            raise ValueError(f"scale: is_scale_transposed={is_scale_transposed} expects a {layout} scale tensor, "
-                             f"got strides {list(scale.stride())}")
-    has_ub = _check_scale_ub(scale_ub, input)
+    check_group_scale("scale", scale, tokens, hidden // group_size, input.device, is_scale_transposed)
+    has_ub = check_scale_ub("scale_ub", scale_ub, input.device)
     _check_residual(residual, input)
     return _launch(input, weight, epsilon, result, Quant.PER_GROUP, residual=residual, scale_out=scale,
                    scale_in=scale_ub, group=group_size, has_scale_ub=has_ub, use_ue8m0=bool(scale_ue8m0))
@@ -223,31 +214,13 @@ def _reference_per_block(result, input, weight, scale, epsilon, scale_ub, residu
     quant.quantize_per_group_reference(y, result, scale, group_size, scale_ub, scale_ue8m0)
 
 
-def _check_nvfp4(result, result_scale, input, swizzled) -> torch.Tensor:
-    tokens, hidden = input.shape
-    if hidden % quant.NVFP4_BLOCK:
-        raise ValueError(f"input: nvfp4 needs a hidden size divisible by {quant.NVFP4_BLOCK}, got {hidden}")
-    check_tensor("result", result, dtypes=(torch.uint8,), shape=(tokens, hidden // 2), device=input.device,
-                 last_dim_contiguous=True)
-    check_tensor("result_scale", result_scale, dtypes=(torch.uint8, torch.float8_e4m3fn, torch.int32),
-                 device=input.device, contiguous=True)
-    rows, cols = quant.swizzled_scale_shape(tokens, hidden // 16) if swizzled else (tokens, hidden // 16)
-    if result_scale.numel() * result_scale.element_size() != rows * cols:
-        layout = "swizzled (rows padded to 128, columns to 4)" if swizzled else "linear"
-        raise ValueError(f"result_scale: the {layout} layout needs {rows}x{cols} bytes, got shape "
-                         f"{list(result_scale.shape)} of {result_scale.dtype}")
-    flat = result_scale.view(torch.uint8).view(-1)
-    if swizzled and (rows, cols) != (tokens, hidden // 16):
-        flat.zero_()  # the GEMM reads the padding: it must be zero, never stale
-    return flat
-
-
 def _prepare_nvfp4(result, result_scale, input, weight, global_scale, epsilon, is_sf_swizzled_layout=True,
                    residual=None):
-    _check_norm(input, weight, epsilon)
+    tokens, hidden = _check_norm(input, weight, epsilon)
     check_scalar_scale("global_scale", global_scale, input.device)
     _check_residual(residual, input)
-    flat = _check_nvfp4(result, result_scale, input, is_sf_swizzled_layout)
+    flat = check_nvfp4_outputs("result", result, "result_scale", result_scale, tokens, hidden, input.device,
+                               is_sf_swizzled_layout)
     return _launch(input, weight, epsilon, result, Quant.NVFP4, residual=residual, scale_out=flat,
                    scale_in=global_scale, group=quant.NVFP4_BLOCK, swizzled=bool(is_sf_swizzled_layout))
 

@@ -1,0 +1,462 @@
+"""SiLU-and-mul and its quantized flavours, and the standalone quant ops, from one Helion kernel.
+
+``y = round(silu(f32(gate))) * up`` for an input laid out ``[gate | up]`` (the product rounded
+to the input dtype as well), with ``silu(g) = g / (1 + exp(-g))`` in fp32; or ``y = input``
+for the standalone quant ops. Then one quant epilogue from
+:func:`helion_fusions.kernels.quant.store_quantized`: none, static fp8 (per tensor, token or
+channel), dynamic per-token, per-group or per-tensor fp8, or nvfp4.
+
+The kernel sees a row as ``[num_groups, group]`` and tiles both tokens and groups, so a
+decode-sized call still spreads over many programs. Only the per-token flavour needs a whole
+row per program (``num_groups == 1``). Dynamic per-tensor quantization needs the amax of the
+whole tensor before it can quantize: a single-row input takes one launch (the row's amax is
+the tensor's); otherwise one launch takes the amax (an atomic max per tile) and a second
+quantizes. :func:`helion_fusions.dispatch.launch_count` reports which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import helion
+import helion.language as hl
+import torch
+
+from helion_fusions.checks import (
+    FP8_DTYPES,
+    check_group_scale,
+    check_group_size,
+    check_input_2d,
+    check_like,
+    check_nvfp4_outputs,
+    check_positive_float,
+    check_scalar_scale,
+    check_scale_ub,
+    check_tensor,
+)
+from helion_fusions.kernels import quant
+from helion_fusions.kernels.quant import Quant, StaticScale, div_rn, store_quantized
+from helion_fusions.registry import KernelLaunch, OpSpec, register
+
+HIDDEN_GRID = (2048, 4096, 8192, 14336)
+GROUP_SIZES = (64, 128)
+POINTWISE_GROUP = 128  # groups of a row for the flavours that need no row reduction
+
+
+def silu(gate: torch.Tensor) -> torch.Tensor:
+    """``g / (1 + exp(-g))`` in fp32, as PyTorch's CUDA silu computes it (accurate exp, IEEE division)."""
+    return div_rn(gate, 1.0 + torch.exp(-gate))
+
+
+@helion.kernel(static_shapes=False, autotune_effort="none")
+def silu_mul_kernel(
+    x: torch.Tensor,  # [T, 2, NG, G] = [gate | up] when GATED, else [T, 1, NG, G]
+    out: torch.Tensor,  # [T, NG, G], or [T, NG, G // 2] uint8 for nvfp4
+    scale_out: torch.Tensor,  # see quant.store_quantized
+    scale_in: torch.Tensor,  # see quant.store_quantized
+    amax_floor: float,
+    GATED: hl.constexpr,
+    QUANT: hl.constexpr,
+    HAS_SCALE_UB: hl.constexpr,
+    UE8M0: hl.constexpr,
+    SWIZZLED: hl.constexpr,
+    STATIC_LAYOUT: hl.constexpr,
+    FP8_MAX: hl.constexpr,
+) -> None:
+    T, _, NG, G = x.size()
+    NG = hl.specialize(NG)
+    G = hl.specialize(G)
+    for tile_t, tile_g in hl.tile([T, NG]):
+        if GATED:
+            gate = x[tile_t, 0, tile_g, :].to(torch.float32)
+            y = silu(gate).to(x.dtype) * x[tile_t, 1, tile_g, :]
+        else:
+            y = x[tile_t, 0, tile_g, :]
+        store_quantized(y, out, scale_out, scale_in, amax_floor, tile_t, tile_g, T, NG, G,
+                        QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, FP8_MAX, STATIC_LAYOUT)
+
+
+# --- reference ------------------------------------------------------------------------------
+
+def silu_and_mul_reference(input: torch.Tensor) -> torch.Tensor:
+    """The unfused eager composite ``silu(gate) * up``, rounded to the input dtype after each step."""
+    d = input.shape[-1] // 2
+    return silu(input[:, :d].float()).to(input.dtype) * input[:, d:]
+
+
+# --- host glue ------------------------------------------------------------------------------
+
+def _launch(
+    input: torch.Tensor,
+    out: torch.Tensor,
+    flavour: Quant,
+    *,
+    gated: bool,
+    scale_out: torch.Tensor | None = None,
+    scale_in: torch.Tensor | None = None,
+    group: int | None = None,
+    has_scale_ub: bool = False,
+    use_ue8m0: bool = False,
+    swizzled: bool = False,
+    static_layout: StaticScale = StaticScale.TENSOR,
+    fp8_max: float | None = None,
+    amax_floor: float = quant.FP8_AMAX_FLOOR,
+) -> KernelLaunch:
+    tokens, width = input.shape
+    hidden = width // 2 if gated else width
+    group = group or (POINTWISE_GROUP if hidden % POINTWISE_GROUP == 0 else hidden)
+    groups = hidden // group
+    x = input.view(tokens, 2 if gated else 1, groups, group)
+    if fp8_max is None:
+        fp8_max = quant.fp8_max_for(out.dtype) if out.dtype in FP8_DTYPES else 0.0
+    if static_layout is StaticScale.CHANNEL:
+        scale_in = scale_in.reshape(groups, group)
+    dummy = x  # stands in for unused tensor arguments; never read
+    flags = (gated, int(flavour), has_scale_ub, use_ue8m0, swizzled, int(static_layout), float(fp8_max))
+    args = (x, out.view(tokens, groups, out.shape[1] // groups), dummy if scale_out is None else scale_out,
+            dummy if scale_in is None else scale_in, float(amax_floor), *flags)
+    key = (input.dtype, out.dtype, hidden, group, *flags)
+    return KernelLaunch(silu_mul_kernel, args, key, tokens, hidden, input.device, input.dtype)
+
+
+def _check_input(input: Any, gated: bool) -> tuple[int, int]:
+    check_input_2d("input", input)
+    tokens, width = input.shape
+    if gated and width % 2:
+        raise ValueError(f"input: expected [num_tokens, 2 * d] laid out [gate | up], got an odd last dim {width}")
+    return tokens, width // 2 if gated else width
+
+
+def _check_fp8(name: str, value: Any, input: torch.Tensor, tokens: int, hidden: int) -> torch.Tensor:
+    return check_like(name, value, (tokens, hidden), input.device, FP8_DTYPES)
+
+
+def _check_token_scale(name: str, scale: Any, input: torch.Tensor, tokens: int) -> torch.Tensor:
+    return check_tensor(name, scale, dtypes=(torch.float32,), shape=(tokens, 1), device=input.device)
+
+
+def _op(gated: bool, flavour: Quant, prepare: Callable[..., tuple[KernelLaunch, ...]]):
+    """Wrap a host wrapper: argument checks run first, and an empty input launches nothing."""
+    def wrapper(**kwargs: Any) -> tuple[KernelLaunch, ...]:
+        tokens, hidden = _check_input(kwargs["input"], gated)
+        launches = prepare(tokens=tokens, hidden=hidden, **kwargs)
+        return launches if tokens else ()
+    return wrapper
+
+
+# Activation ops ([gate | up] input).
+
+def _prepare_silu_and_mul(result, input, *, tokens, hidden):
+    check_like("result", result, (tokens, hidden), input.device, (input.dtype,))
+    return (_launch(input, result, Quant.NONE, gated=True),)
+
+
+def _reference_silu_and_mul(result, input):
+    result.copy_(silu_and_mul_reference(input))
+
+
+def _prepare_silu_static(result, input, scale, *, tokens, hidden):
+    _check_fp8("result", result, input, tokens, hidden)
+    check_scalar_scale("scale", scale, input.device)
+    return (_launch(input, result, Quant.STATIC, gated=True, scale_in=scale),)
+
+
+def _reference_silu_static(result, input, scale):
+    quant.quantize_static_reference(silu_and_mul_reference(input), scale, result)
+
+
+def _prepare_silu_per_token(result, input, scale, scale_ub, *, tokens, hidden):
+    _check_fp8("result", result, input, tokens, hidden)
+    _check_token_scale("scale", scale, input, tokens)
+    has_ub = check_scale_ub("scale_ub", scale_ub, input.device)
+    return (_launch(input, result, Quant.PER_TOKEN, gated=True, scale_out=scale.view(-1), scale_in=scale_ub,
+                    group=hidden, has_scale_ub=has_ub),)
+
+
+def _reference_silu_per_token(result, input, scale, scale_ub):
+    y = silu_and_mul_reference(input)
+    quant.quantize_per_group_reference(y, result, scale, y.shape[-1], scale_ub)
+
+
+def _prepare_silu_per_block(out, input, scales, group_size, scale_ub=None, is_scale_transposed=False,
+                            scale_ue8m0=False, *, tokens, hidden):
+    _check_fp8("out", out, input, tokens, hidden)
+    check_group_size("group_size", group_size, hidden, GROUP_SIZES)
+    check_group_scale("scales", scales, tokens, hidden // group_size, input.device, is_scale_transposed)
+    has_ub = check_scale_ub("scale_ub", scale_ub, input.device)
+    return (_launch(input, out, Quant.PER_GROUP, gated=True, scale_out=scales, scale_in=scale_ub, group=group_size,
+                    has_scale_ub=has_ub, use_ue8m0=bool(scale_ue8m0)),)
+
+
+def _reference_silu_per_block(out, input, scales, group_size, scale_ub=None, is_scale_transposed=False,
+                              scale_ue8m0=False):
+    quant.quantize_per_group_reference(silu_and_mul_reference(input), out, scales, group_size, scale_ub, scale_ue8m0)
+
+
+def _prepare_silu_nvfp4(result, result_block_scale, input, input_global_scale, is_sf_swizzled_layout=True, *,
+                        tokens, hidden):
+    check_scalar_scale("input_global_scale", input_global_scale, input.device)
+    flat = check_nvfp4_outputs("result", result, "result_block_scale", result_block_scale, tokens, hidden,
+                               input.device, is_sf_swizzled_layout)
+    return (_launch(input, result, Quant.NVFP4, gated=True, scale_out=flat, scale_in=input_global_scale,
+                    group=quant.NVFP4_BLOCK, swizzled=bool(is_sf_swizzled_layout)),)
+
+
+def _reference_silu_nvfp4(result, result_block_scale, input, input_global_scale, is_sf_swizzled_layout=True):
+    quant.quantize_nvfp4_reference(silu_and_mul_reference(input), result, result_block_scale, input_global_scale,
+                                   is_sf_swizzled_layout)
+
+
+# Standalone quant ops ([T, H] input).
+
+def _static_layout(scale: Any, group_shape: Any, tokens: int, hidden: int, device: torch.device) -> StaticScale:
+    """Per tensor, per token or per channel, from the scale's shape and ``group_shape`` (as the engine op reads them)."""
+    check_tensor("scale", scale, dtypes=(torch.float32,), device=device)
+    if group_shape is not None:
+        if len(group_shape) != 2:
+            raise ValueError(f"group_shape: expected two ints (group_m, group_n), got {list(group_shape)}")
+        rows = tokens if group_shape[0] == -1 else group_shape[0]
+        cols = hidden if group_shape[1] == -1 else group_shape[1]
+        shapes = {(tokens, hidden): StaticScale.TENSOR, (1, hidden): StaticScale.TOKEN,
+                  (tokens, 1): StaticScale.CHANNEL}
+        if (rows, cols) not in shapes:
+            raise ValueError(f"group_shape: supported are per tensor (-1, -1), per token (1, -1) and per channel "
+                             f"(-1, 1), got {list(group_shape)}")
+        layout = shapes[(rows, cols)]
+    elif scale.numel() == 1:
+        layout = StaticScale.TENSOR
+    elif scale.dim() == 2 and tuple(scale.shape) == (tokens, 1):
+        layout = StaticScale.TOKEN
+    elif scale.dim() == 2 and tuple(scale.shape) == (1, hidden):
+        layout = StaticScale.CHANNEL
+    else:
+        raise ValueError(f"scale: expected one element, [{tokens}, 1] (per token) or [1, {hidden}] (per channel); "
+                         f"a 1-D scale needs group_shape; got shape {list(scale.shape)}")
+    expected = {StaticScale.TENSOR: 1, StaticScale.TOKEN: tokens, StaticScale.CHANNEL: hidden}[layout]
+    if scale.numel() != expected:
+        raise ValueError(f"scale: {layout.name.lower()} scaling needs {expected} elements, got shape "
+                         f"{list(scale.shape)}")
+    return layout
+
+
+def _prepare_static_quant(result, input, scale, group_shape=None, *, tokens, hidden):
+    _check_fp8("result", result, input, tokens, hidden)
+    layout = _static_layout(scale, group_shape, tokens, hidden, input.device)
+    return (_launch(input, result, Quant.STATIC, gated=False, scale_in=scale.reshape(-1), static_layout=layout),)
+
+
+def _reference_static_quant(result, input, scale, group_shape=None):
+    tokens, hidden = input.shape
+    layout = _static_layout(scale, group_shape, tokens, hidden, input.device)
+    shape = {StaticScale.TENSOR: (1, 1), StaticScale.TOKEN: (tokens, 1), StaticScale.CHANNEL: (1, hidden)}[layout]
+    quant.quantize_static_reference(input, scale.reshape(shape), result)
+
+
+def _prepare_dynamic_quant(result, input, scale, *, tokens, hidden):
+    _check_fp8("result", result, input, tokens, hidden)
+    check_scalar_scale("scale", scale, input.device)
+    if tokens == 0:  # nothing to launch; the scale of an empty tensor is the floor
+        quant.quantize_per_tensor_reference(input, result, scale)
+        return ()
+    if tokens == 1:  # the row's amax is the tensor's: one launch
+        return (_launch(input, result, Quant.PER_TOKEN, gated=False, scale_out=scale.view(1), group=hidden),)
+    amax = torch.zeros(1, dtype=torch.float32, device=input.device)
+    return (_launch(input, result, Quant.AMAX, gated=False, scale_out=amax),
+            _launch(input, result, Quant.PER_TENSOR, gated=False, scale_out=scale.view(1), scale_in=amax))
+
+
+def _reference_dynamic_quant(result, input, scale):
+    quant.quantize_per_tensor_reference(input, result, scale)
+
+
+def _prepare_per_token_quant(result, input, scale, scale_ub=None, *, tokens, hidden):
+    _check_fp8("result", result, input, tokens, hidden)
+    _check_token_scale("scale", scale, input, tokens)
+    has_ub = check_scale_ub("scale_ub", scale_ub, input.device)
+    return (_launch(input, result, Quant.PER_TOKEN, gated=False, scale_out=scale.view(-1), scale_in=scale_ub,
+                    group=hidden, has_scale_ub=has_ub),)
+
+
+def _reference_per_token_quant(result, input, scale, scale_ub=None):
+    quant.quantize_per_group_reference(input, result, scale, input.shape[-1], scale_ub)
+
+
+def _check_fp8_range(output_q: torch.Tensor, fp8_min: Any, fp8_max: Any) -> float:
+    fp8_max = check_positive_float("fp8_max", fp8_max)
+    if fp8_max > torch.finfo(output_q.dtype).max:
+        raise ValueError(f"fp8_max: {fp8_max} exceeds the largest {output_q.dtype} value "
+                         f"{torch.finfo(output_q.dtype).max}")
+    if isinstance(fp8_min, bool) or not isinstance(fp8_min, (int, float)) or fp8_min != -fp8_max:
+        raise ValueError(f"fp8_min: expected -fp8_max ({-fp8_max}), got {fp8_min!r}")
+    return fp8_max
+
+
+def _prepare_group_quant(input, output_q, output_s, group_size, eps, fp8_min, fp8_max, scale_ue8m0,
+                         dummy_is_scale_transposed=False, dummy_is_tma_aligned=False, *, tokens, hidden):
+    _check_fp8("output_q", output_q, input, tokens, hidden)
+    check_group_size("group_size", group_size, hidden, GROUP_SIZES)
+    # any strides: row-major, column-major and TMA-aligned scales are all written in place
+    check_group_scale("output_s", output_s, tokens, hidden // group_size, input.device, None)
+    eps = check_positive_float("eps", eps)
+    fp8_max = _check_fp8_range(output_q, fp8_min, fp8_max)
+    return (_launch(input, output_q, Quant.PER_GROUP, gated=False, scale_out=output_s, group=group_size,
+                    use_ue8m0=bool(scale_ue8m0), fp8_max=fp8_max, amax_floor=eps),)
+
+
+def _reference_group_quant(input, output_q, output_s, group_size, eps, fp8_min, fp8_max, scale_ue8m0,
+                           dummy_is_scale_transposed=False, dummy_is_tma_aligned=False):
+    quant.quantize_per_group_reference(input, output_q, output_s, group_size, None, scale_ue8m0, eps, fp8_max)
+
+
+def _prepare_fp4_quant(output, input, output_scale, input_scale, is_sf_swizzled_layout=True, *, tokens, hidden):
+    check_scalar_scale("input_scale", input_scale, input.device)
+    flat = check_nvfp4_outputs("output", output, "output_scale", output_scale, tokens, hidden, input.device,
+                               is_sf_swizzled_layout)
+    return (_launch(input, output, Quant.NVFP4, gated=False, scale_out=flat, scale_in=input_scale,
+                    group=quant.NVFP4_BLOCK, swizzled=bool(is_sf_swizzled_layout)),)
+
+
+def _reference_fp4_quant(output, input, output_scale, input_scale, is_sf_swizzled_layout=True):
+    quant.quantize_nvfp4_reference(input, output, output_scale, input_scale, is_sf_swizzled_layout)
+
+
+# --- tuning grid, seeds and bench inputs -----------------------------------------------------
+
+def _group_of(flavour: Quant) -> Callable[[int], int]:
+    """The group a flavour's kernel sees for hidden size ``d`` (bench and tuning use the default group 128)."""
+    if flavour is Quant.PER_TOKEN:
+        return lambda d: d
+    if flavour is Quant.NVFP4:
+        return lambda d: quant.NVFP4_BLOCK
+    return lambda d: POINTWISE_GROUP if d % POINTWISE_GROUP == 0 else d
+
+
+def _pow2_at_most(value: int) -> int:
+    return 1 << (max(value, 1).bit_length() - 1)
+
+
+def _tile(hidden: int, group: int, rows: int, elements: int, warps: int) -> helion.Config:
+    """``rows`` tokens by as many groups as make ``elements`` per program (whole rows when groups are rows)."""
+    groups = hidden // group
+    group_block = 1 if groups == 1 else min(_pow2_at_most(max(elements // (rows * group), 1)),
+                                             1 << (groups - 1).bit_length())
+    return helion.Config(block_sizes=[rows, group_block], num_warps=warps)
+
+
+def _tuning(flavour: Quant):
+    group_of = _group_of(flavour)
+
+    def default_config(hidden: int) -> helion.Config:
+        if hidden // group_of(hidden) == 1:  # a whole row per program
+            return _tile(hidden, hidden, 1, hidden, 4 if hidden <= 4096 else 8)
+        return _tile(hidden, group_of(hidden), 1, 2048, 4)
+
+    def seed_configs(hidden: int, tokens: int) -> list[helion.Config]:
+        group = group_of(hidden)
+        if hidden // group == 1:
+            rows = [r for r in (1, 2, 4) if r <= max(tokens, 1) and (r == 1 or hidden <= 4096)]
+            return [_tile(hidden, group, r, hidden, w) for r in rows for w in (4, 8, 16)]
+        rows = [r for r in (1, 4) if r <= max(tokens, 1)]
+        return [_tile(hidden, group, r, e, w) for r in rows for e in (2048, 4096) for w in (4, 8)]
+
+    def search_configs(hidden: int, tokens: int) -> list[helion.Config]:
+        group = group_of(hidden)
+        rows = [r for r in (1, 2, 8) if r <= max(tokens, 1)]
+        if hidden // group == 1:
+            return [_tile(hidden, group, r, hidden, w) for r in rows for w in (2, 32) if r * hidden >= 64 * w]
+        return [_tile(hidden, group, r, e, w) for r in rows for e in (1024, 8192) for w in (2, 4, 16)]
+
+    return default_config, seed_configs, search_configs
+
+
+def _inputs(flavour: Quant, gated: bool, names: dict[str, str], **fixed: Any):
+    """make_inputs for one op: random activations, poisoned outputs, the op's argument names."""
+    def make(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        from helion_fusions.dispatch import fp8_dtype
+        from helion_fusions.testing import poisoned
+
+        generator = torch.Generator(device="cpu").manual_seed(tokens * 7919 + hidden)
+        width = 2 * hidden if gated else hidden
+        kwargs: dict[str, Any] = {"input": torch.randn(tokens, width, generator=generator).to(dtype=dtype,
+                                                                                              device=device)}
+        if flavour is Quant.NONE:
+            kwargs[names["result"]] = poisoned((tokens, hidden), dtype, device)
+        elif flavour is Quant.NVFP4:
+            rows, cols = quant.swizzled_scale_shape(tokens, hidden // quant.NVFP4_BLOCK)
+            kwargs[names["result"]] = poisoned((tokens, hidden // 2), torch.uint8, device)
+            kwargs[names["scale"]] = poisoned((rows, cols), torch.uint8, device)
+            kwargs[names["global_scale"]] = torch.tensor([448.0 * 6.0 / 16.0], device=device)
+        else:
+            kwargs[names["result"]] = poisoned((tokens, hidden), fp8_dtype(device), device)
+            if flavour is Quant.STATIC:
+                kwargs[names["scale"]] = torch.tensor([0.02], device=device)
+            elif flavour is Quant.PER_TENSOR:
+                kwargs[names["scale"]] = poisoned((1,), torch.float32, device)
+            elif flavour is Quant.PER_TOKEN:
+                kwargs[names["scale"]] = poisoned((tokens, 1), torch.float32, device)
+            else:
+                group = fixed.get("group_size", 128)
+                kwargs[names["scale"]] = poisoned((tokens, hidden // group), torch.float32, device)
+        kwargs.update(fixed)
+        return kwargs
+    return make
+
+
+def _declare(name: str, schema: str, prepare, reference, flavour: Quant, gated: bool, names: dict[str, str],
+             **fixed: Any) -> OpSpec:
+    default_config, seed_configs, search_configs = _tuning(flavour)
+    return register(OpSpec(
+        name=name, schema=schema, family="silu_mul" if gated else "quant", kernel=silu_mul_kernel,
+        prepare=_op(gated, flavour, prepare), reference=reference,
+        make_inputs=_inputs(flavour, gated, names, **fixed), default_config=default_config,
+        seed_configs=seed_configs, search_configs=search_configs, hidden_sizes=HIDDEN_GRID,
+    ))
+
+
+_RESULT = {"result": "result", "scale": "scale"}
+
+SILU_AND_MUL = _declare(
+    "silu_and_mul", "(Tensor! result, Tensor input) -> ()",
+    _prepare_silu_and_mul, _reference_silu_and_mul, Quant.NONE, True, _RESULT)
+SILU_AND_MUL_QUANT = _declare(
+    "silu_and_mul_quant", "(Tensor! result, Tensor input, Tensor scale) -> ()",
+    _prepare_silu_static, _reference_silu_static, Quant.STATIC, True, _RESULT)
+SILU_AND_MUL_DYNAMIC_PER_TOKEN_QUANT = _declare(
+    "silu_and_mul_dynamic_per_token_quant",
+    "(Tensor! result, Tensor input, Tensor! scale, Tensor? scale_ub) -> ()",
+    _prepare_silu_per_token, _reference_silu_per_token, Quant.PER_TOKEN, True, _RESULT, scale_ub=None)
+SILU_AND_MUL_PER_BLOCK_QUANT = _declare(
+    "silu_and_mul_per_block_quant",
+    "(Tensor! out, Tensor input, Tensor! scales, int group_size, Tensor? scale_ub=None, "
+    "bool is_scale_transposed=False, bool scale_ue8m0=False) -> ()",
+    _prepare_silu_per_block, _reference_silu_per_block, Quant.PER_GROUP, True, {"result": "out", "scale": "scales"},
+    group_size=128)
+SILU_AND_MUL_NVFP4_QUANT = _declare(
+    "silu_and_mul_nvfp4_quant",
+    "(Tensor! result, Tensor! result_block_scale, Tensor input, Tensor input_global_scale, "
+    "bool is_sf_swizzled_layout=True) -> ()",
+    _prepare_silu_nvfp4, _reference_silu_nvfp4, Quant.NVFP4, True,
+    {"result": "result", "scale": "result_block_scale", "global_scale": "input_global_scale"})
+
+STATIC_SCALED_FP8_QUANT = _declare(
+    "static_scaled_fp8_quant", "(Tensor! result, Tensor input, Tensor scale, int[]? group_shape=None) -> ()",
+    _prepare_static_quant, _reference_static_quant, Quant.STATIC, False, _RESULT)
+DYNAMIC_SCALED_FP8_QUANT = _declare(
+    "dynamic_scaled_fp8_quant", "(Tensor! result, Tensor input, Tensor! scale) -> ()",
+    _prepare_dynamic_quant, _reference_dynamic_quant, Quant.PER_TENSOR, False, _RESULT)
+DYNAMIC_PER_TOKEN_SCALED_FP8_QUANT = _declare(
+    "dynamic_per_token_scaled_fp8_quant", "(Tensor! result, Tensor input, Tensor! scale, Tensor? scale_ub) -> ()",
+    _prepare_per_token_quant, _reference_per_token_quant, Quant.PER_TOKEN, False, _RESULT, scale_ub=None)
+PER_TOKEN_GROUP_FP8_QUANT = _declare(
+    "per_token_group_fp8_quant",
+    "(Tensor input, Tensor! output_q, Tensor! output_s, int group_size, float eps, float fp8_min, float fp8_max, "
+    "bool scale_ue8m0, bool dummy_is_scale_transposed, bool dummy_is_tma_aligned) -> ()",
+    _prepare_group_quant, _reference_group_quant, Quant.PER_GROUP, False, {"result": "output_q", "scale": "output_s"},
+    group_size=128, eps=1e-10, fp8_min=-448.0, fp8_max=448.0, scale_ue8m0=False, dummy_is_scale_transposed=False,
+    dummy_is_tma_aligned=False)
+SCALED_FP4_QUANT = _declare(
+    "scaled_fp4_quant",
+    "(Tensor! output, Tensor input, Tensor! output_scale, Tensor input_scale, bool is_sf_swizzled_layout=True) -> ()",
+    _prepare_fp4_quant, _reference_fp4_quant, Quant.NVFP4, False,
+    {"result": "output", "scale": "output_scale", "global_scale": "input_scale"})
