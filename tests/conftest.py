@@ -15,6 +15,7 @@ from helion.runtime.ref_mode import RefMode
 
 import helion_fusions
 from helion_fusions import dispatch
+from helion_fusions.kernels import quant
 from helion_fusions.registry import REGISTRY, OpSpec
 from helion_fusions.testing import clone_kwargs, compare_outputs, outputs_ok, poisoned
 
@@ -97,14 +98,31 @@ def _sample_inputs(spec: OpSpec) -> dict[str, Any]:
     return spec.make_inputs(1, 256, torch.bfloat16, torch.device("cpu"))
 
 
+_ROLES = {
+    "result": ("result", "out", "output", "output_q"),
+    "scale": ("scale", "scales", "output_s"),
+    "block_scale": ("result_scale", "result_block_scale", "output_scale"),
+    "global_scale": ("global_scale", "input_global_scale", "input_scale"),
+}
+
+
+def arg(spec: OpSpec, role: str) -> str | None:
+    """The op's name for an argument role ("result", "scale", "block_scale", "global_scale"), as its schema spells it."""
+    return next((name for name in _ROLES[role] if name in spec.arg_names), None)
+
+
 def is_fp8_op(spec: OpSpec) -> bool:
-    """The op writes an fp8 ``result``."""
-    result = _sample_inputs(spec).get("result")
+    """The op writes an fp8 result."""
+    result = _sample_inputs(spec).get(arg(spec, "result") or "")
     return result is not None and result.dtype in FP8_DTYPES
 
 
 def is_nvfp4_op(spec: OpSpec) -> bool:
-    return "result_scale" in spec.arg_names
+    return arg(spec, "block_scale") is not None
+
+
+def family(name: str) -> list[OpSpec]:
+    return [spec for spec in REGISTRY.values() if spec.family == name]
 
 
 def written(spec: OpSpec, kwargs: dict[str, Any]) -> list[str]:
@@ -133,10 +151,13 @@ def run_against_reference(spec: OpSpec, kwargs: dict[str, Any], max_flip_fractio
     return expected
 
 
-def with_fp8_result(kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    """Swap the fp8 ``result`` buffer for a poisoned one of the other fp8 flavour."""
-    result = kwargs["result"]
-    kwargs["result"] = poisoned(tuple(result.shape), dtype, result.device)
+def with_fp8_result(spec: OpSpec, kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """Swap the fp8 result buffer for a poisoned one of the other fp8 flavour (and its fp8_max, where passed)."""
+    name = arg(spec, "result")
+    result = kwargs[name]
+    kwargs[name] = poisoned(tuple(result.shape), dtype, result.device)
+    if "fp8_max" in kwargs:
+        kwargs.update(fp8_max=quant.fp8_max_for(dtype), fp8_min=-quant.fp8_max_for(dtype))
     return kwargs
 
 

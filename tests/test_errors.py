@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import is_fp8_op, is_nvfp4_op, spec_params
+from conftest import arg, is_fp8_op, is_nvfp4_op, spec_params
 
 from helion_fusions.registry import REGISTRY, OpSpec
 from helion_fusions.testing import poisoned
@@ -16,10 +16,14 @@ TOKENS, HIDDEN = 5, 256
 PER_BLOCK = REGISTRY["rms_norm_per_block_quant"]
 FP8_OPS = [s.name for s in REGISTRY.values() if is_fp8_op(s)]
 NVFP4_OPS = [s.name for s in REGISTRY.values() if is_nvfp4_op(s)]
-RESULT_OPS = [s.name for s in REGISTRY.values() if "result" in s.arg_names and not is_nvfp4_op(s)]
+NORM_OPS = [s.name for s in REGISTRY.values() if "weight" in s.arg_names]
+RESULT_OPS = [s.name for s in REGISTRY.values() if arg(s, "result") and not is_nvfp4_op(s)]
 RESIDUAL_OPS = [s.name for s in REGISTRY.values() if "residual" in s.arg_names]
-STATIC_SCALE_OPS = [s.name for s in REGISTRY.values() if is_fp8_op(s) and "scale_ub" not in s.arg_names]
+STATIC_SCALE_OPS = [s.name for s in REGISTRY.values()
+                    if is_fp8_op(s) and "scale" in s.arg_names and "scale_ub" not in s.arg_names]
 SCALE_UB_OPS = [s.name for s in REGISTRY.values() if "scale_ub" in s.arg_names]
+GROUP_OPS = [s.name for s in REGISTRY.values() if "group_size" in s.arg_names]
+TRANSPOSED_FLAG_OPS = [s.name for s in REGISTRY.values() if "is_scale_transposed" in s.arg_names]
 
 
 def _inputs(spec: OpSpec, tokens: int = TOKENS, hidden: int = HIDDEN) -> dict[str, Any]:
@@ -56,35 +60,38 @@ def test_input_last_dim_not_contiguous(spec: OpSpec) -> None:
     _raises(ValueError, "input", spec, input=torch.randn(HIDDEN, TOKENS, dtype=torch.bfloat16).t())
 
 
-@pytest.mark.parametrize("spec", spec_params())
+@pytest.mark.parametrize("spec", spec_params(NORM_OPS))
 def test_weight_shape(spec: OpSpec) -> None:
     _raises(ValueError, "weight", spec, weight=torch.ones(HIDDEN + 1, dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("spec", spec_params())
+@pytest.mark.parametrize("spec", spec_params(NORM_OPS))
 def test_weight_dtype(spec: OpSpec) -> None:
     _raises(TypeError, "weight", spec, weight=torch.ones(HIDDEN, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("epsilon", [-1e-6, 0.0])
-@pytest.mark.parametrize("spec", spec_params())
+@pytest.mark.parametrize("spec", spec_params(NORM_OPS))
 def test_epsilon_not_positive(spec: OpSpec, epsilon: float) -> None:
     _raises(ValueError, "epsilon", spec, epsilon=epsilon)
 
 
 @pytest.mark.parametrize("spec", spec_params(FP8_OPS))
 def test_result_dtype_fp8_op(spec: OpSpec) -> None:
-    _raises(TypeError, "result", spec, result=torch.empty(TOKENS, HIDDEN, dtype=torch.bfloat16))
+    name = arg(spec, "result")
+    _raises(TypeError, name, spec, **{name: torch.empty(TOKENS, HIDDEN, dtype=torch.bfloat16)})
 
 
-def test_result_dtype_unquantized_op() -> None:
-    _raises(TypeError, "result", REGISTRY["rms_norm"], result=torch.empty(TOKENS, HIDDEN, dtype=torch.float16))
+@pytest.mark.parametrize("spec", spec_params(["rms_norm", "silu_and_mul"]))
+def test_result_dtype_unquantized_op(spec: OpSpec) -> None:
+    _raises(TypeError, "result", spec, result=torch.empty(TOKENS, HIDDEN, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("spec", spec_params(RESULT_OPS))
 def test_result_shape(spec: OpSpec) -> None:
-    result = _inputs(spec)["result"]
-    _raises(ValueError, "result", spec, result=torch.empty(TOKENS + 1, HIDDEN, dtype=result.dtype))
+    name = arg(spec, "result")
+    result = _inputs(spec)[name]
+    _raises(ValueError, name, spec, **{name: torch.empty(TOKENS + 1, HIDDEN, dtype=result.dtype)})
 
 
 @pytest.mark.parametrize("spec", spec_params(STATIC_SCALE_OPS))
@@ -99,13 +106,14 @@ def test_static_scale_dtype(spec: OpSpec) -> None:
 
 @pytest.mark.parametrize("spec", spec_params(SCALE_UB_OPS))
 def test_dynamic_scale_shape(spec: OpSpec) -> None:
-    _raises(ValueError, "scale", spec, scale=torch.empty(TOKENS, 3))
+    name = arg(spec, "scale")
+    _raises(ValueError, name, spec, **{name: torch.empty(TOKENS, 3)})
 
 
 @pytest.mark.parametrize("spec", spec_params(SCALE_UB_OPS))
 def test_dynamic_scale_dtype(spec: OpSpec) -> None:
-    scale = _inputs(spec)["scale"]
-    _raises(TypeError, "scale", spec, scale=torch.empty(scale.shape, dtype=torch.bfloat16))
+    name = arg(spec, "scale")
+    _raises(TypeError, name, spec, **{name: torch.empty(_inputs(spec)[name].shape, dtype=torch.bfloat16)})
 
 
 @pytest.mark.parametrize("spec", spec_params(SCALE_UB_OPS))
@@ -126,27 +134,32 @@ def test_residual_dtype(spec: OpSpec) -> None:
 # --- per-block ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("group_size", [32, 256, 100])
-def test_group_size_not_supported(group_size: int) -> None:
-    _raises(ValueError, "group_size", PER_BLOCK, group_size=group_size)
+@pytest.mark.parametrize("spec", spec_params(GROUP_OPS))
+def test_group_size_not_supported(spec: OpSpec, group_size: int) -> None:
+    _raises(ValueError, "group_size", spec, group_size=group_size)
 
 
-def test_group_size_not_dividing_hidden() -> None:
-    kwargs = _inputs(PER_BLOCK, hidden=192)
-    kwargs.update(group_size=128, scale=torch.empty(TOKENS, 1))
+@pytest.mark.parametrize("spec", spec_params(GROUP_OPS))
+def test_group_size_not_dividing_hidden(spec: OpSpec) -> None:
+    kwargs = _inputs(spec, hidden=192)
+    kwargs.update({"group_size": 128, arg(spec, "scale"): torch.empty(TOKENS, 1)})
     with pytest.raises(ValueError, match=r"^group_size: 128 does not divide the hidden size 192"):
-        PER_BLOCK.op(**kwargs)
+        spec.op(**kwargs)
 
 
-def test_per_block_scale_shape() -> None:
-    _raises(ValueError, "scale", PER_BLOCK, scale=torch.empty(TOKENS, HIDDEN // 64))
+@pytest.mark.parametrize("spec", spec_params(GROUP_OPS))
+def test_per_block_scale_shape(spec: OpSpec) -> None:
+    name = arg(spec, "scale")
+    _raises(ValueError, name, spec, **{name: torch.empty(TOKENS, HIDDEN // 64)})
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-def test_transposed_flag_disagrees_with_strides(transposed: bool) -> None:
-    groups = HIDDEN // 128
+@pytest.mark.parametrize("spec", spec_params(TRANSPOSED_FLAG_OPS))
+def test_transposed_flag_disagrees_with_strides(spec: OpSpec, transposed: bool) -> None:
+    groups, name = HIDDEN // 128, arg(spec, "scale")
     scale = torch.empty(groups, TOKENS).t() if not transposed else torch.empty(TOKENS, groups)
-    with pytest.raises(ValueError, match=rf"^scale: is_scale_transposed={transposed}"):
-        PER_BLOCK.op(**{**_inputs(PER_BLOCK), "scale": scale, "is_scale_transposed": transposed})
+    with pytest.raises(ValueError, match=rf"^{name}: is_scale_transposed={transposed}"):
+        spec.op(**{**_inputs(spec), name: scale, "is_scale_transposed": transposed})
 
 
 # --- nvfp4 ----------------------------------------------------------------------------------------
@@ -163,29 +176,69 @@ def test_nvfp4_hidden_not_multiple_of_16(spec: OpSpec) -> None:
 def test_nvfp4_result_scale_size(spec: OpSpec, swizzled: bool) -> None:
     # The swizzled size for (5, 256) is 128x4 bytes; the linear one 5x16.
     wrong = poisoned((TOKENS, HIDDEN // 16), torch.uint8, "cpu") if swizzled else poisoned((128, 4), torch.uint8, "cpu")
-    _raises(ValueError, "result_scale", spec, result_scale=wrong, is_sf_swizzled_layout=swizzled)
+    name = arg(spec, "block_scale")
+    _raises(ValueError, name, spec, **{name: wrong, "is_sf_swizzled_layout": swizzled})
 
 
 @pytest.mark.parametrize("spec", spec_params(NVFP4_OPS))
 def test_nvfp4_result_scale_dtype(spec: OpSpec) -> None:
-    _raises(TypeError, "result_scale", spec, result_scale=torch.zeros(128, 4, dtype=torch.bfloat16))
+    name = arg(spec, "block_scale")
+    _raises(TypeError, name, spec, **{name: torch.zeros(128, 4, dtype=torch.bfloat16)})
 
 
 @pytest.mark.parametrize("spec", spec_params(NVFP4_OPS))
 def test_nvfp4_result_dtype_and_shape(spec: OpSpec) -> None:
-    _raises(TypeError, "result", spec, result=torch.empty(TOKENS, HIDDEN // 2, dtype=torch.float8_e4m3fn))
-    _raises(ValueError, "result", spec, result=torch.empty(TOKENS, HIDDEN, dtype=torch.uint8))
+    name = arg(spec, "result")
+    _raises(TypeError, name, spec, **{name: torch.empty(TOKENS, HIDDEN // 2, dtype=torch.float8_e4m3fn)})
+    _raises(ValueError, name, spec, **{name: torch.empty(TOKENS, HIDDEN, dtype=torch.uint8)})
 
 
 @pytest.mark.parametrize("spec", spec_params(NVFP4_OPS))
 def test_nvfp4_global_scale(spec: OpSpec) -> None:
-    _raises(ValueError, "global_scale", spec, global_scale=torch.tensor([1.0, 2.0]))
-    _raises(TypeError, "global_scale", spec, global_scale=torch.tensor([1.0], dtype=torch.bfloat16))
+    name = arg(spec, "global_scale")
+    _raises(ValueError, name, spec, **{name: torch.tensor([1.0, 2.0])})
+    _raises(TypeError, name, spec, **{name: torch.tensor([1.0], dtype=torch.bfloat16)})
 
 
 # --- devices --------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a device mismatch needs a CUDA device")
-@pytest.mark.parametrize("spec", spec_params())
+@pytest.mark.parametrize("spec", spec_params(NORM_OPS))
 def test_weight_on_another_device(spec: OpSpec) -> None:
     _raises(ValueError, "weight", spec, weight=torch.ones(HIDDEN, dtype=torch.bfloat16, device="cuda"))
+
+
+# --- silu_mul and the standalone quant ops --------------------------------------------------------
+
+@pytest.mark.parametrize("spec", spec_params([s.name for s in REGISTRY.values() if s.family == "silu_mul"]))
+def test_gated_input_needs_an_even_width(spec: OpSpec) -> None:
+    _raises(ValueError, "input", spec, input=torch.randn(TOKENS, 2 * HIDDEN + 1).to(torch.bfloat16))
+
+
+STATIC = REGISTRY["static_scaled_fp8_quant"]
+
+
+@pytest.mark.parametrize(("scale", "group_shape", "message"), [
+    (torch.full((HIDDEN,), 0.1), None, "scale: expected one element"),
+    (torch.full((TOKENS, 2), 0.1), None, "scale: expected one element"),
+    (torch.full((TOKENS,), 0.1), [1, 2], "group_shape: supported are"),
+    (torch.full((TOKENS,), 0.1), [1, -1, 1], "group_shape: expected two ints"),
+    (torch.full((HIDDEN,), 0.1), [1, -1], "scale: token scaling needs 5 elements"),
+    (torch.full((TOKENS,), 0.1), [-1, 1], "scale: channel scaling needs 256 elements"),
+], ids=["1d_without_group_shape", "wrong_2d", "unsupported_group", "three_ints", "token_count", "channel_count"])
+def test_static_scale_layout_errors(scale: torch.Tensor, group_shape: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        STATIC.op(**{**_inputs(STATIC), "scale": scale, "group_shape": group_shape})
+
+
+GROUP_QUANT = REGISTRY["per_token_group_fp8_quant"]
+
+
+@pytest.mark.parametrize(("overrides", "error", "name"), [
+    ({"fp8_min": -400.0}, ValueError, "fp8_min"),
+    ({"fp8_max": 500.0, "fp8_min": -500.0}, ValueError, "fp8_max"),
+    ({"fp8_max": 0.0, "fp8_min": 0.0}, ValueError, "fp8_max"),
+    ({"eps": 0.0}, ValueError, "eps"),
+], ids=["asymmetric_range", "beyond_dtype", "zero_max", "zero_eps"])
+def test_group_quant_arguments(overrides: dict[str, Any], error: type[Exception], name: str) -> None:
+    _raises(error, name, GROUP_QUANT, **overrides)

@@ -16,6 +16,7 @@ quantizes. :func:`helion_fusions.dispatch.launch_count` reports which.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -112,12 +113,17 @@ def _launch(
         fp8_max = quant.fp8_max_for(out.dtype) if out.dtype in FP8_DTYPES else 0.0
     if static_layout is StaticScale.CHANNEL:
         scale_in = scale_in.reshape(groups, group)
-    dummy = x  # stands in for unused tensor arguments; never read
+    dummy = _placeholder(input.device)  # stands in for unused tensor arguments; never read
     flags = (gated, int(flavour), has_scale_ub, use_ue8m0, swizzled, int(static_layout), float(fp8_max))
     args = (x, out.view(tokens, groups, out.shape[1] // groups), dummy if scale_out is None else scale_out,
             dummy if scale_in is None else scale_in, float(amax_floor), *flags)
     key = (input.dtype, out.dtype, hidden, group, *flags)
     return KernelLaunch(silu_mul_kernel, args, key, tokens, hidden, input.device, input.dtype)
+
+
+@functools.cache
+def _placeholder(device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.float32, device=device)
 
 
 def _check_input(input: Any, gated: bool) -> tuple[int, int]:
