@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_outputs_match, clone_kwargs, spec_params
+from conftest import arg, assert_outputs_match, clone_kwargs, is_nvfp4_op, spec_params
 
 import helion_fusions
 from helion_fusions import config_store, dispatch
 from helion_fusions.config_store import ConfigError, Entry
 from helion_fusions.dispatch import DeviceIdentity
 from helion_fusions.registry import REGISTRY, KernelLaunch, OpSpec
+from helion_fusions.testing import poisoned
 
 SPEC = REGISTRY["rms_norm_static_fp8_quant"]
 H100 = DeviceIdentity("nvidia_h100", "nvidia_sm90", torch.float8_e4m3fn)
@@ -308,8 +309,8 @@ def test_concurrent_calls(interpret, spec: OpSpec) -> None:
         list(pool.map(call, range(threads)))  # re-raises a thread's failure
 
 
-ROW_OPS = ["rms_norm_static_fp8_quant", "fused_add_rms_norm_static_fp8_quant", "rms_norm_dynamic_per_token_quant",
-           "rms_norm_per_block_quant"]
+# every op whose rows are independent (dynamic per-tensor quant is not: its scale is the whole batch's)
+ROW_OPS = [name for name in REGISTRY if name != "dynamic_scaled_fp8_quant"]
 
 
 def _row(kwargs: dict[str, Any], row: int, tokens: int) -> dict[str, Any]:
@@ -324,6 +325,9 @@ def test_batch_invariance(interpret, batch_invariant, spec: OpSpec) -> None:
     kwargs = spec.make_inputs(tokens, hidden, torch.bfloat16, torch.device("cpu"))
     if kwargs.get("residual", ...) is None:
         kwargs["residual"] = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+    if is_nvfp4_op(spec):  # linear block scales: one row of scales per token
+        kwargs[arg(spec, "block_scale")] = poisoned((tokens, hidden // 16), torch.uint8, "cpu")
+        kwargs["is_sf_swizzled_layout"] = False
     rows = {row: _row(kwargs, row, tokens) for row in (0, 1, 150, 299)}
     spec.op(**kwargs)
     for row, alone in rows.items():

@@ -28,6 +28,22 @@ EXPECTED_SCHEMAS = {
     "fused_add_rms_norm_nvfp4_quant": (
         ["result", "result_scale", "input", "residual", "weight", "global_scale", "epsilon", "is_sf_swizzled_layout"],
         ["result", "result_scale", "residual"]),
+    "silu_and_mul": (["result", "input"], ["result"]),
+    "silu_and_mul_quant": (["result", "input", "scale"], ["result"]),
+    "silu_and_mul_dynamic_per_token_quant": (["result", "input", "scale", "scale_ub"], ["result", "scale"]),
+    "silu_and_mul_per_block_quant": (
+        ["out", "input", "scales", "group_size", "scale_ub", "is_scale_transposed", "scale_ue8m0"], ["out", "scales"]),
+    "silu_and_mul_nvfp4_quant": (
+        ["result", "result_block_scale", "input", "input_global_scale", "is_sf_swizzled_layout"],
+        ["result", "result_block_scale"]),
+    "static_scaled_fp8_quant": (["result", "input", "scale", "group_shape"], ["result"]),
+    "dynamic_scaled_fp8_quant": (["result", "input", "scale"], ["result", "scale"]),
+    "dynamic_per_token_scaled_fp8_quant": (["result", "input", "scale", "scale_ub"], ["result", "scale"]),
+    "per_token_group_fp8_quant": (
+        ["input", "output_q", "output_s", "group_size", "eps", "fp8_min", "fp8_max", "scale_ue8m0",
+         "dummy_is_scale_transposed", "dummy_is_tma_aligned"], ["output_q", "output_s"]),
+    "scaled_fp4_quant": (
+        ["output", "input", "output_scale", "input_scale", "is_sf_swizzled_layout"], ["output", "output_scale"]),
 }
 
 
@@ -46,7 +62,7 @@ def _case_params() -> list[Any]:
     return params
 
 
-def test_the_registry_holds_the_rms_norm_family() -> None:
+def test_the_registry_holds_every_declared_op() -> None:
     assert set(REGISTRY) == set(EXPECTED_SCHEMAS)
 
 
