@@ -1,0 +1,104 @@
+"""What is particular to the silu_mul family and the standalone quant ops (kernels run eagerly on CPU).
+
+The generic tests (every op against its reference, layouts, strides, errors) cover these ops
+too; here: static scale layouts, the one- and two-launch paths of dynamic per-tensor quant,
+and the silu reference against PyTorch's own silu.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+import torch
+from conftest import FP8_DTYPES, run_against_reference, with_fp8_result
+
+import helion_fusions
+from helion_fusions.kernels import quant
+from helion_fusions.kernels.silu_mul import silu_and_mul_reference
+from helion_fusions.registry import REGISTRY
+from helion_fusions.testing import compare, poisoned
+
+pytestmark = pytest.mark.usefixtures("interpret")
+
+STATIC = REGISTRY["static_scaled_fp8_quant"]
+DYNAMIC = REGISTRY["dynamic_scaled_fp8_quant"]
+
+
+def _static_scale(layout: str, tokens: int, hidden: int, one_dim: bool) -> tuple[torch.Tensor, list[int] | None]:
+    """A scale (random, positive) for ``layout``, 1-D with group_shape or 2-D without."""
+    count = {"token": tokens, "channel": hidden}[layout]
+    scale = 0.005 + 0.02 * torch.rand(count)
+    if one_dim:
+        return scale, [1, -1] if layout == "token" else [-1, 1]
+    return scale.reshape((tokens, 1) if layout == "token" else (1, hidden)), None
+
+
+@pytest.mark.parametrize("layout", ("token", "channel"))
+@pytest.mark.parametrize("one_dim", (False, True), ids=("2d_scale", "1d_scale_with_group_shape"))
+@pytest.mark.parametrize(("tokens", "hidden"), [(1, 17), (7, 1025), (300, 384), (2, 5137)])
+@pytest.mark.parametrize("fp8", FP8_DTYPES, ids=str)
+def test_static_quant_per_token_and_per_channel(layout: str, one_dim: bool, tokens: int, hidden: int, fp8) -> None:
+    kwargs = with_fp8_result(STATIC, STATIC.make_inputs(tokens, hidden, torch.float16, torch.device("cpu")), fp8)
+    kwargs["scale"], kwargs["group_shape"] = _static_scale(layout, tokens, hidden, one_dim)
+    run_against_reference(STATIC, kwargs)
+
+
+def test_static_quant_per_channel_scales_each_column() -> None:
+    """A per-channel scale of 2x on one column halves that column's codes (the reference is not the only judge)."""
+    kwargs = STATIC.make_inputs(4, 256, torch.bfloat16, torch.device("cpu"))
+    kwargs["input"] = torch.full((4, 256), 1.0, dtype=torch.bfloat16)
+    scale = torch.full((1, 256), 1.0 / 64)
+    scale[0, 3] = 1.0 / 32
+    STATIC.op(**{**kwargs, "scale": scale})
+    values = kwargs["result"].float()
+    assert bool((values[:, 3] == 32).all()) and bool((values[:, 4] == 64).all())
+
+
+@pytest.mark.parametrize(("tokens", "launches"), [(0, 0), (1, 1), (2, 2), (7, 2), (300, 2)])
+@pytest.mark.parametrize("hidden", (17, 1024, 5137))
+@pytest.mark.parametrize("fp8", FP8_DTYPES, ids=str)
+def test_dynamic_per_tensor_quant_one_or_two_launches(tokens: int, launches: int, hidden: int, fp8) -> None:
+    kwargs = with_fp8_result(DYNAMIC, DYNAMIC.make_inputs(tokens, hidden, torch.bfloat16, torch.device("cpu")), fp8)
+    assert helion_fusions.launch_count(DYNAMIC, kwargs) == launches
+    expected = run_against_reference(DYNAMIC, kwargs)
+    amax = float(kwargs["input"].float().abs().max()) if tokens else 0.0
+    floor = quant.FP8_AMAX_FLOOR / quant.fp8_max_for(fp8)
+    assert float(expected["scale"]) == pytest.approx(max(amax / quant.fp8_max_for(fp8), floor), rel=1e-6)
+
+
+def test_dynamic_per_tensor_scale_comes_from_every_row() -> None:
+    """The amax launch sees all tiles: a large value in the last row sets the scale of the first."""
+    kwargs = DYNAMIC.make_inputs(300, 512, torch.bfloat16, torch.device("cpu"))
+    kwargs["input"][-1, -1] = 1000.0
+    DYNAMIC.op(**kwargs)
+    assert float(kwargs["scale"]) == pytest.approx(1000.0 / 448.0)
+    assert float(kwargs["result"][-1, -1].float()) == 448.0
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_silu_reference_is_the_eager_composite(dtype: torch.dtype) -> None:
+    """Against ``F.silu(gate.float()).to(dtype) * up``: PyTorch's CPU silu uses its own vectorized exp,
+    so a rare rounding tie may go the other way; on a GPU both are the same expf (see test_gpu)."""
+    input = torch.randn(512, 2 * 1024).to(dtype)
+    ours = silu_and_mul_reference(input)
+    gate, up = input.float()[:, :1024], input[:, 1024:]
+    composite = torch.nn.functional.silu(gate).to(dtype) * up
+    result = compare(ours, composite)
+    assert result.ok(1e-4), result
+
+
+@pytest.mark.parametrize(("scale_ue8m0", "group"), list(itertools.product((False, True), (64, 128))))
+def test_group_quant_eps_floors_the_amax(scale_ue8m0: bool, group: int) -> None:
+    """``eps`` is the engine op's floor on the group amax: an all-zero group gets scale eps / fp8_max."""
+    spec = REGISTRY["per_token_group_fp8_quant"]
+    kwargs: dict[str, Any] = spec.make_inputs(3, 512, torch.bfloat16, torch.device("cpu"))
+    kwargs["input"][1, :group] = 0.0
+    kwargs.update(group_size=group, eps=1e-6, scale_ue8m0=scale_ue8m0,
+                  output_s=poisoned((3, 512 // group), torch.float32, "cpu"))
+    expected = run_against_reference(spec, kwargs)
+    floor = torch.tensor([1e-6]) / torch.tensor(448.0)
+    if scale_ue8m0:
+        floor = quant.ue8m0(floor)
+    assert float(expected["output_s"][1, 0]) == float(floor)
