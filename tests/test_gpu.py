@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import (
     POISON_BYTE,
+    arg,
     assert_outputs_match,
     clone_kwargs,
     is_nvfp4_op,
@@ -30,7 +31,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 CUDA = torch.device("cuda")
 TOKENS = (1, 7, 300, 4096)
-PER_BLOCK = REGISTRY["rms_norm_per_block_quant"]
+GROUP_OPS = [spec for spec in REGISTRY.values() if "group_size" in spec.arg_names]
 
 
 def _hidden_sizes(spec: OpSpec) -> tuple[int, ...]:
@@ -84,10 +85,11 @@ def test_compiled_matches_reference(spec: OpSpec, tokens: int, hidden: int, dtyp
 @pytest.mark.parametrize("layout", ["row_major", "transposed", "tma_aligned"])
 @pytest.mark.parametrize("group", [64, 128])
 @pytest.mark.parametrize("tokens", [1, 7, 300, 4096])
-def test_per_block_scale_layouts(layout: str, group: int, tokens: int) -> None:
+@pytest.mark.parametrize("spec", GROUP_OPS, ids=lambda s: s.name)
+def test_per_block_scale_layouts(spec: OpSpec, layout: str, group: int, tokens: int) -> None:
     hidden = 4096
     groups = hidden // group
-    kwargs = _inputs(PER_BLOCK, tokens, hidden)
+    kwargs = _inputs(spec, tokens, hidden)
     if layout == "row_major":
         base = poisoned((tokens, groups), torch.float32, CUDA)
         scale = base
@@ -97,8 +99,10 @@ def test_per_block_scale_layouts(layout: str, group: int, tokens: int) -> None:
     else:
         base = poisoned((groups, round_up(tokens, 4)), torch.float32, CUDA)
         scale = base[:, :tokens].t()
-    kwargs.update(scale=scale, group_size=group, is_scale_transposed=layout != "row_major")
-    run_against_reference(PER_BLOCK, kwargs)
+    kwargs.update({arg(spec, "scale"): scale, "group_size": group})
+    if "is_scale_transposed" in spec.arg_names:
+        kwargs["is_scale_transposed"] = layout != "row_major"
+    run_against_reference(spec, kwargs)
     if layout == "tma_aligned":
         assert is_poison(base[:, tokens:]), "the TMA padding columns of the scale buffer were written"
 
@@ -110,26 +114,39 @@ def test_nvfp4_layouts(spec: OpSpec, tokens: int, swizzled: bool) -> None:
     hidden = 16 * 65  # 65 scale columns: the swizzled layout pads them to 68
     kwargs = _inputs(spec, tokens, hidden)
     kwargs["is_sf_swizzled_layout"] = swizzled
+    name = arg(spec, "block_scale")
     if not swizzled:
-        kwargs["result_scale"] = poisoned((tokens, hidden // 16), torch.uint8, CUDA)
+        kwargs[name] = poisoned((tokens, hidden // 16), torch.uint8, CUDA)
     run_against_reference(spec, kwargs)
     if swizzled:
         cols = hidden // 16
         used = quant.swizzled_scale_offset(torch.arange(tokens, device=CUDA)[:, None],
                                            torch.arange(cols, device=CUDA)[None, :], cols).reshape(-1)
-        padding = torch.ones(kwargs["result_scale"].numel(), dtype=torch.bool, device=CUDA)
+        padding = torch.ones(kwargs[name].numel(), dtype=torch.bool, device=CUDA)
         padding[used] = False
-        assert bool((kwargs["result_scale"].reshape(-1)[padding] == 0).all()), "swizzled padding must be zero"
+        assert bool((kwargs[name].reshape(-1)[padding] == 0).all()), "swizzled padding must be zero"
 
 
 @pytest.mark.parametrize("spec", list(REGISTRY.values()), ids=lambda s: s.name)
 def test_strided_input(spec: OpSpec) -> None:
     tokens, hidden = 300, 4096
     kwargs = _inputs(spec, tokens, hidden)
-    wide = torch.randn(tokens, hidden + 64, device=CUDA).to(kwargs["input"].dtype)
-    wide[:, :hidden] = kwargs["input"]
-    kwargs["input"] = wide[:, :hidden]
+    width = kwargs["input"].shape[1]
+    wide = torch.randn(tokens, width + 64, device=CUDA).to(kwargs["input"].dtype)
+    wide[:, :width] = kwargs["input"]
+    kwargs["input"] = wide[:, :width]
     run_against_reference(spec, kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_silu_and_mul_equals_the_eager_composite_exactly(dtype: torch.dtype) -> None:
+    """On a GPU the op equals ``F.silu(gate.float()).to(dtype) * up`` byte for byte (the same expf)."""
+    spec = REGISTRY["silu_and_mul"]
+    kwargs = _inputs(spec, 4096, 14336, dtype)
+    spec.op(**kwargs)
+    gate, up = kwargs["input"].float()[:, :14336], kwargs["input"][:, 14336:]
+    composite = torch.nn.functional.silu(gate).to(dtype) * up
+    assert torch.equal(kwargs["result"].view(torch.int16), composite.view(torch.int16))
 
 
 # --- CUDA graphs ------------------------------------------------------------------------------------
