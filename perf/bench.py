@@ -39,9 +39,9 @@ GRAPH_MAX_TOKENS = 256
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 SLEEP_CYCLES = 1_000_000  # about 0.5 ms at H100/H200 clocks
 COLUMNS = ["device", "op", "dtype", "T", "H", "bytes", "eager_us", "compile_us", "compile_dynamic_us", "ours_us",
-           "ours_graph_us", "compile_graph_us", "gbps", "pct_copy_bw", "speedup_vs_compile", "flips",
+           "ours_graph_us", "compile_graph_us", "gbps", "pct_copy_bw", "speedup_vs_compile", "flips", "launches",
            "copy_gbps", "helion", "triton", "torch", "repro"]
-_INT_COLUMNS = {"T", "H", "bytes", "flips"}
+_INT_COLUMNS = {"T", "H", "bytes", "flips", "launches"}
 _TEXT_COLUMNS = {"device", "op", "dtype", "helion", "triton", "torch", "repro"}
 
 
@@ -163,7 +163,8 @@ def bench_row(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, timer:
     comparisons = compare_outputs(spec.mutated_args, ours, expected)
     flips = sum(c.flips + c.worse for c in comparisons.values())
     row: dict[str, Any] = {"device": device_name, "op": spec.name, "dtype": str(dtype).removeprefix("torch."),
-                           "T": tokens, "H": hidden, "bytes": spec.bytes_moved(kwargs), "flips": flips}
+                           "T": tokens, "H": hidden, "bytes": spec.bytes_moved(kwargs), "flips": flips,
+                           "launches": dispatch.launch_count(spec, clone_kwargs(kwargs))}
     # read-and-written tensors (residuals) are updated in place by every call; the work is the same
     row["eager_us"] = timer.eager(_call(spec.reference, clone_kwargs(kwargs)))
     static_kwargs = clone_kwargs(kwargs)
@@ -256,6 +257,10 @@ def summary(rows: list[dict], copy_gbps: float) -> list[str]:
     mismatched = [r for r in rows if r["flips"]]
     lines.append(f"rows with any byte differing from the reference: {len(mismatched)}"
                  + (f" (max {max(r['flips'] for r in mismatched)} rounding-tie flips)" if mismatched else ""))
+    for family in dict.fromkeys(REGISTRY[r["op"]].family for r in rows):
+        mine = [r for r in rows if REGISTRY[r["op"]].family == family]
+        lines.append(f"{family} family: geomean speedup_vs_compile {geomean([r['speedup_vs_compile'] for r in mine]):.2f}x "
+                     f"over {len(mine)} rows; rows below 1.0: {sum(r['speedup_vs_compile'] < 1.0 for r in mine)}")
     for op in dict.fromkeys(r["op"] for r in rows):
         mine = [r for r in rows if r["op"] == op]
         lines.append(f"  {op}: geomean {geomean([r['speedup_vs_compile'] for r in mine]):.2f}x, "
@@ -271,7 +276,7 @@ def write_results(rows: list[dict], copy_gbps: float, device_name: str, device_l
         writer.writeheader()
         writer.writerows(rows)
     shown = ["op", "T", "H", "eager_us", "compile_us", "compile_dynamic_us", "ours_us", "ours_graph_us",
-             "compile_graph_us", "gbps", "pct_copy_bw", "speedup_vs_compile", "flips"]
+             "compile_graph_us", "gbps", "pct_copy_bw", "speedup_vs_compile", "flips", "launches"]
     table = tabulate([[r[c] for c in shown] for r in rows], headers=shown, floatfmt=".2f", tablefmt="github")
     text = "\n".join([f"# {device_label} ({device_name})", "",
                       f"helion {rows[0]['helion']}, triton {rows[0]['triton']}, torch {rows[0]['torch']}; "
@@ -356,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                 for spec in specs}
     existing = args.out / f"{identity.name}.csv"
     kept = [r for r in read_rows(existing) if r["op"] not in names] if args.append and existing.exists() else []
-    overhead = dispatch_overhead(specs[0], 16, 4096, dtype)
+    single = [s for s in specs if dispatch.launch_count(s, s.make_inputs(16, 4096, dtype, torch.device("cuda"))) == 1]
+    overhead = dispatch_overhead(single[0], 16, 4096, dtype) if single else None
     print(f"host time per call: {overhead}")
     rows = []
     for index, (spec, tokens, hidden) in enumerate(track(shapes, description="benchmarking")):

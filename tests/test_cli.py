@@ -28,6 +28,20 @@ def test_autotune_smoke_writes_valid_configs(tmp_path) -> None:
     assert json.loads(path.read_text()) == before
 
 
+def test_autotune_revalidates_stale_entries(tmp_path) -> None:
+    """--revalidate re-checks and re-times each stale entry's own config, and saves it under the current source."""
+    op = "dynamic_scaled_fp8_quant"  # two launches for T > 1: both run with the entry's config
+    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op]) == 0
+    path = tmp_path / "cpu_smoke" / f"{op}.json"
+    raw = json.loads(path.read_text())
+    raw["kernel_hash"] = "0" * 16
+    path.write_text(json.dumps(raw))
+    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, "--revalidate"]) == 0
+    loaded = config_store.load(path, op, dispatch.spec_hash(REGISTRY[op]))
+    assert [(e.tokens, e.config, e.source) for e in loaded.entries] == [
+        (item["tokens"], item["config"], "revalidated") for item in raw["entries"]]
+
+
 def test_autotune_rejects_unknown_ops(capsys) -> None:
     with pytest.raises(SystemExit):
         autotune.main(["--smoke", "--ops", "rms_norm,not_an_op"])
