@@ -56,21 +56,27 @@ def candidates(spec: OpSpec, hidden: int, tokens: int) -> tuple[list[helion.Conf
 _worker_binds: dict[tuple[Any, ...], Any] = {}
 
 
-def _precompile(job: tuple[str, int, int, str, dict[str, Any]]) -> str | None:
-    """Worker: compile and launch once, which fills Triton's on-disk cache. Returns an error or None."""
-    name, hidden, tokens, dtype_name, config = job
+def _precompile(job: tuple[str, int, int, str, list[dict[str, Any]]]) -> list[str]:
+    """Worker: bind one shape once, then compile and launch each config (filling Triton's on-disk cache).
+
+    Returns the errors of the configs that failed."""
+    name, hidden, tokens, dtype_name, configs = job
+    errors = []
     try:
         spec = REGISTRY[name]
         kwargs = spec.make_inputs(tokens, hidden, getattr(torch, dtype_name), torch.device("cuda"))
-        for index, launch in enumerate(spec.prepare(**kwargs)):
-            key = (name, hidden, tokens, dtype_name, index)
-            if key not in _worker_binds:
-                _worker_binds[key] = launch.kernel.bind(launch.args)
-            _worker_binds[key].compile_config(helion.Config(**config))(*launch.args)
-        torch.cuda.synchronize()
-        return None
-    except Exception as error:  # a candidate that does not compile is reported and skipped
-        return f"{type(error).__name__}: {error}"
+        launches = spec.prepare(**kwargs)
+        binds = [launch.kernel.bind(launch.args) for launch in launches]
+    except Exception as error:  # reported; the shape is then tuned without a warm cache
+        return [f"{name} H={hidden} T={tokens}: {type(error).__name__}: {error}"]
+    for config in configs:
+        try:
+            for bound, launch in zip(binds, launches):
+                bound.compile_config(helion.Config(**config))(*launch.args)
+            torch.cuda.synchronize()
+        except Exception as error:  # a candidate that does not compile is reported and skipped
+            errors.append(f"{name} H={hidden} T={tokens} {config}: {type(error).__name__}: {error}")
+    return errors
 
 
 def _time_us(fn: Any, tokens: int) -> float:
@@ -194,16 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
         log = progress.console.log
         if device.type == "cuda" and todo:
-            jobs = []
+            jobs = []  # one per shape that binds differently (T == 1 specializes), with all its configs
             for spec, hidden, ts in todo:
                 for tokens in sorted({min(ts), max(ts)} | {t for t in ts if (spec.name, args.dtype, hidden, t) in stale}):
                     configs, _ = shape_configs(spec, hidden, tokens)
-                    jobs += [(spec.name, hidden, tokens, args.dtype, dict(c.config)) for c in configs]
+                    jobs.append((spec.name, hidden, tokens, args.dtype, [dict(c.config) for c in configs]))
             task = progress.add_task("compiling candidates", total=len(jobs))
             context = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-                for error in pool.map(_precompile, jobs, chunksize=4):
-                    if error:
+                for errors in pool.map(_precompile, jobs):
+                    for error in errors:
                         log(f"  precompile: {error.splitlines()[0][:200]}")
                     progress.advance(task)
         task = progress.add_task("tuning shapes", total=sum(len(ts) for _, _, ts in todo))

@@ -361,17 +361,15 @@ def _tuning(flavour: Quant):
     def seed_configs(hidden: int, tokens: int) -> list[helion.Config]:
         group = group_of(hidden)
         if hidden // group == 1:
-            rows = [r for r in (1, 2, 4) if r <= max(tokens, 1) and (r == 1 or hidden <= 4096)]
-            return [_tile(hidden, group, r, hidden, w) for r in rows for w in (4, 8, 16)]
-        rows = [r for r in (1, 4) if r <= max(tokens, 1)]
-        return [_tile(hidden, group, r, e, w) for r in rows for e in (2048, 4096) for w in (4, 8)]
+            return [_tile(hidden, group, 1, hidden, w) for w in ((4, 8) if hidden <= 4096 else (8, 16))]
+        seeds = [_tile(hidden, group, 1, 2048, 4), _tile(hidden, group, 1, 4096, 8)]
+        return seeds + ([_tile(hidden, group, 4, 4096, 8)] if tokens >= 128 else [])
 
     def search_configs(hidden: int, tokens: int) -> list[helion.Config]:
         group = group_of(hidden)
-        rows = [r for r in (1, 2, 8) if r <= max(tokens, 1)]
         if hidden // group == 1:
-            return [_tile(hidden, group, r, hidden, w) for r in rows for w in (2, 32) if r * hidden >= 64 * w]
-        return [_tile(hidden, group, r, e, w) for r in rows for e in (1024, 8192) for w in (2, 4, 16)]
+            return [_tile(hidden, group, 1, hidden, 4 if hidden > 4096 else 16)]
+        return [_tile(hidden, group, 2 if tokens >= 2 else 1, 8192, 8)]
 
     return default_config, seed_configs, search_configs
 
