@@ -24,18 +24,8 @@ import helion
 import helion.language as hl
 import torch
 
-from helion_fusions.checks import (
-    FP8_DTYPES,
-    check_group_scale,
-    check_group_size,
-    check_input_2d,
-    check_like,
-    check_nvfp4_outputs,
-    check_positive_float,
-    check_scalar_scale,
-    check_scale_ub,
-    check_tensor,
-)
+from helion_fusions import checks
+from helion_fusions.checks import FP8_DTYPES
 from helion_fusions.kernels import quant
 from helion_fusions.kernels.quant import Quant, StaticScale, div_rn, store_quantized
 from helion_fusions.registry import KernelLaunch, OpSpec, register
@@ -127,7 +117,7 @@ def _placeholder(device: torch.device) -> torch.Tensor:
 
 
 def _check_input(input: Any, gated: bool) -> tuple[int, int]:
-    check_input_2d("input", input)
+    checks.check_input_2d("input", input)
     tokens, width = input.shape
     if gated and width % 2:
         raise ValueError(f"input: expected [num_tokens, 2 * d] laid out [gate | up], got an odd last dim {width}")
@@ -135,11 +125,11 @@ def _check_input(input: Any, gated: bool) -> tuple[int, int]:
 
 
 def _check_fp8(name: str, value: Any, input: torch.Tensor, tokens: int, hidden: int) -> torch.Tensor:
-    return check_like(name, value, (tokens, hidden), input.device, FP8_DTYPES)
+    return checks.check_like(name, value, (tokens, hidden), input.device, FP8_DTYPES)
 
 
 def _check_token_scale(name: str, scale: Any, input: torch.Tensor, tokens: int) -> torch.Tensor:
-    return check_tensor(name, scale, dtypes=(torch.float32,), shape=(tokens, 1), device=input.device)
+    return checks.check_tensor(name, scale, dtypes=(torch.float32,), shape=(tokens, 1), device=input.device)
 
 
 def _op(gated: bool, flavour: Quant, prepare: Callable[..., tuple[KernelLaunch, ...]]):
@@ -154,7 +144,7 @@ def _op(gated: bool, flavour: Quant, prepare: Callable[..., tuple[KernelLaunch, 
 # Activation ops ([gate | up] input).
 
 def _prepare_silu_and_mul(result, input, *, tokens, hidden):
-    check_like("result", result, (tokens, hidden), input.device, (input.dtype,))
+    checks.check_like("result", result, (tokens, hidden), input.device, (input.dtype,))
     return (_launch(input, result, Quant.NONE, gated=True),)
 
 
@@ -164,7 +154,7 @@ def _reference_silu_and_mul(result, input):
 
 def _prepare_silu_static(result, input, scale, *, tokens, hidden):
     _check_fp8("result", result, input, tokens, hidden)
-    check_scalar_scale("scale", scale, input.device)
+    checks.check_scalar_scale("scale", scale, input.device)
     return (_launch(input, result, Quant.STATIC, gated=True, scale_in=scale),)
 
 
@@ -175,7 +165,7 @@ def _reference_silu_static(result, input, scale):
 def _prepare_silu_per_token(result, input, scale, scale_ub, *, tokens, hidden):
     _check_fp8("result", result, input, tokens, hidden)
     _check_token_scale("scale", scale, input, tokens)
-    has_ub = check_scale_ub("scale_ub", scale_ub, input.device)
+    has_ub = checks.check_scale_ub("scale_ub", scale_ub, input.device)
     return (_launch(input, result, Quant.PER_TOKEN, gated=True, scale_out=scale.view(-1), scale_in=scale_ub,
                     group=hidden, has_scale_ub=has_ub),)
 
@@ -188,9 +178,9 @@ def _reference_silu_per_token(result, input, scale, scale_ub):
 def _prepare_silu_per_block(out, input, scales, group_size, scale_ub=None, is_scale_transposed=False,
                             scale_ue8m0=False, *, tokens, hidden):
     _check_fp8("out", out, input, tokens, hidden)
-    check_group_size("group_size", group_size, hidden, GROUP_SIZES)
-    check_group_scale("scales", scales, tokens, hidden // group_size, input.device, is_scale_transposed)
-    has_ub = check_scale_ub("scale_ub", scale_ub, input.device)
+    checks.check_group_size("group_size", group_size, hidden, GROUP_SIZES)
+    checks.check_group_scale("scales", scales, tokens, hidden // group_size, input.device, is_scale_transposed)
+    has_ub = checks.check_scale_ub("scale_ub", scale_ub, input.device)
     return (_launch(input, out, Quant.PER_GROUP, gated=True, scale_out=scales, scale_in=scale_ub, group=group_size,
                     has_scale_ub=has_ub, use_ue8m0=bool(scale_ue8m0)),)
 
@@ -202,8 +192,8 @@ def _reference_silu_per_block(out, input, scales, group_size, scale_ub=None, is_
 
 def _prepare_silu_nvfp4(result, result_block_scale, input, input_global_scale, is_sf_swizzled_layout=True, *,
                         tokens, hidden):
-    check_scalar_scale("input_global_scale", input_global_scale, input.device)
-    flat = check_nvfp4_outputs("result", result, "result_block_scale", result_block_scale, tokens, hidden,
+    checks.check_scalar_scale("input_global_scale", input_global_scale, input.device)
+    flat = checks.check_nvfp4_outputs("result", result, "result_block_scale", result_block_scale, tokens, hidden,
                                input.device, is_sf_swizzled_layout)
     return (_launch(input, result, Quant.NVFP4, gated=True, scale_out=flat, scale_in=input_global_scale,
                     group=quant.NVFP4_BLOCK, swizzled=bool(is_sf_swizzled_layout)),)
@@ -218,7 +208,7 @@ def _reference_silu_nvfp4(result, result_block_scale, input, input_global_scale,
 
 def _static_layout(scale: Any, group_shape: Any, tokens: int, hidden: int, device: torch.device) -> StaticScale:
     """Per tensor, per token or per channel, from the scale's shape and ``group_shape`` (as the engine op reads them)."""
-    check_tensor("scale", scale, dtypes=(torch.float32,), device=device)
+    checks.check_tensor("scale", scale, dtypes=(torch.float32,), device=device)
     if group_shape is not None:
         if len(group_shape) != 2:
             raise ValueError(f"group_shape: expected two ints (group_m, group_n), got {list(group_shape)}")
@@ -261,7 +251,7 @@ def _reference_static_quant(result, input, scale, group_shape=None):
 
 def _prepare_dynamic_quant(result, input, scale, *, tokens, hidden):
     _check_fp8("result", result, input, tokens, hidden)
-    check_scalar_scale("scale", scale, input.device)
+    checks.check_scalar_scale("scale", scale, input.device)
     if tokens == 0:  # nothing to launch; the scale of an empty tensor is the floor
         quant.quantize_per_tensor_reference(input, result, scale)
         return ()
@@ -279,7 +269,7 @@ def _reference_dynamic_quant(result, input, scale):
 def _prepare_per_token_quant(result, input, scale, scale_ub=None, *, tokens, hidden):
     _check_fp8("result", result, input, tokens, hidden)
     _check_token_scale("scale", scale, input, tokens)
-    has_ub = check_scale_ub("scale_ub", scale_ub, input.device)
+    has_ub = checks.check_scale_ub("scale_ub", scale_ub, input.device)
     return (_launch(input, result, Quant.PER_TOKEN, gated=False, scale_out=scale.view(-1), scale_in=scale_ub,
                     group=hidden, has_scale_ub=has_ub),)
 
@@ -289,7 +279,7 @@ def _reference_per_token_quant(result, input, scale, scale_ub=None):
 
 
 def _check_fp8_range(output_q: torch.Tensor, fp8_min: Any, fp8_max: Any) -> float:
-    fp8_max = check_positive_float("fp8_max", fp8_max)
+    fp8_max = checks.check_positive_float("fp8_max", fp8_max)
     if fp8_max > torch.finfo(output_q.dtype).max:
         raise ValueError(f"fp8_max: {fp8_max} exceeds the largest {output_q.dtype} value "
                          f"{torch.finfo(output_q.dtype).max}")
@@ -301,10 +291,10 @@ def _check_fp8_range(output_q: torch.Tensor, fp8_min: Any, fp8_max: Any) -> floa
 def _prepare_group_quant(input, output_q, output_s, group_size, eps, fp8_min, fp8_max, scale_ue8m0,
                          dummy_is_scale_transposed=False, dummy_is_tma_aligned=False, *, tokens, hidden):
     _check_fp8("output_q", output_q, input, tokens, hidden)
-    check_group_size("group_size", group_size, hidden, GROUP_SIZES)
+    checks.check_group_size("group_size", group_size, hidden, GROUP_SIZES)
     # any strides: row-major, column-major and TMA-aligned scales are all written in place
-    check_group_scale("output_s", output_s, tokens, hidden // group_size, input.device, None)
-    eps = check_positive_float("eps", eps)
+    checks.check_group_scale("output_s", output_s, tokens, hidden // group_size, input.device, None)
+    eps = checks.check_positive_float("eps", eps)
     fp8_max = _check_fp8_range(output_q, fp8_min, fp8_max)
     return (_launch(input, output_q, Quant.PER_GROUP, gated=False, scale_out=output_s, group=group_size,
                     use_ue8m0=bool(scale_ue8m0), fp8_max=fp8_max, amax_floor=eps),)
@@ -316,8 +306,8 @@ def _reference_group_quant(input, output_q, output_s, group_size, eps, fp8_min, 
 
 
 def _prepare_fp4_quant(output, input, output_scale, input_scale, is_sf_swizzled_layout=True, *, tokens, hidden):
-    check_scalar_scale("input_scale", input_scale, input.device)
-    flat = check_nvfp4_outputs("output", output, "output_scale", output_scale, tokens, hidden, input.device,
+    checks.check_scalar_scale("input_scale", input_scale, input.device)
+    flat = checks.check_nvfp4_outputs("output", output, "output_scale", output_scale, tokens, hidden, input.device,
                                is_sf_swizzled_layout)
     return (_launch(input, output, Quant.NVFP4, gated=False, scale_out=flat, scale_in=input_scale,
                     group=quant.NVFP4_BLOCK, swizzled=bool(is_sf_swizzled_layout)),)
