@@ -19,8 +19,8 @@ against the reference and timed again on this GPU, and saved under the current s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import concurrent.futures
+import dataclasses
 import multiprocessing
 import os
 import sys
@@ -51,9 +51,6 @@ def candidates(spec: OpSpec, hidden: int, tokens: int) -> tuple[list[helion.Conf
             seen.add(repr(config))
             extra.append(config)
     return seeds + extra, len(seeds)
-
-
-_worker_binds: dict[tuple[Any, ...], Any] = {}
 
 
 def _precompile(job: tuple[str, int, int, str, list[dict[str, Any]]]) -> list[str]:

@@ -121,10 +121,6 @@ def is_nvfp4_op(spec: OpSpec) -> bool:
     return arg(spec, "block_scale") is not None
 
 
-def family(name: str) -> list[OpSpec]:
-    return [spec for spec in REGISTRY.values() if spec.family == name]
-
-
 def written(spec: OpSpec, kwargs: dict[str, Any]) -> list[str]:
     """The op's mutated arguments that this call passes a tensor for."""
     return [name for name in spec.mutated_args if isinstance(kwargs.get(name), torch.Tensor)]

@@ -14,7 +14,6 @@ from conftest import (
     ACTIVATION_DTYPES,
     FP8_DTYPES,
     arg,
-    family,
     is_fp8_op,
     is_nvfp4_op,
     is_poison,
