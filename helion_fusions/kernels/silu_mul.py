@@ -132,7 +132,7 @@ def _check_token_scale(name: str, scale: Any, input: torch.Tensor, tokens: int) 
     return checks.check_tensor(name, scale, dtypes=(torch.float32,), shape=(tokens, 1), device=input.device)
 
 
-def _op(gated: bool, flavour: Quant, prepare: Callable[..., tuple[KernelLaunch, ...]]):
+def _op(gated: bool, prepare: Callable[..., tuple[KernelLaunch, ...]]):
     """Wrap a host wrapper: argument checks run first, and an empty input launches nothing."""
     def wrapper(**kwargs: Any) -> tuple[KernelLaunch, ...]:
         tokens, hidden = _check_input(kwargs["input"], gated)
@@ -194,7 +194,7 @@ def _prepare_silu_nvfp4(result, result_block_scale, input, input_global_scale, i
                         tokens, hidden):
     checks.check_scalar_scale("input_global_scale", input_global_scale, input.device)
     flat = checks.check_nvfp4_outputs("result", result, "result_block_scale", result_block_scale, tokens, hidden,
-                               input.device, is_sf_swizzled_layout)
+                                      input.device, is_sf_swizzled_layout)
     return (_launch(input, result, Quant.NVFP4, gated=True, scale_out=flat, scale_in=input_global_scale,
                     group=quant.NVFP4_BLOCK, swizzled=bool(is_sf_swizzled_layout)),)
 
@@ -307,8 +307,8 @@ def _reference_group_quant(input, output_q, output_s, group_size, eps, fp8_min, 
 
 def _prepare_fp4_quant(output, input, output_scale, input_scale, is_sf_swizzled_layout=True, *, tokens, hidden):
     checks.check_scalar_scale("input_scale", input_scale, input.device)
-    flat = checks.check_nvfp4_outputs("output", output, "output_scale", output_scale, tokens, hidden, input.device,
-                               is_sf_swizzled_layout)
+    flat = checks.check_nvfp4_outputs("output", output, "output_scale", output_scale, tokens, hidden,
+                                      input.device, is_sf_swizzled_layout)
     return (_launch(input, output, Quant.NVFP4, gated=False, scale_out=flat, scale_in=input_scale,
                     group=quant.NVFP4_BLOCK, swizzled=bool(is_sf_swizzled_layout)),)
 
@@ -399,6 +399,9 @@ def _inputs(flavour: Quant, gated: bool, names: dict[str, str], **fixed: Any):
                 group = fixed.get("group_size", 128)
                 kwargs[names["scale"]] = poisoned((tokens, hidden // group), torch.float32, device)
         kwargs.update(fixed)
+        if "fp8_max" in kwargs:  # the device's fp8 flavour sets the range (224 for e4m3fnuz)
+            bound = quant.fp8_max_for(kwargs[names["result"]].dtype)
+            kwargs.update(fp8_min=-bound, fp8_max=bound)
         return kwargs
     return make
 
@@ -408,7 +411,7 @@ def _declare(name: str, schema: str, prepare, reference, flavour: Quant, gated: 
     default_config, seed_configs, search_configs = _tuning(flavour)
     return register(OpSpec(
         name=name, schema=schema, family="silu_mul" if gated else "quant", kernel=silu_mul_kernel,
-        prepare=_op(gated, flavour, prepare), reference=reference,
+        prepare=_op(gated, prepare), reference=reference,
         make_inputs=_inputs(flavour, gated, names, **fixed), default_config=default_config,
         seed_configs=seed_configs, search_configs=search_configs, hidden_sizes=HIDDEN_GRID,
     ))
@@ -453,7 +456,7 @@ PER_TOKEN_GROUP_FP8_QUANT = _declare(
     "(Tensor input, Tensor! output_q, Tensor! output_s, int group_size, float eps, float fp8_min, float fp8_max, "
     "bool scale_ue8m0, bool dummy_is_scale_transposed, bool dummy_is_tma_aligned) -> ()",
     _prepare_group_quant, _reference_group_quant, Quant.PER_GROUP, False, {"result": "output_q", "scale": "output_s"},
-    group_size=128, eps=1e-10, fp8_min=-448.0, fp8_max=448.0, scale_ue8m0=False, dummy_is_scale_transposed=False,
+    group_size=128, eps=1e-10, fp8_min=None, fp8_max=None, scale_ue8m0=False, dummy_is_scale_transposed=False,
     dummy_is_tma_aligned=False)
 SCALED_FP4_QUANT = _declare(
     "scaled_fp4_quant",
