@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import helion
@@ -141,6 +142,42 @@ def _op(gated: bool, prepare: Callable[..., tuple[KernelLaunch, ...]]):
     return wrapper
 
 
+# Flavours both kinds of op share, with ``gated`` bound per op.
+
+def _activation(input: torch.Tensor, gated: bool) -> torch.Tensor:
+    """What the op quantizes: ``silu(gate) * up``, or the input itself."""
+    return silu_and_mul_reference(input) if gated else input
+
+
+def _prepare_per_token(result, input, scale, scale_ub=None, *, gated, tokens, hidden):
+    _check_fp8("result", result, input, tokens, hidden)
+    _check_token_scale("scale", scale, input, tokens)
+    has_ub = checks.check_scale_ub("scale_ub", scale_ub, input.device)
+    return (_launch(input, result, Quant.PER_TOKEN, gated=gated, scale_out=scale.view(-1), scale_in=scale_ub,
+                    group=hidden, has_scale_ub=has_ub),)
+
+
+def _reference_per_token(result, input, scale, scale_ub=None, *, gated):
+    y = _activation(input, gated)
+    quant.quantize_per_group_reference(y, result, scale, y.shape[-1], scale_ub)
+
+
+def _prepare_nvfp4(names, input, is_sf_swizzled_layout=True, *, gated, tokens, hidden, **tensors):
+    """``names`` maps result / scale / global_scale to the op's own argument names."""
+    result, block_scale, global_scale = (tensors[names[role]] for role in ("result", "scale", "global_scale"))
+    checks.check_scalar_scale(names["global_scale"], global_scale, input.device)
+    flat = checks.check_nvfp4_outputs(names["result"], result, names["scale"], block_scale, tokens, hidden,
+                                      input.device, is_sf_swizzled_layout)
+    return (_launch(input, result, Quant.NVFP4, gated=gated, scale_out=flat, scale_in=global_scale,
+                    group=quant.NVFP4_BLOCK, swizzled=bool(is_sf_swizzled_layout)),)
+
+
+def _reference_nvfp4(names, input, is_sf_swizzled_layout=True, *, gated, **tensors):
+    result, block_scale, global_scale = (tensors[names[role]] for role in ("result", "scale", "global_scale"))
+    quant.quantize_nvfp4_reference(_activation(input, gated), result, block_scale, global_scale,
+                                   is_sf_swizzled_layout)
+
+
 # Activation ops ([gate | up] input).
 
 def _prepare_silu_and_mul(result, input, *, tokens, hidden):
@@ -162,19 +199,6 @@ def _reference_silu_static(result, input, scale):
     quant.quantize_static_reference(silu_and_mul_reference(input), scale, result)
 
 
-def _prepare_silu_per_token(result, input, scale, scale_ub, *, tokens, hidden):
-    _check_fp8("result", result, input, tokens, hidden)
-    _check_token_scale("scale", scale, input, tokens)
-    has_ub = checks.check_scale_ub("scale_ub", scale_ub, input.device)
-    return (_launch(input, result, Quant.PER_TOKEN, gated=True, scale_out=scale.view(-1), scale_in=scale_ub,
-                    group=hidden, has_scale_ub=has_ub),)
-
-
-def _reference_silu_per_token(result, input, scale, scale_ub):
-    y = silu_and_mul_reference(input)
-    quant.quantize_per_group_reference(y, result, scale, y.shape[-1], scale_ub)
-
-
 def _prepare_silu_per_block(out, input, scales, group_size, scale_ub=None, is_scale_transposed=False,
                             scale_ue8m0=False, *, tokens, hidden):
     _check_fp8("out", out, input, tokens, hidden)
@@ -188,20 +212,6 @@ def _prepare_silu_per_block(out, input, scales, group_size, scale_ub=None, is_sc
 def _reference_silu_per_block(out, input, scales, group_size, scale_ub=None, is_scale_transposed=False,
                               scale_ue8m0=False):
     quant.quantize_per_group_reference(silu_and_mul_reference(input), out, scales, group_size, scale_ub, scale_ue8m0)
-
-
-def _prepare_silu_nvfp4(result, result_block_scale, input, input_global_scale, is_sf_swizzled_layout=True, *,
-                        tokens, hidden):
-    checks.check_scalar_scale("input_global_scale", input_global_scale, input.device)
-    flat = checks.check_nvfp4_outputs("result", result, "result_block_scale", result_block_scale, tokens, hidden,
-                                      input.device, is_sf_swizzled_layout)
-    return (_launch(input, result, Quant.NVFP4, gated=True, scale_out=flat, scale_in=input_global_scale,
-                    group=quant.NVFP4_BLOCK, swizzled=bool(is_sf_swizzled_layout)),)
-
-
-def _reference_silu_nvfp4(result, result_block_scale, input, input_global_scale, is_sf_swizzled_layout=True):
-    quant.quantize_nvfp4_reference(silu_and_mul_reference(input), result, result_block_scale, input_global_scale,
-                                   is_sf_swizzled_layout)
 
 
 # Standalone quant ops ([T, H] input).
@@ -266,18 +276,6 @@ def _reference_dynamic_quant(result, input, scale):
     quant.quantize_per_tensor_reference(input, result, scale)
 
 
-def _prepare_per_token_quant(result, input, scale, scale_ub=None, *, tokens, hidden):
-    _check_fp8("result", result, input, tokens, hidden)
-    _check_token_scale("scale", scale, input, tokens)
-    has_ub = checks.check_scale_ub("scale_ub", scale_ub, input.device)
-    return (_launch(input, result, Quant.PER_TOKEN, gated=False, scale_out=scale.view(-1), scale_in=scale_ub,
-                    group=hidden, has_scale_ub=has_ub),)
-
-
-def _reference_per_token_quant(result, input, scale, scale_ub=None):
-    quant.quantize_per_group_reference(input, result, scale, input.shape[-1], scale_ub)
-
-
 def _check_fp8_range(output_q: torch.Tensor, fp8_min: Any, fp8_max: Any) -> float:
     fp8_max = checks.check_positive_float("fp8_max", fp8_max)
     if fp8_max > torch.finfo(output_q.dtype).max:
@@ -303,18 +301,6 @@ def _prepare_group_quant(input, output_q, output_s, group_size, eps, fp8_min, fp
 def _reference_group_quant(input, output_q, output_s, group_size, eps, fp8_min, fp8_max, scale_ue8m0,
                            dummy_is_scale_transposed=False, dummy_is_tma_aligned=False):
     quant.quantize_per_group_reference(input, output_q, output_s, group_size, None, scale_ue8m0, eps, fp8_max)
-
-
-def _prepare_fp4_quant(output, input, output_scale, input_scale, is_sf_swizzled_layout=True, *, tokens, hidden):
-    checks.check_scalar_scale("input_scale", input_scale, input.device)
-    flat = checks.check_nvfp4_outputs("output", output, "output_scale", output_scale, tokens, hidden,
-                                      input.device, is_sf_swizzled_layout)
-    return (_launch(input, output, Quant.NVFP4, gated=False, scale_out=flat, scale_in=input_scale,
-                    group=quant.NVFP4_BLOCK, swizzled=bool(is_sf_swizzled_layout)),)
-
-
-def _reference_fp4_quant(output, input, output_scale, input_scale, is_sf_swizzled_layout=True):
-    quant.quantize_nvfp4_reference(input, output, output_scale, input_scale, is_sf_swizzled_layout)
 
 
 # --- tuning grid, seeds and bench inputs -----------------------------------------------------
@@ -418,6 +404,8 @@ def _declare(name: str, schema: str, prepare, reference, flavour: Quant, gated: 
 
 
 _RESULT = {"result": "result", "scale": "scale"}
+_SILU_NVFP4 = {"result": "result", "scale": "result_block_scale", "global_scale": "input_global_scale"}
+_FP4 = {"result": "output", "scale": "output_scale", "global_scale": "input_scale"}
 
 SILU_AND_MUL = _declare(
     "silu_and_mul", "(Tensor! result, Tensor input) -> ()",
@@ -428,7 +416,8 @@ SILU_AND_MUL_QUANT = _declare(
 SILU_AND_MUL_DYNAMIC_PER_TOKEN_QUANT = _declare(
     "silu_and_mul_dynamic_per_token_quant",
     "(Tensor! result, Tensor input, Tensor! scale, Tensor? scale_ub) -> ()",
-    _prepare_silu_per_token, _reference_silu_per_token, Quant.PER_TOKEN, True, _RESULT, scale_ub=None)
+    partial(_prepare_per_token, gated=True), partial(_reference_per_token, gated=True), Quant.PER_TOKEN, True,
+    _RESULT, scale_ub=None)
 SILU_AND_MUL_PER_BLOCK_QUANT = _declare(
     "silu_and_mul_per_block_quant",
     "(Tensor! out, Tensor input, Tensor! scales, int group_size, Tensor? scale_ub=None, "
@@ -439,8 +428,8 @@ SILU_AND_MUL_NVFP4_QUANT = _declare(
     "silu_and_mul_nvfp4_quant",
     "(Tensor! result, Tensor! result_block_scale, Tensor input, Tensor input_global_scale, "
     "bool is_sf_swizzled_layout=True) -> ()",
-    _prepare_silu_nvfp4, _reference_silu_nvfp4, Quant.NVFP4, True,
-    {"result": "result", "scale": "result_block_scale", "global_scale": "input_global_scale"})
+    partial(_prepare_nvfp4, _SILU_NVFP4, gated=True), partial(_reference_nvfp4, _SILU_NVFP4, gated=True),
+    Quant.NVFP4, True, _SILU_NVFP4)
 
 STATIC_SCALED_FP8_QUANT = _declare(
     "static_scaled_fp8_quant", "(Tensor! result, Tensor input, Tensor scale, int[]? group_shape=None) -> ()",
@@ -450,7 +439,8 @@ DYNAMIC_SCALED_FP8_QUANT = _declare(
     _prepare_dynamic_quant, _reference_dynamic_quant, Quant.PER_TENSOR, False, _RESULT)
 DYNAMIC_PER_TOKEN_SCALED_FP8_QUANT = _declare(
     "dynamic_per_token_scaled_fp8_quant", "(Tensor! result, Tensor input, Tensor! scale, Tensor? scale_ub) -> ()",
-    _prepare_per_token_quant, _reference_per_token_quant, Quant.PER_TOKEN, False, _RESULT, scale_ub=None)
+    partial(_prepare_per_token, gated=False), partial(_reference_per_token, gated=False), Quant.PER_TOKEN, False,
+    _RESULT, scale_ub=None)
 PER_TOKEN_GROUP_FP8_QUANT = _declare(
     "per_token_group_fp8_quant",
     "(Tensor input, Tensor! output_q, Tensor! output_s, int group_size, float eps, float fp8_min, float fp8_max, "
@@ -461,5 +451,5 @@ PER_TOKEN_GROUP_FP8_QUANT = _declare(
 SCALED_FP4_QUANT = _declare(
     "scaled_fp4_quant",
     "(Tensor! output, Tensor input, Tensor! output_scale, Tensor input_scale, bool is_sf_swizzled_layout=True) -> ()",
-    _prepare_fp4_quant, _reference_fp4_quant, Quant.NVFP4, False,
-    {"result": "output", "scale": "output_scale", "global_scale": "input_scale"})
+    partial(_prepare_nvfp4, _FP4, gated=False), partial(_reference_nvfp4, _FP4, gated=False), Quant.NVFP4, False,
+    _FP4)
