@@ -95,6 +95,8 @@ def _check_rope(positions: Any, query: Any, key: Any, head_size: Any, cos_sin_ca
     checks.check_tensor("positions", positions, dtypes=(torch.int64,), shape=(tokens,), device=device)
     if isinstance(head_size, bool) or not isinstance(head_size, int) or head_size <= 0:
         raise ValueError(f"head_size: expected a positive int, got {head_size!r}")
+    q = _heads("query", query, tokens, head_size, dtype, device)
+    k = None if key is None else _heads("key", key, tokens, head_size, dtype, device)
     checks.check_tensor("cos_sin_cache", cos_sin_cache, dtypes=(torch.float32, dtype), device=device,
                         contiguous=True)
     if cos_sin_cache.dim() != 2:
@@ -103,8 +105,6 @@ def _check_rope(positions: Any, query: Any, key: Any, head_size: Any, cos_sin_ca
     if rot_dim % 2 or not 0 < rot_dim <= head_size:
         raise ValueError(f"cos_sin_cache: rot_dim (its last dim) must be even and at most head_size {head_size}, "
                          f"got {rot_dim}")
-    q = _heads("query", query, tokens, head_size, dtype, device)
-    k = None if key is None else _heads("key", key, tokens, head_size, dtype, device)
     return tokens, rot_dim, q, k
 
 

@@ -1,0 +1,104 @@
+"""The RoPE family on CPU: the Helion kernel run eagerly (HELION_INTERPRET=1) against the reference."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Any
+
+import pytest
+import torch
+from conftest import run_against_reference
+
+from helion_fusions.registry import REGISTRY
+
+pytestmark = pytest.mark.usefixtures("interpret")
+
+ROPE = REGISTRY["rotary_embedding"]
+
+
+def _inputs(tokens: int, q_heads: int, kv_heads: int | None, head_size: int, rot_dim: int, is_neox: bool,
+            dtype: torch.dtype = torch.bfloat16, cache_dtype: torch.dtype = torch.float32,
+            three_d: bool = False) -> dict[str, Any]:
+    angles = torch.rand(4096, rot_dim // 2) * 6.3
+    query = torch.randn(tokens, q_heads, head_size).to(dtype)
+    key = None if kv_heads is None else torch.randn(tokens, kv_heads, head_size).to(dtype)
+    if not three_d:
+        query = query.reshape(tokens, q_heads * head_size)
+        key = None if key is None else key.reshape(tokens, kv_heads * head_size)
+    return {"positions": torch.randint(0, 4096, (tokens,)), "query": query, "key": key, "head_size": head_size,
+            "cos_sin_cache": torch.cat([angles.cos(), angles.sin()], dim=-1).to(cache_dtype), "is_neox": is_neox}
+
+
+def _cases() -> list[Any]:
+    cases = []
+    for tokens, (q_heads, kv_heads, head_size, rot_dim), is_neox, dtype in itertools.product(
+            (0, 1, 7, 300), ((4, 2, 128, 128), (3, None, 64, 64), (5, 1, 256, 64), (2, 2, 80, 32)), (True, False),
+            (torch.bfloat16, torch.float16)):
+        cases.append(pytest.param(tokens, q_heads, kv_heads, head_size, rot_dim, is_neox, dtype, id=(
+            f"T{tokens}-q{q_heads}-kv{kv_heads}-D{head_size}-rot{rot_dim}-{'neox' if is_neox else 'gptj'}-"
+            f"{str(dtype).removeprefix('torch.')}")))
+    return cases
+
+
+@pytest.mark.parametrize(("tokens", "q_heads", "kv_heads", "head_size", "rot_dim", "is_neox", "dtype"), _cases())
+def test_matches_reference(tokens, q_heads, kv_heads, head_size, rot_dim, is_neox, dtype) -> None:
+    kwargs = _inputs(tokens, q_heads, kv_heads, head_size, rot_dim, is_neox, dtype)
+    before = kwargs["query"].clone()
+    run_against_reference(ROPE, kwargs, max_flip_fraction=0)
+    if rot_dim < head_size:  # partial rotary: the tail of every head is left alone
+        tail = kwargs["query"].view(tokens, q_heads, head_size)[..., rot_dim:]
+        assert torch.equal(tail, before.view(tokens, q_heads, head_size)[..., rot_dim:])
+
+
+@pytest.mark.parametrize("cache_dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("three_d", (False, True), ids=("flat_heads", "3d_heads"))
+def test_cache_dtype_and_layout(cache_dtype: torch.dtype, three_d: bool) -> None:
+    run_against_reference(ROPE, _inputs(33, 4, 2, 128, 128, True, cache_dtype=cache_dtype, three_d=three_d),
+                          max_flip_fraction=0)
+
+
+def _rotate_half_formula(x: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    """The textbook form: x * cos + rotate(x) * sin over the rotary dims (an independent check of the pairing)."""
+    rot_dim = cache.shape[1]
+    cos, sin = cache[positions].float().chunk(2, dim=-1)
+    rotary = x[..., :rot_dim].float()
+    if is_neox:
+        cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]
+        first, second = rotary.chunk(2, dim=-1)
+        turned = torch.cat([-second, first], dim=-1)
+    else:
+        cos = cos.repeat_interleave(2, -1)[:, None]
+        sin = sin.repeat_interleave(2, -1)[:, None]
+        turned = torch.stack([-rotary[..., 1::2], rotary[..., 0::2]], dim=-1).flatten(-2)
+    out = x.clone()
+    out[..., :rot_dim] = (rotary * cos + turned * sin).to(x.dtype)
+    return out
+
+
+@pytest.mark.parametrize("is_neox", (True, False), ids=("neox", "gptj"))
+def test_pairs_follow_the_textbook_formula(is_neox: bool) -> None:
+    kwargs = _inputs(17, 4, None, 128, 64, is_neox, torch.float16)
+    expected = _rotate_half_formula(kwargs["query"].view(17, 4, 128), kwargs["positions"], kwargs["cos_sin_cache"],
+                                    is_neox)
+    ROPE.op(**kwargs)
+    assert torch.equal(kwargs["query"].view(17, 4, 128), expected)
+
+
+@pytest.mark.parametrize(("overrides", "error", "message"), [
+    ({"head_size": 96}, ValueError, "query: expected [5, num_heads * 96]"),
+    ({"head_size": 0}, ValueError, "head_size: expected a positive int"),
+    ({"positions": torch.zeros(5, dtype=torch.int32)}, TypeError, "positions: expected dtype int64"),
+    ({"positions": torch.zeros(4, dtype=torch.int64)}, ValueError, "positions: expected shape [5]"),
+    ({"cos_sin_cache": torch.zeros(64, 130)}, ValueError, "cos_sin_cache: rot_dim"),
+    ({"cos_sin_cache": torch.zeros(64, 63)}, ValueError, "cos_sin_cache: rot_dim"),
+    ({"cos_sin_cache": torch.zeros(64, 128, dtype=torch.float16)}, TypeError, "cos_sin_cache: expected dtype"),
+    ({"key": torch.zeros(5, 100, dtype=torch.bfloat16)}, ValueError, "key: expected [5, num_heads * 128]"),
+    ({"key": torch.zeros(5, 128, dtype=torch.float16)}, TypeError, "key: expected dtype bfloat16"),
+    ({"query": torch.zeros(5, 256)}, TypeError, "query: expected dtype"),
+], ids=["head_size_mismatch", "head_size_zero", "positions_int32", "positions_length", "rot_dim_too_large",
+        "rot_dim_odd", "cache_dtype", "key_width", "key_dtype", "query_fp32"])
+def test_bad_arguments(overrides: dict[str, Any], error: type[Exception], message: str) -> None:
+    kwargs = {**_inputs(5, 2, 1, 128, 128, True), **overrides}
+    with pytest.raises(error, match=f"^{re.escape(message)}"):
+        ROPE.op(**kwargs)
