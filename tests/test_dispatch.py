@@ -315,7 +315,7 @@ ROW_OPS = [name for name in REGISTRY if name != "dynamic_scaled_fp8_quant"]
 
 def _row(kwargs: dict[str, Any], row: int, tokens: int) -> dict[str, Any]:
     """The same call for one row alone: every [tokens, ...] tensor cut down to that row (a copy)."""
-    return {name: value[row:row + 1].clone() if isinstance(value, torch.Tensor) and value.dim() == 2
+    return {name: value[row:row + 1].clone() if isinstance(value, torch.Tensor) and value.dim() >= 1
             and value.size(0) == tokens else value for name, value in kwargs.items()}
 
 

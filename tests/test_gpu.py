@@ -127,7 +127,7 @@ def test_nvfp4_layouts(spec: OpSpec, tokens: int, swizzled: bool) -> None:
         assert bool((kwargs[name].reshape(-1)[padding] == 0).all()), "swizzled padding must be zero"
 
 
-@pytest.mark.parametrize("spec", list(REGISTRY.values()), ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [s for s in REGISTRY.values() if "input" in s.arg_names], ids=lambda s: s.name)
 def test_strided_input(spec: OpSpec) -> None:
     tokens, hidden = 300, 4096
     kwargs = _inputs(spec, tokens, hidden)

@@ -220,7 +220,7 @@ def _widen(tensor: torch.Tensor, extra: int, output: bool) -> tuple[torch.Tensor
     return base[:, :cols], base
 
 
-@pytest.mark.parametrize("spec", list(REGISTRY.values()), ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [s for s in REGISTRY.values() if "input" in s.arg_names], ids=lambda s: s.name)
 @pytest.mark.parametrize("tokens", (7, 300))
 def test_strided_rows(spec: OpSpec, tokens: int) -> None:
     """Row strides wider than the row: the kernel reads and writes only the row's own columns."""
