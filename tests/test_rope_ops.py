@@ -102,3 +102,76 @@ def test_bad_arguments(overrides: dict[str, Any], error: type[Exception], messag
     kwargs = {**_inputs(5, 2, 1, 128, 128, True), **overrides}
     with pytest.raises(error, match=f"^{re.escape(message)}"):
         ROPE.op(**kwargs)
+
+
+# --- rope + paged KV-cache write ------------------------------------------------------------------
+
+ROPE_CACHE = REGISTRY["rotary_embedding_and_cache"]
+
+
+def _cache_inputs(tokens: int, heads: int, head_size: int, rot_dim: int, is_neox: bool, kv_cache_dtype: str,
+                  per_head_scale: bool, hnd: bool, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    from helion_fusions.testing import poisoned
+
+    kwargs = _inputs(tokens, 4, heads, head_size, rot_dim, is_neox, dtype)
+    num_blocks, block_size = tokens // 16 + 2, 16
+    cache_dtype = dtype if kv_cache_dtype == "auto" else torch.uint8
+
+    def cache() -> torch.Tensor:
+        if hnd:  # [num_blocks, heads, block_size, head_size] storage, seen as NHD through its strides
+            return poisoned((num_blocks, heads, block_size, head_size), cache_dtype, "cpu").transpose(1, 2)
+        return poisoned((num_blocks, block_size, heads, head_size), cache_dtype, "cpu")
+
+    slots = torch.randperm(num_blocks * block_size)[:tokens]
+    if tokens > 2:
+        slots[1] = -1  # skipped
+        slots[2] = num_blocks * block_size + 5  # past the cache: skipped, never written out of bounds
+    scales = torch.rand(heads) + 0.5 if per_head_scale else torch.tensor([0.75])
+    kwargs.update(value=torch.randn(tokens, heads * head_size).to(dtype), key_cache=cache(), value_cache=cache(),
+                  slot_mapping=slots, kv_cache_dtype=kv_cache_dtype, k_scale=scales, v_scale=scales * 2)
+    return kwargs
+
+
+def _cache_cases() -> list[Any]:
+    return [pytest.param(tokens, rot_dim, is_neox, kv, per_head, hnd, id=(
+        f"T{tokens}-rot{rot_dim}-{'neox' if is_neox else 'gptj'}-{kv}-{'per_head' if per_head else 'per_tensor'}-"
+        f"{'hnd' if hnd else 'nhd'}"))
+        for tokens, rot_dim, is_neox, kv, per_head, hnd in itertools.product(
+            (1, 7, 300), (128, 64), (True, False), ("auto", "fp8"), (False, True), (False, True))
+        if not (kv == "auto" and per_head)]
+
+
+@pytest.mark.parametrize(("tokens", "rot_dim", "is_neox", "kv_cache_dtype", "per_head", "hnd"), _cache_cases())
+def test_cache_write_matches_reference(tokens, rot_dim, is_neox, kv_cache_dtype, per_head, hnd) -> None:
+    kwargs = _cache_inputs(tokens, 2, 128, rot_dim, is_neox, kv_cache_dtype, per_head, hnd)
+    expected = run_against_reference(ROPE_CACHE, kwargs, max_flip_fraction=0)
+    written = set(int(s) for s in kwargs["slot_mapping"] if 0 <= s < 16 * (tokens // 16 + 2))
+    for name in ("key_cache", "value_cache"):
+        rows = kwargs[name].flatten(0, 1)  # a copy for HND storage: reading only
+        untouched = [slot for slot in range(rows.shape[0]) if slot not in written]
+        assert all(bool((rows[slot].contiguous().view(torch.uint8) == 0x7F).all()) for slot in untouched), (
+            f"{name}: a slot no token maps to was written")
+    assert torch.equal(expected["key"], kwargs["key"])
+
+
+def test_cache_holds_the_rotated_key() -> None:
+    kwargs = _cache_inputs(5, 2, 128, 64, True, "auto", False, False)
+    ROPE_CACHE.op(**kwargs)
+    slots = kwargs["slot_mapping"]
+    kept = (slots >= 0) & (slots < kwargs["key_cache"].shape[0] * 16)
+    rows = kwargs["key_cache"].flatten(0, 1)[slots[kept]]
+    assert kept.sum() == 3 and torch.equal(rows, kwargs["key"].view(5, 2, 128)[kept])
+
+
+@pytest.mark.parametrize(("overrides", "error", "message"), [
+    ({"kv_cache_dtype": "int8"}, ValueError, "kv_cache_dtype: expected one of"),
+    ({"slot_mapping": torch.zeros(7, dtype=torch.int32)}, TypeError, "slot_mapping: expected dtype int64"),
+    ({"key_cache": torch.zeros(2, 16, 3, 128, dtype=torch.bfloat16)}, ValueError, "key_cache: expected [num_blocks"),
+    ({"value_cache": torch.zeros(3, 16, 2, 128, dtype=torch.bfloat16)}, ValueError, "value_cache: expected [2, 16]"),
+    ({"k_scale": torch.ones(3)}, ValueError, "k_scale: expected one element or one per head"),
+    ({"value": torch.zeros(7, 3 * 128, dtype=torch.bfloat16)}, ValueError, "value: expected 2 heads"),
+], ids=["cache_dtype_name", "slots_int32", "cache_heads", "value_cache_blocks", "scale_count", "value_heads"])
+def test_cache_bad_arguments(overrides: dict[str, Any], error: type[Exception], message: str) -> None:
+    kwargs = {**_cache_inputs(7, 2, 128, 128, True, "auto", False, False), **overrides}
+    with pytest.raises(error, match=f"^{re.escape(message)}"):
+        ROPE_CACHE.op(**kwargs)

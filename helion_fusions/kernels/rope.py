@@ -1,4 +1,4 @@
-"""Rotary position embedding (RoPE), from one Helion kernel.
+"""Rotary position embedding (RoPE), and RoPE fused with the paged KV-cache write, from one Helion kernel.
 
 For each token ``t`` at position ``p = positions[t]`` and each head, the first ``rot_dim``
 dims of the head rotate in pairs ``(a, b)`` by the angle whose cosine and sine are
@@ -9,6 +9,12 @@ alone (partial rotary).
 
 The host views every head's rotary part as ``[2, rot_dim/2]`` (``[pair member, i]``):
 contiguous halves for neox, a stride-2 view for GPT-J, so one kernel body serves both.
+One launch covers the key heads, then the query heads (two loops of one kernel). With a
+cache, each key row (rotated) and value row also goes to its slot, with
+``reshape_and_cache_flash`` semantics: ``[num_blocks, block_size, heads, head_size]``
+caches addressed through their strides (HND storage works), a negative slot skips the
+token (as does a slot past the cache: never an out-of-bounds write), and an fp8 cache
+stores ``fp8(clamp(x / scale))`` with a per-tensor or per-head scale.
 
 Contract notes (shared NUMERICS.md, RoPE family): the cache may be fp32 or the input
 dtype; positions are int64. A compiled kernel may contract ``a*cos - b*sin`` into a fused
@@ -25,6 +31,8 @@ import helion.language as hl
 import torch
 
 from helion_fusions import checks
+from helion_fusions.kernels import quant
+from helion_fusions.kernels.quant import div_rn, to_fp8
 from helion_fusions.registry import KernelLaunch, OpSpec, register
 
 HEAD_SIZE = 128
@@ -37,19 +45,86 @@ MAX_POSITIONS = 8192
 @helion.kernel(static_shapes=False, autotune_effort="none")
 def rope_kernel(
     positions: torch.Tensor,  # [T] int64
-    x: torch.Tensor,  # [T, H, 2, rot_dim / 2]: the rotary part of every head, as pairs
+    q: torch.Tensor,  # [T, HQ, 2, rot_dim / 2]: the rotary part of every query head, as pairs
+    k: torch.Tensor,  # [T, HK, 2, rot_dim / 2] likewise for the key heads (q again when there is no key)
     cos_sin: torch.Tensor,  # [max_pos, 2, rot_dim / 2]: cos, then sin
+    slots: torch.Tensor,  # [T] int64 cache slots (CACHE); a negative slot skips the token
+    key_tail: torch.Tensor,  # [T, HK, head_size - rot_dim]: the key dims that do not rotate (TAIL)
+    value: torch.Tensor,  # [T, HK, head_size_v] (CACHE)
+    key_cache: torch.Tensor,  # the key cache's storage, flat (CACHE), addressed through ks0..ks3
+    value_cache: torch.Tensor,  # the value cache's storage, flat, addressed through vs0..vs3
+    k_scale: torch.Tensor,  # [1] or [HK] fp32 dequant scales of an fp8 cache
+    v_scale: torch.Tensor,
+    block_size: int,
+    num_slots: int,
+    ks0: int, ks1: int, ks2: int, ks3: int,  # key cache strides: block, slot in block, head, dim
+    vs0: int, vs1: int, vs2: int, vs3: int,
+    HAS_KEY: hl.constexpr,
+    CACHE: hl.constexpr,
+    TAIL: hl.constexpr,
+    NEOX: hl.constexpr,
+    FP8_CACHE: hl.constexpr,
+    PER_HEAD_SCALE: hl.constexpr,
+    FP8_MAX: hl.constexpr,
 ) -> None:
-    T, H, _, half = x.size()
+    T, HQ, _, half = q.size()
+    HK = k.size(1)
     half = hl.specialize(half)
-    for tile_t, tile_h in hl.tile([T, H]):
-        position = positions[tile_t]
-        cos = cos_sin[position, 0, :].to(torch.float32)[:, None, :]
-        sin = cos_sin[position, 1, :].to(torch.float32)[:, None, :]
-        a = x[tile_t, tile_h, 0, :].to(torch.float32)
-        b = x[tile_t, tile_h, 1, :].to(torch.float32)
-        x[tile_t, tile_h, 0, :] = (a * cos - b * sin).to(x.dtype)
-        x[tile_t, tile_h, 1, :] = (b * cos + a * sin).to(x.dtype)
+    tail = hl.specialize(key_tail.size(2))
+    head_v = hl.specialize(value.size(2))
+    for tile_t, tile_h in hl.tile([T, HK]):
+        if HAS_KEY:
+            a, b = rotate(positions, k, cos_sin, tile_t, tile_h)
+            if CACHE:
+                slot = slots[tile_t]
+                valid = (slot >= 0) & (slot < num_slots)  # negative: skipped; past the cache: skipped
+                slot = torch.where(valid, slot, 0)
+                k_row = (slot // block_size) * ks0 + (slot % block_size) * ks1
+                v_row = (slot // block_size) * vs0 + (slot % block_size) * vs1
+                i = hl.arange(half)
+                first = i if NEOX else 2 * i
+                second = i + half if NEOX else 2 * i + 1
+                k_base = k_row[:, None, None] + tile_h.index[None, :, None] * ks2
+                mask = valid[:, None, None]
+                if PER_HEAD_SCALE:
+                    ksc = k_scale[tile_h][None, :, None]
+                    vsc = v_scale[tile_h][None, :, None]
+                else:
+                    ksc = k_scale[0]
+                    vsc = v_scale[0]
+                cache_store(key_cache, k_base + first[None, None, :] * ks3, a, mask, ksc, FP8_CACHE, FP8_MAX)
+                cache_store(key_cache, k_base + second[None, None, :] * ks3, b, mask, ksc, FP8_CACHE, FP8_MAX)
+                if TAIL:
+                    rest = key_tail[tile_t, tile_h, :]
+                    dims = 2 * half + hl.arange(tail)
+                    cache_store(key_cache, k_base + dims[None, None, :] * ks3, rest, mask, ksc, FP8_CACHE, FP8_MAX)
+                v_base = v_row[:, None, None] + tile_h.index[None, :, None] * vs2
+                v_offsets = v_base + hl.arange(head_v)[None, None, :] * vs3
+                cache_store(value_cache, v_offsets, value[tile_t, tile_h, :], mask, vsc, FP8_CACHE, FP8_MAX)
+    for tile_t, tile_h in hl.tile([T, HQ]):
+        rotate(positions, q, cos_sin, tile_t, tile_h)
+
+
+def rotate(positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, tile_t: Any,
+           tile_h: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate rows ``tile_t`` of heads ``tile_h`` of ``x`` in place (a kernel helper); returns the rotated pairs."""
+    position = hl.load(positions, [tile_t])
+    cos = hl.load(cos_sin, [position, 0, slice(None)]).to(torch.float32).unsqueeze(1)
+    sin = hl.load(cos_sin, [position, 1, slice(None)]).to(torch.float32).unsqueeze(1)
+    a = hl.load(x, [tile_t, tile_h, 0, slice(None)]).to(torch.float32)
+    b = hl.load(x, [tile_t, tile_h, 1, slice(None)]).to(torch.float32)
+    rotated_a, rotated_b = (a * cos - b * sin).to(x.dtype), (b * cos + a * sin).to(x.dtype)
+    hl.store(x, [tile_t, tile_h, 0, slice(None)], rotated_a)
+    hl.store(x, [tile_t, tile_h, 1, slice(None)], rotated_b)
+    return rotated_a, rotated_b
+
+
+def cache_store(cache: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                scale: torch.Tensor, FP8_CACHE: bool, FP8_MAX: float) -> None:
+    """Store ``values`` at flat ``offsets`` of a cache where ``mask`` holds: a copy, or ``fp8(clamp(x / scale))``."""
+    if FP8_CACHE:
+        values = to_fp8(div_rn(values.to(torch.float32), scale), FP8_MAX, cache.dtype)
+    hl.store(cache, [offsets], values.to(cache.dtype), extra_mask=mask)
 
 
 # --- reference ------------------------------------------------------------------------------
@@ -108,19 +183,40 @@ def _check_rope(positions: Any, query: Any, key: Any, head_size: Any, cos_sin_ca
     return tokens, rot_dim, q, k
 
 
-def _prepare_rotary(positions, query, key, head_size, cos_sin_cache, is_neox):
-    tokens, rot_dim, q, k = _check_rope(positions, query, key, head_size, cos_sin_cache)
+def _flat(cache: torch.Tensor) -> torch.Tensor:
+    """The elements a cache view spans, as a flat view of its storage (the kernel adds the strides itself)."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(cache.shape, cache.stride()))
+    return cache.as_strided((span,), (1,), cache.storage_offset())
+
+
+def _launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None) -> tuple[KernelLaunch, ...]:
+    """One launch: the key heads (rotated, and written to the cache when given), then the query heads."""
+    tokens = q.shape[0]
     if tokens == 0:
         return ()
+    head_size = q.shape[2]
     cos_sin = cos_sin_cache.view(cos_sin_cache.shape[0], 2, rot_dim // 2)
-    launches = []
-    for heads in (q, k):
-        if heads is not None:
-            pairs = _pairs(heads, rot_dim, bool(is_neox))
-            key_ = (query.dtype, cos_sin_cache.dtype, heads.shape[1], head_size, rot_dim, bool(is_neox))
-            launches.append(KernelLaunch(rope_kernel, (positions, pairs, cos_sin), key_, tokens,
-                                         heads.shape[1] * head_size, query.device, query.dtype))
-    return tuple(launches)
+    q_pairs = _pairs(q, rot_dim, is_neox)
+    k_pairs = q_pairs if k is None else _pairs(k, rot_dim, is_neox)
+    if cache is None:
+        unused = (positions, q, q, positions, positions, positions, positions)  # never read without CACHE
+        cache_args = (*unused, 1, 0, *(0,) * 8)
+        flags = (k is not None, False, False, is_neox, False, False, 0.0)
+    else:
+        slots, value, key_cache, value_cache, k_scale, v_scale, fp8_max = cache
+        num_blocks, block_size = key_cache.shape[:2]
+        cache_args = (slots, k[:, :, rot_dim:] if rot_dim < head_size else q, value, _flat(key_cache), _flat(value_cache), k_scale, v_scale,
+                      block_size, num_blocks * block_size, *key_cache.stride(), *value_cache.stride())
+        flags = (True, True, rot_dim < head_size, is_neox, fp8_max > 0, k_scale.numel() > 1, fp8_max)
+    args = (positions, q_pairs, k_pairs, cos_sin, *cache_args, *flags)
+    key = (q.dtype, cos_sin_cache.dtype, q.shape[1], k_pairs.shape[1], head_size, rot_dim,
+           None if cache is None else (cache[2].dtype, cache[1].shape[2]), *flags)
+    return (KernelLaunch(rope_kernel, args, key, tokens, q.shape[1] * head_size, q.device, q.dtype),)
+
+
+def _prepare_rotary(positions, query, key, head_size, cos_sin_cache, is_neox):
+    tokens, rot_dim, q, k = _check_rope(positions, query, key, head_size, cos_sin_cache)
+    return _launch(positions, q, k, cos_sin_cache, rot_dim, bool(is_neox))
 
 
 def _reference_rotary(positions, query, key, head_size, cos_sin_cache, is_neox):
@@ -130,18 +226,99 @@ def _reference_rotary(positions, query, key, head_size, cos_sin_cache, is_neox):
             rotate_reference(positions, _pairs(heads, rot_dim, bool(is_neox)), cos_sin_cache)
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def _check_cache(name: str, cache: Any, heads: torch.Tensor, fp8: bool) -> torch.Tensor:
+    """A paged cache [num_blocks, block_size, num_heads, head_size] (any strides); fp8 caches may be uint8."""
+    if fp8:
+        checks.check_tensor(name, cache, dtypes=(torch.uint8, *checks.FP8_DTYPES), device=heads.device)
+    else:
+        checks.check_tensor(name, cache, dtypes=(heads.dtype,), device=heads.device)
+    if cache.dim() != 4 or tuple(cache.shape[2:]) != tuple(heads.shape[1:]):
+        raise ValueError(f"{name}: expected [num_blocks, block_size, {heads.shape[1]}, {heads.shape[2]}], "
+                         f"got shape {list(cache.shape)}")
+    return cache
+
+
+def _check_kv(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, k, tokens):
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype: expected one of {list(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    fp8 = kv_cache_dtype != "auto"
+    v = _heads("value", value, tokens, k.shape[2], k.dtype, k.device)
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"value: expected {k.shape[1]} heads like key, got {v.shape[1]}")
+    _check_cache("key_cache", key_cache, k, fp8)
+    _check_cache("value_cache", value_cache, v, fp8)
+    if key_cache.shape[:2] != value_cache.shape[:2]:
+        raise ValueError(f"value_cache: expected {list(key_cache.shape[:2])} blocks like key_cache, "
+                         f"got {list(value_cache.shape[:2])}")
+    checks.check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), shape=(tokens,), device=k.device)
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        checks.check_tensor(name, scale, dtypes=(torch.float32,), device=k.device)
+        if scale.numel() not in (1, k.shape[1]):
+            raise ValueError(f"{name}: expected one element or one per head ({k.shape[1]}), got shape "
+                             f"{list(scale.shape)}")
+    if fp8:
+        from helion_fusions.dispatch import fp8_dtype
+
+        dtype = key_cache.dtype if key_cache.dtype in checks.FP8_DTYPES else fp8_dtype(k.device)
+        key_cache, value_cache = key_cache.view(dtype), value_cache.view(dtype)
+        fp8_max = quant.fp8_max_for(dtype)
+    else:
+        fp8_max = 0.0
+    return v, key_cache, value_cache, fp8_max
+
+
+def _prepare_rope_cache(positions, query, key, value, key_cache, value_cache, slot_mapping, head_size,
+                        cos_sin_cache, is_neox, kv_cache_dtype, k_scale, v_scale):
+    tokens, rot_dim, q, k = _check_rope(positions, query, key, head_size, cos_sin_cache)
+    v, key_cache, value_cache, fp8_max = _check_kv(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
+                                                   k_scale, v_scale, k, tokens)
+    cache = (slot_mapping, v, key_cache, value_cache, k_scale.reshape(-1), v_scale.reshape(-1), fp8_max)
+    return _launch(positions, q, k, cos_sin_cache, rot_dim, bool(is_neox), cache)
+
+
+def write_cache_reference(rows: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, scale: torch.Tensor,
+                          fp8_max: float) -> None:
+    """``reshape_and_cache_flash``: row t goes to slot ``slot_mapping[t]`` (skipped when negative or past the end)."""
+    num_blocks, block_size = cache.shape[:2]
+    keep = (slot_mapping >= 0) & (slot_mapping < num_blocks * block_size)
+    slots = slot_mapping[keep]
+    values = rows[keep]
+    if fp8_max:
+        scale = scale.float().reshape(-1)[None, :, None] if scale.numel() > 1 else scale.float().reshape(())
+        values = to_fp8(div_rn(values.float(), scale), fp8_max, cache.dtype)
+    cache[slots // block_size, slots % block_size] = values.to(cache.dtype)
+
+
+def _reference_rope_cache(positions, query, key, value, key_cache, value_cache, slot_mapping, head_size,
+                          cos_sin_cache, is_neox, kv_cache_dtype, k_scale, v_scale):
+    tokens, rot_dim, q, k = _check_rope(positions, query, key, head_size, cos_sin_cache)
+    v, key_cache, value_cache, fp8_max = _check_kv(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
+                                                   k_scale, v_scale, k, tokens)
+    _reference_rotary(positions, query, key, head_size, cos_sin_cache, is_neox)
+    write_cache_reference(k, key_cache, slot_mapping, k_scale, fp8_max)
+    write_cache_reference(v, value_cache, slot_mapping, v_scale, fp8_max)
+
+
 # --- tuning grid, seeds and bench inputs -----------------------------------------------------
 
+def _blocks(tokens: int, heads: int) -> list[int]:
+    """Block sizes of both loops (key heads, then query heads): ``tokens`` rows by ``heads`` heads."""
+    return [tokens, heads, tokens, heads]
+
+
 def default_config(hidden: int) -> helion.Config:
-    return helion.Config(block_sizes=[1, 8], num_warps=4)
+    return helion.Config(block_sizes=_blocks(1, 8), num_warps=4)
 
 
 def seed_configs(hidden: int, tokens: int) -> list[helion.Config]:
-    return [helion.Config(block_sizes=[1, h], num_warps=w) for h in (4, 8) for w in (2, 4)]
+    return [helion.Config(block_sizes=_blocks(1, h), num_warps=w) for h in (4, 8) for w in (2, 4)]
 
 
 def search_configs(hidden: int, tokens: int) -> list[helion.Config]:
-    return [helion.Config(block_sizes=[t, 16], num_warps=4) for t in (1, 2) if t <= max(tokens, 1)]
+    return [helion.Config(block_sizes=_blocks(t, 16), num_warps=4) for t in (1, 2) if t <= max(tokens, 1)]
 
 
 def _inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
@@ -158,10 +335,41 @@ def _inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) 
     }
 
 
+BLOCK_SIZE = 16
+
+
+def _cache_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """Rope inputs plus a poisoned paged cache of block size 16 with room for every token, slots shuffled."""
+    from helion_fusions.testing import poisoned
+
+    kwargs = _inputs(tokens, hidden, dtype, device)
+    head_size, key = kwargs["head_size"], kwargs["key"]
+    generator = torch.Generator(device="cpu").manual_seed(tokens + 17)
+    num_blocks = max(1, -(-tokens // BLOCK_SIZE)) + 1
+    shape = (num_blocks, BLOCK_SIZE, key.shape[1] // head_size, head_size)
+    kwargs.update(
+        value=torch.randn(key.shape, generator=generator).to(dtype=dtype, device=device),
+        key_cache=poisoned(shape, dtype, device), value_cache=poisoned(shape, dtype, device),
+        slot_mapping=torch.randperm(num_blocks * BLOCK_SIZE, generator=generator)[:tokens].to(device),
+        kv_cache_dtype="auto", k_scale=torch.ones(1, device=device), v_scale=torch.ones(1, device=device))
+    return kwargs
+
+
 ROTARY_EMBEDDING = register(OpSpec(
     name="rotary_embedding",
     schema="(Tensor positions, Tensor! query, Tensor!? key, int head_size, Tensor cos_sin_cache, bool is_neox) -> ()",
     family="rope", kernel=rope_kernel, prepare=_prepare_rotary, reference=_reference_rotary, make_inputs=_inputs,
     default_config=default_config, seed_configs=seed_configs, search_configs=search_configs,
     hidden_sizes=HIDDEN_GRID, token_counts=TOKEN_GRID, read_and_written=("query", "key"),
+))
+
+ROTARY_EMBEDDING_AND_CACHE = register(OpSpec(
+    name="rotary_embedding_and_cache",
+    schema="(Tensor positions, Tensor! query, Tensor! key, Tensor value, Tensor! key_cache, Tensor! value_cache, "
+           "Tensor slot_mapping, int head_size, Tensor cos_sin_cache, bool is_neox, str kv_cache_dtype, "
+           "Tensor k_scale, Tensor v_scale) -> ()",
+    family="rope", kernel=rope_kernel, prepare=_prepare_rope_cache, reference=_reference_rope_cache,
+    make_inputs=_cache_inputs, default_config=default_config, seed_configs=seed_configs,
+    search_configs=search_configs, hidden_sizes=HIDDEN_GRID, token_counts=TOKEN_GRID,
+    read_and_written=("query", "key"),
 ))
