@@ -49,6 +49,9 @@ EXPECTED_SCHEMAS = {
         ["positions", "query", "key", "value", "key_cache", "value_cache", "slot_mapping", "head_size",
          "cos_sin_cache", "is_neox", "kv_cache_dtype", "k_scale", "v_scale"],
         ["query", "key", "key_cache", "value_cache"]),
+    "fused_qk_norm_rope": (
+        ["qkv", "num_heads_q", "num_heads_k", "num_heads_v", "head_dim", "eps", "q_weight", "k_weight",
+         "cos_sin_cache", "is_neox", "position_ids"], ["qkv"]),
 }
 
 

@@ -11,6 +11,7 @@ import torch
 from conftest import run_against_reference
 
 from helion_fusions.registry import REGISTRY
+from helion_fusions.testing import compare
 
 pytestmark = pytest.mark.usefixtures("interpret")
 
@@ -175,3 +176,68 @@ def test_cache_bad_arguments(overrides: dict[str, Any], error: type[Exception], 
     kwargs = {**_cache_inputs(7, 2, 128, 128, True, "auto", False, False), **overrides}
     with pytest.raises(error, match=f"^{re.escape(message)}"):
         ROPE_CACHE.op(**kwargs)
+
+
+# --- per-head RMS norm + rope on packed qkv --------------------------------------------------------
+
+QK_NORM = REGISTRY["fused_qk_norm_rope"]
+
+
+def _qkv_inputs(tokens: int, heads: tuple[int, int, int], head_dim: int, rot_dim: int, is_neox: bool,
+                dtype: torch.dtype = torch.bfloat16, weight_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    base = _inputs(tokens, 1, None, head_dim, rot_dim, is_neox, dtype)
+    weight_dtype = weight_dtype or dtype
+    return {"qkv": torch.randn(tokens, sum(heads) * head_dim).to(dtype), "num_heads_q": heads[0],
+            "num_heads_k": heads[1], "num_heads_v": heads[2], "head_dim": head_dim, "eps": 1e-6,
+            "q_weight": (1 + 0.5 * torch.randn(head_dim)).to(weight_dtype),
+            "k_weight": (1 + 0.5 * torch.randn(head_dim)).to(weight_dtype),
+            "cos_sin_cache": base["cos_sin_cache"], "is_neox": is_neox, "position_ids": base["positions"]}
+
+
+def _qk_cases() -> list[Any]:
+    return [pytest.param(tokens, heads, head_dim, rot_dim, is_neox, dtype, id=(
+        f"T{tokens}-h{'_'.join(map(str, heads))}-D{head_dim}-rot{rot_dim}-{'neox' if is_neox else 'gptj'}-"
+        f"{str(dtype).removeprefix('torch.')}"))
+        for tokens, (heads, head_dim, rot_dim), is_neox, dtype in itertools.product(
+            (0, 1, 7, 300), (((4, 2, 2), 128, 128), ((3, 1, 1), 64, 64), ((2, 2, 2), 256, 256), ((4, 2, 2), 128, 64)),
+            (True, False), (torch.bfloat16, torch.float16))]
+
+
+@pytest.mark.parametrize(("tokens", "heads", "head_dim", "rot_dim", "is_neox", "dtype"), _qk_cases())
+def test_qk_norm_rope_matches_reference(tokens, heads, head_dim, rot_dim, is_neox, dtype) -> None:
+    kwargs = _qkv_inputs(tokens, heads, head_dim, rot_dim, is_neox, dtype)
+    v_before = kwargs["qkv"][:, (heads[0] + heads[1]) * head_dim:].clone()
+    # the kernel sums a head's squares in pieces (the rotary halves, the rest): rare rounding ties
+    run_against_reference(QK_NORM, kwargs)
+    assert torch.equal(kwargs["qkv"][:, (heads[0] + heads[1]) * head_dim:], v_before), "v heads were written"
+
+
+def test_qk_norm_rope_fp32_weights() -> None:
+    run_against_reference(QK_NORM, _qkv_inputs(33, (4, 2, 2), 128, 128, True, weight_dtype=torch.float32))
+
+
+def test_qk_norm_rope_follows_the_textbook_formula() -> None:
+    """Norm in fp32, then the rotate-half formula in fp32, rounded once: the op's bytes, up to rounding ties."""
+    kwargs = _qkv_inputs(16, (2, 1, 1), 128, 128, True)
+    qkv = kwargs["qkv"].clone()
+    QK_NORM.op(**kwargs)
+    for index, weight in ((slice(0, 256), kwargs["q_weight"]), (slice(256, 384), kwargs["k_weight"])):
+        heads = qkv[:, index].view(16, -1, 128).float()
+        normed = heads * torch.rsqrt(heads.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.float()
+        expected = _rotate_half_formula(normed, kwargs["position_ids"], kwargs["cos_sin_cache"], True)
+        result = compare(kwargs["qkv"][:, index].view(16, -1, 128), expected.to(torch.bfloat16))
+        assert result.ok(1e-3), result
+
+
+@pytest.mark.parametrize(("overrides", "error", "message"), [
+    ({"num_heads_q": 5}, ValueError, "qkv: expected [num_tokens, (num_heads_q + num_heads_k + num_heads_v)"),
+    ({"num_heads_k": 0}, ValueError, "num_heads_k: expected a positive int"),
+    ({"eps": 0.0}, ValueError, "eps: expected a positive float"),
+    ({"q_weight": torch.ones(64, dtype=torch.bfloat16)}, ValueError, "q_weight: expected shape [128]"),
+    ({"k_weight": torch.ones(128, dtype=torch.float16)}, TypeError, "k_weight: expected dtype"),
+    ({"position_ids": torch.zeros(7, dtype=torch.int32)}, TypeError, "position_ids: expected dtype int64"),
+], ids=["width", "no_key_heads", "eps", "q_weight_shape", "k_weight_dtype", "positions_dtype"])
+def test_qk_norm_bad_arguments(overrides: dict[str, Any], error: type[Exception], message: str) -> None:
+    kwargs = {**_qkv_inputs(7, (4, 2, 2), 128, 128, True), **overrides}
+    with pytest.raises(error, match=f"^{re.escape(message)}"):
+        QK_NORM.op(**kwargs)

@@ -50,6 +50,12 @@ def rope_kernel(
     cos_sin: torch.Tensor,  # [max_pos, 2, rot_dim / 2]: cos, then sin
     slots: torch.Tensor,  # [T] int64 cache slots (CACHE); a negative slot skips the token
     key_tail: torch.Tensor,  # [T, HK, head_size - rot_dim]: the key dims that do not rotate (TAIL)
+    q_weight: torch.Tensor,  # [2, rot_dim / 2]: the query norm weight's rotary dims, paired like the heads (NORM)
+    q_weight_tail: torch.Tensor,  # [head_size - rot_dim] (TAIL and NORM)
+    k_weight: torch.Tensor,
+    k_weight_tail: torch.Tensor,
+    query_heads: int,  # NORM: heads below this index of k are query heads (q_weight), the rest key heads
+    eps: float,
     value: torch.Tensor,  # [T, HK, head_size_v] (CACHE)
     key_cache: torch.Tensor,  # the key cache's storage, flat (CACHE), addressed through ks0..ks3
     value_cache: torch.Tensor,  # the value cache's storage, flat, addressed through vs0..vs3
@@ -59,6 +65,7 @@ def rope_kernel(
     num_slots: int,
     ks0: int, ks1: int, ks2: int, ks3: int,  # key cache strides: block, slot in block, head, dim
     vs0: int, vs1: int, vs2: int, vs3: int,
+    HAS_QUERY: hl.constexpr,  # False when k holds every head to rotate (one head of q stands in)
     HAS_KEY: hl.constexpr,
     CACHE: hl.constexpr,
     TAIL: hl.constexpr,
@@ -66,15 +73,18 @@ def rope_kernel(
     FP8_CACHE: hl.constexpr,
     PER_HEAD_SCALE: hl.constexpr,
     FP8_MAX: hl.constexpr,
+    NORM: hl.constexpr,
 ) -> None:
     T, HQ, _, half = q.size()
     HK = k.size(1)
     half = hl.specialize(half)
     tail = hl.specialize(key_tail.size(2))
     head_v = hl.specialize(value.size(2))
+    width = 2 * half + tail if TAIL else 2 * half  # head_size, for the norm's mean
     for tile_t, tile_h in hl.tile([T, HK]):
         if HAS_KEY:
-            a, b = rotate(positions, k, cos_sin, tile_t, tile_h)
+            norm = (key_tail, q_weight, q_weight_tail, k_weight, k_weight_tail, query_heads, eps, TAIL, width)
+            a, b = rotate(positions, k, cos_sin, tile_t, tile_h, norm if NORM else None)
             if CACHE:
                 slot = slots[tile_t]
                 valid = (slot >= 0) & (slot < num_slots)  # negative: skipped; past the cache: skipped
@@ -95,24 +105,50 @@ def rope_kernel(
                 cache_store(key_cache, k_base + first[None, None, :] * ks3, a, mask, ksc, FP8_CACHE, FP8_MAX)
                 cache_store(key_cache, k_base + second[None, None, :] * ks3, b, mask, ksc, FP8_CACHE, FP8_MAX)
                 if TAIL:
-                    rest = key_tail[tile_t, tile_h, :]
+                    rest = key_tail[tile_t, tile_h, :]  # normalized in place already, under NORM
                     dims = 2 * half + hl.arange(tail)
                     cache_store(key_cache, k_base + dims[None, None, :] * ks3, rest, mask, ksc, FP8_CACHE, FP8_MAX)
                 v_base = v_row[:, None, None] + tile_h.index[None, :, None] * vs2
                 v_offsets = v_base + hl.arange(head_v)[None, None, :] * vs3
                 cache_store(value_cache, v_offsets, value[tile_t, tile_h, :], mask, vsc, FP8_CACHE, FP8_MAX)
     for tile_t, tile_h in hl.tile([T, HQ]):
-        rotate(positions, q, cos_sin, tile_t, tile_h)
+        if HAS_QUERY:
+            rotate(positions, q, cos_sin, tile_t, tile_h, None)
 
 
-def rotate(positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, tile_t: Any,
-           tile_h: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate rows ``tile_t`` of heads ``tile_h`` of ``x`` in place (a kernel helper); returns the rotated pairs."""
+def rotate(positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, tile_t: Any, tile_h: Any,
+           norm: tuple[Any, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate rows ``tile_t`` of heads ``tile_h`` of ``x`` in place (a kernel helper); returns the rotated pairs.
+
+    ``norm`` = (tail, query weight pairs and tail, key weight pairs and tail, query_heads, eps, TAIL,
+    head_size): RMS-normalize each head first, in fp32 with the rotation (one rounding), the dims that
+    do not rotate included; heads below ``query_heads`` take the query weight.
+    """
     position = hl.load(positions, [tile_t])
     cos = hl.load(cos_sin, [position, 0, slice(None)]).to(torch.float32).unsqueeze(1)
     sin = hl.load(cos_sin, [position, 1, slice(None)]).to(torch.float32).unsqueeze(1)
     a = hl.load(x, [tile_t, tile_h, 0, slice(None)]).to(torch.float32)
     b = hl.load(x, [tile_t, tile_h, 1, slice(None)]).to(torch.float32)
+    if norm is not None:
+        tail, q_weight, q_weight_tail, k_weight, k_weight_tail, query_heads, eps, has_tail, width = norm
+        is_query = (tile_h.index < query_heads).unsqueeze(-1)  # [heads, 1]
+        sum_sq = torch.sum(a * a, dim=-1) + torch.sum(b * b, dim=-1)
+        if has_tail:
+            rest = hl.load(tail, [tile_t, tile_h, slice(None)]).to(torch.float32)
+            sum_sq = sum_sq + torch.sum(rest * rest, dim=-1)
+        rstd = torch.rsqrt(div_rn(sum_sq, width) + eps).unsqueeze(-1)
+        for pair, column in ((0, a), (1, b)):
+            weight = torch.where(is_query, hl.load(q_weight, [pair, slice(None)]).to(torch.float32),
+                                 hl.load(k_weight, [pair, slice(None)]).to(torch.float32))
+            if pair == 0:
+                a = column * rstd * weight
+            else:
+                b = column * rstd * weight
+        if has_tail:
+            weight = torch.where(is_query, hl.load(q_weight_tail, [slice(None)]).to(torch.float32),
+                                 hl.load(k_weight_tail, [slice(None)]).to(torch.float32))
+            rest = rest * rstd * weight
+            hl.store(tail, [tile_t, tile_h, slice(None)], rest.to(tail.dtype))
     rotated_a, rotated_b = (a * cos - b * sin).to(x.dtype), (b * cos + a * sin).to(x.dtype)
     hl.store(x, [tile_t, tile_h, 0, slice(None)], rotated_a)
     hl.store(x, [tile_t, tile_h, 1, slice(None)], rotated_b)
@@ -161,13 +197,14 @@ def _pairs(heads: torch.Tensor, rot_dim: int, is_neox: bool) -> torch.Tensor:
     return rotary.unflatten(-1, (rot_dim // 2, 2)).transpose(-1, -2)
 
 
-def _check_rope(positions: Any, query: Any, key: Any, head_size: Any, cos_sin_cache: Any) -> tuple[Any, ...]:
+def _check_rope(positions: Any, query: Any, key: Any, head_size: Any, cos_sin_cache: Any,
+                positions_name: str = "positions") -> tuple[Any, ...]:
     checks.check_tensor("query", query, dtypes=checks.FLOAT_ACTIVATIONS, last_dim_contiguous=True)
     if query.dim() not in (2, 3):
         raise ValueError(f"query: expected [num_tokens, num_heads * head_size] or [num_tokens, num_heads, head_size], "
                          f"got shape {list(query.shape)}")
     tokens, device, dtype = query.shape[0], query.device, query.dtype
-    checks.check_tensor("positions", positions, dtypes=(torch.int64,), shape=(tokens,), device=device)
+    checks.check_tensor(positions_name, positions, dtypes=(torch.int64,), shape=(tokens,), device=device)
     if isinstance(head_size, bool) or not isinstance(head_size, int) or head_size <= 0:
         raise ValueError(f"head_size: expected a positive int, got {head_size!r}")
     q = _heads("query", query, tokens, head_size, dtype, device)
@@ -189,29 +226,46 @@ def _flat(cache: torch.Tensor) -> torch.Tensor:
     return cache.as_strided((span,), (1,), cache.storage_offset())
 
 
-def _launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None) -> tuple[KernelLaunch, ...]:
-    """One launch: the key heads (rotated, and written to the cache when given), then the query heads."""
+def _weight_pairs(weight: torch.Tensor, rot_dim: int, is_neox: bool) -> torch.Tensor:
+    """A norm weight's rotary dims as [2, rot_dim/2], paired like the heads."""
+    return _pairs(weight.view(1, 1, -1), rot_dim, is_neox)[0, 0]
+
+
+def _launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, norm=None, hidden=None,
+            query=True) -> tuple[KernelLaunch, ...]:
+    """One launch: the key heads (normalized, rotated, written to the cache, as asked), then the query heads."""
     tokens = q.shape[0]
     if tokens == 0:
         return ()
     head_size = q.shape[2]
+    has_tail = rot_dim < head_size
     cos_sin = cos_sin_cache.view(cos_sin_cache.shape[0], 2, rot_dim // 2)
     q_pairs = _pairs(q, rot_dim, is_neox)
     k_pairs = q_pairs if k is None else _pairs(k, rot_dim, is_neox)
+    key_tail = k[:, :, rot_dim:] if has_tail and k is not None else q
+    if norm is None:
+        norm_args = (positions,) * 4 + (0, 0.0)  # never read without NORM
+    else:
+        q_weight, k_weight, query_heads, eps = norm
+        norm_args = (_weight_pairs(q_weight, rot_dim, is_neox), q_weight[rot_dim:] if has_tail else q_weight,
+                     _weight_pairs(k_weight, rot_dim, is_neox), k_weight[rot_dim:] if has_tail else k_weight,
+                     query_heads, float(eps))
     if cache is None:
-        unused = (positions, q, q, positions, positions, positions, positions)  # never read without CACHE
-        cache_args = (*unused, 1, 0, *(0,) * 8)
-        flags = (k is not None, False, False, is_neox, False, False, 0.0)
+        cache_args = (positions, q, positions, positions, positions, positions, 1, 0, *(0,) * 8)  # never read
+        cache_flags = (False, False, False, 0.0)
     else:
         slots, value, key_cache, value_cache, k_scale, v_scale, fp8_max = cache
         num_blocks, block_size = key_cache.shape[:2]
-        cache_args = (slots, k[:, :, rot_dim:] if rot_dim < head_size else q, value, _flat(key_cache), _flat(value_cache), k_scale, v_scale,
-                      block_size, num_blocks * block_size, *key_cache.stride(), *value_cache.stride())
-        flags = (True, True, rot_dim < head_size, is_neox, fp8_max > 0, k_scale.numel() > 1, fp8_max)
-    args = (positions, q_pairs, k_pairs, cos_sin, *cache_args, *flags)
+        cache_args = (slots, value, _flat(key_cache), _flat(value_cache), k_scale, v_scale, block_size,
+                      num_blocks * block_size, *key_cache.stride(), *value_cache.stride())
+        cache_flags = (True, fp8_max > 0, k_scale.numel() > 1, fp8_max)
+    has_cache, fp8_cache, per_head, fp8_max = cache_flags
+    flags = (query, k is not None, has_cache, has_tail, is_neox, fp8_cache, per_head, fp8_max, norm is not None)
+    args = (positions, q_pairs, k_pairs, cos_sin, cache_args[0], key_tail, *norm_args, *cache_args[1:], *flags)
     key = (q.dtype, cos_sin_cache.dtype, q.shape[1], k_pairs.shape[1], head_size, rot_dim,
            None if cache is None else (cache[2].dtype, cache[1].shape[2]), *flags)
-    return (KernelLaunch(rope_kernel, args, key, tokens, q.shape[1] * head_size, q.device, q.dtype),)
+    hidden = q.shape[1] * head_size if hidden is None else hidden  # the query width picks the config
+    return (KernelLaunch(rope_kernel, args, key, tokens, hidden, q.device, q.dtype),)
 
 
 def _prepare_rotary(positions, query, key, head_size, cos_sin_cache, is_neox):
@@ -302,6 +356,49 @@ def _reference_rope_cache(positions, query, key, value, key_cache, value_cache, 
     write_cache_reference(v, value_cache, slot_mapping, v_scale, fp8_max)
 
 
+def _check_qkv(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim, eps, q_weight, k_weight, cos_sin_cache,
+               position_ids):
+    checks.check_input_2d("qkv", qkv)
+    for name, value in (("num_heads_q", num_heads_q), ("num_heads_k", num_heads_k), ("num_heads_v", num_heads_v),
+                        ("head_dim", head_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "num_heads_v" else 1):
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    width = (num_heads_q + num_heads_k + num_heads_v) * head_dim
+    if qkv.shape[1] != width:
+        raise ValueError(f"qkv: expected [num_tokens, (num_heads_q + num_heads_k + num_heads_v) * head_dim] = "
+                         f"[{qkv.shape[0]}, {width}], got shape {list(qkv.shape)}")
+    checks.check_positive_float("eps", eps)
+    for name, weight in (("q_weight", q_weight), ("k_weight", k_weight)):
+        checks.check_tensor(name, weight, dtypes=(qkv.dtype, torch.float32), shape=(head_dim,), device=qkv.device,
+                            contiguous=True)
+    q = qkv[:, :num_heads_q * head_dim]
+    k = qkv[:, num_heads_q * head_dim:(num_heads_q + num_heads_k) * head_dim]
+    return _check_rope(position_ids, q, k, head_dim, cos_sin_cache, positions_name="position_ids")
+
+
+def _prepare_qk_norm_rope(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim, eps, q_weight, k_weight,
+                          cos_sin_cache, is_neox, position_ids):
+    tokens, rot_dim, q, k = _check_qkv(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim, eps, q_weight,
+                                       k_weight, cos_sin_cache, position_ids)
+    # q and k are neighbours in qkv: one loop over all their heads (the query loop is switched off),
+    # since two loops writing views of one tensor would have to be ordered
+    heads = qkv[:, :(num_heads_q + num_heads_k) * head_dim].view(tokens, num_heads_q + num_heads_k, head_dim)
+    return _launch(position_ids, q[:, :1], heads, cos_sin_cache, rot_dim, bool(is_neox),
+                   norm=(q_weight, k_weight, num_heads_q, eps), hidden=num_heads_q * head_dim, query=False)
+
+
+def _reference_qk_norm_rope(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim, eps, q_weight, k_weight,
+                            cos_sin_cache, is_neox, position_ids):
+    tokens, rot_dim, q, k = _check_qkv(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim, eps, q_weight,
+                                       k_weight, cos_sin_cache, position_ids)
+    for heads, weight in ((q, q_weight), (k, k_weight)):
+        x = heads.float()
+        rstd = torch.rsqrt(div_rn(torch.sum(x * x, dim=-1, keepdim=True), head_dim) + eps)
+        y = x * rstd * weight.float()  # fp32 throughout: one rounding, after the rotation
+        rotate_reference(position_ids, _pairs(y, rot_dim, bool(is_neox)), cos_sin_cache)
+        heads.copy_(y.to(heads.dtype))
+
+
 # --- tuning grid, seeds and bench inputs -----------------------------------------------------
 
 def _blocks(tokens: int, heads: int) -> list[int]:
@@ -372,4 +469,29 @@ ROTARY_EMBEDDING_AND_CACHE = register(OpSpec(
     make_inputs=_cache_inputs, default_config=default_config, seed_configs=seed_configs,
     search_configs=search_configs, hidden_sizes=HIDDEN_GRID, token_counts=TOKEN_GRID,
     read_and_written=("query", "key"),
+))
+
+
+def _qkv_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """Packed [q | k | v] with the grid's query width, 8 kv heads, and random norm weights."""
+    base = _inputs(tokens, hidden, dtype, device)
+    head_size = base["head_size"]
+    generator = torch.Generator(device="cpu").manual_seed(tokens + hidden)
+    heads_q = hidden // head_size
+    qkv = torch.randn(tokens, (heads_q + 2 * KV_HEADS) * head_size, generator=generator)
+    weights = [(1.0 + 0.5 * torch.randn(head_size, generator=generator)).to(dtype=dtype, device=device)
+               for _ in range(2)]
+    return {"qkv": qkv.to(dtype=dtype, device=device), "num_heads_q": heads_q, "num_heads_k": KV_HEADS,
+            "num_heads_v": KV_HEADS, "head_dim": head_size, "eps": 1e-6, "q_weight": weights[0],
+            "k_weight": weights[1], "cos_sin_cache": base["cos_sin_cache"], "is_neox": True,
+            "position_ids": base["positions"]}
+
+
+FUSED_QK_NORM_ROPE = register(OpSpec(
+    name="fused_qk_norm_rope",
+    schema="(Tensor! qkv, int num_heads_q, int num_heads_k, int num_heads_v, int head_dim, float eps, "
+           "Tensor q_weight, Tensor k_weight, Tensor cos_sin_cache, bool is_neox, Tensor position_ids) -> ()",
+    family="rope", kernel=rope_kernel, prepare=_prepare_qk_norm_rope, reference=_reference_qk_norm_rope,
+    make_inputs=_qkv_inputs, default_config=default_config, seed_configs=seed_configs,
+    search_configs=search_configs, hidden_sizes=HIDDEN_GRID, token_counts=TOKEN_GRID, read_and_written=("qkv",),
 ))
