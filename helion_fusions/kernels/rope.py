@@ -393,7 +393,14 @@ def _reference_qk_norm_rope(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim
                                        k_weight, cos_sin_cache, position_ids)
     for heads, weight in ((q, q_weight), (k, k_weight)):
         x = heads.float()
-        rstd = torch.rsqrt(div_rn(torch.sum(x * x, dim=-1, keepdim=True), head_dim) + eps)
+        # summed in the kernel's pieces (the two pair members, then the dims that do not rotate): on a
+        # cancelling rotation a different fp32 order shows up as more than a rounding tie
+        pairs = _pairs(x, rot_dim, bool(is_neox))
+        a, b, rest = pairs[:, :, 0, :], pairs[:, :, 1, :], x[..., rot_dim:]
+        sum_sq = torch.sum(a * a, dim=-1) + torch.sum(b * b, dim=-1)
+        if rot_dim < head_dim:
+            sum_sq = sum_sq + torch.sum(rest * rest, dim=-1)
+        rstd = torch.rsqrt(div_rn(sum_sq, head_dim) + eps).unsqueeze(-1)
         y = x * rstd * weight.float()  # fp32 throughout: one rounding, after the rotation
         rotate_reference(position_ids, _pairs(y, rot_dim, bool(is_neox)), cos_sin_cache)
         heads.copy_(y.to(heads.dtype))
