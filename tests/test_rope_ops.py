@@ -241,3 +241,35 @@ def test_qk_norm_bad_arguments(overrides: dict[str, Any], error: type[Exception]
     kwargs = {**_qkv_inputs(7, (4, 2, 2), 128, 128, True), **overrides}
     with pytest.raises(error, match=f"^{re.escape(message)}"):
         QK_NORM.op(**kwargs)
+
+
+# --- rope + static fp8 quant ------------------------------------------------------------------------
+
+ROPE_QUANT = REGISTRY["rotary_embedding_static_fp8_quant"]
+
+
+@pytest.mark.parametrize(("tokens", "rot_dim", "is_neox", "with_key", "fp8"), [
+    pytest.param(t, r, n, k, f, id=f"T{t}-rot{r}-{'neox' if n else 'gptj'}-{'key' if k else 'no_key'}-{str(f)[6:]}")
+    for t, r, n, k, f in itertools.product((1, 7, 300), (128, 64), (True, False), (True, False),
+                                           (torch.float8_e4m3fn, torch.float8_e4m3fnuz))])
+def test_rope_quant_matches_reference(tokens, rot_dim, is_neox, with_key, fp8) -> None:
+    from helion_fusions.testing import poisoned
+
+    kwargs = _inputs(tokens, 4, 2 if with_key else None, 128, rot_dim, is_neox)
+    kwargs.update(query_out=poisoned((tokens, 4 * 128), fp8, "cpu"), q_scale=torch.tensor([0.01]),
+                  key_out=poisoned((tokens, 2 * 128), fp8, "cpu") if with_key else None,
+                  k_scale=torch.tensor([0.03]) if with_key else None)
+    before = {name: kwargs[name].clone() for name in ("query", "key") if kwargs[name] is not None}
+    run_against_reference(ROPE_QUANT, kwargs, max_flip_fraction=0)
+    for name, value in before.items():
+        assert torch.equal(kwargs[name], value), f"{name}: the input changed"
+
+
+def test_rope_quant_needs_key_out_with_a_key() -> None:
+    from helion_fusions.testing import poisoned
+
+    kwargs = _inputs(5, 2, 1, 128, 128, True)
+    kwargs.update(query_out=poisoned((5, 256), torch.float8_e4m3fn, "cpu"), key_out=None, q_scale=torch.tensor([0.1]),
+                  k_scale=None)
+    with pytest.raises(ValueError, match="^key_out: a key needs key_out and k_scale"):
+        ROPE_QUANT.op(**kwargs)

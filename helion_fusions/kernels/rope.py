@@ -32,7 +32,7 @@ import torch
 
 from helion_fusions import checks
 from helion_fusions.kernels import quant
-from helion_fusions.kernels.quant import div_rn, to_fp8
+from helion_fusions.kernels.quant import div_rn, fp8_quantize_static, to_fp8
 from helion_fusions.registry import KernelLaunch, OpSpec, register
 
 HEAD_SIZE = 128
@@ -50,6 +50,12 @@ def rope_kernel(
     cos_sin: torch.Tensor,  # [max_pos, 2, rot_dim / 2]: cos, then sin
     slots: torch.Tensor,  # [T] int64 cache slots (CACHE); a negative slot skips the token
     key_tail: torch.Tensor,  # [T, HK, head_size - rot_dim]: the key dims that do not rotate (TAIL)
+    query_tail: torch.Tensor,  # [T, HQ, head_size - rot_dim] (TAIL and Q_QUANT)
+    q_out: torch.Tensor,  # [T, HQ, 2, rot_dim / 2] fp8 (Q_QUANT): rotated q, quantized with q_scale
+    q_out_tail: torch.Tensor,  # [T, HQ, head_size - rot_dim] fp8 (TAIL and Q_QUANT)
+    k_out: torch.Tensor,  # likewise for k (K_QUANT), with k_scale
+    k_out_tail: torch.Tensor,
+    q_scale: torch.Tensor,  # [1] fp32 (Q_QUANT)
     q_weight: torch.Tensor,  # [2, rot_dim / 2]: the query norm weight's rotary dims, paired like the heads (NORM)
     q_weight_tail: torch.Tensor,  # [head_size - rot_dim] (TAIL and NORM)
     k_weight: torch.Tensor,
@@ -74,6 +80,8 @@ def rope_kernel(
     PER_HEAD_SCALE: hl.constexpr,
     FP8_MAX: hl.constexpr,
     NORM: hl.constexpr,
+    Q_QUANT: hl.constexpr,
+    K_QUANT: hl.constexpr,
 ) -> None:
     T, HQ, _, half = q.size()
     HK = k.size(1)
@@ -84,7 +92,9 @@ def rope_kernel(
     for tile_t, tile_h in hl.tile([T, HK]):
         if HAS_KEY:
             norm = (key_tail, q_weight, q_weight_tail, k_weight, k_weight_tail, query_heads, eps, TAIL, width)
-            a, b = rotate(positions, k, cos_sin, tile_t, tile_h, norm if NORM else None)
+            quantized = (k_out, k_out_tail, key_tail, k_scale, TAIL, FP8_MAX)
+            a, b = rotate(positions, k, cos_sin, tile_t, tile_h, norm if NORM else None,
+                          quantized if K_QUANT else None)
             if CACHE:
                 slot = slots[tile_t]
                 valid = (slot >= 0) & (slot < num_slots)  # negative: skipped; past the cache: skipped
@@ -113,16 +123,20 @@ def rope_kernel(
                 cache_store(value_cache, v_offsets, value[tile_t, tile_h, :], mask, vsc, FP8_CACHE, FP8_MAX)
     for tile_t, tile_h in hl.tile([T, HQ]):
         if HAS_QUERY:
-            rotate(positions, q, cos_sin, tile_t, tile_h, None)
+            quantized = (q_out, q_out_tail, query_tail, q_scale, TAIL, FP8_MAX)
+            rotate(positions, q, cos_sin, tile_t, tile_h, None, quantized if Q_QUANT else None)
 
 
 def rotate(positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, tile_t: Any, tile_h: Any,
-           norm: tuple[Any, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+           norm: tuple[Any, ...] | None, quantized: tuple[Any, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate rows ``tile_t`` of heads ``tile_h`` of ``x`` in place (a kernel helper); returns the rotated pairs.
 
     ``norm`` = (tail, query weight pairs and tail, key weight pairs and tail, query_heads, eps, TAIL,
     head_size): RMS-normalize each head first, in fp32 with the rotation (one rounding), the dims that
     do not rotate included; heads below ``query_heads`` take the query weight.
+    ``quantized`` = (out pairs, out tail, input tail, scale, TAIL, fp8_max): leave ``x`` alone and write
+    the rotated values (rounded to the input dtype, as the unfused rope leaves them) as static fp8, the
+    dims that do not rotate too.
     """
     position = hl.load(positions, [tile_t])
     cos = hl.load(cos_sin, [position, 0, slice(None)]).to(torch.float32).unsqueeze(1)
@@ -150,8 +164,18 @@ def rotate(positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, tile
             rest = rest * rstd * weight
             hl.store(tail, [tile_t, tile_h, slice(None)], rest.to(tail.dtype))
     rotated_a, rotated_b = (a * cos - b * sin).to(x.dtype), (b * cos + a * sin).to(x.dtype)
-    hl.store(x, [tile_t, tile_h, 0, slice(None)], rotated_a)
-    hl.store(x, [tile_t, tile_h, 1, slice(None)], rotated_b)
+    if quantized is None:
+        hl.store(x, [tile_t, tile_h, 0, slice(None)], rotated_a)
+        hl.store(x, [tile_t, tile_h, 1, slice(None)], rotated_b)
+        return rotated_a, rotated_b
+    out, out_tail, in_tail, scale, has_tail, fp8_max = quantized
+    scale_value = hl.load(scale, [0])
+    for pair, value in ((0, rotated_a), (1, rotated_b)):
+        hl.store(out, [tile_t, tile_h, pair, slice(None)], fp8_quantize_static(value.to(torch.float32), scale_value,
+                                                                                fp8_max, out.dtype))
+    if has_tail:
+        rest = hl.load(in_tail, [tile_t, tile_h, slice(None)]).to(torch.float32)
+        hl.store(out_tail, [tile_t, tile_h, slice(None)], fp8_quantize_static(rest, scale_value, fp8_max, out_tail.dtype))
     return rotated_a, rotated_b
 
 
@@ -232,7 +256,7 @@ def _weight_pairs(weight: torch.Tensor, rot_dim: int, is_neox: bool) -> torch.Te
 
 
 def _launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, norm=None, hidden=None,
-            query=True) -> tuple[KernelLaunch, ...]:
+            query=True, quant=None) -> tuple[KernelLaunch, ...]:
     """One launch: the key heads (normalized, rotated, written to the cache, as asked), then the query heads."""
     tokens = q.shape[0]
     if tokens == 0:
@@ -243,6 +267,16 @@ def _launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, norm=N
     q_pairs = _pairs(q, rot_dim, is_neox)
     k_pairs = q_pairs if k is None else _pairs(k, rot_dim, is_neox)
     key_tail = k[:, :, rot_dim:] if has_tail and k is not None else q
+    query_tail = q[:, :, rot_dim:] if has_tail else q
+    if quant is None:
+        quant_args = (q, q_pairs, q, q_pairs, q, positions)  # never read without Q_QUANT / K_QUANT
+        q_quant = k_quant = False
+    else:  # (q_out heads, k_out heads or None, q_scale, k_scale or None, fp8_max)
+        q_out, k_out, q_scale, k_scale_out, fp8_max_out = quant
+        q_quant, k_quant = True, k_out is not None
+        k_out = k_out if k_quant else q_out
+        quant_args = (query_tail, _pairs(q_out, rot_dim, is_neox), q_out[:, :, rot_dim:] if has_tail else q_out,
+                      _pairs(k_out, rot_dim, is_neox), k_out[:, :, rot_dim:] if has_tail else k_out, q_scale)
     if norm is None:
         norm_args = (positions,) * 4 + (0, 0.0)  # never read without NORM
     else:
@@ -251,8 +285,9 @@ def _launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, norm=N
                      _weight_pairs(k_weight, rot_dim, is_neox), k_weight[rot_dim:] if has_tail else k_weight,
                      query_heads, float(eps))
     if cache is None:
-        cache_args = (positions, q, positions, positions, positions, positions, 1, 0, *(0,) * 8)  # never read
-        cache_flags = (False, False, False, 0.0)
+        k_scale = quant[3] if quant is not None and quant[3] is not None else positions
+        cache_args = (positions, q, positions, positions, k_scale, positions, 1, 0, *(0,) * 8)  # never read
+        cache_flags = (False, False, False, quant[4] if quant is not None else 0.0)
     else:
         slots, value, key_cache, value_cache, k_scale, v_scale, fp8_max = cache
         num_blocks, block_size = key_cache.shape[:2]
@@ -260,8 +295,10 @@ def _launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, norm=N
                       num_blocks * block_size, *key_cache.stride(), *value_cache.stride())
         cache_flags = (True, fp8_max > 0, k_scale.numel() > 1, fp8_max)
     has_cache, fp8_cache, per_head, fp8_max = cache_flags
-    flags = (query, k is not None, has_cache, has_tail, is_neox, fp8_cache, per_head, fp8_max, norm is not None)
-    args = (positions, q_pairs, k_pairs, cos_sin, cache_args[0], key_tail, *norm_args, *cache_args[1:], *flags)
+    flags = (query, k is not None, has_cache, has_tail, is_neox, fp8_cache, per_head, fp8_max, norm is not None,
+             q_quant, k_quant)
+    args = (positions, q_pairs, k_pairs, cos_sin, cache_args[0], key_tail, *quant_args, *norm_args, *cache_args[1:],
+            *flags)
     key = (q.dtype, cos_sin_cache.dtype, q.shape[1], k_pairs.shape[1], head_size, rot_dim,
            None if cache is None else (cache[2].dtype, cache[1].shape[2]), *flags)
     hidden = q.shape[1] * head_size if hidden is None else hidden  # the query width picks the config
@@ -406,6 +443,44 @@ def _reference_qk_norm_rope(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim
         heads.copy_(y.to(heads.dtype))
 
 
+def _check_quant_outputs(query_out, key_out, q_scale, k_scale, q, k):
+    fp8 = query_out.dtype if isinstance(query_out, torch.Tensor) else None
+    q_out = _heads("query_out", query_out, q.shape[0], q.shape[2], fp8 if fp8 in checks.FP8_DTYPES
+                   else checks.FP8_DTYPES[0], q.device)
+    if q_out.shape[1] != q.shape[1]:
+        raise ValueError(f"query_out: expected {q.shape[1]} heads like query, got {q_out.shape[1]}")
+    checks.check_scalar_scale("q_scale", q_scale, q.device)
+    k_out = None
+    if k is not None:
+        if key_out is None or k_scale is None:
+            raise ValueError("key_out: a key needs key_out and k_scale")
+        k_out = _heads("key_out", key_out, q.shape[0], q.shape[2], q_out.dtype, q.device)
+        if k_out.shape[1] != k.shape[1]:
+            raise ValueError(f"key_out: expected {k.shape[1]} heads like key, got {k_out.shape[1]}")
+        checks.check_scalar_scale("k_scale", k_scale, q.device)
+    return q_out, k_out, quant.fp8_max_for(q_out.dtype)
+
+
+def _prepare_rope_quant(positions, query, key, query_out, key_out, head_size, cos_sin_cache, is_neox, q_scale,
+                        k_scale=None):
+    tokens, rot_dim, q, k = _check_rope(positions, query, key, head_size, cos_sin_cache)
+    q_out, k_out, fp8_max = _check_quant_outputs(query_out, key_out, q_scale, k_scale, q, k)
+    return _launch(positions, q, k, cos_sin_cache, rot_dim, bool(is_neox),
+                   quant=(q_out, k_out, q_scale, k_scale, fp8_max))
+
+
+def _reference_rope_quant(positions, query, key, query_out, key_out, head_size, cos_sin_cache, is_neox, q_scale,
+                          k_scale=None):
+    """The unfused composite: rope (rounded to the input dtype), then static fp8 quant; inputs unchanged."""
+    tokens, rot_dim, q, k = _check_rope(positions, query, key, head_size, cos_sin_cache)
+    q_out, k_out, _ = _check_quant_outputs(query_out, key_out, q_scale, k_scale, q, k)
+    for heads, out, scale in ((q, q_out, q_scale), (k, k_out, k_scale)):
+        if heads is not None:
+            rotated = heads.clone()
+            rotate_reference(positions, _pairs(rotated, rot_dim, bool(is_neox)), cos_sin_cache)
+            quant.quantize_static_reference(rotated.flatten(1), scale, out.flatten(1))
+
+
 # --- tuning grid, seeds and bench inputs -----------------------------------------------------
 
 def _blocks(tokens: int, heads: int) -> list[int]:
@@ -501,4 +576,25 @@ FUSED_QK_NORM_ROPE = register(OpSpec(
     family="rope", kernel=rope_kernel, prepare=_prepare_qk_norm_rope, reference=_reference_qk_norm_rope,
     make_inputs=_qkv_inputs, default_config=default_config, seed_configs=seed_configs,
     search_configs=search_configs, hidden_sizes=HIDDEN_GRID, token_counts=TOKEN_GRID, read_and_written=("qkv",),
+))
+
+
+def _quant_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    from helion_fusions.dispatch import fp8_dtype
+    from helion_fusions.testing import poisoned
+
+    kwargs = _inputs(tokens, hidden, dtype, device)
+    kwargs.update(query_out=poisoned(tuple(kwargs["query"].shape), fp8_dtype(device), device),
+                  key_out=poisoned(tuple(kwargs["key"].shape), fp8_dtype(device), device),
+                  q_scale=torch.tensor([0.01], device=device), k_scale=torch.tensor([0.02], device=device))
+    return kwargs
+
+
+ROTARY_EMBEDDING_STATIC_FP8_QUANT = register(OpSpec(
+    name="rotary_embedding_static_fp8_quant",
+    schema="(Tensor positions, Tensor query, Tensor? key, Tensor! query_out, Tensor!? key_out, int head_size, "
+           "Tensor cos_sin_cache, bool is_neox, Tensor q_scale, Tensor? k_scale=None) -> ()",
+    family="rope", kernel=rope_kernel, prepare=_prepare_rope_quant, reference=_reference_rope_quant,
+    make_inputs=_quant_inputs, default_config=default_config, seed_configs=seed_configs,
+    search_configs=search_configs, hidden_sizes=HIDDEN_GRID, token_counts=TOKEN_GRID,
 ))
