@@ -55,6 +55,10 @@ EXPECTED_SCHEMAS = {
     "rotary_embedding_static_fp8_quant": (
         ["positions", "query", "key", "query_out", "key_out", "head_size", "cos_sin_cache", "is_neox", "q_scale",
          "k_scale"], ["query_out", "key_out"]),
+    "rotary_embedding_fp8_quant_and_cache": (
+        ["positions", "query", "query_out", "key", "value", "key_cache", "value_cache", "slot_mapping", "head_size",
+         "cos_sin_cache", "is_neox", "kv_cache_dtype", "q_scale", "k_scale", "v_scale"],
+        ["query_out", "key", "key_cache", "value_cache"]),
 }
 
 

@@ -273,3 +273,19 @@ def test_rope_quant_needs_key_out_with_a_key() -> None:
                   k_scale=None)
     with pytest.raises(ValueError, match="^key_out: a key needs key_out and k_scale"):
         ROPE_QUANT.op(**kwargs)
+
+
+# --- rope + static fp8 quant of q + KV-cache write of k and v ----------------------------------------
+
+ROPE_QUANT_CACHE = REGISTRY["rotary_embedding_fp8_quant_and_cache"]
+
+
+@pytest.mark.parametrize(("tokens", "rot_dim", "is_neox", "kv_cache_dtype", "per_head", "hnd"), _cache_cases())
+def test_rope_quant_cache_matches_reference(tokens, rot_dim, is_neox, kv_cache_dtype, per_head, hnd) -> None:
+    from helion_fusions.testing import poisoned
+
+    kwargs = _cache_inputs(tokens, 2, 128, rot_dim, is_neox, kv_cache_dtype, per_head, hnd)
+    kwargs.update(query_out=poisoned((tokens, 4 * 128), torch.float8_e4m3fn, "cpu"), q_scale=torch.tensor([0.02]))
+    query = kwargs["query"].clone()
+    run_against_reference(ROPE_QUANT_CACHE, kwargs, max_flip_fraction=0)
+    assert torch.equal(kwargs["query"], query), "query is an input here: only query_out is written"

@@ -293,7 +293,8 @@ def _launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, norm=N
         num_blocks, block_size = key_cache.shape[:2]
         cache_args = (slots, value, _flat(key_cache), _flat(value_cache), k_scale, v_scale, block_size,
                       num_blocks * block_size, *key_cache.stride(), *value_cache.stride())
-        cache_flags = (True, fp8_max > 0, k_scale.numel() > 1, fp8_max)
+        # one fp8 flavour per device: a quantized query and an fp8 cache share the bound
+        cache_flags = (True, fp8_max > 0, k_scale.numel() > 1, max(fp8_max, quant[4] if quant is not None else 0.0))
     has_cache, fp8_cache, per_head, fp8_max = cache_flags
     flags = (query, k is not None, has_cache, has_tail, is_neox, fp8_cache, per_head, fp8_max, norm is not None,
              q_quant, k_quant)
@@ -481,6 +482,29 @@ def _reference_rope_quant(positions, query, key, query_out, key_out, head_size, 
             quant.quantize_static_reference(rotated.flatten(1), scale, out.flatten(1))
 
 
+def _prepare_rope_quant_cache(positions, query, query_out, key, value, key_cache, value_cache, slot_mapping,
+                              head_size, cos_sin_cache, is_neox, kv_cache_dtype, q_scale, k_scale, v_scale):
+    tokens, rot_dim, q, k = _check_rope(positions, query, key, head_size, cos_sin_cache)
+    q_out, _, q_fp8_max = _check_quant_outputs(query_out, None, q_scale, None, q, None)
+    v, key_cache, value_cache, fp8_max = _check_kv(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
+                                                   k_scale, v_scale, k, tokens)
+    cache = (slot_mapping, v, key_cache, value_cache, k_scale.reshape(-1), v_scale.reshape(-1), fp8_max)
+    return _launch(positions, q, k, cos_sin_cache, rot_dim, bool(is_neox), cache,
+                   quant=(q_out, None, q_scale, None, q_fp8_max))
+
+
+def _reference_rope_quant_cache(positions, query, query_out, key, value, key_cache, value_cache, slot_mapping,
+                                head_size, cos_sin_cache, is_neox, kv_cache_dtype, q_scale, k_scale, v_scale):
+    """The unfused composite: rope + static fp8 quant of the query, then rope + cache write of the key."""
+    _reference_rope_quant(positions, query, None, query_out, None, head_size, cos_sin_cache, is_neox, q_scale)
+    tokens, rot_dim, q, k = _check_rope(positions, query, key, head_size, cos_sin_cache)
+    v, key_cache, value_cache, fp8_max = _check_kv(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
+                                                   k_scale, v_scale, k, tokens)
+    rotate_reference(positions, _pairs(k, rot_dim, bool(is_neox)), cos_sin_cache)
+    write_cache_reference(k, key_cache, slot_mapping, k_scale, fp8_max)
+    write_cache_reference(v, value_cache, slot_mapping, v_scale, fp8_max)
+
+
 # --- tuning grid, seeds and bench inputs -----------------------------------------------------
 
 def _blocks(tokens: int, heads: int) -> list[int]:
@@ -597,4 +621,28 @@ ROTARY_EMBEDDING_STATIC_FP8_QUANT = register(OpSpec(
     family="rope", kernel=rope_kernel, prepare=_prepare_rope_quant, reference=_reference_rope_quant,
     make_inputs=_quant_inputs, default_config=default_config, seed_configs=seed_configs,
     search_configs=search_configs, hidden_sizes=HIDDEN_GRID, token_counts=TOKEN_GRID,
+))
+
+
+def _quant_cache_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """A quantized query and an fp8 cache (stored as uint8, as engines allocate it), per-tensor scales."""
+    from helion_fusions.dispatch import fp8_dtype
+    from helion_fusions.testing import poisoned
+
+    kwargs = _cache_inputs(tokens, hidden, dtype, device)
+    kwargs.update(query_out=poisoned(tuple(kwargs["query"].shape), fp8_dtype(device), device),
+                  key_cache=kwargs["key_cache"].view(torch.uint8)[..., ::2],
+                  value_cache=kwargs["value_cache"].view(torch.uint8)[..., ::2],
+                  kv_cache_dtype="fp8", q_scale=torch.tensor([0.01], device=device))
+    return kwargs
+
+
+ROTARY_EMBEDDING_FP8_QUANT_AND_CACHE = register(OpSpec(
+    name="rotary_embedding_fp8_quant_and_cache",
+    schema="(Tensor positions, Tensor query, Tensor! query_out, Tensor! key, Tensor value, Tensor! key_cache, "
+           "Tensor! value_cache, Tensor slot_mapping, int head_size, Tensor cos_sin_cache, bool is_neox, "
+           "str kv_cache_dtype, Tensor q_scale, Tensor k_scale, Tensor v_scale) -> ()",
+    family="rope", kernel=rope_kernel, prepare=_prepare_rope_quant_cache, reference=_reference_rope_quant_cache,
+    make_inputs=_quant_cache_inputs, default_config=default_config, seed_configs=seed_configs,
+    search_configs=search_configs, hidden_sizes=HIDDEN_GRID, token_counts=TOKEN_GRID, read_and_written=("key",),
 ))
