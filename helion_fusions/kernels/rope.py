@@ -538,6 +538,15 @@ def _inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) 
     }
 
 
+def _declare(name: str, schema: str, prepare, reference, make_inputs, read_and_written: tuple[str, ...] = ()) -> OpSpec:
+    return register(OpSpec(
+        name=name, schema=schema, family="rope", kernel=rope_kernel, prepare=prepare, reference=reference,
+        make_inputs=make_inputs, default_config=default_config, seed_configs=seed_configs,
+        search_configs=search_configs, hidden_sizes=HIDDEN_GRID, token_counts=TOKEN_GRID,
+        read_and_written=read_and_written,
+    ))
+
+
 BLOCK_SIZE = 16
 
 
@@ -558,24 +567,17 @@ def _cache_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.de
     return kwargs
 
 
-ROTARY_EMBEDDING = register(OpSpec(
-    name="rotary_embedding",
-    schema="(Tensor positions, Tensor! query, Tensor!? key, int head_size, Tensor cos_sin_cache, bool is_neox) -> ()",
-    family="rope", kernel=rope_kernel, prepare=_prepare_rotary, reference=_reference_rotary, make_inputs=_inputs,
-    default_config=default_config, seed_configs=seed_configs, search_configs=search_configs,
-    hidden_sizes=HIDDEN_GRID, token_counts=TOKEN_GRID, read_and_written=("query", "key"),
-))
+ROTARY_EMBEDDING = _declare(
+    "rotary_embedding",
+    "(Tensor positions, Tensor! query, Tensor!? key, int head_size, Tensor cos_sin_cache, bool is_neox) -> ()",
+    _prepare_rotary, _reference_rotary, _inputs, read_and_written=("query", "key"))
 
-ROTARY_EMBEDDING_AND_CACHE = register(OpSpec(
-    name="rotary_embedding_and_cache",
-    schema="(Tensor positions, Tensor! query, Tensor! key, Tensor value, Tensor! key_cache, Tensor! value_cache, "
-           "Tensor slot_mapping, int head_size, Tensor cos_sin_cache, bool is_neox, str kv_cache_dtype, "
-           "Tensor k_scale, Tensor v_scale) -> ()",
-    family="rope", kernel=rope_kernel, prepare=_prepare_rope_cache, reference=_reference_rope_cache,
-    make_inputs=_cache_inputs, default_config=default_config, seed_configs=seed_configs,
-    search_configs=search_configs, hidden_sizes=HIDDEN_GRID, token_counts=TOKEN_GRID,
-    read_and_written=("query", "key"),
-))
+ROTARY_EMBEDDING_AND_CACHE = _declare(
+    "rotary_embedding_and_cache",
+    "(Tensor positions, Tensor! query, Tensor! key, Tensor value, Tensor! key_cache, Tensor! value_cache, "
+    "Tensor slot_mapping, int head_size, Tensor cos_sin_cache, bool is_neox, str kv_cache_dtype, "
+    "Tensor k_scale, Tensor v_scale) -> ()",
+    _prepare_rope_cache, _reference_rope_cache, _cache_inputs, read_and_written=("query", "key"))
 
 
 def _qkv_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
@@ -593,14 +595,11 @@ def _qkv_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.devi
             "position_ids": base["positions"]}
 
 
-FUSED_QK_NORM_ROPE = register(OpSpec(
-    name="fused_qk_norm_rope",
-    schema="(Tensor! qkv, int num_heads_q, int num_heads_k, int num_heads_v, int head_dim, float eps, "
-           "Tensor q_weight, Tensor k_weight, Tensor cos_sin_cache, bool is_neox, Tensor position_ids) -> ()",
-    family="rope", kernel=rope_kernel, prepare=_prepare_qk_norm_rope, reference=_reference_qk_norm_rope,
-    make_inputs=_qkv_inputs, default_config=default_config, seed_configs=seed_configs,
-    search_configs=search_configs, hidden_sizes=HIDDEN_GRID, token_counts=TOKEN_GRID, read_and_written=("qkv",),
-))
+FUSED_QK_NORM_ROPE = _declare(
+    "fused_qk_norm_rope",
+    "(Tensor! qkv, int num_heads_q, int num_heads_k, int num_heads_v, int head_dim, float eps, "
+    "Tensor q_weight, Tensor k_weight, Tensor cos_sin_cache, bool is_neox, Tensor position_ids) -> ()",
+    _prepare_qk_norm_rope, _reference_qk_norm_rope, _qkv_inputs, read_and_written=("qkv",))
 
 
 def _quant_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
@@ -614,14 +613,11 @@ def _quant_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.de
     return kwargs
 
 
-ROTARY_EMBEDDING_STATIC_FP8_QUANT = register(OpSpec(
-    name="rotary_embedding_static_fp8_quant",
-    schema="(Tensor positions, Tensor query, Tensor? key, Tensor! query_out, Tensor!? key_out, int head_size, "
-           "Tensor cos_sin_cache, bool is_neox, Tensor q_scale, Tensor? k_scale=None) -> ()",
-    family="rope", kernel=rope_kernel, prepare=_prepare_rope_quant, reference=_reference_rope_quant,
-    make_inputs=_quant_inputs, default_config=default_config, seed_configs=seed_configs,
-    search_configs=search_configs, hidden_sizes=HIDDEN_GRID, token_counts=TOKEN_GRID,
-))
+ROTARY_EMBEDDING_STATIC_FP8_QUANT = _declare(
+    "rotary_embedding_static_fp8_quant",
+    "(Tensor positions, Tensor query, Tensor? key, Tensor! query_out, Tensor!? key_out, int head_size, "
+    "Tensor cos_sin_cache, bool is_neox, Tensor q_scale, Tensor? k_scale=None) -> ()",
+    _prepare_rope_quant, _reference_rope_quant, _quant_inputs)
 
 
 def _quant_cache_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
@@ -637,12 +633,9 @@ def _quant_cache_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: to
     return kwargs
 
 
-ROTARY_EMBEDDING_FP8_QUANT_AND_CACHE = register(OpSpec(
-    name="rotary_embedding_fp8_quant_and_cache",
-    schema="(Tensor positions, Tensor query, Tensor! query_out, Tensor! key, Tensor value, Tensor! key_cache, "
-           "Tensor! value_cache, Tensor slot_mapping, int head_size, Tensor cos_sin_cache, bool is_neox, "
-           "str kv_cache_dtype, Tensor q_scale, Tensor k_scale, Tensor v_scale) -> ()",
-    family="rope", kernel=rope_kernel, prepare=_prepare_rope_quant_cache, reference=_reference_rope_quant_cache,
-    make_inputs=_quant_cache_inputs, default_config=default_config, seed_configs=seed_configs,
-    search_configs=search_configs, hidden_sizes=HIDDEN_GRID, token_counts=TOKEN_GRID, read_and_written=("key",),
-))
+ROTARY_EMBEDDING_FP8_QUANT_AND_CACHE = _declare(
+    "rotary_embedding_fp8_quant_and_cache",
+    "(Tensor positions, Tensor query, Tensor! query_out, Tensor! key, Tensor value, Tensor! key_cache, "
+    "Tensor! value_cache, Tensor slot_mapping, int head_size, Tensor cos_sin_cache, bool is_neox, "
+    "str kv_cache_dtype, Tensor q_scale, Tensor k_scale, Tensor v_scale) -> ()",
+    _prepare_rope_quant_cache, _reference_rope_quant_cache, _quant_cache_inputs, read_and_written=("key",))
