@@ -59,6 +59,9 @@ EXPECTED_SCHEMAS = {
         ["positions", "query", "query_out", "key", "value", "key_cache", "value_cache", "slot_mapping", "head_size",
          "cos_sin_cache", "is_neox", "kv_cache_dtype", "q_scale", "k_scale", "v_scale"],
         ["query_out", "key", "key_cache", "value_cache"]),
+    "concat_and_cache_mla_rope": (
+        ["positions", "q_pe", "k_pe", "kv_c", "kv_cache", "slot_mapping", "cos_sin_cache", "is_neox",
+         "kv_cache_dtype", "scale"], ["q_pe", "k_pe", "kv_cache"]),
 }
 
 

@@ -289,3 +289,34 @@ def test_rope_quant_cache_matches_reference(tokens, rot_dim, is_neox, kv_cache_d
     query = kwargs["query"].clone()
     run_against_reference(ROPE_QUANT_CACHE, kwargs, max_flip_fraction=0)
     assert torch.equal(kwargs["query"], query), "query is an input here: only query_out is written"
+
+
+# --- MLA: rope on q_pe / k_pe, then [kv_c | k_pe] into the cache ------------------------------------
+
+MLA = REGISTRY["concat_and_cache_mla_rope"]
+
+
+@pytest.mark.parametrize("tokens", (1, 7, 300))
+@pytest.mark.parametrize("kv_cache_dtype", ("auto", "fp8"))
+@pytest.mark.parametrize("is_neox", (True, False), ids=("neox", "gptj"))
+def test_mla_rope_cache_matches_reference(tokens: int, kv_cache_dtype: str, is_neox: bool) -> None:
+    kwargs = MLA.make_inputs(tokens, 1024, torch.bfloat16, torch.device("cpu"))
+    kwargs["is_neox"] = is_neox
+    if tokens > 3:
+        kwargs["slot_mapping"][3] = -1
+    if kv_cache_dtype == "fp8":
+        kwargs.update(kv_cache=kwargs["kv_cache"].view(torch.uint8)[..., :576].contiguous(), kv_cache_dtype="fp8",
+                      scale=torch.tensor([0.05]))
+    expected = run_against_reference(MLA, kwargs, max_flip_fraction=0)
+    slots = expected["slot_mapping"]
+    kept = slots[slots >= 0]
+    rows = kwargs["kv_cache"].flatten(0, 1)
+    if kv_cache_dtype == "auto":  # [kv_c | rotated k_pe], token by token
+        assert torch.equal(rows[kept], torch.cat([kwargs["kv_c"], kwargs["k_pe"]], -1)[slots >= 0])
+
+
+def test_mla_cache_width_must_be_rank_plus_pe() -> None:
+    kwargs = MLA.make_inputs(5, 1024, torch.bfloat16, torch.device("cpu"))
+    kwargs["kv_cache"] = torch.zeros(2, 16, 600, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=re.escape("kv_cache: expected [num_blocks, block_size, 512 + 64]")):
+        MLA.op(**kwargs)

@@ -266,10 +266,11 @@ def _launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, norm=N
     cos_sin = cos_sin_cache.view(cos_sin_cache.shape[0], 2, rot_dim // 2)
     q_pairs = _pairs(q, rot_dim, is_neox)
     k_pairs = q_pairs if k is None else _pairs(k, rot_dim, is_neox)
-    key_tail = k[:, :, rot_dim:] if has_tail and k is not None else q
-    query_tail = q[:, :, rot_dim:] if has_tail else q
+    spare = q[:]  # stands in for unused [T, H, D] arguments (a view: an argument may not be another's base)
+    key_tail = k[:, :, rot_dim:] if has_tail and k is not None else spare
+    query_tail = q[:, :, rot_dim:] if has_tail else spare
     if quant is None:
-        quant_args = (q, q_pairs, q, q_pairs, q, positions)  # never read without Q_QUANT / K_QUANT
+        quant_args = (spare, q_pairs, spare, q_pairs, spare, positions)  # never read without Q_QUANT / K_QUANT
         q_quant = k_quant = False
     else:  # (q_out heads, k_out heads or None, q_scale, k_scale or None, fp8_max)
         q_out, k_out, q_scale, k_scale_out, fp8_max_out = quant
@@ -286,7 +287,7 @@ def _launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, norm=N
                      query_heads, float(eps))
     if cache is None:
         k_scale = quant[3] if quant is not None and quant[3] is not None else positions
-        cache_args = (positions, q, positions, positions, k_scale, positions, 1, 0, *(0,) * 8)  # never read
+        cache_args = (positions, spare, positions, positions, k_scale, positions, 1, 0, *(0,) * 8)  # never read
         cache_flags = (False, False, False, quant[4] if quant is not None else 0.0)
     else:
         slots, value, key_cache, value_cache, k_scale, v_scale, fp8_max = cache
@@ -333,11 +334,12 @@ def _check_cache(name: str, cache: Any, heads: torch.Tensor, fp8: bool) -> torch
     return cache
 
 
-def _check_kv(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, k, tokens):
+def _check_kv(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, k, tokens,
+              value_head_size=None):
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype: expected one of {list(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
     fp8 = kv_cache_dtype != "auto"
-    v = _heads("value", value, tokens, k.shape[2], k.dtype, k.device)
+    v = _heads("value", value, tokens, value_head_size or k.shape[2], k.dtype, k.device)
     if v.shape[1] != k.shape[1]:
         raise ValueError(f"value: expected {k.shape[1]} heads like key, got {v.shape[1]}")
     _check_cache("key_cache", key_cache, k, fp8)
@@ -505,6 +507,45 @@ def _reference_rope_quant_cache(positions, query, query_out, key, value, key_cac
     write_cache_reference(v, value_cache, slot_mapping, v_scale, fp8_max)
 
 
+def _check_mla(positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_sin_cache, kv_cache_dtype, scale):
+    """MLA: q_pe [T, H, pe] (or [T, H * pe]), k_pe [T, pe], kv_c [T, rank], kv_cache [blocks, block, rank + pe]."""
+    checks.check_tensor("k_pe", k_pe, dtypes=checks.FLOAT_ACTIVATIONS, last_dim_contiguous=True)
+    pe_dim = k_pe.shape[-1]
+    tokens, rot_dim, q, k = _check_rope(positions, q_pe, k_pe, pe_dim, cos_sin_cache)
+    if k.shape[1] != 1:
+        raise ValueError(f"k_pe: expected [{tokens}, {pe_dim}] (one shared head), got shape {list(k_pe.shape)}")
+    checks.check_input_2d("kv_c", kv_c)
+    checks.check_tensor("kv_c", kv_c, dtypes=(q.dtype,), device=q.device)
+    if kv_c.shape[0] != tokens:
+        raise ValueError(f"kv_c: expected [{tokens}, kv_lora_rank], got shape {list(kv_c.shape)}")
+    rank = kv_c.shape[1]
+    if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 3 or kv_cache.shape[2] != rank + pe_dim:
+        shape = list(kv_cache.shape) if isinstance(kv_cache, torch.Tensor) else type(kv_cache).__name__
+        raise ValueError(f"kv_cache: expected [num_blocks, block_size, {rank} + {pe_dim}], got {shape}")
+    v, pe_cache, c_cache, fp8_max = _check_kv(k_pe, kv_c.view(tokens, 1, rank), kv_cache[..., rank:].unsqueeze(2),
+                                              kv_cache[..., :rank].unsqueeze(2), slot_mapping, kv_cache_dtype, scale,
+                                              scale, k, tokens, value_head_size=rank)
+    return tokens, rot_dim, q, k, v, pe_cache, c_cache, fp8_max
+
+
+def _prepare_mla_rope(positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_sin_cache, is_neox, kv_cache_dtype,
+                      scale):
+    tokens, rot_dim, q, k, v, pe_cache, c_cache, fp8_max = _check_mla(
+        positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_sin_cache, kv_cache_dtype, scale)
+    cache = (slot_mapping, v, pe_cache, c_cache, scale.reshape(-1), scale.reshape(-1), fp8_max)
+    return _launch(positions, q, k, cos_sin_cache, rot_dim, bool(is_neox), cache)
+
+
+def _reference_mla_rope(positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_sin_cache, is_neox, kv_cache_dtype,
+                        scale):
+    tokens, rot_dim, q, k, v, pe_cache, c_cache, fp8_max = _check_mla(
+        positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_sin_cache, kv_cache_dtype, scale)
+    for heads in (q, k):
+        rotate_reference(positions, _pairs(heads, rot_dim, bool(is_neox)), cos_sin_cache)
+    write_cache_reference(k, pe_cache, slot_mapping, scale, fp8_max)
+    write_cache_reference(v, c_cache, slot_mapping, scale, fp8_max)
+
+
 # --- tuning grid, seeds and bench inputs -----------------------------------------------------
 
 def _blocks(tokens: int, heads: int) -> list[int]:
@@ -639,3 +680,33 @@ ROTARY_EMBEDDING_FP8_QUANT_AND_CACHE = _declare(
     "Tensor! value_cache, Tensor slot_mapping, int head_size, Tensor cos_sin_cache, bool is_neox, "
     "str kv_cache_dtype, Tensor q_scale, Tensor k_scale, Tensor v_scale) -> ()",
     _prepare_rope_quant_cache, _reference_rope_quant_cache, _quant_cache_inputs, read_and_written=("key",))
+
+
+MLA_KV_LORA_RANK = 512
+MLA_PE_DIM = 64
+
+
+def _mla_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """DeepSeek-style MLA shapes: ``hidden // 64`` query heads of rope dim 64, kv_lora_rank 512, block size 16."""
+    from helion_fusions.testing import poisoned
+
+    generator = torch.Generator(device="cpu").manual_seed(tokens * 31 + hidden)
+    angles = torch.rand(MAX_POSITIONS, MLA_PE_DIM // 2, generator=generator) * 6.3
+    num_blocks = max(1, -(-tokens // BLOCK_SIZE)) + 1
+    return {
+        "positions": torch.randint(0, MAX_POSITIONS, (tokens,), generator=generator).to(device),
+        "q_pe": torch.randn(tokens, hidden // MLA_PE_DIM, MLA_PE_DIM, generator=generator).to(dtype=dtype, device=device),
+        "k_pe": torch.randn(tokens, MLA_PE_DIM, generator=generator).to(dtype=dtype, device=device),
+        "kv_c": torch.randn(tokens, MLA_KV_LORA_RANK, generator=generator).to(dtype=dtype, device=device),
+        "kv_cache": poisoned((num_blocks, BLOCK_SIZE, MLA_KV_LORA_RANK + MLA_PE_DIM), dtype, device),
+        "slot_mapping": torch.randperm(num_blocks * BLOCK_SIZE, generator=generator)[:tokens].to(device),
+        "cos_sin_cache": torch.cat([angles.cos(), angles.sin()], dim=-1).to(device),
+        "is_neox": False, "kv_cache_dtype": "auto", "scale": torch.ones(1, device=device),
+    }
+
+
+CONCAT_AND_CACHE_MLA_ROPE = _declare(
+    "concat_and_cache_mla_rope",
+    "(Tensor positions, Tensor! q_pe, Tensor! k_pe, Tensor kv_c, Tensor! kv_cache, Tensor slot_mapping, "
+    "Tensor cos_sin_cache, bool is_neox, str kv_cache_dtype, Tensor scale) -> ()",
+    _prepare_mla_rope, _reference_mla_rope, _mla_inputs, read_and_written=("q_pe", "k_pe"))
