@@ -687,7 +687,8 @@ MLA_PE_DIM = 64
 
 
 def _mla_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-    """DeepSeek-style MLA shapes: ``hidden // 64`` query heads of rope dim 64, kv_lora_rank 512, block size 16."""
+    """DeepSeek-style MLA shapes: ``hidden // 64`` query heads (at least one) of rope dim 64, kv_lora_rank 512,
+    block size 16."""
     from helion_fusions.testing import poisoned
 
     generator = torch.Generator(device="cpu").manual_seed(tokens * 31 + hidden)
@@ -695,7 +696,8 @@ def _mla_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.devi
     num_blocks = max(1, -(-tokens // BLOCK_SIZE)) + 1
     return {
         "positions": torch.randint(0, MAX_POSITIONS, (tokens,), generator=generator).to(device),
-        "q_pe": torch.randn(tokens, hidden // MLA_PE_DIM, MLA_PE_DIM, generator=generator).to(dtype=dtype, device=device),
+        "q_pe": torch.randn(tokens, max(1, hidden // MLA_PE_DIM), MLA_PE_DIM, generator=generator).to(
+            dtype=dtype, device=device),
         "k_pe": torch.randn(tokens, MLA_PE_DIM, generator=generator).to(dtype=dtype, device=device),
         "kv_c": torch.randn(tokens, MLA_KV_LORA_RANK, generator=generator).to(dtype=dtype, device=device),
         "kv_cache": poisoned((num_blocks, BLOCK_SIZE, MLA_KV_LORA_RANK + MLA_PE_DIM), dtype, device),
