@@ -62,6 +62,7 @@ EXPECTED_SCHEMAS = {
     "concat_and_cache_mla_rope": (
         ["positions", "q_pe", "k_pe", "kv_c", "kv_cache", "slot_mapping", "cos_sin_cache", "is_neox",
          "kv_cache_dtype", "scale"], ["q_pe", "k_pe", "kv_cache"]),
+    "concat_and_cache_mla": (["kv_c", "k_pe", "kv_cache", "slot_mapping", "kv_cache_dtype", "scale"], ["kv_cache"]),
 }
 
 

@@ -320,3 +320,18 @@ def test_mla_cache_width_must_be_rank_plus_pe() -> None:
     kwargs["kv_cache"] = torch.zeros(2, 16, 600, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=re.escape("kv_cache: expected [num_blocks, block_size, 512 + 64]")):
         MLA.op(**kwargs)
+
+
+@pytest.mark.parametrize("tokens", (1, 7, 300))
+@pytest.mark.parametrize("kv_cache_dtype", ("auto", "fp8"))
+def test_plain_mla_cache_matches_reference(tokens: int, kv_cache_dtype: str) -> None:
+    spec = REGISTRY["concat_and_cache_mla"]
+    kwargs = spec.make_inputs(tokens, 1024, torch.float16, torch.device("cpu"))
+    if tokens > 3:
+        kwargs["slot_mapping"][3] = -1
+    if kv_cache_dtype == "fp8":
+        kwargs.update(kv_cache=kwargs["kv_cache"].view(torch.uint8)[..., :576].contiguous(), kv_cache_dtype="fp8",
+                      scale=torch.tensor([0.05]))
+    k_pe = kwargs["k_pe"].clone()
+    run_against_reference(spec, kwargs, max_flip_fraction=0)
+    assert torch.equal(kwargs["k_pe"], k_pe), "the plain cache write does not rotate"

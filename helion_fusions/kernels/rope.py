@@ -24,6 +24,7 @@ on the other side of a rounding tie of the input dtype, bounded like every tie (
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import helion
@@ -71,6 +72,7 @@ def rope_kernel(
     num_slots: int,
     ks0: int, ks1: int, ks2: int, ks3: int,  # key cache strides: block, slot in block, head, dim
     vs0: int, vs1: int, vs2: int, vs3: int,
+    ROTATE: hl.constexpr,  # False: k's rows go to the cache as they are (MLA's plain concat_and_cache)
     HAS_QUERY: hl.constexpr,  # False when k holds every head to rotate (one head of q stands in)
     HAS_KEY: hl.constexpr,
     CACHE: hl.constexpr,
@@ -93,8 +95,11 @@ def rope_kernel(
         if HAS_KEY:
             norm = (key_tail, q_weight, q_weight_tail, k_weight, k_weight_tail, query_heads, eps, TAIL, width)
             quantized = (k_out, k_out_tail, key_tail, k_scale, TAIL, FP8_MAX)
-            a, b = rotate(positions, k, cos_sin, tile_t, tile_h, norm if NORM else None,
-                          quantized if K_QUANT else None)
+            if ROTATE:
+                a, b = rotate(positions, k, cos_sin, tile_t, tile_h, norm if NORM else None,
+                              quantized if K_QUANT else None)
+            else:
+                a, b = k[tile_t, tile_h, 0, :], k[tile_t, tile_h, 1, :]
             if CACHE:
                 slot = slots[tile_t]
                 valid = (slot >= 0) & (slot < num_slots)  # negative: skipped; past the cache: skipped
@@ -256,7 +261,7 @@ def _weight_pairs(weight: torch.Tensor, rot_dim: int, is_neox: bool) -> torch.Te
 
 
 def _launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, norm=None, hidden=None,
-            query=True, quant=None) -> tuple[KernelLaunch, ...]:
+            query=True, quant=None, rotate=True) -> tuple[KernelLaunch, ...]:
     """One launch: the key heads (normalized, rotated, written to the cache, as asked), then the query heads."""
     tokens = q.shape[0]
     if tokens == 0:
@@ -297,7 +302,7 @@ def _launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, norm=N
         # one fp8 flavour per device: a quantized query and an fp8 cache share the bound
         cache_flags = (True, fp8_max > 0, k_scale.numel() > 1, max(fp8_max, quant[4] if quant is not None else 0.0))
     has_cache, fp8_cache, per_head, fp8_max = cache_flags
-    flags = (query, k is not None, has_cache, has_tail, is_neox, fp8_cache, per_head, fp8_max, norm is not None,
+    flags = (rotate, query, k is not None, has_cache, has_tail, is_neox, fp8_cache, per_head, fp8_max, norm is not None,
              q_quant, k_quant)
     args = (positions, q_pairs, k_pairs, cos_sin, cache_args[0], key_tail, *quant_args, *norm_args, *cache_args[1:],
             *flags)
@@ -507,11 +512,12 @@ def _reference_rope_quant_cache(positions, query, query_out, key, value, key_cac
     write_cache_reference(v, value_cache, slot_mapping, v_scale, fp8_max)
 
 
-def _check_mla(positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_sin_cache, kv_cache_dtype, scale):
+def _check_mla(positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_sin_cache, kv_cache_dtype, scale,
+               positions_name="positions"):
     """MLA: q_pe [T, H, pe] (or [T, H * pe]), k_pe [T, pe], kv_c [T, rank], kv_cache [blocks, block, rank + pe]."""
     checks.check_tensor("k_pe", k_pe, dtypes=checks.FLOAT_ACTIVATIONS, last_dim_contiguous=True)
     pe_dim = k_pe.shape[-1]
-    tokens, rot_dim, q, k = _check_rope(positions, q_pe, k_pe, pe_dim, cos_sin_cache)
+    tokens, rot_dim, q, k = _check_rope(positions, q_pe, k_pe, pe_dim, cos_sin_cache, positions_name)
     if k.shape[1] != 1:
         raise ValueError(f"k_pe: expected [{tokens}, {pe_dim}] (one shared head), got shape {list(k_pe.shape)}")
     checks.check_input_2d("kv_c", kv_c)
@@ -542,6 +548,36 @@ def _reference_mla_rope(positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos
         positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_sin_cache, kv_cache_dtype, scale)
     for heads in (q, k):
         rotate_reference(positions, _pairs(heads, rot_dim, bool(is_neox)), cos_sin_cache)
+    write_cache_reference(k, pe_cache, slot_mapping, scale, fp8_max)
+    write_cache_reference(v, c_cache, slot_mapping, scale, fp8_max)
+
+
+def _prepare_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale):
+    """vLLM's ``concat_and_cache_mla``: the rope-fused path with the rotation switched off."""
+    # slot_mapping stands in for positions, and a cached identity table for cos/sin: nothing reads them
+    tokens, rot_dim, q, k, v, pe_cache, c_cache, fp8_max = _check_mla(
+        slot_mapping, k_pe, k_pe, kv_c, kv_cache, slot_mapping, _no_rotation(k_pe), kv_cache_dtype, scale,
+        positions_name="slot_mapping")
+    cache = (slot_mapping, v, pe_cache, c_cache, scale.reshape(-1), scale.reshape(-1), fp8_max)
+    return _launch(slot_mapping, k[:, :1], k, _no_rotation(k_pe), rot_dim, True, cache, query=False, rotate=False)
+
+
+def _no_rotation(k_pe: Any) -> torch.Tensor:
+    """A one-row cos/sin table of k_pe's width on its device, made once (the checks want one)."""
+    if not isinstance(k_pe, torch.Tensor) or k_pe.dim() == 0:
+        return torch.ones(1, 2)
+    return _identity_table(2 * max(k_pe.shape[-1] // 2, 1), k_pe.device)
+
+
+@functools.cache
+def _identity_table(width: int, device: torch.device) -> torch.Tensor:
+    return torch.cat([torch.ones(1, width // 2), torch.zeros(1, width // 2)], dim=-1).to(device)
+
+
+def _reference_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale):
+    tokens, rot_dim, q, k, v, pe_cache, c_cache, fp8_max = _check_mla(
+        slot_mapping, k_pe, k_pe, kv_c, kv_cache, slot_mapping, _no_rotation(k_pe), kv_cache_dtype, scale,
+        positions_name="slot_mapping")
     write_cache_reference(k, pe_cache, slot_mapping, scale, fp8_max)
     write_cache_reference(v, c_cache, slot_mapping, scale, fp8_max)
 
@@ -712,3 +748,14 @@ CONCAT_AND_CACHE_MLA_ROPE = _declare(
     "(Tensor positions, Tensor! q_pe, Tensor! k_pe, Tensor kv_c, Tensor! kv_cache, Tensor slot_mapping, "
     "Tensor cos_sin_cache, bool is_neox, str kv_cache_dtype, Tensor scale) -> ()",
     _prepare_mla_rope, _reference_mla_rope, _mla_inputs, read_and_written=("q_pe", "k_pe"))
+
+
+def _plain_mla_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    kwargs = _mla_inputs(tokens, hidden, dtype, device)
+    return {name: kwargs[name] for name in ("kv_c", "k_pe", "kv_cache", "slot_mapping", "kv_cache_dtype", "scale")}
+
+
+CONCAT_AND_CACHE_MLA = _declare(
+    "concat_and_cache_mla",
+    "(Tensor kv_c, Tensor k_pe, Tensor! kv_cache, Tensor slot_mapping, str kv_cache_dtype, Tensor scale) -> ()",
+    _prepare_mla, _reference_mla, _plain_mla_inputs)
