@@ -335,3 +335,27 @@ def test_plain_mla_cache_matches_reference(tokens: int, kv_cache_dtype: str) -> 
     k_pe = kwargs["k_pe"].clone()
     run_against_reference(spec, kwargs, max_flip_fraction=0)
     assert torch.equal(kwargs["k_pe"], k_pe), "the plain cache write does not rotate"
+
+
+@pytest.mark.parametrize("is_neox", (True, False), ids=("neox", "gptj"))
+@pytest.mark.parametrize("offset", (0, 32, 64))
+def test_rope_dim_offset_rotates_the_dims_after_the_offset(is_neox: bool, offset: int) -> None:
+    kwargs = _inputs(9, 3, 2, 128, 64, is_neox)
+    kwargs["rope_dim_offset"] = offset
+    before = kwargs["query"].view(9, 3, 128).clone()
+    run_against_reference(ROPE, kwargs, max_flip_fraction=0)
+    after = kwargs["query"].view(9, 3, 128)
+    outside = torch.ones(128, dtype=torch.bool)
+    outside[offset:offset + 64] = False
+    assert torch.equal(after[..., outside], before[..., outside]), "dims outside the rotary window changed"
+    shifted = before.clone()
+    shifted[..., :64] = before[..., offset:offset + 64]
+    expected = _rotate_half_formula(shifted, kwargs["positions"], kwargs["cos_sin_cache"], is_neox)[..., :64]
+    assert torch.equal(after[..., offset:offset + 64], expected)
+
+
+@pytest.mark.parametrize("offset", (-1, 65))
+def test_rope_dim_offset_out_of_range(offset: Any) -> None:
+    kwargs = {**_inputs(3, 2, None, 128, 64, True), "rope_dim_offset": offset}
+    with pytest.raises(ValueError, match=r"^rope_dim_offset: expected an int in \[0, head_size - rot_dim\]"):
+        ROPE.op(**kwargs)

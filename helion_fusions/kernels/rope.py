@@ -218,9 +218,9 @@ def _heads(name: str, value: Any, tokens: int, head_size: int, dtype: torch.dtyp
                      f"got shape {list(value.shape)}")
 
 
-def _pairs(heads: torch.Tensor, rot_dim: int, is_neox: bool) -> torch.Tensor:
-    """The rotary dims of every head as [T, H, 2, rot_dim/2]: (i, i + rot_dim/2) or (2i, 2i+1) pairs."""
-    rotary = heads[..., :rot_dim]
+def _pairs(heads: torch.Tensor, rot_dim: int, is_neox: bool, offset: int = 0) -> torch.Tensor:
+    """The rotary dims of every head (``offset`` on) as [T, H, 2, rot_dim/2]: (i, i + rot_dim/2) or (2i, 2i+1)."""
+    rotary = heads[..., offset:offset + rot_dim]
     if is_neox:
         return rotary.unflatten(-1, (2, rot_dim // 2))
     return rotary.unflatten(-1, (rot_dim // 2, 2)).transpose(-1, -2)
@@ -261,7 +261,7 @@ def _weight_pairs(weight: torch.Tensor, rot_dim: int, is_neox: bool) -> torch.Te
 
 
 def _launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, norm=None, hidden=None,
-            query=True, quant=None, rotate=True) -> tuple[KernelLaunch, ...]:
+            query=True, quant=None, rotate=True, offset=0) -> tuple[KernelLaunch, ...]:
     """One launch: the key heads (normalized, rotated, written to the cache, as asked), then the query heads."""
     tokens = q.shape[0]
     if tokens == 0:
@@ -269,8 +269,8 @@ def _launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, norm=N
     head_size = q.shape[2]
     has_tail = rot_dim < head_size
     cos_sin = cos_sin_cache.view(cos_sin_cache.shape[0], 2, rot_dim // 2)
-    q_pairs = _pairs(q, rot_dim, is_neox)
-    k_pairs = q_pairs if k is None else _pairs(k, rot_dim, is_neox)
+    q_pairs = _pairs(q, rot_dim, is_neox, offset)  # a nonzero offset comes only with in-place rope
+    k_pairs = q_pairs if k is None else _pairs(k, rot_dim, is_neox, offset)
     spare = q[:]  # stands in for unused [T, H, D] arguments (a view: an argument may not be another's base)
     key_tail = k[:, :, rot_dim:] if has_tail and k is not None else spare
     query_tail = q[:, :, rot_dim:] if has_tail else spare
@@ -312,16 +312,26 @@ def _launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, norm=N
     return (KernelLaunch(rope_kernel, args, key, tokens, hidden, q.device, q.dtype),)
 
 
-def _prepare_rotary(positions, query, key, head_size, cos_sin_cache, is_neox):
-    tokens, rot_dim, q, k = _check_rope(positions, query, key, head_size, cos_sin_cache)
-    return _launch(positions, q, k, cos_sin_cache, rot_dim, bool(is_neox))
+def _check_offset(rope_dim_offset: Any, rot_dim: int, head_size: int) -> int:
+    if isinstance(rope_dim_offset, bool) or not isinstance(rope_dim_offset, int) or not (
+            0 <= rope_dim_offset <= head_size - rot_dim):
+        raise ValueError(f"rope_dim_offset: expected an int in [0, head_size - rot_dim] = [0, {head_size - rot_dim}], "
+                         f"got {rope_dim_offset!r}")
+    return rope_dim_offset
 
 
-def _reference_rotary(positions, query, key, head_size, cos_sin_cache, is_neox):
+def _prepare_rotary(positions, query, key, head_size, cos_sin_cache, is_neox, rope_dim_offset=0):
     tokens, rot_dim, q, k = _check_rope(positions, query, key, head_size, cos_sin_cache)
+    offset = _check_offset(rope_dim_offset, rot_dim, head_size)
+    return _launch(positions, q, k, cos_sin_cache, rot_dim, bool(is_neox), offset=offset)
+
+
+def _reference_rotary(positions, query, key, head_size, cos_sin_cache, is_neox, rope_dim_offset=0):
+    tokens, rot_dim, q, k = _check_rope(positions, query, key, head_size, cos_sin_cache)
+    offset = _check_offset(rope_dim_offset, rot_dim, head_size)
     for heads in (q, k):
         if heads is not None:
-            rotate_reference(positions, _pairs(heads, rot_dim, bool(is_neox)), cos_sin_cache)
+            rotate_reference(positions, _pairs(heads, rot_dim, bool(is_neox), offset), cos_sin_cache)
 
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
@@ -646,7 +656,8 @@ def _cache_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.de
 
 ROTARY_EMBEDDING = _declare(
     "rotary_embedding",
-    "(Tensor positions, Tensor! query, Tensor!? key, int head_size, Tensor cos_sin_cache, bool is_neox) -> ()",
+    "(Tensor positions, Tensor! query, Tensor!? key, int head_size, Tensor cos_sin_cache, bool is_neox, "
+    "int rope_dim_offset=0) -> ()",
     _prepare_rotary, _reference_rotary, _inputs, read_and_written=("query", "key"))
 
 ROTARY_EMBEDDING_AND_CACHE = _declare(
