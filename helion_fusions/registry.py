@@ -64,15 +64,20 @@ class OpSpec:
     hidden_sizes: tuple[int, ...]
     token_counts: tuple[int, ...] = TOKEN_GRID
     read_and_written: tuple[str, ...] = ()
+    # for tensors the op touches only in part (a cos/sin row per token, a cache slot per token):
+    # how many of their elements it touches
+    touched_elements: Callable[[dict[str, Any]], dict[str, int]] | None = None
     # what a stored config must not do for this op (None when acceptable); checked when configs load
     config_problem: Callable[[dict[str, Any]], str | None] | None = None
 
     def bytes_moved(self, kwargs: dict[str, Any]) -> int:
-        """Bytes the op must move: every tensor argument once, read-and-written ones twice."""
+        """Bytes the op must move: every tensor argument once (or its touched part), read-and-written ones twice."""
+        touched = self.touched_elements(kwargs) if self.touched_elements is not None else {}
         total = 0
         for name, value in kwargs.items():
             if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size() * (2 if name in self.read_and_written else 1)
+                elements = touched.get(name, value.numel())
+                total += elements * value.element_size() * (2 if name in self.read_and_written else 1)
         return total
 
     @property

@@ -111,8 +111,10 @@ def test_declaration_is_complete(spec: OpSpec) -> None:
     assert required <= set(kwargs), f"make_inputs misses {required - set(kwargs)}"
     assert callable(spec.reference) and callable(spec.prepare)
     assert spec.hidden_sizes and spec.token_counts
-    assert spec.bytes_moved(kwargs) >= sum(v.numel() * v.element_size() for v in kwargs.values()
-                                           if isinstance(v, torch.Tensor))
+    tensors = {name: v for name, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    touched = spec.touched_elements(kwargs) if spec.touched_elements is not None else {}
+    assert all(name in tensors and 0 <= count <= tensors[name].numel() for name, count in touched.items())
+    assert spec.bytes_moved(kwargs) >= sum(touched.get(name, v.numel()) * v.element_size() for name, v in tensors.items())
     hidden = spec.hidden_sizes[0]
     assert spec.default_config(hidden) is not None
     assert spec.seed_configs(hidden, spec.token_counts[-1])

@@ -359,3 +359,33 @@ def test_rope_dim_offset_out_of_range(offset: Any) -> None:
     kwargs = {**_inputs(3, 2, None, 128, 64, True), "rope_dim_offset": offset}
     with pytest.raises(ValueError, match=r"^rope_dim_offset: expected an int in \[0, head_size - rot_dim\]"):
         ROPE.op(**kwargs)
+
+
+
+ROTATING_OPS = [spec for spec in REGISTRY.values()
+                if spec.family == "rope" and {"positions", "position_ids"} & set(spec.arg_names)]
+
+
+@pytest.mark.parametrize("spec", ROTATING_OPS, ids=lambda s: s.name)
+def test_positions_outside_the_cos_sin_cache_skip_the_rotation(spec) -> None:
+    """A position with no cos/sin row (negative, past the end) is not rotated: the op's outputs for that token
+    equal those of the same call with an identity rotation, and the other tokens are rotated as usual."""
+    kwargs = spec.make_inputs(6, 256, torch.bfloat16, torch.device("cpu"))
+    name = "positions" if "positions" in kwargs else "position_ids"
+    bad = torch.tensor([False, True, False, True, True, False])
+    kwargs[name][bad] = torch.tensor([-1, kwargs["cos_sin_cache"].shape[0], 2**40])
+    identity = {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()}
+    table = identity["cos_sin_cache"]
+    table[:, :table.shape[1] // 2], table[:, table.shape[1] // 2:] = 1.0, 0.0
+    run_against_reference(spec, kwargs, max_flip_fraction=0)
+    spec.op(**identity)
+    slots = kwargs.get("slot_mapping")
+    for key in spec.mutated_args:
+        if kwargs.get(key) is None:
+            continue
+        rotated, unrotated = kwargs[key], identity[key]
+        if key.endswith("cache"):  # rows by slot
+            rotated, unrotated = rotated.flatten(0, 1)[slots], unrotated.flatten(0, 1)[slots]
+        assert torch.equal(rotated[bad], unrotated[bad]), key
+        if key != "value_cache":  # values are cached as they are
+            assert not torch.equal(rotated[~bad], unrotated[~bad]), key

@@ -17,9 +17,11 @@ token (as does a slot past the cache: never an out-of-bounds write), and an fp8 
 stores ``fp8(clamp(x / scale))`` with a per-tensor or per-head scale.
 
 Contract notes (shared NUMERICS.md, RoPE family): the cache may be fp32 or the input
-dtype; positions are int64. A compiled kernel may contract ``a*cos - b*sin`` into a fused
-multiply-add, which rounds once where the eager reference rounds twice: a value can land
-on the other side of a rounding tie of the input dtype, bounded like every tie (1e-4).
+dtype; positions are int64. A position with no row in the cos/sin cache (negative, or past
+its end) skips the token's rotation (cos 1, sin 0): nothing is read out of bounds, and the
+rest of the op (norm, quant, cache write) goes on with the unrotated values. The rotation's
+products are rounded on their own (``mul_rn``), as the eager composite rounds them, so the
+rotated values match it bit for bit.
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ def rotate(positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, tile
            norm: tuple[Any, ...] | None, quantized: tuple[Any, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate rows ``tile_t`` of heads ``tile_h`` of ``x`` in place (a kernel helper); returns the rotated pairs.
 
+    A row whose position has no cos/sin row is not rotated (cos 1, sin 0): nothing is read out of bounds.
+
     ``norm`` = (tail, query weight pairs and tail, key weight pairs and tail, query_heads, eps, TAIL,
     head_size): RMS-normalize each head first, in fp32 with the rotation (one rounding), the dims that
     do not rotate included; heads below ``query_heads`` take the query weight.
@@ -144,8 +148,11 @@ def rotate(positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, tile
     dims that do not rotate too.
     """
     position = hl.load(positions, [tile_t])
-    cos = hl.load(cos_sin, [position, 0, slice(None)]).to(torch.float32).unsqueeze(1)
-    sin = hl.load(cos_sin, [position, 1, slice(None)]).to(torch.float32).unsqueeze(1)
+    in_range = (position >= 0) & (position < cos_sin.size(0))
+    position = torch.where(in_range, position, 0)
+    cos = torch.where(in_range.unsqueeze(1), hl.load(cos_sin, [position, 0, slice(None)]).to(torch.float32), 1.0)
+    sin = torch.where(in_range.unsqueeze(1), hl.load(cos_sin, [position, 1, slice(None)]).to(torch.float32), 0.0)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     a = hl.load(x, [tile_t, tile_h, 0, slice(None)]).to(torch.float32)
     b = hl.load(x, [tile_t, tile_h, 1, slice(None)]).to(torch.float32)
     if norm is not None:
@@ -168,7 +175,8 @@ def rotate(positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, tile
                                  hl.load(k_weight_tail, [slice(None)]).to(torch.float32))
             rest = rest * rstd * weight
             hl.store(tail, [tile_t, tile_h, slice(None)], rest.to(tail.dtype))
-    rotated_a, rotated_b = (a * cos - b * sin).to(x.dtype), (b * cos + a * sin).to(x.dtype)
+    rotated_a = (mul_rn(a, cos) - mul_rn(b, sin)).to(x.dtype)
+    rotated_b = (mul_rn(b, cos) + mul_rn(a, sin)).to(x.dtype)
     if quantized is None:
         hl.store(x, [tile_t, tile_h, 0, slice(None)], rotated_a)
         hl.store(x, [tile_t, tile_h, 1, slice(None)], rotated_b)
@@ -176,12 +184,25 @@ def rotate(positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, tile
     out, out_tail, in_tail, scale, has_tail, fp8_max = quantized
     scale_value = hl.load(scale, [0])
     for pair, value in ((0, rotated_a), (1, rotated_b)):
-        hl.store(out, [tile_t, tile_h, pair, slice(None)], fp8_quantize_static(value.to(torch.float32), scale_value,
-                                                                                fp8_max, out.dtype))
+        hl.store(out, [tile_t, tile_h, pair, slice(None)],
+                 fp8_quantize_static(value.to(torch.float32), scale_value, fp8_max, out.dtype))
     if has_tail:
         rest = hl.load(in_tail, [tile_t, tile_h, slice(None)]).to(torch.float32)
-        hl.store(out_tail, [tile_t, tile_h, slice(None)], fp8_quantize_static(rest, scale_value, fp8_max, out_tail.dtype))
+        hl.store(out_tail, [tile_t, tile_h, slice(None)],
+                 fp8_quantize_static(rest, scale_value, fp8_max, out_tail.dtype))
     return rotated_a, rotated_b
+
+
+def mul_rn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """An fp32 product rounded on its own (``x`` carries the result's shape).
+
+    The compiler would otherwise contract ``a*cos - b*sin`` into a fused multiply-add, which
+    rounds once where the eager composite rounds the products first: the result could land on
+    the other side of a rounding tie of the input dtype.
+    """
+    if not quant._compiling_to_triton():  # noqa: SLF001 (shared with the quant helpers)
+        return x * y
+    return hl.inline_triton("libdevice.mul_rn({0}, {1})", args=(x, y), output_like=x)
 
 
 def cache_store(cache: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -195,12 +216,17 @@ def cache_store(cache: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor
 # --- reference ------------------------------------------------------------------------------
 
 def rotate_reference(positions: torch.Tensor, pairs: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
-    """Rotate ``pairs`` ([T, H, 2, rot_dim/2] view) in place, as the eager composite does."""
+    """Rotate ``pairs`` ([T, H, 2, rot_dim/2] view) in place, as the eager composite does.
+
+    A token whose position has no row in ``cos_sin_cache`` is not rotated (cos 1, sin 0).
+    """
+    in_range = ((positions >= 0) & (positions < cos_sin_cache.shape[0]))[:, None, None]
+    positions = torch.where(in_range[:, 0, 0], positions, 0)
     half = pairs.shape[-1]
-    cos = cos_sin_cache[positions, :half].float()[:, None, :]
-    sin = cos_sin_cache[positions, half:].float()[:, None, :]
+    cos = torch.where(in_range, cos_sin_cache[positions, :half].float()[:, None, :], 1.0)
+    sin = torch.where(in_range, cos_sin_cache[positions, half:].float()[:, None, :], 0.0)
     a, b = pairs[:, :, 0, :].float(), pairs[:, :, 1, :].float()
-    rotated_a, rotated_b = a * cos - b * sin, b * cos + a * sin
+    rotated_a, rotated_b = a * cos - b * sin, b * cos + a * sin  # both before either store: a, b may alias pairs
     pairs[:, :, 0, :] = rotated_a.to(pairs.dtype)
     pairs[:, :, 1, :] = rotated_b.to(pairs.dtype)
 
@@ -604,11 +630,19 @@ def default_config(hidden: int) -> helion.Config:
 
 
 def seed_configs(hidden: int, tokens: int) -> list[helion.Config]:
-    return [helion.Config(block_sizes=_blocks(1, h), num_warps=w) for h in (4, 8) for w in (2, 4)]
+    """A token's heads per program (4-8 heads of 128 dims); two tokens a program at prefill sizes."""
+    seeds = [helion.Config(block_sizes=_blocks(1, h), num_warps=w) for h in (4, 8) for w in (2, 4)]
+    if tokens >= 128:
+        seeds.append(helion.Config(block_sizes=_blocks(2, 8), num_warps=4))
+    return seeds
 
 
 def search_configs(hidden: int, tokens: int) -> list[helion.Config]:
-    return [helion.Config(block_sizes=_blocks(t, 16), num_warps=4) for t in (1, 2) if t <= max(tokens, 1)]
+    """Smaller programs for decode (more of them), larger ones for prefill."""
+    if tokens <= 16:
+        return [helion.Config(block_sizes=_blocks(1, h), num_warps=w) for h, w in ((1, 1), (2, 1), (2, 2), (16, 4))]
+    return [helion.Config(block_sizes=_blocks(t, h), num_warps=w)
+            for t, h, w in ((1, 16, 4), (2, 16, 8), (4, 8, 8), (1, 32, 8), (4, 16, 8))]
 
 
 def _inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
@@ -625,12 +659,26 @@ def _inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) 
     }
 
 
+def _touched(kwargs: dict[str, Any]) -> dict[str, int]:
+    """Elements the op touches of its tables: one cos/sin row per token, one cache slot per token, and of
+    a packed qkv only the query and key heads."""
+    tokens = next(kwargs[name].numel() for name in ("positions", "position_ids", "slot_mapping") if name in kwargs)
+    touched = {}
+    for name, leading in (("cos_sin_cache", 1), ("key_cache", 2), ("value_cache", 2), ("kv_cache", 2)):
+        if isinstance(kwargs.get(name), torch.Tensor):
+            table = kwargs[name]
+            touched[name] = min(table.numel(), tokens * table[(0,) * leading].numel())
+    if "qkv" in kwargs:
+        touched["qkv"] = tokens * (kwargs["num_heads_q"] + kwargs["num_heads_k"]) * kwargs["head_dim"]
+    return touched
+
+
 def _declare(name: str, schema: str, prepare, reference, make_inputs, read_and_written: tuple[str, ...] = ()) -> OpSpec:
     return register(OpSpec(
         name=name, schema=schema, family="rope", kernel=rope_kernel, prepare=prepare, reference=reference,
         make_inputs=make_inputs, default_config=default_config, seed_configs=seed_configs,
         search_configs=search_configs, hidden_sizes=HIDDEN_GRID, token_counts=TOKEN_GRID,
-        read_and_written=read_and_written,
+        read_and_written=read_and_written, touched_elements=_touched,
     ))
 
 
@@ -715,8 +763,8 @@ def _quant_cache_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: to
 
     kwargs = _cache_inputs(tokens, hidden, dtype, device)
     kwargs.update(query_out=poisoned(tuple(kwargs["query"].shape), fp8_dtype(device), device),
-                  key_cache=kwargs["key_cache"].view(torch.uint8)[..., ::2],
-                  value_cache=kwargs["value_cache"].view(torch.uint8)[..., ::2],
+                  key_cache=poisoned(tuple(kwargs["key_cache"].shape), torch.uint8, device),
+                  value_cache=poisoned(tuple(kwargs["value_cache"].shape), torch.uint8, device),
                   kv_cache_dtype="fp8", q_scale=torch.tensor([0.01], device=device))
     return kwargs
 
