@@ -87,8 +87,11 @@ def rope_kernel(
     Q_QUANT: hl.constexpr,
     K_QUANT: hl.constexpr,
 ) -> None:
-    T, HQ, _, half = q.size()
-    HK = k.size(1)
+    T = q.size(0)
+    # head counts are model constants (one compile each anyway); specialized, a single head
+    # is a size-1 dim in every tensor alike (symbolic in one and 1 in another, stores would drop its index)
+    HQ, HK = hl.specialize(q.size(1)), hl.specialize(k.size(1))
+    half = q.size(3)
     half = hl.specialize(half)
     tail = hl.specialize(key_tail.size(2))
     head_v = hl.specialize(value.size(2))
@@ -158,10 +161,11 @@ def rotate(positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, tile
     if norm is not None:
         tail, q_weight, q_weight_tail, k_weight, k_weight_tail, query_heads, eps, has_tail, width = norm
         is_query = (tile_h.index < query_heads).unsqueeze(-1)  # [heads, 1]
-        sum_sq = torch.sum(a * a, dim=-1) + torch.sum(b * b, dim=-1)
+        sum_sq = sum_of_squares(a) + sum_of_squares(b)
         if has_tail:
             rest = hl.load(tail, [tile_t, tile_h, slice(None)]).to(torch.float32)
-            sum_sq = sum_sq + torch.sum(rest * rest, dim=-1)
+            sum_sq = sum_sq + sum_of_squares(rest)
+        sum_sq = sum_sq.to(torch.float32)
         rstd = torch.rsqrt(div_rn(sum_sq, width) + eps).unsqueeze(-1)
         for pair, column in ((0, a), (1, b)):
             weight = torch.where(is_query, hl.load(q_weight, [pair, slice(None)]).to(torch.float32),
@@ -191,6 +195,18 @@ def rotate(positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, tile
         hl.store(out_tail, [tile_t, tile_h, slice(None)],
                  fp8_quantize_static(rest, scale_value, fp8_max, out_tail.dtype))
     return rotated_a, rotated_b
+
+
+def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x**2`` over the last dim in fp64 (kernel and reference alike).
+
+    fp32 squares are exact in fp64 and a head's sum is all but exact, so the fp32 it rounds to
+    does not depend on the order of the sum: the GPU's reduction tree, the kernel's and the CPU's
+    agree. An fp32 sum in another order moves rstd by an ulp, which a cancelling rotation turns
+    into a larger difference.
+    """
+    wide = x.to(torch.float64)
+    return torch.sum(wide * wide, dim=-1)
 
 
 def mul_rn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -416,15 +432,26 @@ def _prepare_rope_cache(positions, query, key, value, key_cache, value_cache, sl
 
 def write_cache_reference(rows: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, scale: torch.Tensor,
                           fp8_max: float) -> None:
-    """``reshape_and_cache_flash``: row t goes to slot ``slot_mapping[t]`` (skipped when negative or past the end)."""
+    """``reshape_and_cache_flash``: row t goes to slot ``slot_mapping[t]`` (skipped when negative or past the end).
+
+    Written without data-dependent shapes, so it can be captured in a CUDA graph: a skipped row
+    repeats the write of the first kept row (or, with none kept, rewrites slot 0 as it is), and the
+    duplicate writes carry identical bytes.
+    """
+    if rows.shape[0] == 0:
+        return
     num_blocks, block_size = cache.shape[:2]
     keep = (slot_mapping >= 0) & (slot_mapping < num_blocks * block_size)
-    slots = slot_mapping[keep]
-    values = rows[keep]
+    values = rows
     if fp8_max:
         scale = scale.float().reshape(-1)[None, :, None] if scale.numel() > 1 else scale.float().reshape(())
         values = to_fp8(div_rn(values.float(), scale), fp8_max, cache.dtype)
-    cache[slots // block_size, slots % block_size] = values.to(cache.dtype)
+    values = values.to(cache.dtype)
+    first = torch.argmax(keep.to(torch.int32))  # the first kept row, or 0 when none is
+    any_kept = keep.any()
+    slots = torch.where(keep, slot_mapping, torch.where(any_kept, slot_mapping[first], 0))
+    values = torch.where(keep[:, None, None], values, torch.where(any_kept, values[first], cache[0, 0]))
+    cache[slots // block_size, slots % block_size] = values
 
 
 def _reference_rope_cache(positions, query, key, value, key_cache, value_cache, slot_mapping, head_size,
@@ -474,13 +501,7 @@ def _reference_qk_norm_rope(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim
                                        k_weight, cos_sin_cache, position_ids)
     for heads, weight in ((q, q_weight), (k, k_weight)):
         x = heads.float()
-        # summed in the kernel's pieces (the two pair members, then the dims that do not rotate): on a
-        # cancelling rotation a different fp32 order shows up as more than a rounding tie
-        pairs = _pairs(x, rot_dim, bool(is_neox))
-        a, b, rest = pairs[:, :, 0, :], pairs[:, :, 1, :], x[..., rot_dim:]
-        sum_sq = torch.sum(a * a, dim=-1) + torch.sum(b * b, dim=-1)
-        if rot_dim < head_dim:
-            sum_sq = sum_sq + torch.sum(rest * rest, dim=-1)
+        sum_sq = sum_of_squares(x).to(torch.float32)  # the kernel sums in pieces: in fp64 the order does not matter
         rstd = torch.rsqrt(div_rn(sum_sq, head_dim) + eps).unsqueeze(-1)
         y = x * rstd * weight.float()  # fp32 throughout: one rounding, after the rotation
         rotate_reference(position_ids, _pairs(y, rot_dim, bool(is_neox)), cos_sin_cache)
