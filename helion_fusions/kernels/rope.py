@@ -447,10 +447,11 @@ def write_cache_reference(rows: torch.Tensor, cache: torch.Tensor, slot_mapping:
         scale = scale.float().reshape(-1)[None, :, None] if scale.numel() > 1 else scale.float().reshape(())
         values = to_fp8(div_rn(values.float(), scale), fp8_max, cache.dtype)
     values = values.to(cache.dtype)
-    first = torch.argmax(keep.to(torch.int32))  # the first kept row, or 0 when none is
+    first = torch.argmax(keep.to(torch.int32)).reshape(1)  # the first kept row, or 0 when none is
     any_kept = keep.any()
-    slots = torch.where(keep, slot_mapping, torch.where(any_kept, slot_mapping[first], 0))
-    values = torch.where(keep[:, None, None], values, torch.where(any_kept, values[first], cache[0, 0]))
+    slots = torch.where(keep, slot_mapping, torch.where(any_kept, slot_mapping.index_select(0, first), 0))
+    values = torch.where(keep[:, None, None], values,
+                         torch.where(any_kept, values.index_select(0, first), cache[0, 0]))
     cache[slots // block_size, slots % block_size] = values
 
 
