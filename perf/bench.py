@@ -226,14 +226,21 @@ def dispatch_overhead(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype
         "raw_triton_us": per_call(lambda: kernel[grid](*args, **options)),
     }
     result["overhead_us"] = result["torch_op_us"] - result["raw_triton_us"]
+    result["op"] = spec.name
     return result
 
 
 def read_rows(path: Path) -> list[dict]:
     """Rows of an earlier run's CSV, typed as ``bench_row`` returns them."""
+    def typed(column: str, value: str | None) -> Any:
+        if column in _TEXT_COLUMNS:
+            return value or ""
+        if not value:  # a column an older run did not write
+            return None
+        return int(value) if column in _INT_COLUMNS else float(value)
+
     with open(path, newline="") as handle:
-        return [{k: v if k in _TEXT_COLUMNS else int(v) if k in _INT_COLUMNS else float(v) for k, v in row.items()}
-                for row in csv.DictReader(handle)]
+        return [{column: typed(column, row.get(column)) for column in COLUMNS} for row in csv.DictReader(handle)]
 
 
 def geomean(values: list[float]) -> float:
@@ -289,7 +296,7 @@ def write_results(rows: list[dict], copy_gbps: float, device_name: str, device_l
                       f"helion {rows[0]['helion']}, triton {rows[0]['triton']}, torch {rows[0]['torch']}; "
                       f"dtype {rows[0]['dtype']}; times in us, medians with L2 flushed; written by `make bench`.", "",
                       *[f"- {line}" for line in summary(rows, copy_gbps)],
-                      *([f"- host time per call (T=16, H=4096, outside graphs): torch.ops "
+                      *([f"- host time per call ({overhead['op']}, T=16, H=4096, outside graphs): torch.ops "
                          f"{overhead['torch_op_us']:.1f} us, Helion compiled function {overhead['helion_fn_us']:.1f} us, "
                          f"raw Triton launch {overhead['raw_triton_us']:.1f} us; dispatch overhead "
                          f"{overhead['overhead_us']:.1f} us"] if overhead else []),
