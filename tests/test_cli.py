@@ -67,3 +67,20 @@ def test_bench_prints_a_correctness_table_without_gpu(capsys, monkeypatch) -> No
     out = capsys.readouterr().out
     assert "No CUDA device" in out
     assert out.count("| ok ") == 4 and "MISMATCH" not in out
+
+
+def test_bench_results_round_trip_and_older_csvs_load(tmp_path) -> None:
+    """write_results then read_rows gives the rows back; a CSV from before a column existed still loads."""
+    row = {column: 1 for column in bench.COLUMNS}
+    row.update(device="cpu_test", op="rotary_embedding", dtype="bfloat16", helion="1.5.0", triton="3.6.0",
+               torch="2.13.0", repro="python -m perf.bench", eager_us=3.0, speedup_vs_compile=1.5)
+    bench.write_results([row], 3000.0, "cpu_test", "CPU test", tmp_path,
+                        {"op": "rotary_embedding", "torch_op_us": 9.0, "helion_fn_us": 5.0, "raw_triton_us": 4.0,
+                         "overhead_us": 5.0})
+    assert bench.read_rows(tmp_path / "cpu_test.csv") == [row]
+    assert "host time per call (rotary_embedding" in (tmp_path / "cpu_test.md").read_text()
+    older = tmp_path / "older.csv"
+    older.write_text(",".join(c for c in bench.COLUMNS if c != "launches") + "\n"
+                     + ",".join("x" if c in ("device", "op") else "1" for c in bench.COLUMNS if c != "launches") + "\n")
+    (loaded,) = bench.read_rows(older)
+    assert loaded["launches"] is None and loaded["T"] == 1 and loaded["eager_us"] == 1.0
