@@ -208,3 +208,37 @@ def test_compile_fullgraph(spec: OpSpec) -> None:
     call(**eager)
     torch.compile(call, fullgraph=True)(**kwargs)
     assert_outputs_match(spec, kwargs, eager, max_flip_fraction=0)
+
+
+# --- RoPE family: skipped tokens ------------------------------------------------------------------
+
+ROPE_OPS = [spec for spec in REGISTRY.values() if spec.family == "rope"]
+
+
+@pytest.mark.parametrize("spec", ROPE_OPS, ids=lambda s: s.name)
+def test_rope_skips_bad_positions_and_slots(spec: OpSpec) -> None:
+    """Positions outside the cos/sin table and slots that are negative or past the cache, on the GPU: the
+    kernel agrees with the reference byte for byte, and cache slots no kept token maps to keep their poison."""
+    tokens = 300
+    kwargs = _inputs(spec, tokens, 4096)
+    generator = torch.Generator().manual_seed(5)
+    bad = torch.rand(tokens, generator=generator) < 0.2
+    for name in ("positions", "position_ids"):
+        if name in kwargs:
+            table_rows = kwargs["cos_sin_cache"].shape[0]
+            kwargs[name][bad.to(CUDA)] = torch.tensor([-1, table_rows, 2**40], device=CUDA).repeat(tokens)[
+                :int(bad.sum())]
+    slots = kwargs.get("slot_mapping")
+    if slots is not None:
+        cache = kwargs["key_cache" if "key_cache" in kwargs else "kv_cache"]
+        capacity = cache.shape[0] * cache.shape[1]
+        skipped = torch.rand(tokens, generator=generator) < 0.2
+        slots[skipped.to(CUDA)] = torch.tensor([-1, capacity], device=CUDA).repeat(tokens)[:int(skipped.sum())]
+    run_against_reference(spec, kwargs, max_flip_fraction=0)
+    if slots is not None:
+        kept = set(int(s) for s in slots.tolist() if s >= 0)
+        for name in ("key_cache", "value_cache", "kv_cache"):
+            if name in kwargs:
+                rows = kwargs[name].flatten(0, 1)
+                untouched = [s for s in range(rows.shape[0]) if s not in kept]
+                assert is_poison(rows[untouched]), f"{name}: a slot no kept token maps to was written"
