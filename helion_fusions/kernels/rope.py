@@ -236,11 +236,11 @@ def rotate_reference(positions: torch.Tensor, pairs: torch.Tensor, cos_sin_cache
 
     A token whose position has no row in ``cos_sin_cache`` is not rotated (cos 1, sin 0).
     """
-    in_range = ((positions >= 0) & (positions < cos_sin_cache.shape[0]))[:, None, None]
-    positions = torch.where(in_range[:, 0, 0], positions, 0)
-    half = pairs.shape[-1]
-    cos = torch.where(in_range, cos_sin_cache[positions, :half].float()[:, None, :], 1.0)
-    sin = torch.where(in_range, cos_sin_cache[positions, half:].float()[:, None, :], 0.0)
+    in_range = (positions >= 0) & (positions < cos_sin_cache.shape[0])
+    positions = torch.where(in_range, positions, 0)
+    half, keep = pairs.shape[-1], in_range[:, None, None]
+    cos = torch.where(keep, cos_sin_cache[positions, :half].float()[:, None, :], 1.0)
+    sin = torch.where(keep, cos_sin_cache[positions, half:].float()[:, None, :], 0.0)
     a, b = pairs[:, :, 0, :].float(), pairs[:, :, 1, :].float()
     rotated_a, rotated_b = a * cos - b * sin, b * cos + a * sin  # both before either store: a, b may alias pairs
     pairs[:, :, 0, :] = rotated_a.to(pairs.dtype)
@@ -332,18 +332,19 @@ def _launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, norm=N
         norm_args = (_weight_pairs(q_weight, rot_dim, is_neox), q_weight[rot_dim:] if has_tail else q_weight,
                      _weight_pairs(k_weight, rot_dim, is_neox), k_weight[rot_dim:] if has_tail else k_weight,
                      query_heads, float(eps))
+    quant_fp8_max = 0.0 if quant is None else quant[4]
     if cache is None:
         k_scale = quant[3] if quant is not None and quant[3] is not None else positions
         cache_args = (positions, spare, positions, positions, k_scale, positions, 1, 0, *(0,) * 8)  # never read
-        cache_flags = (False, False, False, quant[4] if quant is not None else 0.0)
+        has_cache, fp8_cache, per_head, fp8_max = False, False, False, quant_fp8_max
     else:
-        slots, value, key_cache, value_cache, k_scale, v_scale, fp8_max = cache
+        slots, value, key_cache, value_cache, k_scale, v_scale, cache_fp8_max = cache
         num_blocks, block_size = key_cache.shape[:2]
         cache_args = (slots, value, _flat(key_cache), _flat(value_cache), k_scale, v_scale, block_size,
                       num_blocks * block_size, *key_cache.stride(), *value_cache.stride())
         # one fp8 flavour per device: a quantized query and an fp8 cache share the bound
-        cache_flags = (True, fp8_max > 0, k_scale.numel() > 1, max(fp8_max, quant[4] if quant is not None else 0.0))
-    has_cache, fp8_cache, per_head, fp8_max = cache_flags
+        has_cache, fp8_cache, per_head = True, cache_fp8_max > 0, k_scale.numel() > 1
+        fp8_max = max(cache_fp8_max, quant_fp8_max)
     flags = (rotate, query, k is not None, has_cache, has_tail, is_neox, fp8_cache, per_head, fp8_max, norm is not None,
              q_quant, k_quant)
     args = (positions, q_pairs, k_pairs, cos_sin, cache_args[0], key_tail, *quant_args, *norm_args, *cache_args[1:],
