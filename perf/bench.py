@@ -124,12 +124,14 @@ def _mark_tokens_dynamic(kwargs: dict[str, Any], tokens: int) -> dict[str, Any]:
 
 
 def _warm_static_compile(job: tuple[str, int, int, str]) -> str | None:
-    """Worker: compile the reference for one shape, filling Inductor's on-disk caches for the main process."""
+    """Worker: compile the reference and our kernel for one shape, filling Inductor's and Triton's on-disk
+    caches for the main process."""
     name, tokens, hidden, dtype_name = job
     try:
         spec = REGISTRY[name]
-        torch.compile(spec.reference, dynamic=False)(
-            **spec.make_inputs(tokens, hidden, getattr(torch, dtype_name), torch.device("cuda")))
+        inputs = spec.make_inputs(tokens, hidden, getattr(torch, dtype_name), torch.device("cuda"))
+        torch.compile(spec.reference, dynamic=False)(**clone_kwargs(inputs))
+        spec.op(**inputs)
         torch.cuda.synchronize()
         return None
     except Exception as error:  # the main process compiles again and reports a real failure
@@ -146,7 +148,7 @@ def warm_static_compiles(shapes: list[tuple[OpSpec, int, int]], dtype_name: str,
     work = [(spec.name, tokens, hidden, dtype_name) for spec, tokens, hidden in shapes]
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
         for error in track(pool.map(_warm_static_compile, work), total=len(work),
-                           description="compiling torch.compile baselines"):
+                           description="compiling torch.compile baselines and our kernels"):
             if error:
                 print(f"warning: {error.splitlines()[0][:200]}")
 
@@ -347,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     add_grid_arguments(parser)
     parser.add_argument("--reps", type=int, default=30, help="timed calls per measurement")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
-                        help="worker processes that pre-compile the per-shape torch.compile baselines")
+                        help="worker processes that pre-compile the per-shape torch.compile baselines and our kernels")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--append", action="store_true",
                         help="keep the rows of other ops from an existing <device>.csv in --out (a run split by --ops)")
