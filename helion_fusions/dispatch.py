@@ -200,7 +200,8 @@ def _first_call(spec: OpSpec, launch: KernelLaunch, key: tuple[Any, ...]) -> Any
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             f"helion_fusions: {spec.name} would compile a kernel inside CUDA-graph capture "
-            f"(hidden={launch.hidden}, tokens={launch.tokens}); call helion_fusions.warmup() before capturing")
+            f"(hidden={launch.hidden}, tokens={launch.tokens}); call helion_fusions.warmup() before capturing "
+            "(warmup(forward=<a dummy forward taking a token count>) covers the flags and layouts it uses)")
     with _compile_lock:
         compiled = _compiled.get(key)
         if compiled is None:
@@ -251,28 +252,50 @@ def compiled_count() -> int:
     return len(_compiled)
 
 
+def warmup_token_counts(max_tokens: int = TOKEN_GRID[-1]) -> list[int]:
+    """One token count in each token bucket up to ``max_tokens``: a call at each builds every bucket."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
+    return [min(bucket, max_tokens) for bucket in sorted({token_bucket(t) for t in (*TOKEN_GRID, max_tokens)
+                                                          if t <= max_tokens})]
+
+
 def warmup(
-    hidden_sizes: Iterable[int],
+    hidden_sizes: Iterable[int] = (),
     dtypes: Iterable[torch.dtype] = (torch.bfloat16,),
     ops: Iterable[str] | None = None,
     max_tokens: int = TOKEN_GRID[-1],
     device: torch.device | str = "cuda",
+    forward: Callable[[int], Any] | None = None,
 ) -> int:
-    """Compile every token bucket of the given ops ahead of CUDA-graph capture.
+    """Compile every token bucket ahead of CUDA-graph capture; returns the number of compiled kernels.
 
-    Runs each op once per bucket on random data of the largest token count in the bucket.
-    Returns the number of compiled kernels in the cache.
+    A kernel is compiled per op, dtype, hidden size, flags (residual or not, ``scale_ub`` or
+    not, group size, ue8m0, scale layout, ...) and token bucket. By default each op runs once
+    per bucket on random inputs of its default flags. With ``forward``, ``forward(T)`` runs
+    instead, once per bucket (``T`` from :func:`warmup_token_counts`): pass the engine's own
+    dummy forward pass, so that exactly the variants it calls are compiled; ``hidden_sizes``,
+    ``dtypes`` and ``ops`` are then ignored.
     """
+    token_counts = warmup_token_counts(max_tokens)
+    if forward is not None:
+        if not callable(forward):
+            raise TypeError(f"forward: expected a callable taking a token count, got {type(forward).__name__}")
+        for tokens in token_counts:
+            forward(tokens)
+        return compiled_count()
     names = list(REGISTRY) if ops is None else list(ops)
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise ValueError(f"ops: unknown op names {unknown}; registered ops are {sorted(REGISTRY)}")
+    hidden_sizes = list(hidden_sizes)
+    if not hidden_sizes:
+        raise ValueError("hidden_sizes: expected at least one hidden size (or pass forward=)")
     device = torch.device(device)
-    buckets = sorted({token_bucket(t) for t in (*TOKEN_GRID, max_tokens) if t <= max_tokens})
     for name in names:
         spec = REGISTRY[name]
         for hidden in hidden_sizes:
             for dtype in dtypes:
-                for tokens in buckets:
-                    spec.op(**spec.make_inputs(min(tokens, max_tokens), hidden, dtype, device))
+                for tokens in token_counts:
+                    spec.op(**spec.make_inputs(tokens, hidden, dtype, device))
     return compiled_count()

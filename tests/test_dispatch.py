@@ -381,6 +381,33 @@ def test_warmup_runs_each_op_once_per_token_bucket(monkeypatch: pytest.MonkeyPat
     assert calls == [("rms_norm_static_fp8_quant", t, h, torch.float16) for h in (256, 512) for t in (1, 16, 100)]
 
 
+def test_warmup_token_counts_cover_every_bucket_once() -> None:
+    assert helion_fusions.warmup_token_counts(100) == [1, 16, 100]
+    assert helion_fusions.warmup_token_counts(1) == [1]
+    assert helion_fusions.warmup_token_counts(20000) == [1, 16, 128, 1024, 4096, 16384, 16385]
+    counts = helion_fusions.warmup_token_counts(5000)
+    assert sorted({dispatch.token_bucket(t) for t in range(1, 5001)}) == [dispatch.token_bucket(t) for t in counts]
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "16"])
+def test_warmup_token_counts_rejects_bad_max_tokens(bad: Any) -> None:
+    with pytest.raises(ValueError, match="max_tokens: expected a positive int"):
+        helion_fusions.warmup_token_counts(bad)
+
+
+def test_warmup_with_forward_runs_it_once_per_token_bucket() -> None:
+    seen: list[int] = []
+    assert helion_fusions.warmup(forward=seen.append, max_tokens=300) == dispatch.compiled_count()
+    assert seen == [1, 16, 128, 300]
+
+
+def test_warmup_argument_errors() -> None:
+    with pytest.raises(TypeError, match="forward: expected a callable"):
+        helion_fusions.warmup(forward=16)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="hidden_sizes: expected at least one hidden size"):
+        helion_fusions.warmup(ops=["rms_norm"], device="cpu")
+
+
 # --- a kernel that does not build on this GPU ---------------------------------------------------------
 
 class _FakeBound:

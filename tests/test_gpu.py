@@ -181,6 +181,31 @@ def test_cuda_graph_replay_after_warmup(spec: OpSpec) -> None:
         assert_outputs_match(spec, kwargs, eager, max_flip_fraction=0)
 
 
+def test_warmup_with_forward_covers_the_variants_it_calls() -> None:
+    """The default warm-up builds residual=None, scale_ub=None; an engine's forward with both is built too."""
+    spec = REGISTRY["rms_norm_dynamic_per_token_quant"]
+    hidden = 2560  # a hidden size no other test compiles
+
+    def variant(tokens: int) -> dict[str, Any]:
+        kwargs = _inputs(spec, tokens, hidden)
+        kwargs.update(residual=torch.randn(tokens, hidden, dtype=torch.bfloat16, device=CUDA),
+                      scale_ub=torch.tensor([2.0], device=CUDA))
+        return kwargs
+
+    helion_fusions.warmup(forward=lambda tokens: spec.op(**variant(tokens)), max_tokens=16)
+    compiled = dispatch.compiled_count()
+    kwargs = variant(7)
+    eager = clone_kwargs(kwargs)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        spec.op(**kwargs)
+    assert dispatch.compiled_count() == compiled, "capture compiled a kernel"
+    graph.replay()
+    spec.op(**eager)
+    torch.cuda.synchronize()
+    assert_outputs_match(spec, kwargs, eager, max_flip_fraction=0)
+
+
 def test_capture_without_warmup_raises() -> None:
     spec = REGISTRY["rms_norm_static_fp8_quant"]
     kwargs = _inputs(spec, 3, 2304)  # a hidden size no other test compiles
