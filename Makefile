@@ -7,7 +7,7 @@ DEPS ?= $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install test bench autotune clean
+.PHONY: install test bench autotune sass clean
 
 install: $(DEPS)
 
@@ -26,6 +26,9 @@ bench: $(DEPS)
 
 autotune: $(DEPS)
 	$(PY) -m helion_fusions.autotune $(ARGS)
+
+sass: $(DEPS)
+	$(PY) -m perf.sass $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

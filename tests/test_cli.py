@@ -1,4 +1,4 @@
-"""``make autotune`` and ``make bench`` run end to end on a CPU (their smoke / correctness modes)."""
+"""``make autotune``, ``make bench`` and ``make sass`` run end to end on a CPU (their smoke / correctness modes)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from helion_fusions import autotune, config_store, dispatch
 from helion_fusions.registry import REGISTRY
-from perf import bench
+from perf import bench, sass
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU modes of the CLIs")
 
@@ -84,3 +84,21 @@ def test_bench_results_round_trip_and_older_csvs_load(tmp_path) -> None:
                      + ",".join("x" if c in ("device", "op") else "1" for c in bench.COLUMNS if c != "launches") + "\n")
     (loaded,) = bench.read_rows(older)
     assert loaded["launches"] is None and loaded["T"] == 1 and loaded["eager_us"] == 1.0
+
+
+def test_sass_compiles_a_shipped_config_for_sm90(tmp_path, capsys) -> None:
+    args = ["--ops", "rms_norm_dynamic_per_token_quant", "--tokens", "7", "--hidden", "4096", "--out", str(tmp_path)]
+    assert sass.main(args) == 0
+    table = capsys.readouterr().out
+    assert "rms_norm_dynamic_per_token_quant" in table and "nvidia_h200 H=4096 T<=16" in table
+    text = (tmp_path / "rms_norm_dynamic_per_token_quant_T7_H4096_sm90.sass").read_text()
+    assert "EXIT" in text
+
+
+def test_sass_report_counts_instructions_and_calls(tmp_path) -> None:
+    spec = REGISTRY["static_scaled_fp8_quant"]
+    report = sass.compile_report(spec, 16, 1024, torch.float16, spec.default_config(1024), 90, tmp_path)
+    assert report.registers > 0 and report.instructions > 10 and report.local_bytes == 0
+    text = (tmp_path / "static_scaled_fp8_quant_T16_H1024_sm90.sass").read_text()
+    assert report.calls == text.count("CALL.")
+    assert sum(count for _, count in report.mix) <= report.instructions

@@ -1,0 +1,172 @@
+"""``python -m perf.sass`` (``make sass``): what a kernel compiles to, on a machine without a GPU.
+
+For each op and shape it binds the op's Helion kernel to CPU inputs, generates the Triton
+code of a config (the one shipped for ``--device``, else the architecture default),
+compiles it for ``--arch`` (sm_90 by default) with Triton's own compiler and ptxas, and
+reports the registers, stack and spill bytes, the SASS instruction count per thread and
+its mix, and the out-of-line calls (``CALL``: the slow paths of IEEE division, for one).
+The SASS goes to ``--out``. Static counts are a proxy, not a timing: on a memory-bound
+kernel they matter once the issue rate, not the bandwidth, sets the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import helion
+import torch
+import triton
+from helion.runtime.ref_mode import RefMode
+from tabulate import tabulate
+from triton.backends.compiler import GPUTarget
+
+from helion_fusions import config_store, dispatch
+from helion_fusions.cli import add_grid_arguments, selected_grid
+from helion_fusions.registry import OpSpec
+
+_TRITON_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64",
+                 torch.uint8: "*u8", torch.int8: "*i8", torch.int32: "*i32", torch.int64: "*i64",
+                 torch.float8_e4m3fn: "*fp8e4nv", torch.float8_e4m3fnuz: "*fp8e4b8"}
+_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+@dataclasses.dataclass
+class Report:
+    op: str
+    tokens: int
+    hidden: int
+    config: dict[str, Any]
+    registers: int
+    stack_bytes: int
+    local_bytes: int
+    instructions: int
+    calls: int
+    mix: list[tuple[str, int]]
+
+
+def _code_generator(kernel: helion.Kernel) -> helion.Kernel:
+    """The kernel with Helion's reference mode off (set when it was created under HELION_INTERPRET=1)."""
+    if kernel.settings.ref_mode == RefMode.OFF:
+        return kernel
+    return helion.Kernel(kernel.fn, settings=dataclasses.replace(kernel.settings, ref_mode=RefMode.OFF),
+                         configs=kernel.configs)
+
+
+def _captured_launch(bound: Any, config: helion.Config, args: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...], dict]:
+    """Run Helion's host code on CPU tensors up to the launch; returns (Triton kernel, its args, options)."""
+    captured: dict[str, Any] = {}
+
+    def capture(kernel: Any, grid: Any, *kernel_args: Any, **options: Any) -> None:
+        captured.update(kernel=kernel, args=kernel_args, options=options)
+
+    bound.compile_config(config)(*args, _launcher=capture)
+    return captured["kernel"], captured["args"], captured["options"]
+
+
+def _ast_source(kernel: Any, args: tuple[Any, ...]) -> Any:
+    """Triton's specialization of these argument values: 16-byte aligned pointers and ints, 1 as a constant."""
+    signature, constants, attributes = {}, {}, {}
+    for index, (param, value) in enumerate(zip(kernel.params, args, strict=True)):
+        if param.is_constexpr:
+            signature[param.name], constants[(index,)] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = _TRITON_TYPES[value.dtype]
+            attributes[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:
+                signature[param.name], constants[(index,)] = "constexpr", 1
+            else:
+                signature[param.name] = "i64" if abs(value) >= 2**31 else "i32"
+                if value % 16 == 0:
+                    attributes[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.__name__}: argument {param.name} of type {type(value).__name__}")
+    return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes)
+
+
+def _cuobjdump(*args: str) -> str:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return subprocess.run([str(tool), *args], check=True, capture_output=True, text=True).stdout
+
+
+def compile_report(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, config: helion.Config, arch: int,
+                   out: Path) -> Report:
+    """Compile the op's (last) launch for this shape and config to SASS, and summarize it."""
+    launch = spec.prepare(**spec.make_inputs(tokens, hidden, dtype, torch.device("cpu")))[-1]
+    bound = _code_generator(launch.kernel).bind(launch.args)
+    kernel, args, options = _captured_launch(bound, config, launch.args)
+    compiled = triton.compile(_ast_source(kernel, args), target=GPUTarget("cuda", arch, 32),
+                              options={k: options[k] for k in ("num_warps", "num_stages") if k in options})
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{spec.name}_T{tokens}_H{hidden}_sm{arch}"
+    stem.with_suffix(".cubin").write_bytes(compiled.asm["cubin"])
+    sass = _cuobjdump("-sass", str(stem.with_suffix(".cubin")))
+    stem.with_suffix(".sass").write_text(sass)
+    resources = _RESOURCES.search(_cuobjdump("--dump-resource-usage", str(stem.with_suffix(".cubin"))))
+    if resources is None:
+        raise RuntimeError(f"{spec.name}: cuobjdump reported no resource usage for {stem}.cubin")
+    opcodes = [m.group(1) for m in map(_INSTRUCTION.match, sass.splitlines()) if m and m.group(1) != "NOP"]
+    mix = collections.Counter(opcode.split(".")[0] for opcode in opcodes)
+    return Report(op=spec.name, tokens=tokens, hidden=hidden, config=dict(config), registers=int(resources[1]),
+                  stack_bytes=int(resources[2]), local_bytes=int(resources[4]), instructions=len(opcodes),
+                  calls=mix["CALL"], mix=mix.most_common(6))
+
+
+def shipped_config(spec: OpSpec, device: str, family: str, dtype: torch.dtype, hidden: int, tokens: int,
+                   stale_ok: bool = False) -> tuple[helion.Config, str]:
+    """The config a GPU called ``device`` would run for this shape (fallback chain included), and its source.
+
+    ``stale_ok`` takes the device's file even when it was tuned for another kernel source, so an edit
+    can be compared with the same configs before they are tuned again."""
+    if stale_ok:
+        path = config_store.config_root() / device / f"{spec.name}.json"
+        file = config_store.load(path, spec.name, None, spec.config_problem)
+    else:
+        file = dispatch.resolve_config_file(spec, dispatch.DeviceIdentity(device, family, torch.float8_e4m3fn))
+    if file is None:
+        return spec.default_config(hidden), "architecture default"
+    entry = file.pick(dtype, hidden, tokens, dispatch.batch_invariant())
+    return helion.Config(**entry.config), f"{file.path.parent.name} H={entry.hidden} T<={entry.tokens}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_grid_arguments(parser)
+    parser.add_argument("--device", default="nvidia_h200", help="whose shipped configs to compile (configs/<device>)")
+    parser.add_argument("--family", default="nvidia_sm90", help="the device's architecture family (fallback chain)")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for, e.g. 90")
+    parser.add_argument("--stale-ok", action="store_true",
+                        help="compile the device's configs even if they were tuned for another kernel source")
+    parser.add_argument("--out", type=Path, default=Path("build") / "sass")
+    args = parser.parse_args(argv)
+    grid = selected_grid(parser, args)
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for spec, hiddens, token_counts in grid:
+        for hidden in hiddens:
+            for tokens in token_counts:
+                config, source = shipped_config(spec, args.device, args.family, dtype, hidden, tokens, args.stale_ok)
+                report = compile_report(spec, tokens, hidden, dtype, config, args.arch, args.out)
+                rows.append([report.op, tokens, hidden, source, report.registers, report.stack_bytes,
+                             report.local_bytes, report.instructions, report.calls,
+                             " ".join(f"{op}:{count}" for op, count in report.mix)])
+    print(tabulate(rows, headers=["op", "T", "H", "config", "regs", "stack", "local", "instructions", "calls",
+                                  "most frequent"], tablefmt="github"))
+    print(f"SASS in {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
