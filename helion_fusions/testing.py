@@ -1,11 +1,14 @@
-"""Helpers shared by the tests, the autotuner's accuracy check and the bench correctness table."""
+"""Helpers shared by the tests, the autotuner's accuracy check, the bench correctness table and ``make sass``."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
+import helion
 import torch
+from helion.runtime.ref_mode import RefMode
 
 _POISON_BYTE = 0x7F  # NaN in e4m3fn, a large value in every other dtype
 
@@ -15,6 +18,18 @@ def poisoned(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: tor
     tensor = torch.empty(shape, dtype=dtype, device=device)
     tensor.view(torch.uint8).fill_(_POISON_BYTE)
     return tensor
+
+
+@functools.cache
+def code_generator(kernel: helion.Kernel) -> helion.Kernel:
+    """The same Helion source with reference mode off, so it emits Triton code (also on a CPU).
+
+    A kernel created while HELION_INTERPRET=1 was set runs eagerly and has no code generator.
+    """
+    if kernel.settings.ref_mode == RefMode.OFF:
+        return kernel
+    return helion.Kernel(kernel.fn, settings=dataclasses.replace(kernel.settings, ref_mode=RefMode.OFF),
+                         configs=kernel.configs)
 
 
 def clone_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -23,13 +23,13 @@ from typing import Any
 import helion
 import torch
 import triton
-from helion.runtime.ref_mode import RefMode
 from tabulate import tabulate
 from triton.backends.compiler import GPUTarget
 
 from helion_fusions import config_store, dispatch
 from helion_fusions.cli import add_grid_arguments, selected_grid
 from helion_fusions.registry import OpSpec
+from helion_fusions.testing import code_generator
 
 _TRITON_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64",
                  torch.uint8: "*u8", torch.int8: "*i8", torch.int32: "*i32", torch.int64: "*i64",
@@ -50,14 +50,6 @@ class Report:
     instructions: int
     calls: int
     mix: list[tuple[str, int]]
-
-
-def _code_generator(kernel: helion.Kernel) -> helion.Kernel:
-    """The kernel with Helion's reference mode off (set when it was created under HELION_INTERPRET=1)."""
-    if kernel.settings.ref_mode == RefMode.OFF:
-        return kernel
-    return helion.Kernel(kernel.fn, settings=dataclasses.replace(kernel.settings, ref_mode=RefMode.OFF),
-                         configs=kernel.configs)
 
 
 def _captured_launch(bound: Any, config: helion.Config, args: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...], dict]:
@@ -105,7 +97,7 @@ def compile_report(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, c
                    out: Path) -> Report:
     """Compile the op's (last) launch for this shape and config to SASS, and summarize it."""
     launch = spec.prepare(**spec.make_inputs(tokens, hidden, dtype, torch.device("cpu")))[-1]
-    bound = _code_generator(launch.kernel).bind(launch.args)
+    bound = code_generator(launch.kernel).bind(launch.args)
     kernel, args, options = _captured_launch(bound, config, launch.args)
     compiled = triton.compile(_ast_source(kernel, args), target=GPUTarget("cuda", arch, 32),
                               options={k: options[k] for k in ("num_warps", "num_stages") if k in options})

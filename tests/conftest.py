@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import helion
 import pytest
 import torch
-from helion.runtime.ref_mode import RefMode
 
 import helion_fusions
 from helion_fusions import dispatch
@@ -163,15 +160,3 @@ def is_poison(tensor: torch.Tensor) -> bool:
 
 def round_up(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
-
-
-@functools.cache
-def codegen_kernel(kernel: helion.Kernel) -> helion.Kernel:
-    """The same Helion source with reference mode off, so it emits Triton code.
-
-    A kernel created while HELION_INTERPRET=1 was set runs eagerly and has no code generator.
-    """
-    if kernel.settings.ref_mode == RefMode.OFF:
-        return kernel
-    return helion.Kernel(kernel.fn, settings=dataclasses.replace(kernel.settings, ref_mode=RefMode.OFF),
-                         configs=kernel.configs)

@@ -10,10 +10,11 @@ from typing import Any
 import helion
 import pytest
 import torch
-from conftest import REPO_ROOT, codegen_kernel, spec_params
+from conftest import REPO_ROOT, spec_params
 
 from helion_fusions import config_store, dispatch
 from helion_fusions.registry import REGISTRY, OpSpec
+from helion_fusions.testing import code_generator
 
 CONFIG_ROOT = REPO_ROOT / "configs"
 TUNED_DEVICES = ("nvidia_h100", "nvidia_h200")
@@ -44,7 +45,7 @@ def _bound(op: str, hidden: int, dtype: torch.dtype) -> list[Any]:
     """The op's launches bound to CPU inputs of this shape (binding takes a second or two, so once per shape)."""
     spec = REGISTRY[op]
     launches = spec.prepare(**spec.make_inputs(7, hidden, dtype, torch.device("cpu")))
-    return [codegen_kernel(launch.kernel).bind(launch.args) for launch in launches]
+    return [code_generator(launch.kernel).bind(launch.args) for launch in launches]
 
 
 def _assert_generates_code(op: str, hidden: int, dtype: torch.dtype, config: helion.Config) -> None:
