@@ -1,6 +1,7 @@
 """``python -m perf.sass`` (``make sass``): what a kernel compiles to, on a machine without a GPU.
 
-For each op and shape it binds the op's Helion kernel to CPU inputs, generates the Triton
+For each op (all by default) and shape (each hidden size of the op's grid at T = 4096 unless
+``--hidden`` / ``--tokens`` say otherwise) it binds the op's Helion kernel to CPU inputs, generates the Triton
 code of a config (the one shipped for ``--device``, else the architecture default),
 compiles it for ``--arch`` (sm_90 by default) with Triton's own compiler and ptxas, and
 reports the registers, stack and spill bytes, the SASS instruction count per thread and
@@ -23,6 +24,7 @@ from typing import Any
 import helion
 import torch
 import triton
+from rich.progress import track
 from tabulate import tabulate
 from triton.backends.compiler import GPUTarget
 
@@ -142,18 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stale-ok", action="store_true",
                         help="compile the device's configs even if they were tuned for another kernel source")
     parser.add_argument("--out", type=Path, default=Path("build") / "sass")
+    parser.set_defaults(tokens="4096")  # one large shape per hidden size unless --tokens says otherwise
     args = parser.parse_args(argv)
     grid = selected_grid(parser, args)
     dtype = getattr(torch, args.dtype)
+    shapes = [(spec, tokens, hidden) for spec, hiddens, token_counts in grid for hidden in hiddens
+              for tokens in token_counts]
     rows = []
-    for spec, hiddens, token_counts in grid:
-        for hidden in hiddens:
-            for tokens in token_counts:
-                config, source = shipped_config(spec, args.device, args.family, dtype, hidden, tokens, args.stale_ok)
-                report = compile_report(spec, tokens, hidden, dtype, config, args.arch, args.out)
-                rows.append([report.op, tokens, hidden, source, report.registers, report.stack_bytes,
-                             report.local_bytes, report.instructions, report.calls,
-                             " ".join(f"{op}:{count}" for op, count in report.mix)])
+    for spec, tokens, hidden in track(shapes, description="compiling", transient=True):
+        config, source = shipped_config(spec, args.device, args.family, dtype, hidden, tokens, args.stale_ok)
+        report = compile_report(spec, tokens, hidden, dtype, config, args.arch, args.out)
+        rows.append([report.op, tokens, hidden, source, report.registers, report.stack_bytes, report.local_bytes,
+                     report.instructions, report.calls, " ".join(f"{op}:{count}" for op, count in report.mix)])
     print(tabulate(rows, headers=["op", "T", "H", "config", "regs", "stack", "local", "instructions", "calls",
                                   "most frequent"], tablefmt="github"))
     print(f"SASS in {args.out}/")
