@@ -41,6 +41,17 @@ class KernelLaunch(NamedTuple):
     dtype: torch.dtype
 
 
+class Outputs(NamedTuple):
+    """The mutated arguments an op only writes, and how to allocate them from its other arguments.
+
+    ``allocate`` returns a tensor (or None, for an optional output left out) per name; it checks
+    the arguments it reads, with the same errors as the op.
+    """
+
+    names: tuple[str, ...]
+    allocate: Callable[[dict[str, Any]], dict[str, torch.Tensor | None]]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class OpSpec:
     """One fused op: its schema, kernel glue, reference and tuning/bench grid.
@@ -69,6 +80,8 @@ class OpSpec:
     touched_elements: Callable[[dict[str, Any]], dict[str, int]] | None = None
     # what a stored config must not do for this op (None when acceptable); checked when configs load
     config_problem: Callable[[dict[str, Any]], str | None] | None = None
+    # the outputs helion_fusions.functional allocates (None: the op works in place on its arguments)
+    outputs: Outputs | None = None
 
     def bytes_moved(self, kwargs: dict[str, Any]) -> int:
         """Bytes the op must move: every tensor argument once (or its touched part), read-and-written ones twice."""
@@ -110,6 +123,11 @@ def _signature(spec: OpSpec) -> tuple[tuple[str, ...], dict[str, Any]]:
 def normalize_call(spec: OpSpec, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Map a call's positional and keyword arguments onto the schema's names, with defaults."""
     names, defaults = _signature(spec)
+    return _bind(spec.name, names, defaults, args, kwargs)
+
+
+def _bind(op: str, names: Sequence[str], defaults: dict[str, Any], args: Sequence[Any],
+          kwargs: dict[str, Any]) -> dict[str, Any]:
     bound = dict(zip(names, args))
     if kwargs:
         bound.update(kwargs)
@@ -117,9 +135,44 @@ def normalize_call(spec: OpSpec, args: Sequence[Any], kwargs: dict[str, Any]) ->
         for name in names:
             if name not in bound:
                 if name not in defaults:
-                    raise TypeError(f"{spec.name}: missing required argument {name!r}")
+                    raise TypeError(f"{op}: missing required argument {name!r}")
                 bound[name] = defaults[name]
     return bound
+
+
+def allocating_function(spec: OpSpec) -> Callable[..., Any]:
+    """A plain Python function for the op: its arguments less the outputs, which it allocates and returns.
+
+    ``f(*inputs)`` allocates ``spec.outputs`` (one tensor returned as is, several as a tuple in
+    schema order) and calls ``torch.ops.helion_fusions.<op>``; an op without outputs to allocate
+    works in place and returns None. Traceable by ``torch.compile(fullgraph=True)``.
+    """
+    outputs = spec.outputs.names if spec.outputs is not None else ()
+    all_names, all_defaults = _signature(spec)
+    names = tuple(n for n in all_names if n not in outputs)
+    # optional arguments (``Tensor?``) default to None here, also where the engine's schema has no default
+    optional = {a.name: None for a in _parse(spec).arguments if isinstance(a.type, torch._C.OptionalType)}
+    defaults = {n: v for n, v in {**optional, **all_defaults}.items() if n in names}
+
+    def function(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > len(names):
+            raise TypeError(f"{spec.name}: takes {len(names)} arguments ({', '.join(names)}), got {len(args)}")
+        unknown = set(kwargs) - set(names)
+        if unknown:
+            raise TypeError(f"{spec.name}: unexpected arguments {sorted(unknown)}; it takes {', '.join(names)}")
+        bound = _bind(spec.name, names, defaults, args, kwargs)
+        if spec.outputs is None:
+            spec.op(**bound)
+            return None
+        allocated = spec.outputs.allocate(bound)
+        spec.op(**bound, **allocated)
+        results = tuple(allocated[n] for n in outputs)
+        return results[0] if len(results) == 1 else results
+
+    function.__name__ = function.__qualname__ = spec.name
+    function.__doc__ = (f"``torch.ops.helion_fusions.{spec.name}`` with its outputs allocated.\n\n"
+                        f"Arguments: {', '.join(names)}. Returns: {', '.join(outputs) or 'None (in place)'}.")
+    return function
 
 
 def register(spec: OpSpec) -> OpSpec:

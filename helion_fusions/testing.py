@@ -20,6 +20,15 @@ def poisoned(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: tor
     return tensor
 
 
+def poison_(tensor: torch.Tensor) -> torch.Tensor:
+    """Fill every byte of ``tensor``'s elements with 0x7F in place; any strides (a column-major scale view too)."""
+    if tensor.is_contiguous():
+        tensor.view(torch.uint8).fill_(_POISON_BYTE)
+    else:
+        tensor.copy_(poisoned(tuple(tensor.shape), tensor.dtype, tensor.device))
+    return tensor
+
+
 @functools.cache
 def code_generator(kernel: helion.Kernel) -> helion.Kernel:
     """The same Helion source with reference mode off, so it emits Triton code (also on a CPU).

@@ -21,6 +21,7 @@ import helion
 import helion.language as hl
 import torch
 
+from helion_fusions import outputs
 from helion_fusions.checks import (
     FP8_DTYPES,
     check_group_scale,
@@ -35,7 +36,7 @@ from helion_fusions.checks import (
 )
 from helion_fusions.kernels import quant
 from helion_fusions.kernels.quant import Quant, div_rn, store_quantized
-from helion_fusions.registry import KernelLaunch, OpSpec, register
+from helion_fusions.registry import KernelLaunch, OpSpec, Outputs, register
 
 HIDDEN_GRID = (2048, 4096, 5120, 8192)
 GROUP_SIZES = (64, 128)
@@ -267,11 +268,25 @@ def rows_in_registers(config: dict[str, Any]) -> str | None:
     return None
 
 
-def _poisoned_fp8(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    from helion_fusions.dispatch import fp8_dtype
-    from helion_fusions.testing import poisoned
+def _outputs(flavour: Quant, in_place: bool) -> Outputs | None:
+    """What ``helion_fusions.functional`` allocates: the result (and its scales) in the engines' layouts."""
+    if in_place:
+        return None
+    names = {Quant.NONE: ("result",), Quant.STATIC: ("result",), Quant.NVFP4: ("result", "result_scale")}.get(
+        flavour, ("result", "scale"))
 
-    return poisoned(shape, fp8_dtype(device), device)
+    def allocate(kwargs: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+        tokens, hidden = _check_norm(kwargs["input"], kwargs["weight"], kwargs["epsilon"])
+        options: dict[str, Any] = {}
+        if flavour is Quant.PER_GROUP:
+            options = {"group": check_group_size("group_size", kwargs["group_size"], hidden, GROUP_SIZES),
+                       "column_major": bool(kwargs["is_scale_transposed"])}
+        elif flavour is Quant.NVFP4:
+            options = {"swizzled": bool(kwargs["is_sf_swizzled_layout"])}
+        result, scale = outputs.quant_outputs(flavour, tokens, hidden, kwargs["input"].dtype, kwargs["input"].device,
+                                              **options)
+        return dict(zip(names, (result, scale)))
+    return Outputs(names, allocate)
 
 
 def _activations(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
@@ -282,48 +297,37 @@ def _activations(tokens: int, hidden: int, dtype: torch.dtype, device: torch.dev
     return {"input": input, "weight": weight, "residual": residual, "epsilon": 1e-6}
 
 
-def _inputs(flavour: Quant, with_residual: bool, fused_add_layout: bool = False):
+def _inputs(flavour: Quant, with_residual: bool, allocated: Outputs | None):
     def make(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-        from helion_fusions.testing import poisoned
+        from helion_fusions.testing import poison_
 
-        base = _activations(tokens, hidden, dtype, device)
-        residual = base.pop("residual")
-        kwargs: dict[str, Any] = {}
-        if flavour is Quant.NONE:
-            if not fused_add_layout:
-                kwargs["result"] = poisoned((tokens, hidden), dtype, device)
-        elif flavour is Quant.NVFP4:
-            rows, cols = quant.swizzled_scale_shape(tokens, hidden // 16)
-            kwargs["result"] = poisoned((tokens, hidden // 2), torch.uint8, device)
-            kwargs["result_scale"] = poisoned((rows, cols), torch.uint8, device)
-        else:
-            kwargs["result"] = _poisoned_fp8((tokens, hidden), device)
-        kwargs.update(base)
+        kwargs = _activations(tokens, hidden, dtype, device)
+        residual = kwargs.pop("residual")
         if with_residual:
             kwargs["residual"] = residual
         if flavour is Quant.STATIC:
             kwargs["scale"] = torch.tensor([0.015], device=device)
-        elif flavour is Quant.PER_TOKEN:
-            kwargs.update(scale=poisoned((tokens, 1), torch.float32, device), scale_ub=None)
-            kwargs.setdefault("residual", None)
-        elif flavour is Quant.PER_GROUP:
-            kwargs.update(scale=poisoned((tokens, hidden // 128), torch.float32, device), scale_ub=None,
-                          group_size=128, is_scale_transposed=False)
-            kwargs.setdefault("residual", None)
+        elif flavour in (Quant.PER_TOKEN, Quant.PER_GROUP):
+            kwargs.update(scale_ub=None, residual=kwargs.get("residual"))
+            if flavour is Quant.PER_GROUP:
+                kwargs.update(group_size=outputs.bench_group(hidden), is_scale_transposed=False)
         elif flavour is Quant.NVFP4:
-            kwargs["global_scale"] = torch.tensor([448.0 * 6.0 / 8.0], device=device)
+            kwargs.update(global_scale=torch.tensor([448.0 * 6.0 / 8.0], device=device), is_sf_swizzled_layout=True)
+        if allocated is not None:
+            kwargs.update({name: poison_(tensor) for name, tensor in allocated.allocate(kwargs).items()})
         return kwargs
     return make
 
 
 def _declare(name: str, schema: str, prepare, reference, flavour: Quant, with_residual: bool = False,
              read_and_written: tuple[str, ...] = ()) -> OpSpec:
+    allocated = _outputs(flavour, in_place="input" in read_and_written)
     return register(OpSpec(
         name=name, schema=schema, family="rms_norm", kernel=rms_norm_kernel, prepare=prepare, reference=reference,
-        make_inputs=_inputs(flavour, with_residual, fused_add_layout="input" in read_and_written),
+        make_inputs=_inputs(flavour, with_residual, allocated),
         default_config=default_config, seed_configs=seed_configs, search_configs=search_configs,
         hidden_sizes=HIDDEN_GRID,
-        read_and_written=read_and_written, config_problem=rows_in_registers,
+        read_and_written=read_and_written, config_problem=rows_in_registers, outputs=allocated,
     ))
 
 

@@ -34,9 +34,10 @@ import helion.language as hl
 import torch
 
 from helion_fusions import checks
+from helion_fusions.dispatch import fp8_dtype
 from helion_fusions.kernels import quant
 from helion_fusions.kernels.quant import div_rn, fp8_quantize_static, to_fp8
-from helion_fusions.registry import KernelLaunch, OpSpec, register
+from helion_fusions.registry import KernelLaunch, OpSpec, Outputs, register
 
 HEAD_SIZE = 128
 KV_HEADS = 8
@@ -412,8 +413,6 @@ def _check_kv(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, 
             raise ValueError(f"{name}: expected one element or one per head ({k.shape[1]}), got shape "
                              f"{list(scale.shape)}")
     if fp8:
-        from helion_fusions.dispatch import fp8_dtype
-
         dtype = key_cache.dtype if key_cache.dtype in checks.FP8_DTYPES else fp8_dtype(k.device)
         key_cache, value_cache = key_cache.view(dtype), value_cache.view(dtype)
         fp8_max = quant.fp8_max_for(dtype)
@@ -696,12 +695,27 @@ def _touched(kwargs: dict[str, Any]) -> dict[str, int]:
     return touched
 
 
-def _declare(name: str, schema: str, prepare, reference, make_inputs, read_and_written: tuple[str, ...] = ()) -> OpSpec:
+def _fp8_like(**sources: str) -> Outputs:
+    """Outputs shaped like the named inputs, in the device's fp8 dtype (None where the input is None)."""
+    def allocate(kwargs: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+        allocated: dict[str, torch.Tensor | None] = {}
+        for name, source in sources.items():
+            value = kwargs[source]
+            if value is not None:
+                checks.check_tensor(source, value, dtypes=checks.FLOAT_ACTIVATIONS)
+            allocated[name] = None if value is None else torch.empty(
+                value.shape, dtype=fp8_dtype(value.device), device=value.device)
+        return allocated
+    return Outputs(tuple(sources), allocate)
+
+
+def _declare(name: str, schema: str, prepare, reference, make_inputs, read_and_written: tuple[str, ...] = (),
+             outputs: Outputs | None = None) -> OpSpec:
     return register(OpSpec(
         name=name, schema=schema, family="rope", kernel=rope_kernel, prepare=prepare, reference=reference,
         make_inputs=make_inputs, default_config=default_config, seed_configs=seed_configs,
         search_configs=search_configs, hidden_sizes=HIDDEN_GRID, token_counts=TOKEN_GRID,
-        read_and_written=read_and_written, touched_elements=_touched,
+        read_and_written=read_and_written, touched_elements=_touched, outputs=outputs,
     ))
 
 
@@ -761,14 +775,15 @@ FUSED_QK_NORM_ROPE = _declare(
     _prepare_qk_norm_rope, _reference_qk_norm_rope, _qkv_inputs, read_and_written=("qkv",))
 
 
+_QUANT_OUTPUTS = _fp8_like(query_out="query", key_out="key")
+
+
 def _quant_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-    from helion_fusions.dispatch import fp8_dtype
-    from helion_fusions.testing import poisoned
+    from helion_fusions.testing import poison_
 
     kwargs = _inputs(tokens, hidden, dtype, device)
-    kwargs.update(query_out=poisoned(tuple(kwargs["query"].shape), fp8_dtype(device), device),
-                  key_out=poisoned(tuple(kwargs["key"].shape), fp8_dtype(device), device),
-                  q_scale=torch.tensor([0.01], device=device), k_scale=torch.tensor([0.02], device=device))
+    kwargs.update(q_scale=torch.tensor([0.01], device=device), k_scale=torch.tensor([0.02], device=device))
+    kwargs.update({name: poison_(tensor) for name, tensor in _QUANT_OUTPUTS.allocate(kwargs).items()})
     return kwargs
 
 
@@ -776,19 +791,20 @@ ROTARY_EMBEDDING_STATIC_FP8_QUANT = _declare(
     "rotary_embedding_static_fp8_quant",
     "(Tensor positions, Tensor query, Tensor? key, Tensor! query_out, Tensor!? key_out, int head_size, "
     "Tensor cos_sin_cache, bool is_neox, Tensor q_scale, Tensor? k_scale=None) -> ()",
-    _prepare_rope_quant, _reference_rope_quant, _quant_inputs)
+    _prepare_rope_quant, _reference_rope_quant, _quant_inputs, outputs=_QUANT_OUTPUTS)
+
+_QUANT_CACHE_OUTPUTS = _fp8_like(query_out="query")
 
 
 def _quant_cache_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
     """A quantized query and an fp8 cache (stored as uint8, as engines allocate it), per-tensor scales."""
-    from helion_fusions.dispatch import fp8_dtype
-    from helion_fusions.testing import poisoned
+    from helion_fusions.testing import poison_, poisoned
 
     kwargs = _cache_inputs(tokens, hidden, dtype, device)
-    kwargs.update(query_out=poisoned(tuple(kwargs["query"].shape), fp8_dtype(device), device),
-                  key_cache=poisoned(tuple(kwargs["key_cache"].shape), torch.uint8, device),
+    kwargs.update(key_cache=poisoned(tuple(kwargs["key_cache"].shape), torch.uint8, device),
                   value_cache=poisoned(tuple(kwargs["value_cache"].shape), torch.uint8, device),
                   kv_cache_dtype="fp8", q_scale=torch.tensor([0.01], device=device))
+    kwargs.update({name: poison_(tensor) for name, tensor in _QUANT_CACHE_OUTPUTS.allocate(kwargs).items()})
     return kwargs
 
 
@@ -797,7 +813,8 @@ ROTARY_EMBEDDING_FP8_QUANT_AND_CACHE = _declare(
     "(Tensor positions, Tensor query, Tensor! query_out, Tensor! key, Tensor value, Tensor! key_cache, "
     "Tensor! value_cache, Tensor slot_mapping, int head_size, Tensor cos_sin_cache, bool is_neox, "
     "str kv_cache_dtype, Tensor q_scale, Tensor k_scale, Tensor v_scale) -> ()",
-    _prepare_rope_quant_cache, _reference_rope_quant_cache, _quant_cache_inputs, read_and_written=("key",))
+    _prepare_rope_quant_cache, _reference_rope_quant_cache, _quant_cache_inputs, read_and_written=("key",),
+    outputs=_QUANT_CACHE_OUTPUTS)
 
 
 MLA_KV_LORA_RANK = 512

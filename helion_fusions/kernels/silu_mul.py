@@ -25,11 +25,11 @@ import helion
 import helion.language as hl
 import torch
 
-from helion_fusions import checks
+from helion_fusions import checks, outputs
 from helion_fusions.checks import FP8_DTYPES
 from helion_fusions.kernels import quant
 from helion_fusions.kernels.quant import Quant, StaticScale, div_rn, store_quantized
-from helion_fusions.registry import KernelLaunch, OpSpec, register
+from helion_fusions.registry import KernelLaunch, OpSpec, Outputs, register
 
 HIDDEN_GRID = (2048, 4096, 8192, 14336)
 GROUP_SIZES = (64, 128)
@@ -356,35 +356,43 @@ def _tuning(flavour: Quant):
     return default_config, seed_configs, search_configs
 
 
-def _inputs(flavour: Quant, gated: bool, names: dict[str, str], **fixed: Any):
-    """make_inputs for one op: random activations, poisoned outputs, the op's argument names."""
+def _outputs(flavour: Quant, gated: bool, names: dict[str, str]) -> Outputs:
+    """What ``helion_fusions.functional`` allocates: the result (and its scales) in the engines' layouts."""
+    roles = ("result",) if flavour in (Quant.NONE, Quant.STATIC) else ("result", "scale")
+
+    def allocate(kwargs: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+        tokens, hidden = _check_input(kwargs["input"], gated)
+        options: dict[str, Any] = {}
+        if flavour is Quant.PER_GROUP:  # the engine flags pick the scale layout (the op reads its strides)
+            options = {"group": checks.check_group_size("group_size", kwargs["group_size"], hidden, GROUP_SIZES),
+                       "column_major": bool(kwargs.get("is_scale_transposed", kwargs.get("dummy_is_scale_transposed"))),
+                       "tma_aligned": bool(kwargs.get("dummy_is_tma_aligned"))}
+        elif flavour is Quant.NVFP4:
+            options = {"swizzled": bool(kwargs["is_sf_swizzled_layout"])}
+        allocated = outputs.quant_outputs(flavour, tokens, hidden, kwargs["input"].dtype, kwargs["input"].device,
+                                          **options)
+        return {names[role]: tensor for role, tensor in zip(roles, allocated)}
+    return Outputs(tuple(names[role] for role in roles), allocate)
+
+
+def _inputs(flavour: Quant, gated: bool, names: dict[str, str], allocated: Outputs, **fixed: Any):
+    """make_inputs for one op: random activations, the op's fixed arguments, its outputs poisoned."""
     def make(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-        from helion_fusions.dispatch import fp8_dtype
-        from helion_fusions.testing import poisoned
+        from helion_fusions.testing import poison_
 
         generator = torch.Generator(device="cpu").manual_seed(tokens * 7919 + hidden)
         width = 2 * hidden if gated else hidden
         kwargs: dict[str, Any] = {"input": torch.randn(tokens, width, generator=generator).to(dtype=dtype,
                                                                                               device=device)}
-        if flavour is Quant.NONE:
-            kwargs[names["result"]] = poisoned((tokens, hidden), dtype, device)
-        elif flavour is Quant.NVFP4:
-            rows, cols = quant.swizzled_scale_shape(tokens, hidden // quant.NVFP4_BLOCK)
-            kwargs[names["result"]] = poisoned((tokens, hidden // 2), torch.uint8, device)
-            kwargs[names["scale"]] = poisoned((rows, cols), torch.uint8, device)
+        if flavour is Quant.NVFP4:
             kwargs[names["global_scale"]] = torch.tensor([448.0 * 6.0 / 16.0], device=device)
-        else:
-            kwargs[names["result"]] = poisoned((tokens, hidden), fp8_dtype(device), device)
-            if flavour is Quant.STATIC:
-                kwargs[names["scale"]] = torch.tensor([0.02], device=device)
-            elif flavour is Quant.PER_TENSOR:
-                kwargs[names["scale"]] = poisoned((1,), torch.float32, device)
-            elif flavour is Quant.PER_TOKEN:
-                kwargs[names["scale"]] = poisoned((tokens, 1), torch.float32, device)
-            else:
-                group = fixed.get("group_size", 128)
-                kwargs[names["scale"]] = poisoned((tokens, hidden // group), torch.float32, device)
+            kwargs["is_sf_swizzled_layout"] = True
+        elif flavour is Quant.STATIC:
+            kwargs[names["scale"]] = torch.tensor([0.02], device=device)
+        elif flavour is Quant.PER_GROUP:
+            kwargs["group_size"] = outputs.bench_group(hidden)
         kwargs.update(fixed)
+        kwargs.update({name: poison_(tensor) for name, tensor in allocated.allocate(kwargs).items()})
         if "fp8_max" in kwargs:  # the device's fp8 flavour sets the range (224 for e4m3fnuz)
             bound = quant.fp8_max_for(kwargs[names["result"]].dtype)
             kwargs.update(fp8_min=-bound, fp8_max=bound)
@@ -395,11 +403,12 @@ def _inputs(flavour: Quant, gated: bool, names: dict[str, str], **fixed: Any):
 def _declare(name: str, schema: str, prepare, reference, flavour: Quant, gated: bool, names: dict[str, str],
              **fixed: Any) -> OpSpec:
     default_config, seed_configs, search_configs = _tuning(flavour)
+    allocated = _outputs(flavour, gated, names)
     return register(OpSpec(
         name=name, schema=schema, family="silu_mul" if gated else "quant", kernel=silu_mul_kernel,
         prepare=_op(gated, prepare), reference=reference,
-        make_inputs=_inputs(flavour, gated, names, **fixed), default_config=default_config,
-        seed_configs=seed_configs, search_configs=search_configs, hidden_sizes=HIDDEN_GRID,
+        make_inputs=_inputs(flavour, gated, names, allocated, **fixed), default_config=default_config,
+        seed_configs=seed_configs, search_configs=search_configs, hidden_sizes=HIDDEN_GRID, outputs=allocated,
     ))
 
 
@@ -422,8 +431,7 @@ SILU_AND_MUL_PER_BLOCK_QUANT = _declare(
     "silu_and_mul_per_block_quant",
     "(Tensor! out, Tensor input, Tensor! scales, int group_size, Tensor? scale_ub=None, "
     "bool is_scale_transposed=False, bool scale_ue8m0=False) -> ()",
-    _prepare_silu_per_block, _reference_silu_per_block, Quant.PER_GROUP, True, {"result": "out", "scale": "scales"},
-    group_size=128)
+    _prepare_silu_per_block, _reference_silu_per_block, Quant.PER_GROUP, True, {"result": "out", "scale": "scales"})
 SILU_AND_MUL_NVFP4_QUANT = _declare(
     "silu_and_mul_nvfp4_quant",
     "(Tensor! result, Tensor! result_block_scale, Tensor input, Tensor input_global_scale, "
@@ -446,7 +454,7 @@ PER_TOKEN_GROUP_FP8_QUANT = _declare(
     "(Tensor input, Tensor! output_q, Tensor! output_s, int group_size, float eps, float fp8_min, float fp8_max, "
     "bool scale_ue8m0, bool dummy_is_scale_transposed, bool dummy_is_tma_aligned) -> ()",
     _prepare_group_quant, _reference_group_quant, Quant.PER_GROUP, False, {"result": "output_q", "scale": "output_s"},
-    group_size=128, eps=1e-10, fp8_min=None, fp8_max=None, scale_ue8m0=False, dummy_is_scale_transposed=False,
+    eps=1e-10, fp8_min=None, fp8_max=None, scale_ue8m0=False, dummy_is_scale_transposed=False,
     dummy_is_tma_aligned=False)
 SCALED_FP4_QUANT = _declare(
     "scaled_fp4_quant",

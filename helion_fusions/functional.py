@@ -1,0 +1,25 @@
+"""Plain Python functions for every op: they allocate the outputs, call the op and return them.
+
+``helion_fusions.functional.<op>(*inputs)`` takes the op's arguments less the ones it only
+writes, allocates those the way the engines do (the device's fp8 dtype, ``[T, 1]`` per-token
+scales, per-group scales column-major when ``is_scale_transposed``, nvfp4 block scales
+swizzled and zero-padded), calls ``torch.ops.helion_fusions.<op>`` and returns them: one
+tensor, or a tuple in schema order. Optional tensors (``scale_ub``, ``residual``, ...) default
+to None. Ops that work in place (``fused_add_rms_norm``, RoPE on query and key, cache
+writes) return None::
+
+    from helion_fusions import functional as F
+
+    result, scale = F.rms_norm_dynamic_per_token_quant(x, weight, 1e-6)
+    out, scales = F.silu_and_mul_per_block_quant(h, group_size=128, is_scale_transposed=True)
+"""
+
+from __future__ import annotations
+
+from helion_fusions.kernels import rms_norm as _rms_norm  # noqa: F401  (importing a family registers its ops)
+from helion_fusions.kernels import rope as _rope  # noqa: F401
+from helion_fusions.kernels import silu_mul as _silu_mul  # noqa: F401
+from helion_fusions.registry import REGISTRY, allocating_function
+
+globals().update({name: allocating_function(spec) for name, spec in REGISTRY.items()})
+__all__ = sorted(REGISTRY)

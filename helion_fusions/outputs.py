@@ -1,0 +1,58 @@
+"""Output buffers of the quant flavours, allocated the way the engines allocate them.
+
+The ops write into tensors they are given (the engine's schemas); the plain Python
+functions in :mod:`helion_fusions.functional` allocate those tensors with these helpers,
+and the bench and test inputs poison the same buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from helion_fusions.dispatch import fp8_dtype
+from helion_fusions.kernels import quant
+from helion_fusions.kernels.quant import Quant
+
+
+def bench_group(hidden: int) -> int:
+    """The group size bench and test inputs use: 128 (the tuned one) where it divides ``hidden``, else 64."""
+    return 128 if hidden % 128 == 0 else 64
+
+
+def group_scales(tokens: int, groups: int, device: torch.device, column_major: bool = False,
+                 tma_aligned: bool = False) -> torch.Tensor:
+    """fp32 per-group scales ``[T, groups]``: row-major, column-major, or column-major with the column
+    stride rounded up to 4 rows (TMA-aligned, as block-scaled GEMMs read them)."""
+    if tma_aligned:
+        return torch.empty_strided((tokens, groups), (1, max(1, -(-tokens // 4) * 4)), dtype=torch.float32,
+                                   device=device)
+    if column_major:
+        return torch.empty(groups, tokens, dtype=torch.float32, device=device).t()
+    return torch.empty(tokens, groups, dtype=torch.float32, device=device)
+
+
+def quant_outputs(flavour: Quant, tokens: int, hidden: int, dtype: torch.dtype, device: torch.device, *,
+                  group: int = 128, column_major: bool = False, tma_aligned: bool = False,
+                  swizzled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(result, scale)`` of a quant flavour for ``[tokens, hidden]`` activations of ``dtype``, uninitialised.
+
+    ``result`` is ``dtype`` (no quant), the device's fp8 dtype, or packed e2m1 bytes ``[T, H/2]``.
+    ``scale`` is None (no quant, static), ``[1]`` (per tensor), ``[T, 1]`` (per token), per-group
+    scales (:func:`group_scales`), or nvfp4 block scales as fp8 e4m3, swizzled (rows padded to 128,
+    columns to 4) or linear ``[T, H/16]``.
+    """
+    if flavour is Quant.NONE:
+        return torch.empty(tokens, hidden, dtype=dtype, device=device), None
+    if flavour is Quant.NVFP4:
+        blocks = hidden // quant.NVFP4_BLOCK
+        rows, cols = quant.swizzled_scale_shape(tokens, blocks) if swizzled else (tokens, blocks)
+        return (torch.empty(tokens, hidden // 2, dtype=torch.uint8, device=device),
+                torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=device))
+    result = torch.empty(tokens, hidden, dtype=fp8_dtype(device), device=device)
+    if flavour is Quant.STATIC:
+        return result, None
+    if flavour is Quant.PER_TENSOR:
+        return result, torch.empty(1, dtype=torch.float32, device=device)
+    if flavour is Quant.PER_TOKEN:
+        return result, torch.empty(tokens, 1, dtype=torch.float32, device=device)
+    return result, group_scales(tokens, hidden // group, device, column_major, tma_aligned)
