@@ -7,8 +7,11 @@ and the bench and test inputs poison the same buffers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from helion_fusions.checks import check_group_size
 from helion_fusions.dispatch import fp8_dtype
 from helion_fusions.kernels import quant
 from helion_fusions.kernels.quant import Quant
@@ -31,20 +34,23 @@ def group_scales(tokens: int, groups: int, device: torch.device, column_major: b
     return torch.empty(tokens, groups, dtype=torch.float32, device=device)
 
 
-def quant_outputs(flavour: Quant, tokens: int, hidden: int, dtype: torch.dtype, device: torch.device, *,
-                  group: int = 128, column_major: bool = False, tma_aligned: bool = False,
-                  swizzled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(result, scale)`` of a quant flavour for ``[tokens, hidden]`` activations of ``dtype``, uninitialised.
+def quant_outputs(flavour: Quant, call: dict[str, Any], tokens: int, hidden: int,
+                  group_sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(result, scale)`` of a quant flavour for a call on ``[tokens, hidden]`` activations, uninitialised.
 
-    ``result`` is ``dtype`` (no quant), the device's fp8 dtype, or packed e2m1 bytes ``[T, H/2]``.
-    ``scale`` is None (no quant, static), ``[1]`` (per tensor), ``[T, 1]`` (per token), per-group
-    scales (:func:`group_scales`), or nvfp4 block scales as fp8 e4m3, swizzled (rows padded to 128,
-    columns to 4) or linear ``[T, H/16]``.
+    ``result`` is the activation dtype (no quant), the device's fp8 dtype, or packed e2m1 bytes
+    ``[T, H/2]``. ``scale`` is None (no quant, static), ``[1]`` (per tensor), ``[T, 1]`` (per token),
+    per-group scales laid out as the call's engine flags ask (``is_scale_transposed``, or
+    ``per_token_group_fp8_quant``'s ``dummy_is_scale_transposed`` / ``dummy_is_tma_aligned``; see
+    :func:`group_scales`), or nvfp4 block scales as fp8 e4m3, swizzled (rows padded to 128, columns to
+    4; ``is_sf_swizzled_layout``) or linear ``[T, H/16]``.
     """
+    device = call["input"].device
     if flavour is Quant.NONE:
-        return torch.empty(tokens, hidden, dtype=dtype, device=device), None
+        return torch.empty(tokens, hidden, dtype=call["input"].dtype, device=device), None
     if flavour is Quant.NVFP4:
         blocks = hidden // quant.NVFP4_BLOCK
+        swizzled = bool(call["is_sf_swizzled_layout"])
         rows, cols = quant.swizzled_scale_shape(tokens, blocks) if swizzled else (tokens, blocks)
         return (torch.empty(tokens, hidden // 2, dtype=torch.uint8, device=device),
                 torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=device))
@@ -55,4 +61,6 @@ def quant_outputs(flavour: Quant, tokens: int, hidden: int, dtype: torch.dtype, 
         return result, torch.empty(1, dtype=torch.float32, device=device)
     if flavour is Quant.PER_TOKEN:
         return result, torch.empty(tokens, 1, dtype=torch.float32, device=device)
-    return result, group_scales(tokens, hidden // group, device, column_major, tma_aligned)
+    group = check_group_size("group_size", call["group_size"], hidden, group_sizes)
+    column_major = bool(call.get("is_scale_transposed", call.get("dummy_is_scale_transposed")))
+    return result, group_scales(tokens, hidden // group, device, column_major, bool(call.get("dummy_is_tma_aligned")))

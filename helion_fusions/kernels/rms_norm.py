@@ -277,15 +277,7 @@ def _outputs(flavour: Quant, in_place: bool) -> Outputs | None:
 
     def allocate(kwargs: dict[str, Any]) -> dict[str, torch.Tensor | None]:
         tokens, hidden = _check_norm(kwargs["input"], kwargs["weight"], kwargs["epsilon"])
-        options: dict[str, Any] = {}
-        if flavour is Quant.PER_GROUP:
-            options = {"group": check_group_size("group_size", kwargs["group_size"], hidden, GROUP_SIZES),
-                       "column_major": bool(kwargs["is_scale_transposed"])}
-        elif flavour is Quant.NVFP4:
-            options = {"swizzled": bool(kwargs["is_sf_swizzled_layout"])}
-        result, scale = outputs.quant_outputs(flavour, tokens, hidden, kwargs["input"].dtype, kwargs["input"].device,
-                                              **options)
-        return dict(zip(names, (result, scale)))
+        return dict(zip(names, outputs.quant_outputs(flavour, kwargs, tokens, hidden, GROUP_SIZES)))
     return Outputs(names, allocate)
 
 

@@ -362,15 +362,7 @@ def _outputs(flavour: Quant, gated: bool, names: dict[str, str]) -> Outputs:
 
     def allocate(kwargs: dict[str, Any]) -> dict[str, torch.Tensor | None]:
         tokens, hidden = _check_input(kwargs["input"], gated)
-        options: dict[str, Any] = {}
-        if flavour is Quant.PER_GROUP:  # the engine flags pick the scale layout (the op reads its strides)
-            options = {"group": checks.check_group_size("group_size", kwargs["group_size"], hidden, GROUP_SIZES),
-                       "column_major": bool(kwargs.get("is_scale_transposed", kwargs.get("dummy_is_scale_transposed"))),
-                       "tma_aligned": bool(kwargs.get("dummy_is_tma_aligned"))}
-        elif flavour is Quant.NVFP4:
-            options = {"swizzled": bool(kwargs["is_sf_swizzled_layout"])}
-        allocated = outputs.quant_outputs(flavour, tokens, hidden, kwargs["input"].dtype, kwargs["input"].device,
-                                          **options)
+        allocated = outputs.quant_outputs(flavour, kwargs, tokens, hidden, GROUP_SIZES)
         return {names[role]: tensor for role, tensor in zip(roles, allocated)}
     return Outputs(tuple(names[role] for role in roles), allocate)
 
