@@ -206,6 +206,34 @@ def test_warmup_with_forward_covers_the_variants_it_calls() -> None:
     assert_outputs_match(spec, kwargs, eager, max_flip_fraction=0)
 
 
+@pytest.mark.parametrize("spec", [s for s in REGISTRY.values() if s.outputs is not None], ids=lambda s: s.name)
+def test_functional_equals_the_op_and_captures(spec: OpSpec) -> None:
+    """helion_fusions.functional allocates on the GPU, equals the op on preallocated outputs, and can be captured."""
+    kwargs = _inputs(spec, 7, 4096)
+    expected = clone_kwargs(kwargs)
+    spec.op(**expected)
+
+    def fresh_inputs() -> dict[str, Any]:  # in-place arguments (residual, key, caches) as make_inputs left them
+        return {name: value for name, value in clone_kwargs(kwargs).items() if name not in spec.outputs.names}
+
+    inputs = fresh_inputs()
+    function = getattr(helion_fusions.functional, spec.name)
+    returned = function(**inputs)
+    returned = returned if isinstance(returned, tuple) else (returned,)
+    assert_outputs_match(spec, {**inputs, **dict(zip(spec.outputs.names, returned))}, expected, max_flip_fraction=0)
+    compiled = dispatch.compiled_count()
+    graph = torch.cuda.CUDAGraph()
+    captured_inputs = fresh_inputs()
+    with torch.cuda.graph(graph):
+        captured = function(**captured_inputs)
+    assert dispatch.compiled_count() == compiled, "capture compiled a kernel"
+    graph.replay()
+    torch.cuda.synchronize()
+    captured = captured if isinstance(captured, tuple) else (captured,)
+    assert_outputs_match(spec, {**captured_inputs, **dict(zip(spec.outputs.names, captured))}, expected,
+                         max_flip_fraction=0)
+
+
 def test_capture_without_warmup_raises() -> None:
     spec = REGISTRY["rms_norm_static_fp8_quant"]
     kwargs = _inputs(spec, 3, 2304)  # a hidden size no other test compiles
