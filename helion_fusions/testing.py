@@ -41,6 +41,19 @@ def code_generator(kernel: helion.Kernel) -> helion.Kernel:
                          configs=kernel.configs)
 
 
+def captured_launch(compiled: Any, args: tuple[Any, ...]) -> tuple[Any, Any, tuple[Any, ...], dict[str, Any]]:
+    """Run a compiled Helion function's host code up to its Triton launch, without launching.
+
+    Returns ``(triton_kernel, grid, kernel_args, launch_options)`` (on CPU tensors too)."""
+    captured: dict[str, Any] = {}
+
+    def capture(kernel: Any, grid: Any, *kernel_args: Any, **options: Any) -> None:
+        captured.update(kernel=kernel, grid=grid, args=kernel_args, options=options)
+
+    compiled(*args, _launcher=capture)
+    return captured["kernel"], captured["grid"], captured["args"], captured["options"]
+
+
 def clone_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """A copy of an op call's arguments with every tensor cloned (outputs and in-place inputs included)."""
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}

@@ -32,7 +32,7 @@ from tabulate import tabulate
 from helion_fusions import REGISTRY, dispatch
 from helion_fusions.cli import add_grid_arguments, selected_grid
 from helion_fusions.registry import OpSpec
-from helion_fusions.testing import clone_kwargs, compare_outputs, outputs_ok
+from helion_fusions.testing import captured_launch, clone_kwargs, compare_outputs, outputs_ok
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRAPH_MAX_TOKENS = 256
@@ -203,13 +203,7 @@ def dispatch_overhead(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype
     spec.op(**kwargs)
     (launch,) = spec.prepare(**kwargs)  # measured on single-launch ops
     compiled = next(fn for key, fn in dispatch._compiled.items() if key[0] == spec.name and key[1] == launch.key)
-    captured: dict[str, Any] = {}
-
-    def capture(kernel: Any, grid: Any, *args: Any, **options: Any) -> None:
-        captured.update(kernel=kernel, grid=grid, args=args, options=options)
-
-    compiled(*launch.args, _launcher=capture)
-    kernel, grid, args, options = captured["kernel"], captured["grid"], captured["args"], captured["options"]
+    kernel, grid, args, options = captured_launch(compiled, launch.args)
 
     def per_call(fn: Callable[[], Any]) -> float:
         for _ in range(50):

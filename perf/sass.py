@@ -31,7 +31,7 @@ from triton.backends.compiler import GPUTarget
 from helion_fusions import config_store, dispatch
 from helion_fusions.cli import add_grid_arguments, selected_grid
 from helion_fusions.registry import OpSpec
-from helion_fusions.testing import code_generator
+from helion_fusions.testing import captured_launch, code_generator
 
 _TRITON_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64",
                  torch.uint8: "*u8", torch.int8: "*i8", torch.int32: "*i32", torch.int64: "*i64",
@@ -45,24 +45,12 @@ class Report:
     op: str
     tokens: int
     hidden: int
-    config: dict[str, Any]
     registers: int
     stack_bytes: int
     local_bytes: int
     instructions: int
     calls: int
     mix: list[tuple[str, int]]
-
-
-def _captured_launch(bound: Any, config: helion.Config, args: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...], dict]:
-    """Run Helion's host code on CPU tensors up to the launch; returns (Triton kernel, its args, options)."""
-    captured: dict[str, Any] = {}
-
-    def capture(kernel: Any, grid: Any, *kernel_args: Any, **options: Any) -> None:
-        captured.update(kernel=kernel, args=kernel_args, options=options)
-
-    bound.compile_config(config)(*args, _launcher=capture)
-    return captured["kernel"], captured["args"], captured["options"]
 
 
 def _ast_source(kernel: Any, args: tuple[Any, ...]) -> Any:
@@ -100,7 +88,7 @@ def compile_report(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, c
     """Compile the op's (last) launch for this shape and config to SASS, and summarize it."""
     launch = spec.prepare(**spec.make_inputs(tokens, hidden, dtype, torch.device("cpu")))[-1]
     bound = code_generator(launch.kernel).bind(launch.args)
-    kernel, args, options = _captured_launch(bound, config, launch.args)
+    kernel, _, args, options = captured_launch(bound.compile_config(config), launch.args)
     compiled = triton.compile(_ast_source(kernel, args), target=GPUTarget("cuda", arch, 32),
                               options={k: options[k] for k in ("num_warps", "num_stages") if k in options})
     out.mkdir(parents=True, exist_ok=True)
@@ -113,7 +101,7 @@ def compile_report(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, c
         raise RuntimeError(f"{spec.name}: cuobjdump reported no resource usage for {stem}.cubin")
     opcodes = [m.group(1) for m in map(_INSTRUCTION.match, sass.splitlines()) if m and m.group(1) != "NOP"]
     mix = collections.Counter(opcode.split(".")[0] for opcode in opcodes)
-    return Report(op=spec.name, tokens=tokens, hidden=hidden, config=dict(config), registers=int(resources[1]),
+    return Report(op=spec.name, tokens=tokens, hidden=hidden, registers=int(resources[1]),
                   stack_bytes=int(resources[2]), local_bytes=int(resources[4]), instructions=len(opcodes),
                   calls=mix["CALL"], mix=mix.most_common(6))
 
