@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -298,3 +299,38 @@ def test_per_tensor_and_per_token_property(interpret, static, tokens, hidden, dt
     else:
         kwargs["scale_ub"] = torch.tensor([scale * 10])
     run_against_reference(spec, kwargs)
+
+
+# --- the GPU's division by a shared scale ------------------------------------------------------------
+
+def _round_to_f32(value: Fraction) -> float:
+    """The fp32 nearest to an exact rational, ties to even."""
+    import numpy as np
+
+    guess = np.float32(float(value))
+    neighbours = (np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf)))
+    return float(min(neighbours, key=lambda c: (abs(Fraction(float(c)) - value), int(np.array(c).view(np.int32)) & 1)))
+
+
+def test_reciprocal_and_fma_division_equals_ieee_division() -> None:
+    """quant.div_by_scale's Triton sequence, in exact arithmetic: q0 = v * r, q = fma(fma(-q0, s, v), r, q0),
+    q0 where the remainder is 0 or |q0| > 2 * fp8_max; the fp8 bytes must equal those of v / s."""
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(0)
+    count = 20000
+    v = (torch.randn(count, generator=generator) * torch.exp2(torch.randint(-12, 12, (count,), generator=generator)))
+    v = v.to(torch.bfloat16).float()
+    v[:50], v[50:100] = 0.0, -0.0
+    s = (torch.rand(count, generator=generator) + 0.01) * torch.exp2(torch.randint(-14, 4, (count,), generator=generator))
+    s = (s / 448.0).float()
+    r = 1.0 / s
+    q0 = v * r
+    quotients = []
+    for vi, si, ri, qi in zip(v.tolist(), s.tolist(), r.tolist(), q0.tolist(), strict=True):
+        remainder = 0.0 if abs(qi) > 2 * 448.0 else _round_to_f32(Fraction(vi) - Fraction(qi) * Fraction(si))
+        quotients.append(qi if remainder == 0.0 else _round_to_f32(Fraction(qi) + Fraction(remainder) * Fraction(ri)))
+    fast = torch.tensor(quotients, dtype=torch.float32)
+    assert torch.equal(fast.view(torch.int32)[:100], (v / s).view(torch.int32)[:100]), "signed zeros"
+    to_bytes = lambda x: quant.to_fp8(x, 448.0, torch.float8_e4m3fn).view(torch.uint8)  # noqa: E731
+    assert np.count_nonzero((to_bytes(fast) != to_bytes(v / s)).numpy()) == 0

@@ -123,9 +123,35 @@ def ue8m0(scale: torch.Tensor) -> torch.Tensor:
     return (exponent << 23).view(torch.float32)
 
 
+def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``a * b + c`` rounded once (Triton codegen only; ``b`` broadcasts against ``a``)."""
+    return hl.inline_triton("tl.fma({0}, {1}, {2})", args=(a, b, c), output_like=a)
+
+
+def div_by_scale(value: torch.Tensor, scale: torch.Tensor, fp8_max: float) -> torch.Tensor:
+    """``value / scale`` rounded once, where the quotient is about to saturate at ``fp8_max``.
+
+    ``tl.math.div_rn`` guards the fast path of every element's division with a range check
+    that sends zero numerators (the padding lanes of a row whose length is not a power of
+    two, a group of zeros) to an out-of-line subroutine. One correctly rounded reciprocal
+    ``r`` per scale, then ``q0 = v * r`` and ``q = q0 + (v - q0 * s) * r`` with two FMAs
+    (the remainder is exact) gives the IEEE quotient (Markstein), the same sequence as
+    div_rn's fast path, without the check. ``q0`` stands where the remainder is zero (so
+    ``-0`` keeps its sign) and where ``|q0|`` is past ``2 * fp8_max`` (the quotient saturates
+    there anyway, and an infinite ``q0`` would make the correction NaN). Eager code divides.
+    """
+    if not _compiling_to_triton():
+        return div_rn(value, scale)
+    r = reciprocal_rn(scale)
+    q0 = value * r
+    remainder = _fma(-q0, scale, value)
+    exact = (remainder == 0.0) | (torch.abs(q0) > 2.0 * fp8_max)
+    return torch.where(exact, q0, _fma(remainder, r, q0))
+
+
 def fp8_quantize(value: torch.Tensor, scale: torch.Tensor, fp8_max: float, dtype: torch.dtype) -> torch.Tensor:
     """Per-token / per-group quantization: divide by the dequant scale."""
-    return to_fp8(div_rn(value, scale), fp8_max, dtype)
+    return to_fp8(div_by_scale(value, scale, fp8_max), fp8_max, dtype)
 
 
 def fp8_quantize_static(value: torch.Tensor, scale: torch.Tensor, fp8_max: float, dtype: torch.dtype) -> torch.Tensor:
