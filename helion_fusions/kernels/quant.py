@@ -103,8 +103,13 @@ def reciprocal_rn(value: torch.Tensor) -> torch.Tensor:
 
 
 def to_fp8(value: torch.Tensor, fp8_max: float, dtype: torch.dtype) -> torch.Tensor:
-    """Saturating round-to-nearest-even fp32 -> e4m3 (the clamp makes the cast saturate)."""
-    return torch.clamp(value, -fp8_max, fp8_max).to(dtype)
+    """Saturating round-to-nearest-even fp32 -> e4m3 (the clamp makes the cast saturate; NaN stays NaN)."""
+    if not _compiling_to_triton():
+        return torch.clamp(value, -fp8_max, fp8_max).to(dtype)
+    # one NaN-propagating min and max (FMNMX.NAN on sm_90): torch.clamp lowers to a compare,
+    # a NaN test and a select per bound
+    source = f"tl.clamp({{0}}, {-float(fp8_max)!r}, {float(fp8_max)!r}, propagate_nan=tl.PropagateNan.ALL)"
+    return hl.inline_triton(source, args=(value,), output_like=value).to(dtype)
 
 
 def fp8_dynamic_scale(
@@ -136,17 +141,18 @@ def div_by_scale(value: torch.Tensor, scale: torch.Tensor, fp8_max: float) -> to
     two, a group of zeros) to an out-of-line subroutine. One correctly rounded reciprocal
     ``r`` per scale, then ``q0 = v * r`` and ``q = q0 + (v - q0 * s) * r`` with two FMAs
     (the remainder is exact) gives the IEEE quotient (Markstein), the same sequence as
-    div_rn's fast path, without the check. ``q0`` stands where the remainder is zero (so
-    ``-0`` keeps its sign) and where ``|q0|`` is past ``2 * fp8_max`` (the quotient saturates
-    there anyway, and an infinite ``q0`` would make the correction NaN). Eager code divides.
+    div_rn's fast path, without the check. ``v`` is first clamped to ``2 * fp8_max * s``
+    (the quotient saturates beyond it anyway; the products stay finite), and the result
+    takes the sign of ``v``, so ``-0 / s`` stays ``-0``. Eager code divides.
     """
     if not _compiling_to_triton():
         return div_rn(value, scale)
     r = reciprocal_rn(scale)
-    q0 = value * r
-    remainder = _fma(-q0, scale, value)
-    exact = (remainder == 0.0) | (torch.abs(q0) > 2.0 * fp8_max)
-    return torch.where(exact, q0, _fma(remainder, r, q0))
+    v = hl.inline_triton("tl.clamp({0}, -{1}, {1}, propagate_nan=tl.PropagateNan.ALL)",
+                         args=(value, scale * (2.0 * fp8_max)), output_like=value)
+    q0 = v * r
+    q = _fma(_fma(-q0, scale, v), r, q0)
+    return hl.inline_triton("libdevice.copysign({0}, {1})", args=(q, v), output_like=q)
 
 
 def fp8_quantize(value: torch.Tensor, scale: torch.Tensor, fp8_max: float, dtype: torch.dtype) -> torch.Tensor:
