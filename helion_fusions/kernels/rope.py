@@ -36,7 +36,7 @@ import torch
 from helion_fusions import checks
 from helion_fusions.dispatch import fp8_dtype
 from helion_fusions.kernels import quant
-from helion_fusions.kernels.quant import div_rn, fp8_quantize_static, to_fp8
+from helion_fusions.kernels.quant import div_rn, fp8_quantize, fp8_quantize_static
 from helion_fusions.registry import KernelLaunch, OpSpec, Outputs, register
 
 HEAD_SIZE = 128
@@ -226,7 +226,7 @@ def cache_store(cache: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor
                 scale: torch.Tensor, FP8_CACHE: bool, FP8_MAX: float) -> None:
     """Store ``values`` at flat ``offsets`` of a cache where ``mask`` holds: a copy, or ``fp8(clamp(x / scale))``."""
     if FP8_CACHE:
-        values = to_fp8(div_rn(values.to(torch.float32), scale), FP8_MAX, cache.dtype)
+        values = fp8_quantize(values.to(torch.float32), scale, FP8_MAX, cache.dtype)
     hl.store(cache, [offsets], values.to(cache.dtype), extra_mask=mask)
 
 
@@ -445,7 +445,7 @@ def write_cache_reference(rows: torch.Tensor, cache: torch.Tensor, slot_mapping:
     values = rows
     if fp8_max:
         scale = scale.float().reshape(-1)[None, :, None] if scale.numel() > 1 else scale.float().reshape(())
-        values = to_fp8(div_rn(values.float(), scale), fp8_max, cache.dtype)
+        values = fp8_quantize(values.float(), scale, fp8_max, cache.dtype)
     values = values.to(cache.dtype)
     first = torch.argmax(keep.to(torch.int32)).reshape(1)  # the first kept row, or 0 when none is
     any_kept = keep.any()
