@@ -57,7 +57,20 @@ def test_e2m1_dense_grid() -> None:
 
 
 def test_e2m1_negative_zero_result_keeps_the_sign() -> None:
-    assert quant.e2m1_codes(torch.tensor([-0.1, -0.25, 0.1, 0.0])).tolist() == [8, 8, 0, 0]
+    assert quant.e2m1_codes(torch.tensor([-0.1, -0.25, 0.1, 0.0, -0.0])).tolist() == [8, 8, 0, 0, 0]
+
+
+def test_e2m1_every_exponent_and_nan() -> None:
+    """Random fp32 bit patterns (every exponent, subnormals, infinities, NaNs) against the threshold ladder."""
+    bits = torch.randint(-2**31, 2**31, (200000,), dtype=torch.int64, generator=torch.Generator().manual_seed(3))
+    values = bits.to(torch.int32).view(torch.float32)
+    magnitude = values.abs()
+    expected = (values < 0).to(torch.int32) * 8
+    for threshold, inclusive in ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False),
+                                 (3.5, True), (5.0, False)):  # midpoints; ties go to the even code
+        expected += (magnitude >= threshold if inclusive else magnitude > threshold).to(torch.int32)
+    assert torch.equal(quant.e2m1_codes(values), expected)
+    assert quant.e2m1_codes(torch.tensor([math.nan, -math.nan])).tolist() == [0, 0]
 
 
 # --- fp8 conversion -------------------------------------------------------------------------------
