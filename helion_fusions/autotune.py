@@ -4,7 +4,8 @@ For each op and hidden size it builds a small candidate set, curated seeds first
 neighbourhood of row-block sizes and warp counts, and compiles all of them in parallel
 worker processes (which fill Triton's on-disk cache). Then, per token bucket, it checks
 each candidate against the op's reference (byte equality, allowing only the documented
-rounding ties) and times it with an L2 flush (CUDA graphs for small T). A
+rounding ties) and times it: with an L2 flush for T > 256, and for smaller T replayed
+in a CUDA graph with L2 warm (``triton.testing.do_bench_cudagraph`` does not flush). A
 searched config is kept only where it beats the best seed on that shape.
 
 Results are written after every (op, hidden size), so an interrupted run resumes where it
