@@ -7,6 +7,7 @@ and the bench and test inputs poison the same buffers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from helion_fusions.checks import check_group_size
 from helion_fusions.dispatch import fp8_dtype
 from helion_fusions.kernels import quant
 from helion_fusions.kernels.quant import Quant
+from helion_fusions.registry import Outputs
 
 
 def bench_group(hidden: int) -> int:
@@ -64,3 +66,17 @@ def quant_outputs(flavour: Quant, call: dict[str, Any], tokens: int, hidden: int
     group = check_group_size("group_size", call["group_size"], hidden, group_sizes)
     column_major = bool(call.get("is_scale_transposed", call.get("dummy_is_scale_transposed")))
     return result, group_scales(tokens, hidden // group, device, column_major, bool(call.get("dummy_is_tma_aligned")))
+
+
+def quant_output_spec(flavour: Quant, names: dict[str, str], check: Callable[[dict[str, Any]], tuple[int, int]],
+                      group_sizes: tuple[int, ...]) -> Outputs:
+    """The :class:`Outputs` of an op ending in a quant flavour: its ``result``, and its ``scale`` unless the
+    flavour has none (no quant, static). ``names`` maps those roles to the op's argument names; ``check``
+    validates a call's activation arguments and returns ``(tokens, hidden)``."""
+    roles = ("result",) if flavour in (Quant.NONE, Quant.STATIC) else ("result", "scale")
+
+    def allocate(call: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+        tokens, hidden = check(call)
+        return {names[role]: tensor
+                for role, tensor in zip(roles, quant_outputs(flavour, call, tokens, hidden, group_sizes))}
+    return Outputs(tuple(names[role] for role in roles), allocate)

@@ -272,13 +272,11 @@ def _outputs(flavour: Quant, in_place: bool) -> Outputs | None:
     """What ``helion_fusions.functional`` allocates: the result (and its scales) in the engines' layouts."""
     if in_place:
         return None
-    names = {Quant.NONE: ("result",), Quant.STATIC: ("result",), Quant.NVFP4: ("result", "result_scale")}.get(
-        flavour, ("result", "scale"))
+    names = {"result": "result", "scale": "result_scale" if flavour is Quant.NVFP4 else "scale"}
 
-    def allocate(kwargs: dict[str, Any]) -> dict[str, torch.Tensor | None]:
-        tokens, hidden = _check_norm(kwargs["input"], kwargs["weight"], kwargs["epsilon"])
-        return dict(zip(names, outputs.quant_outputs(flavour, kwargs, tokens, hidden, GROUP_SIZES)))
-    return Outputs(names, allocate)
+    def check(call: dict[str, Any]) -> tuple[int, int]:
+        return _check_norm(call["input"], call["weight"], call["epsilon"])
+    return outputs.quant_output_spec(flavour, names, check, GROUP_SIZES)
 
 
 def _activations(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:

@@ -358,13 +358,7 @@ def _tuning(flavour: Quant):
 
 def _outputs(flavour: Quant, gated: bool, names: dict[str, str]) -> Outputs:
     """What ``helion_fusions.functional`` allocates: the result (and its scales) in the engines' layouts."""
-    roles = ("result",) if flavour in (Quant.NONE, Quant.STATIC) else ("result", "scale")
-
-    def allocate(kwargs: dict[str, Any]) -> dict[str, torch.Tensor | None]:
-        tokens, hidden = _check_input(kwargs["input"], gated)
-        allocated = outputs.quant_outputs(flavour, kwargs, tokens, hidden, GROUP_SIZES)
-        return {names[role]: tensor for role, tensor in zip(roles, allocated)}
-    return Outputs(tuple(names[role] for role in roles), allocate)
+    return outputs.quant_output_spec(flavour, names, lambda call: _check_input(call["input"], gated), GROUP_SIZES)
 
 
 def _inputs(flavour: Quant, gated: bool, names: dict[str, str], allocated: Outputs, **fixed: Any):
