@@ -223,11 +223,25 @@ def swizzled_scale_shape(rows: int, num_cols: int) -> tuple[int, int]:
     )
 
 
+def load_scale_in(scale_in: torch.Tensor, tile_t: Any, tile_g: Any, QUANT: int,
+                  STATIC_LAYOUT: int = StaticScale.TENSOR) -> torch.Tensor:
+    """What :func:`store_quantized` reads besides ``y`` (see ``scale_in`` there), loaded up front.
+
+    A kernel body calls this next to its main loads, before any arithmetic, so the round trip to
+    memory overlaps theirs instead of following the row reduction or the activation.
+    """
+    if QUANT == Quant.STATIC and STATIC_LAYOUT == StaticScale.TOKEN:
+        return hl.load(scale_in, [tile_t]).reshape(-1, 1, 1)
+    if QUANT == Quant.STATIC and STATIC_LAYOUT == StaticScale.CHANNEL:
+        return hl.load(scale_in, [slice(None) if tile_g is None else tile_g, slice(None)]).unsqueeze(0)
+    return hl.load(scale_in, [0])
+
+
 def store_quantized(
     y: torch.Tensor,
     out: torch.Tensor,
     scale_out: torch.Tensor,
-    scale_in: torch.Tensor,
+    scale_value: torch.Tensor,
     amax_floor: float,
     tile_t: Any,
     tile_g: Any,
@@ -248,25 +262,19 @@ def store_quantized(
     ``tile_g``. Per-token and per-tensor flavours need whole rows (``NG == 1``, or all
     groups). ``out`` is ``[T, NG, G]`` (fp8 or the activation dtype) or ``[T, NG, G // 2]``
     uint8 (nvfp4). ``scale_out``: ``[T]`` per-token, ``[T, NG]`` per-group (any strides),
-    flat uint8 block scales (nvfp4), ``[1]`` per-tensor and amax. ``scale_in``: the static
-    scale (``[1]``, ``[T]`` or ``[NG, G]``), ``scale_ub``, the nvfp4 global scale, or the
-    per-tensor amax.
+    flat uint8 block scales (nvfp4), ``[1]`` per-tensor and amax. ``scale_value`` is
+    :func:`load_scale_in` of ``scale_in``: the static scale (``[1]``, ``[T]`` or ``[NG, G]``),
+    ``scale_ub``, the nvfp4 global scale, or the per-tensor amax.
     """
     groups = slice(None) if tile_g is None else tile_g
     yf = y.to(torch.float32)
     # Helper code is traced, not parsed like a kernel body: loads are spelled hl.load, and
     # views unsqueeze/squeeze (Helion lowers no slicing of device values).
-    first = hl.load(scale_in, [0])
+    first = scale_value
     if QUANT == Quant.NONE:
         out[tile_t, groups, :] = y
     elif QUANT == Quant.STATIC:
-        if STATIC_LAYOUT == StaticScale.TENSOR:
-            scale = first
-        elif STATIC_LAYOUT == StaticScale.TOKEN:
-            scale = hl.load(scale_in, [tile_t]).reshape(-1, 1, 1)
-        else:
-            scale = hl.load(scale_in, [groups, slice(None)]).unsqueeze(0)
-        out[tile_t, groups, :] = fp8_quantize_static(yf, scale, FP8_MAX, out.dtype)
+        out[tile_t, groups, :] = fp8_quantize_static(yf, scale_value, FP8_MAX, out.dtype)
     elif QUANT == Quant.AMAX:
         amax = torch.amax(torch.amax(torch.amax(torch.abs(yf), dim=-1), dim=-1), dim=0)
         hl.atomic_max(scale_out, [0], amax)

@@ -35,7 +35,7 @@ from helion_fusions.checks import (
     check_tensor,
 )
 from helion_fusions.kernels import quant
-from helion_fusions.kernels.quant import Quant, div_rn, store_quantized
+from helion_fusions.kernels.quant import Quant, div_rn, load_scale_in, store_quantized
 from helion_fusions.registry import KernelLaunch, OpSpec, Outputs, register
 
 HIDDEN_GRID = (2048, 4096, 5120, 8192)
@@ -64,13 +64,15 @@ def rms_norm_kernel(
     G = hl.specialize(G)
     for tile_t in hl.tile(T):
         xf = x[tile_t, :, :].to(torch.float32)
+        # the epilogue's scale is loaded with the row, so its round trip overlaps the row's
+        scale_value = load_scale_in(scale_in, tile_t, None, QUANT)
         if HAS_RESIDUAL:
             xf = xf + residual[tile_t, :, :].to(torch.float32)
             residual[tile_t, :, :] = xf.to(residual.dtype)
         sum_sq = torch.sum(torch.sum(xf * xf, dim=-1), dim=-1)
         rstd = torch.rsqrt(div_rn(sum_sq, NG * G) + epsilon)
         y = (xf * rstd[:, None, None]).to(x.dtype) * weight[None, :, :]
-        store_quantized(y, out, scale_out, scale_in, amax_floor, tile_t, None, T, NG, G,
+        store_quantized(y, out, scale_out, scale_value, amax_floor, tile_t, None, T, NG, G,
                         QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, FP8_MAX)
 
 

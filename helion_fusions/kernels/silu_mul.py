@@ -28,7 +28,7 @@ import torch
 from helion_fusions import checks, outputs
 from helion_fusions.checks import FP8_DTYPES
 from helion_fusions.kernels import quant
-from helion_fusions.kernels.quant import Quant, StaticScale, div_rn, store_quantized
+from helion_fusions.kernels.quant import Quant, StaticScale, div_rn, load_scale_in, store_quantized
 from helion_fusions.registry import KernelLaunch, OpSpec, Outputs, register
 
 HIDDEN_GRID = (2048, 4096, 8192, 14336)
@@ -60,12 +60,16 @@ def silu_mul_kernel(
     NG = hl.specialize(NG)
     G = hl.specialize(G)
     for tile_t, tile_g in hl.tile([T, NG]):
+        # every load before any arithmetic, so their memory round trips overlap
         if GATED:
-            gate = x[tile_t, 0, tile_g, :].to(torch.float32)
-            y = silu(gate).to(x.dtype) * x[tile_t, 1, tile_g, :]
+            gate = x[tile_t, 0, tile_g, :]
+            up = x[tile_t, 1, tile_g, :]
         else:
             y = x[tile_t, 0, tile_g, :]
-        store_quantized(y, out, scale_out, scale_in, amax_floor, tile_t, tile_g, T, NG, G,
+        scale_value = load_scale_in(scale_in, tile_t, tile_g, QUANT, STATIC_LAYOUT)
+        if GATED:
+            y = silu(gate.to(torch.float32)).to(x.dtype) * up
+        store_quantized(y, out, scale_out, scale_value, amax_floor, tile_t, tile_g, T, NG, G,
                         QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, FP8_MAX, STATIC_LAYOUT)
 
 
