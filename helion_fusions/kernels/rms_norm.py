@@ -64,14 +64,16 @@ def rms_norm_kernel(
     G = hl.specialize(G)
     for tile_t in hl.tile(T):
         xf = x[tile_t, :, :].to(torch.float32)
-        # the epilogue's scale is loaded with the row, so its round trip overlaps the row's
+        # the weight and the epilogue's scale are loaded with the row, so their round trips overlap
+        # the row's instead of following the reduction
+        w = weight[None, :, :]
         scale_value = load_scale_in(scale_in, tile_t, None, QUANT)
         if HAS_RESIDUAL:
             xf = xf + residual[tile_t, :, :].to(torch.float32)
             residual[tile_t, :, :] = xf.to(residual.dtype)
         sum_sq = torch.sum(torch.sum(xf * xf, dim=-1), dim=-1)
         rstd = torch.rsqrt(div_rn(sum_sq, NG * G) + epsilon)
-        y = (xf * rstd[:, None, None]).to(x.dtype) * weight[None, :, :]
+        y = (xf * rstd[:, None, None]).to(x.dtype) * w
         store_quantized(y, out, scale_out, scale_value, amax_floor, tile_t, None, T, NG, G,
                         QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, FP8_MAX)
 
