@@ -111,6 +111,11 @@ def check_nvfp4_outputs(result_name: str, result: object, scale_name: str, scale
     if hidden % quant.NVFP4_BLOCK:
         raise ValueError(f"input: nvfp4 needs a hidden size divisible by {quant.NVFP4_BLOCK}, got {hidden}")
     check_like(result_name, result, (tokens, hidden // 2), device, (torch.uint8,))
+    # kernels store each block's 8 bytes as one int64 word
+    if result.data_ptr() % 8 or result.stride(0) % 8:
+        raise ValueError(f"{result_name}: nvfp4 blocks are stored as 8-byte words, so each row must start at an "
+                         f"8-byte boundary; got data_ptr % 8 = {result.data_ptr() % 8} and row stride "
+                         f"{result.stride(0)}")
     check_tensor(scale_name, scale, dtypes=(torch.uint8, torch.float8_e4m3fn, torch.int32), device=device,
                  contiguous=True)
     cols = hidden // quant.NVFP4_BLOCK

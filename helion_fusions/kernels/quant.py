@@ -106,6 +106,10 @@ def to_fp8(value: torch.Tensor, fp8_max: float, dtype: torch.dtype) -> torch.Ten
     """Saturating round-to-nearest-even fp32 -> e4m3 (the clamp makes the cast saturate; NaN stays NaN)."""
     if not _compiling_to_triton():
         return torch.clamp(value, -fp8_max, fp8_max).to(dtype)
+    if dtype == torch.float8_e4m3fn and fp8_max == 448.0 and torch.version.hip is None:
+        # NVIDIA's conversion (cvt.rn.satfinite.e4m3x2.f32, F2FP.SATFINITE) already saturates
+        # at 448, the format's largest finite value, and keeps NaN: the clamp would be a no-op
+        return value.to(dtype)
     # one NaN-propagating min and max (FMNMX.NAN on sm_90): torch.clamp lowers to a compare,
     # a NaN test and a select per bound
     source = f"tl.clamp({{0}}, {-float(fp8_max)!r}, {float(fp8_max)!r}, propagate_nan=tl.PropagateNan.ALL)"
@@ -133,31 +137,36 @@ def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return hl.inline_triton("tl.fma({0}, {1}, {2})", args=(a, b, c), output_like=a)
 
 
-def div_by_scale(value: torch.Tensor, scale: torch.Tensor, fp8_max: float) -> torch.Tensor:
+def div_by_scale(value: torch.Tensor, scale: torch.Tensor, fp8_max: float, bounded: bool = False) -> torch.Tensor:
     """``value / scale`` rounded once, where the quotient is about to saturate at ``fp8_max``.
 
     ``tl.math.div_rn`` guards the fast path of every element's division with a range check
     that sends zero numerators (the padding lanes of a row whose length is not a power of
     two, a group of zeros) to an out-of-line subroutine. One correctly rounded reciprocal
-    ``r`` per scale, then ``q0 = v * r`` and ``q = q0 + (v - q0 * s) * r`` with two FMAs
-    (the remainder is exact) gives the IEEE quotient (Markstein), the same sequence as
-    div_rn's fast path, without the check. ``v`` is first clamped to ``2 * fp8_max * s``
-    (the quotient saturates beyond it anyway; the products stay finite), and the result
-    takes the sign of ``v``, so ``-0 / s`` stays ``-0``. Eager code divides.
+    ``r`` per scale, then ``q0 = v * r``, the exact residual ``e = q0 * s - v`` and
+    ``q = q0 - e * r`` with two FMAs gives the IEEE quotient (Markstein), the same sequence
+    as div_rn's fast path, without the check. Negating the residual, rather than computing
+    ``v - q0 * s``, keeps the sign of a zero: ``-0 / s`` gives ``-0 - (+0)``, which is ``-0``.
+    Unless the caller knows ``|value / scale|`` stays near ``fp8_max`` (``bounded``: a
+    dynamic scale from the amax of the same values), ``v`` is first clamped to
+    ``2 * fp8_max * s``: the quotient saturates beyond it anyway, and the products stay
+    finite. Eager code divides.
     """
     if not _compiling_to_triton():
         return div_rn(value, scale)
     r = reciprocal_rn(scale)
-    v = hl.inline_triton("tl.clamp({0}, -{1}, {1}, propagate_nan=tl.PropagateNan.ALL)",
-                         args=(value, scale * (2.0 * fp8_max)), output_like=value)
+    v = value
+    if not bounded:
+        v = hl.inline_triton("tl.clamp({0}, -{1}, {1}, propagate_nan=tl.PropagateNan.ALL)",
+                             args=(value, scale * (2.0 * fp8_max)), output_like=value)
     q0 = v * r
-    q = _fma(_fma(-q0, scale, v), r, q0)
-    return hl.inline_triton("libdevice.copysign({0}, {1})", args=(q, v), output_like=q)
+    return _fma(-_fma(q0, scale, -v), r, q0)
 
 
-def fp8_quantize(value: torch.Tensor, scale: torch.Tensor, fp8_max: float, dtype: torch.dtype) -> torch.Tensor:
-    """Per-token / per-group quantization: divide by the dequant scale."""
-    return to_fp8(div_by_scale(value, scale, fp8_max), fp8_max, dtype)
+def fp8_quantize(value: torch.Tensor, scale: torch.Tensor, fp8_max: float, dtype: torch.dtype,
+                 bounded: bool = False) -> torch.Tensor:
+    """Per-token / per-group quantization: divide by the dequant scale (see :func:`div_by_scale`)."""
+    return to_fp8(div_by_scale(value, scale, fp8_max, bounded), fp8_max, dtype)
 
 
 def fp8_quantize_static(value: torch.Tensor, scale: torch.Tensor, fp8_max: float, dtype: torch.dtype) -> torch.Tensor:
@@ -197,6 +206,21 @@ def nvfp4_quantize(value: torch.Tensor, block_sf: torch.Tensor, global_scale: to
     inv = reciprocal_rn(div_rn(sf, global_scale))
     scaled = value * inv.unsqueeze(-1)
     return e2m1_codes(torch.where(sf.unsqueeze(-1) == 0.0, 0.0, scaled))
+
+
+def e2m1_words(codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A block's 16 codes (the last two dims, ``[2, 8]``; ``positions`` is ``arange(8)``) as one int64 word.
+
+    Code ``k`` goes to bits ``4k .. 4k + 3``: on a little-endian GPU the word's bytes are
+    :func:`pack_e2m1`'s, even element in the low nibble. Each half block is first packed into
+    an int32 (disjoint nibbles, so the sum is their bitwise or), then the two halves into the
+    word. Kernels store these words through an int64 view of the packed output, whose unit
+    inner stride lets the compiler store several blocks per instruction; a uint8 ``[.., 8]``
+    view (inner stride 8, a run-time value) was stored one byte per instruction.
+    """
+    halves = torch.sum(codes << (positions * 4), dim=-1)
+    lo, hi = hl.split(halves)
+    return (hi.to(torch.int64) << 32) | (lo.to(torch.int64) & 0xFFFFFFFF)
 
 
 def pack_e2m1(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -260,8 +284,8 @@ def store_quantized(
     ``y`` is ``[tile_t, groups, G]`` in the activation dtype: rows ``tile_t`` of an output
     viewed as ``[T, NG, G]``, and either all ``NG`` groups (``tile_g`` None) or the groups
     ``tile_g``. Per-token and per-tensor flavours need whole rows (``NG == 1``, or all
-    groups). ``out`` is ``[T, NG, G]`` (fp8 or the activation dtype) or ``[T, NG, G // 2]``
-    uint8 (nvfp4). ``scale_out``: ``[T]`` per-token, ``[T, NG]`` per-group (any strides),
+    groups). ``out`` is ``[T, NG, G]`` (fp8 or the activation dtype), or for nvfp4 the packed
+    bytes viewed as int64 ``[T, NG]``, one word per block (see :func:`e2m1_words`). ``scale_out``: ``[T]`` per-token, ``[T, NG]`` per-group (any strides),
     flat uint8 block scales (nvfp4), ``[1]`` per-tensor and amax. ``scale_value`` is
     :func:`load_scale_in` of ``scale_in``: the static scale (``[1]``, ``[T]`` or ``[NG, G]``),
     ``scale_ub``, the nvfp4 global scale, or the per-tensor amax.
@@ -270,7 +294,6 @@ def store_quantized(
     yf = y.to(torch.float32)
     # Helper code is traced, not parsed like a kernel body: loads are spelled hl.load, and
     # views unsqueeze/squeeze (Helion lowers no slicing of device values).
-    first = scale_value
     if QUANT == Quant.NONE:
         out[tile_t, groups, :] = y
     elif QUANT == Quant.STATIC:
@@ -279,27 +302,26 @@ def store_quantized(
         amax = torch.amax(torch.amax(torch.amax(torch.abs(yf), dim=-1), dim=-1), dim=0)
         hl.atomic_max(scale_out, [0], amax)
     elif QUANT == Quant.PER_TENSOR:
-        s = fp8_dynamic_scale(first, FP8_MAX, amax_floor)
-        out[tile_t, groups, :] = fp8_quantize(yf, s, FP8_MAX, out.dtype)
+        s = fp8_dynamic_scale(scale_value, FP8_MAX, amax_floor)
+        out[tile_t, groups, :] = fp8_quantize(yf, s, FP8_MAX, out.dtype, bounded=True)
         first_row = tile_t.index == 0
         hl.store(scale_out, [tile_t.index * 0], first_row.to(torch.float32) * s, extra_mask=first_row)
     elif QUANT == Quant.PER_TOKEN or QUANT == Quant.PER_GROUP:
         amax = torch.amax(torch.abs(yf), dim=-1)
         if QUANT == Quant.PER_TOKEN:
             amax = torch.amax(amax, dim=-1, keepdim=True)
-        s = fp8_dynamic_scale(amax, FP8_MAX, amax_floor, first if HAS_SCALE_UB else None)
+        s = fp8_dynamic_scale(amax, FP8_MAX, amax_floor, scale_value if HAS_SCALE_UB else None)
         if UE8M0:
             s = ue8m0(s)
-        out[tile_t, groups, :] = fp8_quantize(yf, s.unsqueeze(-1), FP8_MAX, out.dtype)
+        out[tile_t, groups, :] = fp8_quantize(yf, s.unsqueeze(-1), FP8_MAX, out.dtype, bounded=not HAS_SCALE_UB)
         if QUANT == Quant.PER_TOKEN:
             scale_out[tile_t] = s.squeeze(-1)
         else:
             scale_out[tile_t, groups] = s
     else:
-        sf = nvfp4_block_scale(torch.amax(torch.abs(yf), dim=-1), first)
-        codes = nvfp4_quantize(yf, sf, first)
-        lo, hi = hl.split(codes.reshape(tile_t.block_size, -1, G // 2, 2))
-        out[tile_t, groups, :] = pack_e2m1(lo, hi)
+        sf = nvfp4_block_scale(torch.amax(torch.abs(yf), dim=-1), scale_value)
+        codes = nvfp4_quantize(yf, sf, scale_value)
+        out[tile_t, groups] = e2m1_words(codes.reshape(tile_t.block_size, -1, 2, G // 2), hl.arange(G // 2))
         row = tile_t.index.unsqueeze(1)
         col = (hl.arange(NG) if tile_g is None else tile_g.index).unsqueeze(0)
         offset = swizzled_scale_offset(row, col, NG) if SWIZZLED else row * NG + col

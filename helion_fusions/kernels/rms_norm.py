@@ -47,7 +47,7 @@ def rms_norm_kernel(
     x: torch.Tensor,  # [T, NG, G]
     residual: torch.Tensor,  # [T, NG, G], read and written when HAS_RESIDUAL
     weight: torch.Tensor,  # [NG, G]
-    out: torch.Tensor,  # [T, NG, G], or [T, NG, G // 2] uint8 for nvfp4
+    out: torch.Tensor,  # [T, NG, G], or int64 [T, NG] for nvfp4 (quant.e2m1_words)
     scale_out: torch.Tensor,  # see quant.store_quantized
     scale_in: torch.Tensor,  # see quant.store_quantized
     epsilon: float,
@@ -128,7 +128,8 @@ def _launch(
     groups = hidden // group
     x = input.view(tokens, groups, group)
     fp8_max = quant.fp8_max_for(out.dtype) if flavour in (Quant.STATIC, Quant.PER_TOKEN, Quant.PER_GROUP) else 0.0
-    out_view = out.view(tokens, groups, -1)
+    # nvfp4: the packed bytes as one int64 word per block of 16 (quant.e2m1_words)
+    out_view = out.view(torch.int64) if flavour is Quant.NVFP4 else out.view(tokens, groups, -1)
     dummy = weight  # stands in for unused tensor arguments; never read
     flags = (int(flavour), residual is not None, has_scale_ub, use_ue8m0, swizzled, fp8_max)
     args = (

@@ -44,7 +44,7 @@ def silu(gate: torch.Tensor) -> torch.Tensor:
 @helion.kernel(static_shapes=False, autotune_effort="none")
 def silu_mul_kernel(
     x: torch.Tensor,  # [T, 2, NG, G] = [gate | up] when GATED, else [T, 1, NG, G]
-    out: torch.Tensor,  # [T, NG, G], or [T, NG, G // 2] uint8 for nvfp4
+    out: torch.Tensor,  # [T, NG, G], or int64 [T, NG] for nvfp4 (quant.e2m1_words)
     scale_out: torch.Tensor,  # see quant.store_quantized
     scale_in: torch.Tensor,  # see quant.store_quantized
     amax_floor: float,
@@ -110,7 +110,9 @@ def _launch(
         scale_in = scale_in.reshape(groups, group)
     dummy = _placeholder(input.device)  # stands in for unused tensor arguments; never read
     flags = (gated, int(flavour), has_scale_ub, use_ue8m0, swizzled, int(static_layout), float(fp8_max))
-    args = (x, out.view(tokens, groups, out.shape[1] // groups), dummy if scale_out is None else scale_out,
+    # nvfp4: the packed bytes as one int64 word per block of 16 (quant.e2m1_words)
+    out_view = out.view(torch.int64) if flavour is Quant.NVFP4 else out.view(tokens, groups, -1)
+    args = (x, out_view, dummy if scale_out is None else scale_out,
             dummy if scale_in is None else scale_in, float(amax_floor), *flags)
     key = (input.dtype, out.dtype, hidden, group, *flags)
     return KernelLaunch(silu_mul_kernel, args, key, tokens, hidden, input.device, input.dtype)
