@@ -14,7 +14,9 @@ stopped; ``--fresh`` starts over. ``--budget-minutes`` bounds the wall time.
 ``--revalidate`` is for a source change that leaves a kernel's tuned configs meaningful
 (a shared helper another family uses changed, say): each stale entry's config is checked
 against the reference and timed again on this GPU, and saved under the current source
-(source "revalidated"), instead of searching the shape again.
+(source "revalidated"), instead of searching the shape again. An entry whose config now
+fails, or runs more than ``REVALIDATE_SLOWDOWN`` times its recorded time, is searched
+again, its old config among the seeds: a source change can move a shape's best config.
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ from helion_fusions.testing import clone_kwargs, compare_outputs, outputs_ok
 
 MAX_FLIP_FRACTION = 1e-4
 GRAPH_TIMING_MAX_TOKENS = 256
+REVALIDATE_SLOWDOWN = 1.10
 
 
-def candidates(spec: OpSpec, hidden: int, tokens: int) -> tuple[list[helion.Config], int]:
-    """Seeds first, then the searched neighbourhood; returns (configs, number of seeds)."""
-    seeds = spec.seed_configs(hidden, tokens)
+def candidates(spec: OpSpec, hidden: int, tokens: int, first: helion.Config | None = None
+               ) -> tuple[list[helion.Config], int]:
+    """Seeds first (``first`` ahead of them), then the searched neighbourhood; returns (configs, number of seeds)."""
+    seeds = ([first] if first is not None else []) + spec.seed_configs(hidden, tokens)
+    seeds = list({repr(c): c for c in seeds}.values())
     seen = {repr(c) for c in seeds}
     extra = []
     for config in spec.search_configs(hidden, tokens):
@@ -227,11 +232,19 @@ def main(argv: list[str] | None = None) -> int:
                     launches = spec.prepare(**spec.make_inputs(tokens, hidden, dtype, device))
                     binds[single] = [launch.kernel.bind(launch.args) for launch in launches]
                 entry = tune_shape(spec, hidden, tokens, dtype, device, binds.get(single), configs, num_seeds, log)
+                old = stale.get((spec.name, args.dtype, hidden, tokens))
+                if old is not None and (entry is None or entry.time_us > REVALIDATE_SLOWDOWN * old.time_us):
+                    now = "fails" if entry is None else f"takes {entry.time_us:.2f} us"
+                    log(f"  {spec.name} H={hidden} T={tokens}: the revalidated config {now} (recorded "
+                        f"{old.time_us:.2f} us); searching the shape again")
+                    configs, num_seeds = candidates(spec, hidden, tokens, helion.Config(**old.config))
+                    entry = tune_shape(spec, hidden, tokens, dtype, device, binds.get(single), configs, num_seeds,
+                                       log)
+                elif entry is not None and old is not None:
+                    entry = dataclasses.replace(entry, source="revalidated", seed_time_us=None)
                 if entry is None:
                     log(f"  {spec.name} H={hidden} T={tokens}: no candidate passed; keeping the architecture default")
                 else:
-                    if (spec.name, args.dtype, hidden, tokens) in stale:
-                        entry = dataclasses.replace(entry, source="revalidated", seed_time_us=None)
                     entries.append(entry)
                     log(f"{spec.name} H={hidden} T={tokens}: {entry.time_us:.2f} us ({entry.source}; "
                         f"best seed {entry.seed_time_us} us)")

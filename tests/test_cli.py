@@ -28,18 +28,38 @@ def test_autotune_smoke_writes_valid_configs(tmp_path) -> None:
     assert json.loads(path.read_text()) == before
 
 
-def test_autotune_revalidates_stale_entries(tmp_path) -> None:
-    """--revalidate re-checks and re-times each stale entry's own config, and saves it under the current source."""
-    op = "dynamic_scaled_fp8_quant"  # two launches for T > 1: both run with the entry's config
+def _stale_smoke_file(tmp_path, op: str, recorded_us: float) -> tuple[object, dict]:
+    """A smoke-tuned config file for ``op``, made stale, with every entry's recorded time set."""
     assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op]) == 0
     path = tmp_path / "cpu_smoke" / f"{op}.json"
     raw = json.loads(path.read_text())
     raw["kernel_hash"] = "0" * 16
+    for item in raw["entries"]:
+        item["time_us"] = recorded_us
     path.write_text(json.dumps(raw))
+    return path, raw
+
+
+def test_autotune_revalidates_stale_entries(tmp_path) -> None:
+    """--revalidate re-checks and re-times each stale entry's own config, and saves it under the current source."""
+    op = "dynamic_scaled_fp8_quant"  # two launches for T > 1: both run with the entry's config
+    path, raw = _stale_smoke_file(tmp_path, op, recorded_us=1e9)
     assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, "--revalidate"]) == 0
     loaded = config_store.load(path, op, dispatch.spec_hash(REGISTRY[op]))
     assert [(e.tokens, e.config, e.source) for e in loaded.entries] == [
         (item["tokens"], item["config"], "revalidated") for item in raw["entries"]]
+    assert all(e.time_us < 1e9 for e in loaded.entries)
+
+
+def test_autotune_revalidate_searches_a_shape_that_got_slower(tmp_path, capsys) -> None:
+    """An entry that now runs more than REVALIDATE_SLOWDOWN times its recorded time is searched again."""
+    op = "rms_norm_static_fp8_quant"
+    path, raw = _stale_smoke_file(tmp_path, op, recorded_us=1e-6)
+    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, "--revalidate"]) == 0
+    loaded = config_store.load(path, op, dispatch.spec_hash(REGISTRY[op]))
+    assert {(e.hidden, e.tokens) for e in loaded.entries} == {(i["hidden"], i["tokens"]) for i in raw["entries"]}
+    assert all(e.source in ("seed", "tuned") and e.seed_time_us is not None for e in loaded.entries)
+    assert "searching the shape again" in capsys.readouterr().out
 
 
 def test_autotune_rejects_unknown_ops(capsys) -> None:
