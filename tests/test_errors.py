@@ -198,6 +198,16 @@ def test_nvfp4_result_dtype_and_shape(spec: OpSpec) -> None:
 
 
 @pytest.mark.parametrize("spec", spec_params(NVFP4_OPS))
+def test_nvfp4_result_not_8_byte_aligned(spec: OpSpec) -> None:
+    """Blocks are stored as 8-byte words: a row starting off an 8-byte boundary is refused, not misaddressed."""
+    name = arg(spec, "result")
+    base = torch.empty(TOKENS, HIDDEN // 2 + 4, dtype=torch.uint8)
+    _raises(ValueError, name, spec, **{name: base[:, :HIDDEN // 2]})  # row stride not a multiple of 8
+    flat = torch.empty(TOKENS * (HIDDEN // 2) + 8, dtype=torch.uint8)
+    _raises(ValueError, name, spec, **{name: flat[4:4 + TOKENS * (HIDDEN // 2)].view(TOKENS, HIDDEN // 2)})
+
+
+@pytest.mark.parametrize("spec", spec_params(NVFP4_OPS))
 def test_nvfp4_global_scale(spec: OpSpec) -> None:
     name = arg(spec, "global_scale")
     _raises(ValueError, name, spec, **{name: torch.tensor([1.0, 2.0])})
