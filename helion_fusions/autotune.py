@@ -85,9 +85,11 @@ def _precompile(job: tuple[str, int, int, str, list[dict[str, Any]]]) -> list[st
 def _time_us(fn: Any, tokens: int) -> float:
     import triton.testing
 
+    # medians, as make bench reports: Triton returns the mean by default, which a few slow samples can
+    # dominate for a kernel of a few microseconds
     if tokens <= GRAPH_TIMING_MAX_TOKENS:
-        return 1000.0 * triton.testing.do_bench_cudagraph(fn, rep=10)
-    return 1000.0 * triton.testing.do_bench(fn, warmup=3, rep=15)
+        return 1000.0 * triton.testing.do_bench_cudagraph(fn, rep=10, return_mode="median")
+    return 1000.0 * triton.testing.do_bench(fn, warmup=3, rep=15, return_mode="median")
 
 
 def tune_shape(spec: OpSpec, hidden: int, tokens: int, dtype: torch.dtype, device: torch.device,
