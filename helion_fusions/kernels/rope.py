@@ -263,10 +263,12 @@ def _heads(name: str, value: Any, tokens: int, head_size: int, dtype: torch.dtyp
 
 def _pairs(heads: torch.Tensor, rot_dim: int, is_neox: bool, offset: int = 0) -> torch.Tensor:
     """The rotary dims of every head (``offset`` on) as [T, H, 2, rot_dim/2]: (i, i + rot_dim/2) or (2i, 2i+1)."""
+    # view/transpose, not unflatten: this runs on every call, and unflatten is a Python-level wrapper
     rotary = heads[..., offset:offset + rot_dim]
+    *lead, _ = rotary.shape
     if is_neox:
-        return rotary.unflatten(-1, (2, rot_dim // 2))
-    return rotary.unflatten(-1, (rot_dim // 2, 2)).transpose(-1, -2)
+        return rotary.view(*lead, 2, rot_dim // 2)
+    return rotary.view(*lead, rot_dim // 2, 2).transpose(-1, -2)
 
 
 def _check_rope(positions: Any, query: Any, key: Any, head_size: Any, cos_sin_cache: Any,
