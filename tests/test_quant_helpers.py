@@ -212,6 +212,7 @@ def test_nvfp4_reference_dequantizes_within_one_step() -> None:
     generator = torch.Generator().manual_seed(3)
     y = (torch.randn(rows, hidden, generator=generator) * 3).to(torch.bfloat16)
     y[3, 16:32] = 0  # an all-zero block: sf == 0 and every code 0
+    y[5, 32:48] = torch.linspace(-1e-30, 1e-30, 16)  # nonzero but below the smallest scale: sf == 0, codes 0, no -0
     global_scale = torch.tensor([448.0 * 6.0 / float(y.float().abs().max())])
     result = poisoned((rows, hidden // 2), torch.uint8, "cpu")
     result_scale = poisoned((rows, hidden // 16), torch.uint8, "cpu")
@@ -225,6 +226,7 @@ def test_nvfp4_reference_dequantizes_within_one_step() -> None:
     error = (decoded - scaled_input).abs()
     assert bool((error <= _e2m1_step(scaled_input.abs())).all()), float(error.max())
     assert float(sf[3, 1]) == 0 and bool((codes[3, 1] == 0).all())
+    assert float(sf[5, 2]) == 0 and bool((codes[5, 2] == 0).all())
     assert float(decoded.abs().max()) == 6.0
 
 
