@@ -40,9 +40,9 @@ L2_FLUSH_BYTES = 256 * 1024 * 1024
 SLEEP_CYCLES = 1_000_000  # about 0.5 ms at H100/H200 clocks
 COLUMNS = ["device", "op", "dtype", "T", "H", "bytes", "eager_us", "compile_us", "compile_dynamic_us", "ours_us",
            "ours_graph_us", "compile_graph_us", "gbps", "pct_copy_bw", "speedup_vs_compile", "flips", "launches",
-           "copy_gbps", "helion", "triton", "torch", "repro"]
+           "copy_gbps", "helion", "triton", "torch", "kernel_hash", "repro"]
 _INT_COLUMNS = {"T", "H", "bytes", "flips", "launches"}
-_TEXT_COLUMNS = {"device", "op", "dtype", "helion", "triton", "torch", "repro"}
+_TEXT_COLUMNS = {"device", "op", "dtype", "helion", "triton", "torch", "kernel_hash", "repro"}
 
 
 class Timer:
@@ -191,6 +191,7 @@ def bench_row(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, timer:
     row["speedup_vs_compile"] = row["compile_us"] / row["ours_us"]
     row["copy_gbps"] = copy_gbps
     row.update({name: version(name) for name in ("helion", "triton", "torch")})
+    row["kernel_hash"] = dispatch.spec_hash(spec)  # the kernel source measured (as in configs/)
     row["repro"] = f"python -m perf.bench --ops {spec.name} --tokens {tokens} --hidden {hidden} --dtype {row['dtype']}"
     return row
 
@@ -264,6 +265,10 @@ def summary(rows: list[dict], copy_gbps: float) -> list[str]:
         lines.append(f"T <= 16 under CUDA graphs: ours <= compile in "
                      f"{sum(r['ours_graph_us'] <= r['compile_graph_us'] for r in decode)}/{len(decode)} rows; "
                      f"ours {min(r['ours_graph_us'] for r in decode):.2f}-{max(r['ours_graph_us'] for r in decode):.2f} us")
+    older = [r for r in rows if r["kernel_hash"] != dispatch.spec_hash(REGISTRY[r["op"]])]
+    if older:
+        lines.append(f"rows measured on an earlier kernel source (or not recorded): {len(older)}, of "
+                     + ", ".join(dict.fromkeys(r["op"] for r in older)))
     mismatched = [r for r in rows if r["flips"]]
     lines.append(f"rows with any byte differing from the reference: {len(mismatched)}"
                  + (f" (max {max(r['flips'] for r in mismatched)} rounding-tie flips)" if mismatched else ""))
