@@ -9,7 +9,8 @@ in a CUDA graph with L2 warm (``triton.testing.do_bench_cudagraph`` does not flu
 searched config is kept only where it beats the best seed on that shape.
 
 Results are written after every (op, hidden size), so an interrupted run resumes where it
-stopped; ``--fresh`` starts over. ``--budget-minutes`` bounds the wall time.
+stopped; ``--fresh`` starts over, and ``--retune`` searches the selected shapes again, replacing
+only their entries. ``--budget-minutes`` bounds the wall time.
 
 ``--revalidate`` is for a source change that leaves a kernel's tuned configs meaningful
 (a shared helper another family uses changed, say): each stale entry's config is checked
@@ -43,11 +44,25 @@ from helion_fusions.testing import clone_kwargs, compare_outputs, outputs_ok
 MAX_FLIP_FRACTION = 1e-4
 GRAPH_TIMING_MAX_TOKENS = 256
 REVALIDATE_SLOWDOWN = 1.10
+PIPELINE_MIN_TOKENS = 4096
+
+
+def pipelined(config: helion.Config) -> helion.Config:
+    """``config`` as a persistent kernel (one program per SM) whose row loop is software-pipelined two deep.
+
+    Triton then prefetches the next row with cp.async (LDGSTS) while the current one is reduced and
+    quantized, which a kernel whose epilogue costs about as much as its memory traffic needs to
+    reach the bandwidth (``make sass`` shows the LDGSTS; ``perf/sass.py``).
+    """
+    return helion.Config(**{**config.config, "pid_type": "persistent_interleaved", "range_num_stages": [2]})
 
 
 def candidates(spec: OpSpec, hidden: int, tokens: int, first: helion.Config | None = None
                ) -> tuple[list[helion.Config], int]:
-    """Seeds first (``first`` ahead of them), then the searched neighbourhood; returns (configs, number of seeds)."""
+    """Seeds first (``first`` ahead of them), then the searched neighbourhood; returns (configs, number of seeds).
+
+    From ``PIPELINE_MIN_TOKENS`` on, the neighbourhood also holds each candidate as a pipelined
+    persistent kernel (:func:`pipelined`)."""
     seeds = ([first] if first is not None else []) + spec.seed_configs(hidden, tokens)
     seeds = list({repr(c): c for c in seeds}.values())
     seen = {repr(c) for c in seeds}
@@ -56,6 +71,8 @@ def candidates(spec: OpSpec, hidden: int, tokens: int, first: helion.Config | No
         if repr(config) not in seen:
             seen.add(repr(config))
             extra.append(config)
+    if tokens >= PIPELINE_MIN_TOKENS:
+        extra += [pipelined(c) for c in seeds + extra if "pid_type" not in c.config]
     return seeds + extra, len(seeds)
 
 
@@ -152,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="ignore existing results instead of resuming")
     parser.add_argument("--revalidate", action="store_true",
                         help="re-check and re-time the configs of stale files instead of searching those shapes again")
+    parser.add_argument("--retune", action="store_true",
+                        help="search the selected shapes again even where tuned, replacing only their entries")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="parallel compile workers")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU smoke run: tiny shapes, interpret mode, checks the plumbing end to end")
@@ -195,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     def shape_configs(spec: OpSpec, hidden: int, tokens: int) -> tuple[list[helion.Config], int]:
         old = stale.get((spec.name, args.dtype, hidden, tokens))
         return ([helion.Config(**old.config)], 1) if old else candidates(spec, hidden, tokens)
-    done = lambda spec, h, t: any(e.hidden == h and e.tokens == t and e.dtype == args.dtype  # noqa: E731
-                                  for e in existing.get(spec.name, []))
+    done = lambda spec, h, t: not args.retune and any(  # noqa: E731
+        e.hidden == h and e.tokens == t and e.dtype == args.dtype for e in existing.get(spec.name, []))
     todo = [(spec, h, [t for t in ts if not done(spec, h, t)]) for spec, h, ts in units]
     todo = [(spec, h, ts) for spec, h, ts in todo if ts]
     print(f"tuning {sum(len(ts) for _, _, ts in todo)} shapes of {len(grid)} ops on {identity.name} "
@@ -247,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 if entry is None:
                     log(f"  {spec.name} H={hidden} T={tokens}: no candidate passed; keeping the architecture default")
                 else:
+                    entries[:] = [e for e in entries if (e.dtype, e.hidden, e.tokens) != (entry.dtype, hidden, tokens)]
                     entries.append(entry)
                     log(f"{spec.name} H={hidden} T={tokens}: {entry.time_us:.2f} us ({entry.source}; "
                         f"best seed {entry.seed_time_us} us)")

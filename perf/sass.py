@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import helion
 import torch
@@ -84,11 +85,15 @@ def _cuobjdump(*args: str) -> str:
 
 
 def compile_report(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, config: helion.Config, arch: int,
-                   out: Path) -> Report:
-    """Compile the op's (last) launch for this shape and config to SASS, and summarize it."""
+                   out: Path, num_sm: int = 132) -> Report:
+    """Compile the op's (last) launch for this shape and config to SASS, and summarize it.
+
+    A persistent config's host code asks for the GPU's multiprocessor count, which CPU tensors
+    do not have: ``num_sm`` stands in (132 on an H100 SXM and an H200)."""
     launch = spec.prepare(**spec.make_inputs(tokens, hidden, dtype, torch.device("cpu")))[-1]
     bound = code_generator(launch.kernel).bind(launch.args)
-    kernel, _, args, options = captured_launch(bound.compile_config(config), launch.args)
+    with mock.patch.object(helion.runtime, "get_num_sm", lambda device, **_: num_sm):
+        kernel, _, args, options = captured_launch(bound.compile_config(config), launch.args)
     compiled = triton.compile(_ast_source(kernel, args), target=GPUTarget("cuda", arch, 32),
                               options={k: options[k] for k in ("num_warps", "num_stages") if k in options})
     out.mkdir(parents=True, exist_ok=True)
@@ -129,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="nvidia_h200", help="whose shipped configs to compile (configs/<device>)")
     parser.add_argument("--family", default="nvidia_sm90", help="the device's architecture family (fallback chain)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for, e.g. 90")
+    parser.add_argument("--num-sm", type=int, default=132, help="multiprocessor count persistent configs assume")
     parser.add_argument("--stale-ok", action="store_true",
                         help="compile the device's configs even if they were tuned for another kernel source")
     parser.add_argument("--out", type=Path, default=Path("build") / "sass")
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for spec, tokens, hidden in track(shapes, description="compiling", transient=True):
         config, source = shipped_config(spec, args.device, args.family, dtype, hidden, tokens, args.stale_ok)
-        report = compile_report(spec, tokens, hidden, dtype, config, args.arch, args.out)
+        report = compile_report(spec, tokens, hidden, dtype, config, args.arch, args.out, args.num_sm)
         rows.append([report.op, tokens, hidden, source, report.registers, report.stack_bytes, report.local_bytes,
                      report.instructions, report.calls, " ".join(f"{op}:{count}" for op, count in report.mix)])
     print(tabulate(rows, headers=["op", "T", "H", "config", "regs", "stack", "local", "instructions", "calls",

@@ -62,6 +62,32 @@ def test_autotune_revalidate_searches_a_shape_that_got_slower(tmp_path, capsys) 
     assert "searching the shape again" in capsys.readouterr().out
 
 
+def test_autotune_candidates_add_pipelined_persistent_kernels_at_large_t() -> None:
+    spec = REGISTRY["rms_norm_dynamic_per_token_quant"]
+    small, seeds = autotune.candidates(spec, 8192, autotune.PIPELINE_MIN_TOKENS // 2)
+    large, large_seeds = autotune.candidates(spec, 8192, autotune.PIPELINE_MIN_TOKENS)
+    assert seeds == large_seeds and not any("pid_type" in c.config for c in small)
+    plain = [c for c in large if "pid_type" not in c.config]
+    assert [c.config for c in large[len(plain):]] == [autotune.pipelined(c).config for c in plain]
+    assert all(c.config["pid_type"] == "persistent_interleaved" and c.config["range_num_stages"] == [2]
+               for c in large[len(plain):])
+
+
+def test_autotune_retune_replaces_only_the_selected_entries(tmp_path) -> None:
+    op = "rms_norm_static_fp8_quant"
+    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op]) == 0
+    path = tmp_path / "cpu_smoke" / f"{op}.json"
+    raw = json.loads(path.read_text())
+    for item in raw["entries"]:
+        item["time_us"] = 1e9  # a retuned entry gets a real time again
+    path.write_text(json.dumps(raw))
+    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, "--tokens", "7", "--hidden", "256",
+                          "--retune"]) == 0
+    entries = {(e.hidden, e.tokens): e for e in config_store.load(path, op, dispatch.spec_hash(REGISTRY[op])).entries}
+    assert set(entries) == {(256, 1), (256, 7)}
+    assert entries[(256, 1)].time_us == 1e9 and entries[(256, 7)].time_us < 1e9
+
+
 def test_autotune_rejects_unknown_ops(capsys) -> None:
     with pytest.raises(SystemExit):
         autotune.main(["--smoke", "--ops", "rms_norm,not_an_op"])
@@ -118,6 +144,14 @@ def test_sass_compiles_a_shipped_config_for_sm90(tmp_path, capsys) -> None:
     assert "rms_norm_dynamic_per_token_quant" in table and "nvidia_h200 H=4096 T<=16" in table
     text = (tmp_path / "rms_norm_dynamic_per_token_quant_T7_H4096_sm90.sass").read_text()
     assert "EXIT" in text
+
+
+def test_sass_compiles_a_pipelined_persistent_config(tmp_path) -> None:
+    """Persistent configs ask for the multiprocessor count, which CPU tensors lack; the row loads become cp.async."""
+    spec = REGISTRY["rms_norm_dynamic_per_token_quant"]
+    config = autotune.pipelined(spec.default_config(4096))
+    sass.compile_report(spec, 4096, 4096, torch.bfloat16, config, 90, tmp_path)
+    assert "LDGSTS" in (tmp_path / "rms_norm_dynamic_per_token_quant_T4096_H4096_sm90.sass").read_text()
 
 
 def test_sass_report_counts_instructions_and_calls(tmp_path) -> None:
