@@ -48,13 +48,16 @@ PIPELINE_MIN_TOKENS = 4096
 
 
 def pipelined(config: helion.Config) -> helion.Config:
-    """``config`` as a persistent kernel (one program per SM) whose row loop is software-pipelined two deep.
+    """``config`` as a persistent kernel whose row loop is software-pipelined two deep.
 
-    Triton then prefetches the next row with cp.async (LDGSTS) while the current one is reduced and
-    quantized, which a kernel whose epilogue costs about as much as its memory traffic needs to
-    reach the bandwidth (``make sass`` shows the LDGSTS; ``perf/sass.py``).
+    Triton then prefetches the next row with cp.async (LDGSTS, ``make sass``) while the current one
+    is reduced and quantized, which a kernel whose epilogue costs about as much as its memory
+    traffic needs to reach the bandwidth. The grid holds enough programs per multiprocessor to fill
+    half of its 2048 threads (``num_sm_multiplier``), leaving room for the prefetch buffers.
     """
-    return helion.Config(**{**config.config, "pid_type": "persistent_interleaved", "range_num_stages": [2]})
+    warps = int(config.config.get("num_warps", 4))
+    return helion.Config(**{**config.config, "pid_type": "persistent_interleaved", "range_num_stages": [2],
+                            "num_sm_multiplier": max(1, 1024 // (32 * warps))})
 
 
 def candidates(spec: OpSpec, hidden: int, tokens: int, first: helion.Config | None = None

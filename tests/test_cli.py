@@ -69,8 +69,9 @@ def test_autotune_candidates_add_pipelined_persistent_kernels_at_large_t() -> No
     assert seeds == large_seeds and not any("pid_type" in c.config for c in small)
     plain = [c for c in large if "pid_type" not in c.config]
     assert [c.config for c in large[len(plain):]] == [autotune.pipelined(c).config for c in plain]
-    assert all(c.config["pid_type"] == "persistent_interleaved" and c.config["range_num_stages"] == [2]
-               for c in large[len(plain):])
+    for config in large[len(plain):]:
+        assert config.config["pid_type"] == "persistent_interleaved" and config.config["range_num_stages"] == [2]
+        assert config.config["num_sm_multiplier"] * config.config["num_warps"] * 32 == 1024  # half an SM's threads
 
 
 def test_autotune_retune_replaces_only_the_selected_entries(tmp_path) -> None:
