@@ -68,6 +68,15 @@ def quant_outputs(flavour: Quant, call: dict[str, Any], tokens: int, hidden: int
     return result, group_scales(tokens, hidden // group, device, column_major, bool(call.get("dummy_is_tma_aligned")))
 
 
+def kernel_view(out: torch.Tensor, flavour: Quant, tokens: int, groups: int) -> torch.Tensor:
+    """A result as the kernels address it: ``[T, NG, G]``, or for nvfp4 the packed bytes as int64
+    ``[T, NG]``, one word per block of 16 (``quant.e2m1_words``; ``check_nvfp4_outputs`` checks the
+    alignment that needs)."""
+    if flavour is Quant.NVFP4:
+        return out.view(torch.int64)
+    return out.view(tokens, groups, out.shape[1] // groups)
+
+
 def quant_output_spec(flavour: Quant, names: dict[str, str], check: Callable[[dict[str, Any]], tuple[int, int]],
                       group_sizes: tuple[int, ...]) -> Outputs:
     """The :class:`Outputs` of an op ending in a quant flavour: its ``result``, and its ``scale`` unless the

@@ -128,15 +128,13 @@ def _launch(
     groups = hidden // group
     x = input.view(tokens, groups, group)
     fp8_max = quant.fp8_max_for(out.dtype) if flavour in (Quant.STATIC, Quant.PER_TOKEN, Quant.PER_GROUP) else 0.0
-    # nvfp4: the packed bytes as one int64 word per block of 16 (quant.e2m1_words)
-    out_view = out.view(torch.int64) if flavour is Quant.NVFP4 else out.view(tokens, groups, -1)
     dummy = weight  # stands in for unused tensor arguments; never read
     flags = (int(flavour), residual is not None, has_scale_ub, use_ue8m0, swizzled, fp8_max)
     args = (
         x,
         x if residual is None else residual.view(tokens, groups, group),
         weight.view(groups, group),
-        out_view,
+        outputs.kernel_view(out, flavour, tokens, groups),
         dummy if scale_out is None else scale_out,
         dummy if scale_in is None else scale_in,
         float(epsilon),

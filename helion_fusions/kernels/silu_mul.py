@@ -110,9 +110,7 @@ def _launch(
         scale_in = scale_in.reshape(groups, group)
     dummy = _placeholder(input.device)  # stands in for unused tensor arguments; never read
     flags = (gated, int(flavour), has_scale_ub, use_ue8m0, swizzled, int(static_layout), float(fp8_max))
-    # nvfp4: the packed bytes as one int64 word per block of 16 (quant.e2m1_words)
-    out_view = out.view(torch.int64) if flavour is Quant.NVFP4 else out.view(tokens, groups, out.shape[1] // groups)
-    args = (x, out_view, dummy if scale_out is None else scale_out,
+    args = (x, outputs.kernel_view(out, flavour, tokens, groups), dummy if scale_out is None else scale_out,
             dummy if scale_in is None else scale_in, float(amax_floor), *flags)
     key = (input.dtype, out.dtype, hidden, group, *flags)
     return KernelLaunch(silu_mul_kernel, args, key, tokens, hidden, input.device, input.dtype)
