@@ -35,10 +35,8 @@ from helion.runtime.ref_mode import is_in_ref_mode_context
 FP8_AMAX_FLOOR = 1.0 / 512.0  # the dynamic-scale floor 1 / (fp8_max * 512), applied to the amax
 NVFP4_BLOCK = 16
 E2M1_MAX = 6.0
-_HALF_ULP_MAGIC = 4194304.0  # 2**22: fp32 values from here to 2**23 are spaced 0.5 apart
-_HALF_ULP_MAGIC_BITS = 0x4A800000  # its fp32 bits
 _ONE_BITS = 0x3F800000  # 1.0
-_INF_BITS = 0x7F800000  # inf; a magnitude above it is NaN
+_INF_BITS = 0x7F800000  # inf; also the fp32 exponent field
 
 SWIZZLE_ROWS = 128
 SWIZZLE_COLS = 4
@@ -180,23 +178,25 @@ def nvfp4_block_scale(amax: torch.Tensor, global_scale: torch.Tensor) -> torch.T
 
 
 def e2m1_codes(value: torch.Tensor) -> torch.Tensor:
-    """4-bit e2m1 codes (int32, sign in bit 3) of fp32 values, read off their bits.
+    """4-bit e2m1 codes (int32, sign in bit 3) of fp32 values, by one rounding addition.
 
-    ``|x| >= 1``: e2m1 keeps one mantissa bit. Adding ``0x1FFFFF`` plus that bit to the fp32
-    bits carries into it exactly when the dropped bits are past their midpoint, or at it with
-    an odd kept bit (round to nearest even); the biased exponent and the kept bit, as one
-    number, are then ``code + 252``, saturated at code 7 (6.0). ``|x| < 1``: the count of
-    halves, rounded to nearest even by the fp32 addition of ``2**22`` (whose ulp is 0.5).
-    NaN is code 0. Both paths are integer and add work, about half the instructions of seven
-    threshold compares (``make sass``).
+    ``y = min(|x|, 6)`` (NaN: 0). e2m1 spaces its values 0.5 apart below 2 (codes 0-4), 1 apart
+    up to 4 (codes 4-6) and 2 apart up to 6 (codes 6-7): the step is half of ``y``'s
+    power of two, ``2 ** max(e, 0)``. Adding ``magic = 2 ** (max(e, 0) + 22)``, whose ulp is
+    that step, rounds ``y`` to a whole number of steps, to nearest even, in the fp32 addition
+    itself; the sum's bits minus ``magic``'s are that number (0-4), and ``2 * max(e, 0)`` more
+    is the code. Ties go to the even code because the step count's parity is the code's. A
+    negative input sets the sign bit, also where it rounds to zero; ``-0`` and NaN give 0.
     """
-    bits = value.view(torch.int32)
-    magnitude = bits & 0x7FFFFFFF
-    kept = (magnitude + (0x1FFFFF + ((magnitude >> 22) & 1))) >> 22
-    normal = torch.clamp(kept - 252, max=7)
-    halves = (torch.abs(value) + _HALF_ULP_MAGIC).view(torch.int32) - _HALF_ULP_MAGIC_BITS
-    code = torch.where(magnitude < _ONE_BITS, halves, normal)
-    code = torch.where(magnitude > _INF_BITS, 0, code)
+    if _compiling_to_triton():  # a plain min (FMNMX); NaN lanes are replaced just below
+        y = hl.inline_triton(f"tl.minimum(tl.abs({{0}}), {E2M1_MAX!r})", args=(value,), output_like=value)
+    else:
+        y = torch.clamp(torch.abs(value), max=E2M1_MAX)
+    y = torch.where(value != value, 0.0, y)
+    power = torch.clamp(y.view(torch.int32) & _INF_BITS, min=_ONE_BITS)  # 2 ** max(e, 0), as bits
+    magic = power + (22 << 23)
+    steps = (y + magic.view(torch.float32)).view(torch.int32) - magic
+    code = steps + (power >> 22) - (_ONE_BITS >> 22)
     return code + (value < 0).to(torch.int32) * 8
 
 
