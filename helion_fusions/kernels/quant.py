@@ -201,11 +201,15 @@ def e2m1_codes(value: torch.Tensor) -> torch.Tensor:
 
 
 def nvfp4_quantize(value: torch.Tensor, block_sf: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    """e2m1 codes of ``value`` ([T, blocks, 16]) given the blocks' fp8 scale factors [T, blocks]."""
+    """e2m1 codes of ``value`` ([T, blocks, 16]) given the blocks' fp8 scale factors [T, blocks].
+
+    A zero scale factor zeroes its block through a zero multiplier, chosen once per block: the
+    block's values are finite then (an infinite one would have saturated the factor at 448),
+    so they scale to +-0, which e2m1 encodes as 0.
+    """
     sf = block_sf.to(torch.float32)
-    inv = reciprocal_rn(div_rn(sf, global_scale))
-    scaled = value * inv.unsqueeze(-1)
-    return e2m1_codes(torch.where(sf.unsqueeze(-1) == 0.0, 0.0, scaled))
+    inv = torch.where(sf == 0.0, 0.0, reciprocal_rn(div_rn(sf, global_scale)))
+    return e2m1_codes(value * inv.unsqueeze(-1))
 
 
 def e2m1_words(codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
