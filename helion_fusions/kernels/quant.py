@@ -289,8 +289,9 @@ def store_quantized(
     viewed as ``[T, NG, G]``, and either all ``NG`` groups (``tile_g`` None) or the groups
     ``tile_g``. Per-token and per-tensor flavours need whole rows (``NG == 1``, or all
     groups). ``out`` is ``[T, NG, G]`` (fp8 or the activation dtype), or for nvfp4 the packed
-    bytes viewed as int64 ``[T, NG]``, one word per block (see :func:`e2m1_words`). ``scale_out``: ``[T]`` per-token, ``[T, NG]`` per-group (any strides),
-    flat uint8 block scales (nvfp4), ``[1]`` per-tensor and amax. ``scale_value`` is
+    bytes viewed as int64 ``[T, NG]``, one word per block (see :func:`e2m1_words`).
+    ``scale_out``: ``[T]`` per-token, ``[T, NG]`` per-group (any strides), flat uint8 block
+    scales (nvfp4), ``[1]`` per-tensor and amax. ``scale_value`` is
     :func:`load_scale_in` of ``scale_in``: the static scale (``[1]``, ``[T]`` or ``[NG, G]``),
     ``scale_ub``, the nvfp4 global scale, or the per-tensor amax.
     """
