@@ -281,7 +281,6 @@ def store_quantized(
     UE8M0: bool,
     SWIZZLED: bool,
     FP8_MAX: float,
-    STATIC_LAYOUT: int = StaticScale.TENSOR,
 ) -> None:
     """The epilogue every family's kernel ends with: quantize ``y`` and store it (in a Helion kernel body).
 

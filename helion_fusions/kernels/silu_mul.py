@@ -70,7 +70,7 @@ def silu_mul_kernel(
         if GATED:
             y = silu(gate.to(torch.float32)).to(x.dtype) * up
         store_quantized(y, out, scale_out, scale_value, amax_floor, tile_t, tile_g, T, NG, G,
-                        QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, FP8_MAX, STATIC_LAYOUT)
+                        QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, FP8_MAX)
 
 
 # --- reference ------------------------------------------------------------------------------
