@@ -1,16 +1,19 @@
-"""Helpers shared by the tests, the autotuner's accuracy check, the bench correctness table and ``make sass``."""
+"""Helpers shared by the tests, the autotuner's accuracy check and timing, ``make bench`` and ``make sass``."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+import statistics
+from typing import Any, Callable
 
 import helion
 import torch
 from helion.runtime.ref_mode import RefMode
 
 _POISON_BYTE = 0x7F  # NaN in e4m3fn, a large value in every other dtype
+L2_FLUSH_BYTES = 256 * 1024 * 1024
+SLEEP_CYCLES = 1_000_000  # about 0.5 ms at H100/H200 clocks
 
 
 def poisoned(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -151,3 +154,64 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, name: str, max_
     if not result.ok(max_flip_fraction):
         raise AssertionError(f"{name}: {result} (allowed: {max_flip_fraction:g} of elements one step apart)")
     return result
+
+
+class Timer:
+    """CUDA-event timing with an L2 flush before every timed call; medians in microseconds."""
+
+    def __init__(self, reps: int) -> None:
+        self.reps = reps
+        self.flush_buffer = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+
+    def eager(self, fn: Callable[[], Any]) -> float:
+        for _ in range(3):
+            fn()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        torch.cuda.synchronize()
+        for start, end in zip(starts, ends):
+            self.flush_buffer.zero_()
+            # keep the GPU busy while the host enqueues fn, so the events time the GPU work
+            # alone; host overhead is reported separately (dispatch_overhead) and CUDA-graph
+            # columns show the launch-free cost
+            torch.cuda._sleep(SLEEP_CYCLES)
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+    def graph(self, fn: Callable[[], Any]) -> float:
+        """Replay time of ``fn`` captured in a CUDA graph, each call after an L2 flush.
+
+        Two graphs are captured, flush+fn and flush alone, repeated ``reps`` times; the
+        per-call time is the difference of their replay times.
+        """
+        fn()
+        torch.cuda.synchronize()
+        stream = torch.cuda.Stream()
+        graphs = []
+        for with_fn in (True, False):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+                for _ in range(self.reps):
+                    self.flush_buffer.zero_()
+                    if with_fn:
+                        fn()
+            graphs.append(graph)
+        # warm replays bring the clocks up after host-side work (compiles) left the GPU idle;
+        # the two graphs are then sampled alternately so drift affects both alike
+        for _ in range(3):
+            for graph in graphs:
+                graph.replay()
+        samples: list[list[float]] = [[], []]
+        for _ in range(7):
+            for graph, bucket in zip(graphs, samples):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                torch.cuda.synchronize()
+                bucket.append(start.elapsed_time(end))
+        with_fn, flush_only = (statistics.median(bucket) for bucket in samples)
+        return max(0.0, 1000.0 * (with_fn - flush_only) / self.reps)

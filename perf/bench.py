@@ -32,78 +32,16 @@ from tabulate import tabulate
 from helion_fusions import REGISTRY, dispatch
 from helion_fusions.cli import add_grid_arguments, selected_grid
 from helion_fusions.registry import OpSpec
-from helion_fusions.testing import captured_launch, clone_kwargs, compare_outputs, outputs_ok
+from helion_fusions.testing import Timer, captured_launch, clone_kwargs, compare_outputs, outputs_ok
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRAPH_MAX_TOKENS = 256
-L2_FLUSH_BYTES = 256 * 1024 * 1024
-SLEEP_CYCLES = 1_000_000  # about 0.5 ms at H100/H200 clocks
 COLUMNS = ["device", "op", "dtype", "T", "H", "bytes", "eager_us", "compile_us", "compile_dynamic_us", "ours_us",
            "ours_graph_us", "compile_graph_us", "gbps", "pct_copy_bw", "speedup_vs_compile", "flips", "launches",
-           "copy_gbps", "helion", "triton", "torch", "kernel_hash", "repro"]
-_INT_COLUMNS = {"T", "H", "bytes", "flips", "launches"}
+           "copy_gbps", "helion", "triton", "torch", "kernel_hash", "compile_reused", "repro"]
+_INT_COLUMNS = {"T", "H", "bytes", "flips", "launches", "compile_reused"}
+_COMPILE_COLUMNS = ("compile_us", "compile_dynamic_us", "compile_graph_us")
 _TEXT_COLUMNS = {"device", "op", "dtype", "helion", "triton", "torch", "kernel_hash", "repro"}
-
-
-class Timer:
-    """CUDA-event timing with an L2 flush before every timed call; medians in microseconds."""
-
-    def __init__(self, reps: int) -> None:
-        self.reps = reps
-        self.flush_buffer = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-
-    def eager(self, fn: Callable[[], Any]) -> float:
-        for _ in range(3):
-            fn()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
-        torch.cuda.synchronize()
-        for start, end in zip(starts, ends):
-            self.flush_buffer.zero_()
-            # keep the GPU busy while the host enqueues fn, so the events time the GPU work
-            # alone; host overhead is reported separately (dispatch_overhead) and CUDA-graph
-            # columns show the launch-free cost
-            torch.cuda._sleep(SLEEP_CYCLES)
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-
-    def graph(self, fn: Callable[[], Any]) -> float:
-        """Replay time of ``fn`` captured in a CUDA graph, each call after an L2 flush.
-
-        Two graphs are captured, flush+fn and flush alone, repeated ``reps`` times; the
-        per-call time is the difference of their replay times.
-        """
-        fn()
-        torch.cuda.synchronize()
-        stream = torch.cuda.Stream()
-        graphs = []
-        for with_fn in (True, False):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-                for _ in range(self.reps):
-                    self.flush_buffer.zero_()
-                    if with_fn:
-                        fn()
-            graphs.append(graph)
-        # warm replays bring the clocks up after host-side work (compiles) left the GPU idle;
-        # the two graphs are then sampled alternately so drift affects both alike
-        for _ in range(3):
-            for graph in graphs:
-                graph.replay()
-        samples: list[list[float]] = [[], []]
-        for _ in range(7):
-            for graph, bucket in zip(graphs, samples):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                end.record()
-                torch.cuda.synchronize()
-                bucket.append(start.elapsed_time(end))
-        with_fn, flush_only = (statistics.median(bucket) for bucket in samples)
-        return max(0.0, 1000.0 * (with_fn - flush_only) / self.reps)
 
 
 def copy_bandwidth_gbps(timer: Timer) -> float:
@@ -123,14 +61,15 @@ def _mark_tokens_dynamic(kwargs: dict[str, Any], tokens: int) -> dict[str, Any]:
     return marked
 
 
-def _warm_static_compile(job: tuple[str, int, int, str]) -> str | None:
-    """Worker: compile the reference and our kernel for one shape, filling Inductor's and Triton's on-disk
-    caches for the main process."""
-    name, tokens, hidden, dtype_name = job
+def _warm_static_compile(job: tuple[str, int, int, str, bool]) -> str | None:
+    """Worker: compile the reference (unless its times are reused) and our kernel for one shape, filling
+    Inductor's and Triton's on-disk caches for the main process."""
+    name, tokens, hidden, dtype_name, reference = job
     try:
         spec = REGISTRY[name]
         inputs = spec.make_inputs(tokens, hidden, getattr(torch, dtype_name), torch.device("cuda"))
-        torch.compile(spec.reference, dynamic=False)(**clone_kwargs(inputs))
+        if reference:
+            torch.compile(spec.reference, dynamic=False)(**clone_kwargs(inputs))
         spec.op(**inputs)
         torch.cuda.synchronize()
         return None
@@ -138,14 +77,16 @@ def _warm_static_compile(job: tuple[str, int, int, str]) -> str | None:
         return f"{name} T={tokens} H={hidden}: {type(error).__name__}: {error}"
 
 
-def warm_static_compiles(shapes: list[tuple[OpSpec, int, int]], dtype_name: str, jobs: int) -> None:
+def warm_static_compiles(shapes: list[tuple[OpSpec, int, int]], dtype_name: str, jobs: int,
+                         reused: dict[tuple, dict]) -> None:
     import concurrent.futures
     import multiprocessing
 
     from rich.progress import track
 
     context = multiprocessing.get_context("spawn")
-    work = [(spec.name, tokens, hidden, dtype_name) for spec, tokens, hidden in shapes]
+    work = [(spec.name, tokens, hidden, dtype_name, baseline_key(spec.name, dtype_name, tokens, hidden) not in reused)
+            for spec, tokens, hidden in shapes]
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
         for error in track(pool.map(_warm_static_compile, work), total=len(work),
                            description="compiling torch.compile baselines and our kernels"):
@@ -157,8 +98,14 @@ def _call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[[], Any]:
     return lambda: fn(**kwargs)
 
 
+def baseline_key(op: str, dtype_name: str, tokens: int, hidden: int, torch_version: str | None = None) -> tuple:
+    return op, dtype_name, tokens, hidden, torch_version or version("torch")
+
+
 def bench_row(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, timer: Timer, copy_gbps: float,
-              compiled_static: Callable[..., Any], compiled_dynamic: Callable[..., Any], device_name: str) -> dict:
+              compiled_static: Callable[..., Any], compiled_dynamic: Callable[..., Any], device_name: str,
+              baseline: dict | None = None) -> dict:
+    """One CSV row; ``baseline``, an earlier row of this shape, supplies the torch.compile times instead."""
     kwargs = spec.make_inputs(tokens, hidden, dtype, torch.device("cuda"))
     expected, ours = clone_kwargs(kwargs), clone_kwargs(kwargs)
     spec.reference(**expected)
@@ -171,12 +118,19 @@ def bench_row(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, timer:
     # read-and-written tensors (residuals) are updated in place by every call; the work is the same
     row["eager_us"] = timer.eager(_call(spec.reference, clone_kwargs(kwargs)))
     static_kwargs = clone_kwargs(kwargs)
-    row["compile_us"] = timer.eager(_call(compiled_static, static_kwargs))
-    row["compile_dynamic_us"] = timer.eager(_call(compiled_dynamic, _mark_tokens_dynamic(kwargs, tokens)))
+    row["compile_reused"] = int(baseline is not None)
+    if baseline is not None:
+        row.update({column: baseline[column] for column in _COMPILE_COLUMNS})
+    else:
+        row["compile_us"] = timer.eager(_call(compiled_static, static_kwargs))
+        row["compile_dynamic_us"] = timer.eager(_call(compiled_dynamic, _mark_tokens_dynamic(kwargs, tokens)))
     ours_kwargs = clone_kwargs(kwargs)
     row["ours_us"] = timer.eager(_call(spec.op, ours_kwargs))
-    if tokens <= GRAPH_MAX_TOKENS:
+    if tokens > GRAPH_MAX_TOKENS:
+        row["ours_graph_us"] = row["compile_graph_us"] = float("nan")
+    else:
         row["ours_graph_us"] = timer.graph(_call(spec.op, ours_kwargs))
+    if tokens <= GRAPH_MAX_TOKENS and baseline is None:
         try:
             row["compile_graph_us"] = timer.graph(_call(compiled_static, static_kwargs))
         except RuntimeError as error:  # a baseline that syncs cannot be captured: reported, not fatal
@@ -184,8 +138,6 @@ def bench_row(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, timer:
             print(f"warning: {spec.name} T={tokens} H={hidden}: torch.compile baseline not capturable: "
                   f"{str(error).splitlines()[0][:160]}")
             row["compile_graph_us"] = float("nan")
-    else:
-        row["ours_graph_us"] = row["compile_graph_us"] = float("nan")
     row["gbps"] = row["bytes"] / row["ours_us"] / 1e3
     row["pct_copy_bw"] = 100.0 * row["gbps"] / copy_gbps
     row["speedup_vs_compile"] = row["compile_us"] / row["ours_us"]
@@ -269,6 +221,10 @@ def summary(rows: list[dict], copy_gbps: float) -> list[str]:
     if older:
         lines.append(f"rows measured on an earlier kernel source (or not recorded): {len(older)}, of "
                      + ", ".join(dict.fromkeys(r["op"] for r in older)))
+    reused = [r for r in rows if r["compile_reused"]]
+    if reused:
+        lines.append(f"rows whose torch.compile columns come from an earlier run on this device "
+                     f"(`--reuse-baselines`): {len(reused)}")
     mismatched = [r for r in rows if r["flips"]]
     lines.append(f"rows with any byte differing from the reference: {len(mismatched)}"
                  + (f" (max {max(r['flips'] for r in mismatched)} rounding-tie flips)" if mismatched else ""))
@@ -352,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--append", action="store_true",
                         help="keep the rows of other ops from an existing <device>.csv in --out (a run split by --ops)")
+    parser.add_argument("--reuse-baselines", action="store_true",
+                        help="take the torch.compile columns from the existing <device>.csv rows of the same op, "
+                             "shape, dtype and torch version instead of compiling the references again (a rerun "
+                             "after a change to our kernels only); eager is timed again")
     args = parser.parse_args(argv)
     grid = selected_grid(parser, args)
     specs = [spec for spec, _, _ in grid]
@@ -370,24 +330,33 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbps = copy_bandwidth_gbps(timer)
     print(f"{label}: copy bandwidth {copy_gbps:.0f} GB/s")
     shapes = [(spec, t, h) for spec, hiddens, tokens in grid for h in hiddens for t in tokens]
+    existing = args.out / f"{identity.name}.csv"
+    earlier = read_rows(existing) if existing.exists() else []
+    kept = [r for r in earlier if r["op"] not in names] if args.append else []
+    reused = {baseline_key(r["op"], r["dtype"], r["T"], r["H"], r["torch"]): r
+              for r in earlier if args.reuse_baselines and r["compile_us"] is not None}
     if args.jobs > 1:
-        warm_static_compiles(shapes, args.dtype, args.jobs)
+        warm_static_compiles(shapes, args.dtype, args.jobs, reused)
     compiled = {spec.name: (torch.compile(spec.reference, dynamic=False), torch.compile(spec.reference))
                 for spec in specs}
-    existing = args.out / f"{identity.name}.csv"
-    kept = [r for r in read_rows(existing) if r["op"] not in names] if args.append and existing.exists() else []
     single = next((s for s in specs  # the first single-launch op: only it is measured
                    if dispatch.launch_count(s, s.make_inputs(16, 4096, dtype, torch.device("cuda"))) == 1), None)
     overhead = None if single is None else dispatch_overhead(single, 16, 4096, dtype)
     print(f"host time per call: {overhead}")
-    rows = []
+    rows, drift = [], []
     for index, (spec, tokens, hidden) in enumerate(track(shapes, description="benchmarking")):
         static, dynamic = compiled[spec.name]
-        rows.append(bench_row(spec, tokens, hidden, dtype, timer, copy_gbps, static, dynamic, identity.name))
+        baseline = reused.get(baseline_key(spec.name, args.dtype, tokens, hidden))
+        rows.append(bench_row(spec, tokens, hidden, dtype, timer, copy_gbps, static, dynamic, identity.name, baseline))
+        if baseline is not None:
+            drift.append(rows[-1]["eager_us"] / baseline["eager_us"])
         if index + 1 == len(shapes) or shapes[index + 1][0] is not spec:  # save after every op
             combined = sorted(kept + rows, key=lambda r: list(REGISTRY).index(r["op"]))
             write_results(combined, copy_gbps, identity.name, label, args.out, overhead)
     print((args.out / f"{identity.name}.md").read_text())
+    if drift:
+        print(f"torch.compile times reused in {len(drift)} rows; eager, timed again, is {geomean(drift):.3f}x "
+              f"its earlier time (geomean; min {min(drift):.3f}x, max {max(drift):.3f}x)")
     return 0
 
 

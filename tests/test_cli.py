@@ -122,7 +122,7 @@ def test_bench_results_round_trip_and_older_csvs_load(tmp_path) -> None:
     row.update(device="cpu_test", op="rotary_embedding", dtype="bfloat16", helion="1.5.0", triton="3.6.0",
                torch="2.13.0", kernel_hash=dispatch.spec_hash(REGISTRY["rotary_embedding"]),
                repro="python -m perf.bench", eager_us=3.0, speedup_vs_compile=1.5)
-    stale = {**row, "op": "rms_norm", "kernel_hash": "0" * 16}
+    stale = {**row, "op": "rms_norm", "kernel_hash": "0" * 16, "compile_reused": 0}
     bench.write_results([row, stale], 3000.0, "cpu_test", "CPU test", tmp_path,
                         {"op": "rotary_embedding", "torch_op_us": 9.0, "helion_fn_us": 5.0, "raw_triton_us": 4.0,
                          "overhead_us": 5.0})
@@ -130,11 +130,12 @@ def test_bench_results_round_trip_and_older_csvs_load(tmp_path) -> None:
     text = (tmp_path / "cpu_test.md").read_text()
     assert "host time per call (rotary_embedding" in text
     assert "rows measured on an earlier kernel source (or not recorded): 1, of rms_norm" in text
+    assert "rows whose torch.compile columns come from an earlier run on this device (`--reuse-baselines`): 1" in text
     older = tmp_path / "older.csv"
-    columns = [c for c in bench.COLUMNS if c not in ("launches", "kernel_hash")]
+    columns = [c for c in bench.COLUMNS if c not in ("launches", "kernel_hash", "compile_reused")]
     older.write_text(",".join(columns) + "\n" + ",".join("x" if c in ("device", "op") else "1" for c in columns) + "\n")
     (loaded,) = bench.read_rows(older)
-    assert loaded["launches"] is None and loaded["kernel_hash"] == ""
+    assert loaded["launches"] is None and loaded["kernel_hash"] == "" and not loaded["compile_reused"]
     assert loaded["T"] == 1 and loaded["eager_us"] == 1.0
 
 
