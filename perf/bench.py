@@ -79,13 +79,14 @@ def _warm_static_compile(job: tuple[str, int, int, str, bool]) -> str | None:
 
 def warm_static_compiles(shapes: list[tuple[OpSpec, int, int]], dtype_name: str, jobs: int,
                          reused: dict[tuple, dict]) -> None:
+    """Compile in worker processes; ``reused`` holds the (op, dtype, T, H) whose reference is not timed."""
     import concurrent.futures
     import multiprocessing
 
     from rich.progress import track
 
     context = multiprocessing.get_context("spawn")
-    work = [(spec.name, tokens, hidden, dtype_name, baseline_key(spec.name, dtype_name, tokens, hidden) not in reused)
+    work = [(spec.name, tokens, hidden, dtype_name, (spec.name, dtype_name, tokens, hidden) not in reused)
             for spec, tokens, hidden in shapes]
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
         for error in track(pool.map(_warm_static_compile, work), total=len(work),
@@ -98,8 +99,15 @@ def _call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[[], Any]:
     return lambda: fn(**kwargs)
 
 
-def baseline_key(op: str, dtype_name: str, tokens: int, hidden: int, torch_version: str | None = None) -> tuple:
-    return op, dtype_name, tokens, hidden, torch_version or version("torch")
+def _row_key(row: dict) -> tuple:
+    return row["op"], row["dtype"], row["T"], row["H"]
+
+
+def merge_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
+    """``rows`` plus the ``earlier`` rows of shapes they do not measure again, in registry and grid order."""
+    measured = {_row_key(r) for r in rows}
+    kept = [r for r in earlier if _row_key(r) not in measured]
+    return sorted(kept + rows, key=lambda r: (list(REGISTRY).index(r["op"]), r["dtype"], r["H"], r["T"]))
 
 
 def bench_row(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, timer: Timer, copy_gbps: float,
@@ -307,15 +315,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="worker processes that pre-compile the per-shape torch.compile baselines and our kernels")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--append", action="store_true",
-                        help="keep the rows of other ops from an existing <device>.csv in --out (a run split by --ops)")
+                        help="keep the rows of an existing <device>.csv in --out that this run does not measure "
+                             "again (a run split by --ops, or one cut short)")
     parser.add_argument("--reuse-baselines", action="store_true",
                         help="take the torch.compile columns from the existing <device>.csv rows of the same op, "
-                             "shape, dtype and torch version instead of compiling the references again (a rerun "
-                             "after a change to our kernels only); eager is timed again")
+                             "shape, dtype and torch version instead of compiling the references again (a quick "
+                             "rerun after a change to our kernels only); eager is timed again. Launch-bound rows "
+                             "carry the other run's launch latency: a full run is the reference")
     args = parser.parse_args(argv)
     grid = selected_grid(parser, args)
     specs = [spec for spec, _, _ in grid]
-    names = [spec.name for spec in specs]
     if not torch.cuda.is_available():
         return cpu_correctness(specs)
 
@@ -332,9 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [(spec, t, h) for spec, hiddens, tokens in grid for h in hiddens for t in tokens]
     existing = args.out / f"{identity.name}.csv"
     earlier = read_rows(existing) if existing.exists() else []
-    kept = [r for r in earlier if r["op"] not in names] if args.append else []
-    reused = {baseline_key(r["op"], r["dtype"], r["T"], r["H"], r["torch"]): r
-              for r in earlier if args.reuse_baselines and r["compile_us"] is not None}
+    reused = {_row_key(r): r for r in earlier
+              if args.reuse_baselines and r["torch"] == version("torch") and r["compile_us"] is not None}
     if args.jobs > 1:
         warm_static_compiles(shapes, args.dtype, args.jobs, reused)
     compiled = {spec.name: (torch.compile(spec.reference, dynamic=False), torch.compile(spec.reference))
@@ -346,13 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     rows, drift = [], []
     for index, (spec, tokens, hidden) in enumerate(track(shapes, description="benchmarking")):
         static, dynamic = compiled[spec.name]
-        baseline = reused.get(baseline_key(spec.name, args.dtype, tokens, hidden))
+        baseline = reused.get((spec.name, args.dtype, tokens, hidden))
         rows.append(bench_row(spec, tokens, hidden, dtype, timer, copy_gbps, static, dynamic, identity.name, baseline))
         if baseline is not None:
             drift.append(rows[-1]["eager_us"] / baseline["eager_us"])
         if index + 1 == len(shapes) or shapes[index + 1][0] is not spec:  # save after every op
-            combined = sorted(kept + rows, key=lambda r: list(REGISTRY).index(r["op"]))
-            write_results(combined, copy_gbps, identity.name, label, args.out, overhead)
+            write_results(merge_rows(earlier if args.append else [], rows), copy_gbps, identity.name, label, args.out, overhead)
     print((args.out / f"{identity.name}.md").read_text())
     if drift:
         print(f"torch.compile times reused in {len(drift)} rows; eager, timed again, is {geomean(drift):.3f}x "

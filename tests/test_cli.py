@@ -116,6 +116,17 @@ def test_bench_prints_a_correctness_table_without_gpu(capsys, monkeypatch) -> No
     assert out.count("| ok ") == 4 and "MISMATCH" not in out
 
 
+def test_bench_merge_keeps_earlier_rows_not_measured_again() -> None:
+    """A run cut short (or split by --ops) keeps the earlier rows of every shape it did not measure."""
+    def row(op: str, tokens: int, us: float) -> dict:
+        return {"op": op, "dtype": "bfloat16", "T": tokens, "H": 4096, "ours_us": us}
+
+    earlier = [row("rms_norm", 1, 1.0), row("rms_norm", 16, 1.0), row("silu_and_mul", 1, 1.0)]
+    merged = bench.merge_rows(earlier, [row("rms_norm", 16, 2.0)])
+    assert [(r["op"], r["T"], r["ours_us"]) for r in merged] == [
+        ("rms_norm", 1, 1.0), ("rms_norm", 16, 2.0), ("silu_and_mul", 1, 1.0)]
+
+
 def test_bench_results_round_trip_and_older_csvs_load(tmp_path) -> None:
     """write_results then read_rows gives the rows back; a CSV from before a column existed still loads."""
     row = {column: 1 for column in bench.COLUMNS}
