@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import statistics
+import warnings
 from typing import Any, Callable
 
 import helion
@@ -14,6 +15,7 @@ from helion.runtime.ref_mode import RefMode
 _POISON_BYTE = 0x7F  # NaN in e4m3fn, a large value in every other dtype
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 SLEEP_CYCLES = 1_000_000  # about 0.5 ms at H100/H200 clocks
+MAX_SLEEP_CYCLES = 16 * SLEEP_CYCLES
 
 
 def poisoned(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -164,22 +166,38 @@ class Timer:
         self.flush_buffer = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
 
     def eager(self, fn: Callable[[], Any]) -> float:
+        """Median GPU time of ``fn``, each call after an L2 flush and a GPU-side sleep.
+
+        The sleep keeps the GPU busy while the host enqueues ``fn``, so the events time the GPU
+        work alone (host overhead is reported separately, and CUDA-graph timings show the
+        launch-free cost). A call whose sleep had already ended when the host finished
+        enqueueing it may include host time: it is not counted, and the sleep doubles (a slow
+        or busy host), up to ``MAX_SLEEP_CYCLES``.
+        """
         for _ in range(3):
             fn()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
         torch.cuda.synchronize()
-        for start, end in zip(starts, ends):
+        cycles, timed, late = SLEEP_CYCLES, [], []
+        while len(timed) < self.reps and len(late) < 3 * self.reps:
+            slept = torch.cuda.Event()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self.flush_buffer.zero_()
-            # keep the GPU busy while the host enqueues fn, so the events time the GPU work
-            # alone; host overhead is reported separately (dispatch_overhead) and CUDA-graph
-            # columns show the launch-free cost
-            torch.cuda._sleep(SLEEP_CYCLES)
+            torch.cuda._sleep(cycles)
+            slept.record()
             start.record()
             fn()
             end.record()
+            if slept.query():  # the GPU may have waited for the host inside the timed span
+                late.append((start, end))
+                cycles = min(2 * cycles, MAX_SLEEP_CYCLES)
+            else:
+                timed.append((start, end))
         torch.cuda.synchronize()
-        return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+        if not timed:
+            warnings.warn(f"the host enqueued every call more slowly than a {MAX_SLEEP_CYCLES}-cycle GPU sleep: "
+                          "these times include host time", stacklevel=2)
+            timed = late
+        return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in timed)
 
     def graph(self, fn: Callable[[], Any]) -> float:
         """Replay time of ``fn`` captured in a CUDA graph, each call after an L2 flush.

@@ -17,14 +17,17 @@ device-to-device copy measured in the same run. It writes ``perf/results/<device
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import dataclasses
+import functools
 import math
 import os
 import statistics
 import sys
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from tabulate import tabulate
@@ -61,38 +64,77 @@ def _mark_tokens_dynamic(kwargs: dict[str, Any], tokens: int) -> dict[str, Any]:
     return marked
 
 
-def _warm_static_compile(job: tuple[str, int, int, str, bool]) -> str | None:
-    """Worker: compile the reference (unless its times are reused) and our kernel for one shape, filling
-    Inductor's and Triton's on-disk caches for the main process."""
-    name, tokens, hidden, dtype_name, reference = job
-    try:
-        spec = REGISTRY[name]
-        inputs = spec.make_inputs(tokens, hidden, getattr(torch, dtype_name), torch.device("cuda"))
-        if reference:
-            torch.compile(spec.reference, dynamic=False)(**clone_kwargs(inputs))
-        spec.op(**inputs)
-        torch.cuda.synchronize()
-        return None
-    except Exception as error:  # the main process compiles again and reports a real failure
-        return f"{name} T={tokens} H={hidden}: {type(error).__name__}: {error}"
+@dataclasses.dataclass(frozen=True)
+class ShapeJob:
+    """One row to measure, as a worker receives it."""
+    op: str
+    tokens: int
+    hidden: int
+    dtype: str
+    reps: int
+    copy_gbps: float
+    device_name: str
+    baseline: dict | None  # an earlier row whose torch.compile columns are reused
 
 
-def warm_static_compiles(shapes: list[tuple[OpSpec, int, int]], dtype_name: str, jobs: int,
-                         reused: dict[tuple, dict]) -> None:
-    """Compile in worker processes; ``reused`` holds the (op, dtype, T, H) whose reference is not timed."""
+_gpu_lock: Any = contextlib.nullcontext()  # held while a worker measures: one row at a time on the GPU
+_compiled: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}
+
+
+def _init_worker(lock: Any) -> None:
+    global _gpu_lock
+    _gpu_lock = lock
+    _configure_dynamo()
+
+
+def _configure_dynamo() -> None:
+    torch._dynamo.config.cache_size_limit = 4096  # one static compile per shape
+    torch._dynamo.config.accumulated_cache_size_limit = 1 << 16
+
+
+@functools.cache
+def _timer(reps: int) -> Timer:
+    return Timer(reps)
+
+
+def bench_shape(job: ShapeJob) -> dict:
+    """Compile the reference and our kernel for one shape, then, holding the GPU lock, measure its row.
+
+    The compiles (CPU-bound, with a few short launches) of other shapes overlap a row's timing;
+    the timings themselves never overlap.
+    """
+    spec, dtype = REGISTRY[job.op], getattr(torch, job.dtype)
+    static, dynamic = _compiled.setdefault(job.op, (torch.compile(spec.reference, dynamic=False),
+                                                     torch.compile(spec.reference)))
+    kwargs = spec.make_inputs(job.tokens, job.hidden, dtype, torch.device("cuda"))
+    if job.baseline is None:
+        static(**clone_kwargs(kwargs))
+        dynamic(**_mark_tokens_dynamic(kwargs, job.tokens))
+    spec.op(**clone_kwargs(kwargs))
+    torch.cuda.synchronize()
+    with _gpu_lock:
+        row = bench_row(spec, kwargs, job.tokens, job.hidden, dtype, _timer(job.reps), job.copy_gbps, static,
+                        dynamic, job.device_name, job.baseline)
+    del kwargs
+    torch.cuda.empty_cache()  # a worker keeps only the flush buffer between rows
+    return row
+
+
+def bench_shapes(jobs: list[ShapeJob], workers: int,
+                 measure: Callable[[ShapeJob], dict] = bench_shape) -> Iterator[dict]:
+    """``measure``'s rows in the order of ``jobs``; with several workers, in worker processes that hold
+    ``_gpu_lock`` while they measure."""
+    if workers <= 1:
+        _configure_dynamo()
+        yield from map(measure, jobs)
+        return
     import concurrent.futures
     import multiprocessing
 
-    from rich.progress import track
-
     context = multiprocessing.get_context("spawn")
-    work = [(spec.name, tokens, hidden, dtype_name, (spec.name, dtype_name, tokens, hidden) not in reused)
-            for spec, tokens, hidden in shapes]
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        for error in track(pool.map(_warm_static_compile, work), total=len(work),
-                           description="compiling torch.compile baselines and our kernels"):
-            if error:
-                print(f"warning: {error.splitlines()[0][:200]}")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                                initargs=(context.Lock(),)) as pool:
+        yield from pool.map(measure, jobs)
 
 
 def _call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[[], Any]:
@@ -110,11 +152,11 @@ def merge_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
     return sorted(kept + rows, key=lambda r: (list(REGISTRY).index(r["op"]), r["dtype"], r["H"], r["T"]))
 
 
-def bench_row(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, timer: Timer, copy_gbps: float,
-              compiled_static: Callable[..., Any], compiled_dynamic: Callable[..., Any], device_name: str,
-              baseline: dict | None = None) -> dict:
-    """One CSV row; ``baseline``, an earlier row of this shape, supplies the torch.compile times instead."""
-    kwargs = spec.make_inputs(tokens, hidden, dtype, torch.device("cuda"))
+def bench_row(spec: OpSpec, kwargs: dict[str, Any], tokens: int, hidden: int, dtype: torch.dtype, timer: Timer,
+              copy_gbps: float, compiled_static: Callable[..., Any], compiled_dynamic: Callable[..., Any],
+              device_name: str, baseline: dict | None) -> dict:
+    """One CSV row for ``kwargs`` (the shape's inputs); ``baseline``, an earlier row of this shape, supplies
+    the torch.compile times instead."""
     expected, ours = clone_kwargs(kwargs), clone_kwargs(kwargs)
     spec.reference(**expected)
     spec.op(**ours)
@@ -311,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_grid_arguments(parser)
     parser.add_argument("--reps", type=int, default=30, help="timed calls per measurement")
-    parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
-                        help="worker processes that pre-compile the per-shape torch.compile baselines and our kernels")
+    parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                        help="worker processes: each compiles its shapes' torch.compile baselines and our kernels "
+                             "while another measures its row (rows are measured one at a time); 1 runs all here")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--append", action="store_true",
                         help="keep the rows of an existing <device>.csv in --out that this run does not measure "
@@ -330,36 +373,33 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.progress import track
 
-    torch._dynamo.config.cache_size_limit = 4096
-    torch._dynamo.config.accumulated_cache_size_limit = 1 << 16
+    _configure_dynamo()
     dtype = getattr(torch, args.dtype)
     identity = dispatch.device_identity()
     label = torch.cuda.get_device_name()
-    timer = Timer(args.reps)
-    copy_gbps = copy_bandwidth_gbps(timer)
+    copy_gbps = copy_bandwidth_gbps(_timer(args.reps))
+    torch.cuda.empty_cache()  # the copy's 2 GiB, before the workers allocate
     print(f"{label}: copy bandwidth {copy_gbps:.0f} GB/s")
-    shapes = [(spec, t, h) for spec, hiddens, tokens in grid for h in hiddens for t in tokens]
+    single = next((s for s in specs  # the first single-launch op: only it is measured, on a quiet host
+                   if dispatch.launch_count(s, s.make_inputs(16, 4096, dtype, torch.device("cuda"))) == 1), None)
+    overhead = None if single is None else dispatch_overhead(single, 16, 4096, dtype)
+    print(f"host time per call: {overhead}")
     existing = args.out / f"{identity.name}.csv"
     earlier = read_rows(existing) if existing.exists() else []
     reused = {_row_key(r): r for r in earlier
               if args.reuse_baselines and r["torch"] == version("torch") and r["compile_us"] is not None}
-    if args.jobs > 1:
-        warm_static_compiles(shapes, args.dtype, args.jobs, reused)
-    compiled = {spec.name: (torch.compile(spec.reference, dynamic=False), torch.compile(spec.reference))
-                for spec in specs}
-    single = next((s for s in specs  # the first single-launch op: only it is measured
-                   if dispatch.launch_count(s, s.make_inputs(16, 4096, dtype, torch.device("cuda"))) == 1), None)
-    overhead = None if single is None else dispatch_overhead(single, 16, 4096, dtype)
-    print(f"host time per call: {overhead}")
+    jobs = [ShapeJob(spec.name, t, h, args.dtype, args.reps, copy_gbps, identity.name,
+                     reused.get((spec.name, args.dtype, t, h)))
+            for spec, hiddens, tokens in grid for h in hiddens for t in tokens]
     rows, drift = [], []
-    for index, (spec, tokens, hidden) in enumerate(track(shapes, description="benchmarking")):
-        static, dynamic = compiled[spec.name]
-        baseline = reused.get((spec.name, args.dtype, tokens, hidden))
-        rows.append(bench_row(spec, tokens, hidden, dtype, timer, copy_gbps, static, dynamic, identity.name, baseline))
-        if baseline is not None:
-            drift.append(rows[-1]["eager_us"] / baseline["eager_us"])
-        if index + 1 == len(shapes) or shapes[index + 1][0] is not spec:  # save after every op
-            write_results(merge_rows(earlier if args.append else [], rows), copy_gbps, identity.name, label, args.out, overhead)
+    for index, row in enumerate(track(bench_shapes(jobs, args.jobs), total=len(jobs), description="benchmarking")):
+        rows.append(row)
+        job = jobs[index]
+        if job.baseline is not None:
+            drift.append(row["eager_us"] / job.baseline["eager_us"])
+        if index + 1 == len(jobs) or jobs[index + 1].op != job.op:  # save after every op
+            write_results(merge_rows(earlier if args.append else [], rows), copy_gbps, identity.name, label,
+                          args.out, overhead)
     print((args.out / f"{identity.name}.md").read_text())
     if drift:
         print(f"torch.compile times reused in {len(drift)} rows; eager, timed again, is {geomean(drift):.3f}x "

@@ -116,6 +116,18 @@ def test_bench_prints_a_correctness_table_without_gpu(capsys, monkeypatch) -> No
     assert out.count("| ok ") == 4 and "MISMATCH" not in out
 
 
+def test_bench_workers_return_rows_in_order_and_measure_one_at_a_time() -> None:
+    import bench_workers
+
+    jobs = [bench.ShapeJob("rms_norm", t, 4096, "bfloat16", 1, 1.0, "cpu_test", None) for t in range(6)]
+    rows = list(bench.bench_shapes(jobs, 2, bench_workers.measure))
+    assert [r["T"] for r in rows] == list(range(6))
+    assert len({r["pid"] for r in rows}) == 2
+    spans = sorted((r["start"], r["end"]) for r in rows)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+    assert [r["T"] for r in bench.bench_shapes(jobs[:2], 1, bench_workers.measure)] == [0, 1]
+
+
 def test_bench_merge_keeps_earlier_rows_not_measured_again() -> None:
     """A run cut short (or split by --ops) keeps the earlier rows of every shape it did not measure."""
     def row(op: str, tokens: int, us: float) -> dict:
