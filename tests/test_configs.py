@@ -90,11 +90,11 @@ def test_config_entry_generates_code(path: Path, index: int) -> None:
 
 
 @pytest.mark.parametrize("spec", spec_params())
-def test_default_and_seed_configs_generate_code(spec: OpSpec) -> None:
+def test_default_seed_and_search_configs_generate_code(spec: OpSpec) -> None:
     hidden = spec.hidden_sizes[0]
     configs = {json.dumps(dict(spec.default_config(hidden)), sort_keys=True): spec.default_config(hidden)}
     for tokens in spec.token_counts:
-        for config in spec.seed_configs(hidden, tokens):
+        for config in spec.seed_configs(hidden, tokens) + spec.search_configs(hidden, tokens):
             configs.setdefault(json.dumps(dict(config), sort_keys=True), config)
     for config in configs.values():
         _assert_generates_code(spec.name, hidden, torch.bfloat16, config)

@@ -355,7 +355,14 @@ def _tuning(flavour: Quant):
         group = group_of(hidden)
         if hidden // group == 1:
             return [_tile(hidden, group, 1, hidden, 4 if hidden > 4096 else 16)]
-        return [_tile(hidden, group, 2 if tokens >= 2 else 1, 8192, 8)]
+        # tiles of 512-8192 elements with 4-32 of them a thread, each also with the groups
+        # dimension fastest across programs (loop_orders [[1, 0]]): consecutive programs then
+        # walk along a row, the order of Inductor's flat pointwise kernels, where the default
+        # sends them down the tokens
+        tiles = [_tile(hidden, group, 1, elements, warps) for elements in (512, 1024, 2048, 4096, 8192)
+                 for warps in (1, 2, 4, 8) if 4 <= elements // (32 * warps) <= 32]
+        tiles.append(_tile(hidden, group, 2 if tokens >= 2 else 1, 8192, 8))
+        return [variant for tile in tiles for variant in (tile, helion.Config(**tile.config, loop_orders=[[1, 0]]))]
 
     return default_config, seed_configs, search_configs
 
