@@ -1,7 +1,8 @@
 """``python -m perf.bench`` (``make bench``): eager vs torch.compile vs ours, per op and shape.
 
-One process per device. For each op and (T, H) of its grid it times the GPU work, with L2
-flushed before every call and the GPU kept busy while the host enqueues it (median of many):
+One run per device. For each op and (T, H) of its grid it times the GPU work, with L2
+flushed before every call and the GPU kept busy while the host enqueues it (median of many);
+worker processes compile the shapes in parallel and measure them one at a time:
 
 * ``eager``: the op's reference (the unfused composite) run eagerly;
 * ``compile``: ``torch.compile(reference, dynamic=False)``, compiled for this shape;
