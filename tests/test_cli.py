@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -186,3 +187,50 @@ def test_sass_report_counts_instructions_and_calls(tmp_path) -> None:
     text = (tmp_path / "static_scaled_fp8_quant_T16_H1024_sm90.sass").read_text()
     assert report.calls == text.count("CALL.")
     assert sum(count for _, count in report.mix) <= report.instructions
+
+
+
+def test_timer_drops_calls_that_host_time_got_into_and_sleeps_longer(monkeypatch) -> None:
+    """CPU stand-ins for the CUDA calls: each timed call is late (its sleep ended before the host had
+    enqueued it) or not, as ``late`` says; late calls take 1 ms, the others 2 us."""
+    from helion_fusions import testing
+
+    late: list[bool] = []
+    sleeps: list[int] = []
+    timed: list[Any] = []
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            self.ms = 0.0
+            if enable_timing:
+                timed.append(self)
+
+        def record(self) -> None:
+            pass
+
+        def query(self) -> bool:  # only the event after the sleep is queried
+            return late[len(sleeps) - 1]
+
+        def elapsed_time(self, end: Any) -> float:
+            return end.ms
+
+    def fn() -> None:
+        if sleeps:  # a timed call (not a warm-up): its end event is the newest
+            timed[-1].ms = 1.0 if late[len(sleeps) - 1] else 0.002
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", sleeps.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    timer = object.__new__(testing.Timer)
+    timer.reps, timer.flush_buffer = 3, torch.empty(8, dtype=torch.uint8)
+
+    late[:] = [True, False, True, False, False]
+    assert timer.eager(fn) == pytest.approx(2.0)  # microseconds: the late calls are not counted
+    cycles = testing.SLEEP_CYCLES
+    assert sleeps == [cycles, 2 * cycles, 2 * cycles, 4 * cycles, 4 * cycles]
+
+    sleeps.clear()
+    late[:] = [True] * 9
+    with pytest.warns(UserWarning, match="include host time"):
+        assert timer.eager(fn) == pytest.approx(1000.0)
+    assert len(sleeps) == 3 * timer.reps and sleeps[-1] == testing.MAX_SLEEP_CYCLES
