@@ -79,7 +79,6 @@ class ShapeJob:
 
 
 _gpu_lock: Any = contextlib.nullcontext()  # held while a worker measures: one row at a time on the GPU
-_compiled: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}
 
 
 def _init_worker(lock: Any) -> None:
@@ -98,6 +97,13 @@ def _timer(reps: int) -> Timer:
     return Timer(reps)
 
 
+@functools.cache
+def _compiled_references(op: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``torch.compile`` of the op's reference, static (one compile per shape) and with a dynamic T."""
+    reference = REGISTRY[op].reference
+    return torch.compile(reference, dynamic=False), torch.compile(reference)
+
+
 def bench_shape(job: ShapeJob) -> dict:
     """Compile the reference and our kernel for one shape, then, holding the GPU lock, measure its row.
 
@@ -105,8 +111,7 @@ def bench_shape(job: ShapeJob) -> dict:
     the timings themselves never overlap.
     """
     spec, dtype = REGISTRY[job.op], getattr(torch, job.dtype)
-    static, dynamic = _compiled.setdefault(job.op, (torch.compile(spec.reference, dynamic=False),
-                                                     torch.compile(spec.reference)))
+    static, dynamic = _compiled_references(job.op)
     kwargs = spec.make_inputs(job.tokens, job.hidden, dtype, torch.device("cuda"))
     if job.baseline is None:
         static(**clone_kwargs(kwargs))
@@ -168,11 +173,11 @@ def bench_row(spec: OpSpec, kwargs: dict[str, Any], tokens: int, hidden: int, dt
                            "launches": dispatch.launch_count(spec, clone_kwargs(kwargs))}
     # read-and-written tensors (residuals) are updated in place by every call; the work is the same
     row["eager_us"] = timer.eager(_call(spec.reference, clone_kwargs(kwargs)))
-    static_kwargs = clone_kwargs(kwargs)
     row["compile_reused"] = int(baseline is not None)
     if baseline is not None:
         row.update({column: baseline[column] for column in _COMPILE_COLUMNS})
     else:
+        static_kwargs = clone_kwargs(kwargs)
         row["compile_us"] = timer.eager(_call(compiled_static, static_kwargs))
         row["compile_dynamic_us"] = timer.eager(_call(compiled_dynamic, _mark_tokens_dynamic(kwargs, tokens)))
     ours_kwargs = clone_kwargs(kwargs)
@@ -374,7 +379,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.progress import track
 
-    _configure_dynamo()
     dtype = getattr(torch, args.dtype)
     identity = dispatch.device_identity()
     label = torch.cuda.get_device_name()
