@@ -25,7 +25,7 @@ bench: $(DEPS)
 	$(PY) -m perf.bench $(ARGS)
 
 autotune: $(DEPS)
-	$(PY) -m helion_fusions.autotune $(ARGS)
+	$(PY) -m helion_fusions.tools.autotune $(ARGS)
 
 sass: $(DEPS)
 	$(PY) -m perf.sass $(ARGS)

@@ -16,10 +16,9 @@ writes) return None::
 
 from __future__ import annotations
 
-from helion_fusions.kernels import rms_norm as _rms_norm  # noqa: F401  (importing a family registers its ops)
-from helion_fusions.kernels import rope as _rope  # noqa: F401
-from helion_fusions.kernels import silu_mul as _silu_mul  # noqa: F401
-from helion_fusions.registry import REGISTRY, allocating_function
+import helion_fusions.ops  # noqa: F401  (importing the families registers their ops)
+from helion_fusions.runtime.library import allocating_function
+from helion_fusions.runtime.registry import REGISTRY
 
 globals().update({name: allocating_function(spec) for name, spec in REGISTRY.items()})
 __all__ = sorted(REGISTRY)

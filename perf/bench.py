@@ -33,19 +33,33 @@ from typing import Any, Callable, Iterator
 import torch
 from tabulate import tabulate
 
-from helion_fusions import REGISTRY, dispatch
-from helion_fusions.cli import add_grid_arguments, selected_grid
-from helion_fusions.registry import OpSpec
-from helion_fusions.testing import Timer, captured_launch, clone_kwargs, compare_outputs, outputs_ok
+import helion_fusions.ops  # noqa: F401  (registers the ops)
+from helion_fusions.runtime import dispatch
+from helion_fusions.runtime.device import device_identity
+from helion_fusions.runtime.launcher import captured_launch
+from helion_fusions.runtime.registry import (
+    REGISTRY,
+    OpSpec,
+    Shape,
+    normalize_call,
+    shape_text,
+)
+from helion_fusions.tools.cli import add_grid_arguments, selected_grid
+from helion_fusions.tools.testing import (
+    Timer,
+    clone_kwargs,
+    compare_outputs,
+    outputs_ok,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRAPH_MAX_TOKENS = 256
-COLUMNS = ["device", "op", "dtype", "T", "H", "bytes", "eager_us", "compile_us", "compile_dynamic_us", "ours_us",
+COLUMNS = ["device", "op", "dtype", "shape", "T", "H", "bytes", "eager_us", "compile_us", "compile_dynamic_us", "ours_us",
            "ours_graph_us", "compile_graph_us", "gbps", "pct_copy_bw", "speedup_vs_compile", "flips", "launches",
-           "copy_gbps", "helion", "triton", "torch", "kernel_hash", "compile_reused", "repro"]
+           "host_us", "host_kw_us", "launch_us", "copy_gbps", "helion", "triton", "torch", "kernel_hash", "compile_reused", "repro"]
 _INT_COLUMNS = {"T", "H", "bytes", "flips", "launches", "compile_reused"}
 _COMPILE_COLUMNS = ("compile_us", "compile_dynamic_us", "compile_graph_us")
-_TEXT_COLUMNS = {"device", "op", "dtype", "helion", "triton", "torch", "kernel_hash", "repro"}
+_TEXT_COLUMNS = {"device", "op", "dtype", "shape", "helion", "triton", "torch", "kernel_hash", "repro"}
 
 
 def copy_bandwidth_gbps(timer: Timer) -> float:
@@ -69,8 +83,7 @@ def _mark_tokens_dynamic(kwargs: dict[str, Any], tokens: int) -> dict[str, Any]:
 class ShapeJob:
     """One row to measure, as a worker receives it."""
     op: str
-    tokens: int
-    hidden: int
+    shape: dict[str, int]
     dtype: str
     reps: int
     copy_gbps: float
@@ -112,14 +125,14 @@ def bench_shape(job: ShapeJob) -> dict:
     """
     spec, dtype = REGISTRY[job.op], getattr(torch, job.dtype)
     static, dynamic = _compiled_references(job.op)
-    kwargs = spec.make_inputs(job.tokens, job.hidden, dtype, torch.device("cuda"))
+    kwargs = spec.make_inputs(job.shape, dtype, torch.device("cuda"))
     if job.baseline is None:
         static(**clone_kwargs(kwargs))
-        dynamic(**_mark_tokens_dynamic(kwargs, job.tokens))
+        dynamic(**_mark_tokens_dynamic(kwargs, job.shape.get("T", 0)))
     spec.op(**clone_kwargs(kwargs))
     torch.cuda.synchronize()
     with _gpu_lock:
-        row = bench_row(spec, kwargs, job.tokens, job.hidden, dtype, _timer(job.reps), job.copy_gbps, static,
+        row = bench_row(spec, kwargs, job.shape, dtype, _timer(job.reps), job.copy_gbps, static,
                         dynamic, job.device_name, job.baseline)
     del kwargs
     torch.cuda.empty_cache()  # a worker keeps only the flush buffer between rows
@@ -148,28 +161,29 @@ def _call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[[], Any]:
 
 
 def _row_key(row: dict) -> tuple:
-    return row["op"], row["dtype"], row["T"], row["H"]
+    return row["op"], row["dtype"], row["shape"]
 
 
 def merge_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
     """``rows`` plus the ``earlier`` rows of shapes they do not measure again, in registry and grid order."""
     measured = {_row_key(r) for r in rows}
     kept = [r for r in earlier if _row_key(r) not in measured]
-    return sorted(kept + rows, key=lambda r: (list(REGISTRY).index(r["op"]), r["dtype"], r["H"], r["T"]))
+    return sorted(kept + rows, key=lambda r: (list(REGISTRY).index(r["op"]), r["dtype"], r["H"] or 0, r["T"] or 0))
 
 
-def bench_row(spec: OpSpec, kwargs: dict[str, Any], tokens: int, hidden: int, dtype: torch.dtype, timer: Timer,
+def bench_row(spec: OpSpec, kwargs: dict[str, Any], shape: Shape, dtype: torch.dtype, timer: Timer,
               copy_gbps: float, compiled_static: Callable[..., Any], compiled_dynamic: Callable[..., Any],
               device_name: str, baseline: dict | None) -> dict:
     """One CSV row for ``kwargs`` (the shape's inputs); ``baseline``, an earlier row of this shape, supplies
     the torch.compile times instead."""
+    tokens = shape.get("T", 0)
     expected, ours = clone_kwargs(kwargs), clone_kwargs(kwargs)
     spec.reference(**expected)
     spec.op(**ours)
     comparisons = compare_outputs(spec.mutated_args, ours, expected)
     flips = sum(c.flips + c.worse for c in comparisons.values())
     row: dict[str, Any] = {"device": device_name, "op": spec.name, "dtype": str(dtype).removeprefix("torch."),
-                           "T": tokens, "H": hidden, "bytes": spec.bytes_moved(kwargs), "flips": flips,
+                           "shape": shape_text(shape), "T": shape.get("T"), "H": shape.get("H"), "bytes": spec.bytes_moved(kwargs), "flips": flips,
                            "launches": dispatch.launch_count(spec, clone_kwargs(kwargs))}
     # read-and-written tensors (residuals) are updated in place by every call; the work is the same
     row["eager_us"] = timer.eager(_call(spec.reference, clone_kwargs(kwargs)))
@@ -191,7 +205,7 @@ def bench_row(spec: OpSpec, kwargs: dict[str, Any], tokens: int, hidden: int, dt
             row["compile_graph_us"] = timer.graph(_call(compiled_static, static_kwargs))
         except RuntimeError as error:  # a baseline that syncs cannot be captured: reported, not fatal
             torch.cuda.synchronize()
-            print(f"warning: {spec.name} T={tokens} H={hidden}: torch.compile baseline not capturable: "
+            print(f"warning: {spec.name} {shape_text(shape)}: torch.compile baseline not capturable: "
                   f"{str(error).splitlines()[0][:160]}")
             row["compile_graph_us"] = float("nan")
     row["gbps"] = row["bytes"] / row["ours_us"] / 1e3
@@ -200,19 +214,33 @@ def bench_row(spec: OpSpec, kwargs: dict[str, Any], tokens: int, hidden: int, dt
     row["copy_gbps"] = copy_gbps
     row.update({name: version(name) for name in ("helion", "triton", "torch")})
     row["kernel_hash"] = dispatch.spec_hash(spec)  # the kernel source measured (as in configs/)
-    row["repro"] = f"python -m perf.bench --ops {spec.name} --tokens {tokens} --hidden {hidden} --dtype {row['dtype']}"
+    row["repro"] = f"python -m perf.bench --ops {spec.name} --shape {shape_text(shape)} --dtype {row['dtype']}"
     return row
 
 
-def dispatch_overhead(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, calls: int = 2000) -> dict:
-    """Host microseconds per call: through torch.ops, the compiled Helion function, and a raw Triton launch."""
+HOST_TOKENS = 16
+
+
+def host_shape(spec: OpSpec) -> dict[str, int]:
+    """Where host time is measured: T=16 (launch-bound on any GPU), model dims nearest 4096."""
+    return {d.name: HOST_TOKENS if d.bucketed else min(d.grid, key=lambda v: (abs(math.log(v / 4096)), v))
+            for d in spec.problem}
+
+
+def host_times(spec: OpSpec, dtype: torch.dtype, calls: int = 2000) -> dict[str, float]:
+    """Host microseconds per repeat call at :func:`host_shape`, outside CUDA graphs (the GPU idles, so the
+    host sets the pace): ``host_us`` as Inductor's wrapper calls the op (``.default``, positional),
+    ``host_kw_us`` through ``torch.ops`` with keywords, and ``launch_us`` the raw Triton launches of the same
+    compiled kernels (``kernel[grid](...)``, arguments laid out beforehand)."""
     import time
 
-    kwargs = spec.make_inputs(tokens, hidden, dtype, torch.device("cuda"))
-    spec.op(**kwargs)
-    (launch,) = spec.prepare(**kwargs)  # measured on single-launch ops
-    compiled = next(fn for key, fn in dispatch._compiled.items() if key[0] == spec.name and key[1] == launch.key)
-    kernel, grid, args, options = captured_launch(compiled, launch.args)
+    kwargs = spec.make_inputs(host_shape(spec), dtype, torch.device("cuda"))
+    positional = tuple(normalize_call(spec, (), kwargs).values())
+    spec.op.default(*positional)  # compiles, and lays out the plan
+    raw = []
+    for launch in spec.prepare(**kwargs):
+        kernel, grid, args, options = captured_launch(dispatch.compiled_kernel(spec, launch), launch.args)
+        raw.append(functools.partial(kernel[grid], *args, **options))
 
     def per_call(fn: Callable[[], Any]) -> float:
         for _ in range(50):
@@ -225,14 +253,23 @@ def dispatch_overhead(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype
         torch.cuda.synchronize()
         return 1e6 * elapsed / calls
 
-    result = {
-        "torch_op_us": per_call(lambda: spec.op(**kwargs)),
-        "helion_fn_us": per_call(lambda: compiled(*launch.args)),
-        "raw_triton_us": per_call(lambda: kernel[grid](*args, **options)),
-    }
-    result["overhead_us"] = result["torch_op_us"] - result["raw_triton_us"]
-    result["op"] = spec.name
-    return result
+    default = spec.op.default
+    return {"host_us": per_call(lambda: default(*positional)),
+            "host_kw_us": per_call(lambda: spec.op(**kwargs)),
+            "launch_us": per_call(lambda: [launch() for launch in raw])}
+
+
+def add_host_times(rows: list[dict], host: dict[str, dict[str, float]], dtype: str) -> list[str]:
+    """Put each op's host times on its row at :func:`host_shape`; returns the ops that have no such row."""
+    missing = []
+    for op, times in host.items():
+        key = (op, dtype, shape_text(host_shape(REGISTRY[op])))
+        row = next((r for r in rows if _row_key(r) == key), None)
+        if row is None:
+            missing.append(op)
+        else:
+            row.update(times)
+    return missing
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -245,7 +282,10 @@ def read_rows(path: Path) -> list[dict]:
         return int(value) if column in _INT_COLUMNS else float(value)
 
     with open(path, newline="") as handle:
-        return [{column: typed(column, row.get(column)) for column in COLUMNS} for row in csv.DictReader(handle)]
+        rows = [{column: typed(column, row.get(column)) for column in COLUMNS} for row in csv.DictReader(handle)]
+    for row in rows:  # files written before problem keys had T and H only
+        row["shape"] = row["shape"] or f"T={row['T']},H={row['H']}"
+    return rows
 
 
 def geomean(values: list[float]) -> float:
@@ -295,8 +335,23 @@ def summary(rows: list[dict], copy_gbps: float) -> list[str]:
     return lines
 
 
-def write_results(rows: list[dict], copy_gbps: float, device_name: str, device_label: str, out: Path,
-                  overhead: dict | None = None) -> None:
+def host_table(rows: list[dict]) -> list[str]:
+    """The rows that carry host times, as a markdown table with how far each op is above its raw launch."""
+    timed = [r for r in rows if r["host_us"] is not None]
+    if not timed:
+        return []
+    shown = [[r["op"], r["shape"], r["launches"], r["host_us"], r["host_kw_us"], r["launch_us"],
+              r["host_us"] - r["launch_us"]] for r in timed]
+    over = max(r["host_us"] - r["launch_us"] for r in timed)
+    return ["", "## Host time per call (outside CUDA graphs)", "",
+            "`host_us`: `torch.ops.helion_fusions.<op>.default` with positional arguments, as Inductor's wrapper "
+            "calls it; `host_kw_us`: keyword arguments; `launch_us`: the raw Triton launch(es) of the same compiled "
+            f"kernel(s). Largest host_us - launch_us: {over:.1f} us.", "",
+            tabulate(shown, headers=["op", "shape", "launches", "host_us", "host_kw_us", "launch_us",
+                                     "host - launch"], floatfmt=".1f", tablefmt="github")]
+
+
+def write_results(rows: list[dict], copy_gbps: float, device_name: str, device_label: str, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{device_name}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
@@ -309,11 +364,8 @@ def write_results(rows: list[dict], copy_gbps: float, device_name: str, device_l
                       f"helion {rows[0]['helion']}, triton {rows[0]['triton']}, torch {rows[0]['torch']}; "
                       f"dtype {rows[0]['dtype']}; times in us, medians with L2 flushed; written by `make bench`.", "",
                       *[f"- {line}" for line in summary(rows, copy_gbps)],
-                      *([f"- host time per call ({overhead['op']}, T=16, H=4096, outside graphs): torch.ops "
-                         f"{overhead['torch_op_us']:.1f} us, Helion compiled function {overhead['helion_fn_us']:.1f} us, "
-                         f"raw Triton launch {overhead['raw_triton_us']:.1f} us; dispatch overhead "
-                         f"{overhead['overhead_us']:.1f} us"] if overhead else []),
-                      "", table, ""])
+                      *host_table(rows),
+                      "", "## All rows", "", table, ""])
     (out / f"{device_name}.md").write_text(text)
     try:
         import matplotlib
@@ -340,7 +392,8 @@ def cpu_correctness(specs: list[OpSpec]) -> int:
     rows, failures = [], 0
     for spec in specs:
         for tokens, hidden in ((1, 256), (7, 1024)):
-            kwargs = spec.make_inputs(tokens, hidden, torch.bfloat16, torch.device("cpu"))
+            shape = {d.name: tokens if d.bucketed else hidden for d in spec.problem}
+            kwargs = spec.make_inputs(shape, torch.bfloat16, torch.device("cpu"))
             expected, ours = clone_kwargs(kwargs), clone_kwargs(kwargs)
             spec.reference(**expected)
             with dispatch.interpreting():
@@ -348,10 +401,10 @@ def cpu_correctness(specs: list[OpSpec]) -> int:
             results = compare_outputs(spec.mutated_args, ours, expected)
             ok = outputs_ok(results)
             failures += not ok
-            rows.append([spec.name, tokens, hidden, "; ".join(f"{n}: {r}" for n, r in results.items()),
+            rows.append([spec.name, shape_text(shape), "; ".join(f"{n}: {r}" for n, r in results.items()),
                          "ok" if ok else "MISMATCH"])
     print("No CUDA device: correctness of the Helion kernels (interpret mode) against the references")
-    print(tabulate(rows, headers=["op", "T", "H", "comparison", "status"], tablefmt="github"))
+    print(tabulate(rows, headers=["op", "shape", "comparison", "status"], tablefmt="github"))
     return 1 if failures else 0
 
 
@@ -371,40 +424,52 @@ def main(argv: list[str] | None = None) -> int:
                              "shape, dtype and torch version instead of compiling the references again (a quick "
                              "rerun after a change to our kernels only); eager is timed again. Launch-bound rows "
                              "carry the other run's launch latency: a full run is the reference")
+    parser.add_argument("--host-only", action="store_true",
+                        help="measure only the host time per call of each selected op and write it into the "
+                             "existing <device>.csv rows (host_us, host_kw_us, launch_us)")
     args = parser.parse_args(argv)
     grid = selected_grid(parser, args)
-    specs = [spec for spec, _, _ in grid]
+    specs = [spec for spec, _ in grid]
     if not torch.cuda.is_available():
         return cpu_correctness(specs)
 
     from rich.progress import track
 
     dtype = getattr(torch, args.dtype)
-    identity = dispatch.device_identity()
+    identity = device_identity()
     label = torch.cuda.get_device_name()
     copy_gbps = copy_bandwidth_gbps(_timer(args.reps))
     torch.cuda.empty_cache()  # the copy's 2 GiB, before the workers allocate
     print(f"{label}: copy bandwidth {copy_gbps:.0f} GB/s")
-    single = next((s for s in specs  # the first single-launch op: only it is measured, on a quiet host
-                   if dispatch.launch_count(s, s.make_inputs(16, 4096, dtype, torch.device("cuda"))) == 1), None)
-    overhead = None if single is None else dispatch_overhead(single, 16, 4096, dtype)
-    print(f"host time per call: {overhead}")
+    host = {}  # measured first, on a quiet host
+    for spec in track(specs, description="host time per call"):
+        host[spec.name] = host_times(spec, dtype)
+        print(f"{spec.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in host[spec.name].items()))
     existing = args.out / f"{identity.name}.csv"
     earlier = read_rows(existing) if existing.exists() else []
+    if args.host_only:
+        missing = add_host_times(earlier, host, args.dtype)
+        if missing:
+            print(f"no row at the host-time shape in {existing} for: {', '.join(missing)}")
+        write_results(earlier, copy_gbps, identity.name, label, args.out)
+        print("\n".join(host_table(earlier)))
+        return 0
     reused = {_row_key(r): r for r in earlier
               if args.reuse_baselines and r["torch"] == version("torch") and r["compile_us"] is not None}
-    jobs = [ShapeJob(spec.name, t, h, args.dtype, args.reps, copy_gbps, identity.name,
-                     reused.get((spec.name, args.dtype, t, h)))
-            for spec, hiddens, tokens in grid for h in hiddens for t in tokens]
+    jobs = [ShapeJob(spec.name, shape, args.dtype, args.reps, copy_gbps, identity.name,
+                     reused.get((spec.name, args.dtype, shape_text(shape))))
+            for spec, shapes in grid for shape in shapes]
     rows, drift = [], []
     for index, row in enumerate(track(bench_shapes(jobs, args.jobs), total=len(jobs), description="benchmarking")):
+        add_host_times([row], {row["op"]: host[row["op"]]} if row["shape"] == shape_text(
+            host_shape(REGISTRY[row["op"]])) else {}, args.dtype)
         rows.append(row)
         job = jobs[index]
         if job.baseline is not None:
             drift.append(row["eager_us"] / job.baseline["eager_us"])
         if index + 1 == len(jobs) or jobs[index + 1].op != job.op:  # save after every op
             write_results(merge_rows(earlier if args.append else [], rows), copy_gbps, identity.name, label,
-                          args.out, overhead)
+                          args.out)
     print((args.out / f"{identity.name}.md").read_text())
     if drift:
         print(f"torch.compile times reused in {len(drift)} rows; eager, timed again, is {geomean(drift):.3f}x "

@@ -1,7 +1,7 @@
 """``python -m perf.sass`` (``make sass``): what a kernel compiles to, on a machine without a GPU.
 
-For each op (all by default) and shape (each hidden size of the op's grid at T = 4096 unless
-``--hidden`` / ``--tokens`` say otherwise) it binds the op's Helion kernel to CPU inputs, generates the Triton
+For each op (all by default) and shape (each model-dim value of the op's grid at T = 4096 unless
+``--shape`` says otherwise) it binds the op's Helion kernel to CPU inputs, generates the Triton
 code of a config (the one shipped for ``--device``, else the architecture default),
 compiles it for ``--arch`` (sm_90 by default) with Triton's own compiler and ptxas, and
 reports the registers, stack and spill bytes, the SASS instruction count per thread and
@@ -29,10 +29,13 @@ from rich.progress import track
 from tabulate import tabulate
 from triton.backends.compiler import GPUTarget
 
-from helion_fusions import config_store, dispatch
-from helion_fusions.cli import add_grid_arguments, selected_grid
-from helion_fusions.registry import OpSpec
-from helion_fusions.testing import captured_launch, code_generator
+import helion_fusions.ops  # noqa: F401  (registers the ops)
+from helion_fusions.runtime import config_store, dispatch
+from helion_fusions.runtime.device import DeviceIdentity
+from helion_fusions.runtime.launcher import captured_launch
+from helion_fusions.runtime.registry import OpSpec, Shape, shape_text
+from helion_fusions.tools.cli import add_grid_arguments, selected_grid
+from helion_fusions.tools.testing import code_generator
 
 _TRITON_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64",
                  torch.uint8: "*u8", torch.int8: "*i8", torch.int32: "*i32", torch.int64: "*i64",
@@ -44,8 +47,7 @@ _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 @dataclasses.dataclass
 class Report:
     op: str
-    tokens: int
-    hidden: int
+    shape: str
     registers: int
     stack_bytes: int
     local_bytes: int
@@ -84,20 +86,20 @@ def _cuobjdump(*args: str) -> str:
     return subprocess.run([str(tool), *args], check=True, capture_output=True, text=True).stdout
 
 
-def compile_report(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, config: helion.Config, arch: int,
+def compile_report(spec: OpSpec, shape: Shape, dtype: torch.dtype, config: helion.Config, arch: int,
                    out: Path, num_sm: int = 132) -> Report:
     """Compile the op's (last) launch for this shape and config to SASS, and summarize it.
 
     A persistent config's host code asks for the GPU's multiprocessor count, which CPU tensors
     do not have: ``num_sm`` stands in (132 on an H100 SXM and an H200)."""
-    launch = spec.prepare(**spec.make_inputs(tokens, hidden, dtype, torch.device("cpu")))[-1]
+    launch = spec.prepare(**spec.make_inputs(shape, dtype, torch.device("cpu")))[-1]
     bound = code_generator(launch.kernel).bind(launch.args)
     with mock.patch.object(helion.runtime, "get_num_sm", lambda device, **_: num_sm):
         kernel, _, args, options = captured_launch(bound.compile_config(config), launch.args)
     compiled = triton.compile(_ast_source(kernel, args), target=GPUTarget("cuda", arch, 32),
                               options={k: options[k] for k in ("num_warps", "num_stages") if k in options})
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{spec.name}_T{tokens}_H{hidden}_sm{arch}"
+    stem = out / f"{spec.name}_{'_'.join(f'{k}{v}' for k, v in shape.items())}_sm{arch}"
     stem.with_suffix(".cubin").write_bytes(compiled.asm["cubin"])
     sass = _cuobjdump("-sass", str(stem.with_suffix(".cubin")))
     stem.with_suffix(".sass").write_text(sass)
@@ -106,12 +108,12 @@ def compile_report(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, c
         raise RuntimeError(f"{spec.name}: cuobjdump reported no resource usage for {stem}.cubin")
     opcodes = [m.group(1) for m in map(_INSTRUCTION.match, sass.splitlines()) if m and m.group(1) != "NOP"]
     mix = collections.Counter(opcode.split(".")[0] for opcode in opcodes)
-    return Report(op=spec.name, tokens=tokens, hidden=hidden, registers=int(resources[1]),
+    return Report(op=spec.name, shape=shape_text(shape), registers=int(resources[1]),
                   stack_bytes=int(resources[2]), local_bytes=int(resources[4]), instructions=len(opcodes),
                   calls=mix["CALL"], mix=mix.most_common(6))
 
 
-def shipped_config(spec: OpSpec, device: str, family: str, dtype: torch.dtype, hidden: int, tokens: int,
+def shipped_config(spec: OpSpec, device: str, family: str, dtype: torch.dtype, shape: Shape,
                    stale_ok: bool = False) -> tuple[helion.Config, str]:
     """The config a GPU called ``device`` would run for this shape (fallback chain included), and its source.
 
@@ -119,13 +121,13 @@ def shipped_config(spec: OpSpec, device: str, family: str, dtype: torch.dtype, h
     can be compared with the same configs before they are tuned again."""
     if stale_ok:
         path = config_store.config_root() / device / f"{spec.name}.json"
-        file = config_store.load(path, spec.name, None, spec.config_problem)
+        file = config_store.load(path, spec.name, spec.dim_names, None, spec.config_problem)
     else:
-        file = dispatch.resolve_config_file(spec, dispatch.DeviceIdentity(device, family, torch.float8_e4m3fn))
+        file = dispatch.resolve_config_file(spec, DeviceIdentity(device, family, torch.float8_e4m3fn))
     if file is None:
-        return spec.default_config(hidden), "architecture default"
-    entry = file.pick(dtype, hidden, tokens, dispatch.batch_invariant())
-    return helion.Config(**entry.config), f"{file.path.parent.name} H={entry.hidden} T<={entry.tokens}"
+        return spec.default_config(shape), "architecture default"
+    entry = file.pick(dtype, dict(shape), spec.problem, dispatch.batch_invariant())
+    return helion.Config(**entry.config), f"{file.path.parent.name} {shape_text(entry.shape)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,19 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stale-ok", action="store_true",
                         help="compile the device's configs even if they were tuned for another kernel source")
     parser.add_argument("--out", type=Path, default=Path("build") / "sass")
-    parser.set_defaults(tokens="4096")  # one large shape per hidden size unless --tokens says otherwise
+    parser.set_defaults(shape=["T=4096"])  # one large shape per model dims unless --shape says otherwise
     args = parser.parse_args(argv)
     grid = selected_grid(parser, args)
     dtype = getattr(torch, args.dtype)
-    shapes = [(spec, tokens, hidden) for spec, hiddens, token_counts in grid for hidden in hiddens
-              for tokens in token_counts]
+    shapes = [(spec, shape) for spec, op_shapes in grid for shape in op_shapes]
     rows = []
-    for spec, tokens, hidden in track(shapes, description="compiling", transient=True):
-        config, source = shipped_config(spec, args.device, args.family, dtype, hidden, tokens, args.stale_ok)
-        report = compile_report(spec, tokens, hidden, dtype, config, args.arch, args.out, args.num_sm)
-        rows.append([report.op, tokens, hidden, source, report.registers, report.stack_bytes, report.local_bytes,
+    for spec, shape in track(shapes, description="compiling", transient=True):
+        config, source = shipped_config(spec, args.device, args.family, dtype, shape, args.stale_ok)
+        report = compile_report(spec, shape, dtype, config, args.arch, args.out, args.num_sm)
+        rows.append([report.op, report.shape, source, report.registers, report.stack_bytes, report.local_bytes,
                      report.instructions, report.calls, " ".join(f"{op}:{count}" for op, count in report.mix)])
-    print(tabulate(rows, headers=["op", "T", "H", "config", "regs", "stack", "local", "instructions", "calls",
+    print(tabulate(rows, headers=["op", "shape", "config", "regs", "stack", "local", "instructions", "calls",
                                   "most frequent"], tablefmt="github"))
     print(f"SASS in {args.out}/")
     return 0

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import helion_fusions
-from helion_fusions import dispatch
-from helion_fusions.kernels import quant
-from helion_fusions.registry import REGISTRY, OpSpec
-from helion_fusions.testing import clone_kwargs, compare_outputs, outputs_ok, poisoned
+from helion_fusions.runtime import dispatch
+from helion_fusions import quant
+from helion_fusions.runtime.registry import REGISTRY, OpSpec
+from helion_fusions.tools.testing import clone_kwargs, compare_outputs, outputs_ok, poisoned
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
@@ -51,8 +51,7 @@ def batch_invariant() -> Iterable[None]:
 
 
 def _clear_config_caches() -> None:
-    dispatch._config_files.cache_clear()
-    dispatch._warned.clear()
+    dispatch.reset()
 
 
 @pytest.fixture
@@ -92,7 +91,7 @@ def spec_params(names: Iterable[str] | None = None) -> list[Any]:
 
 @functools.cache
 def _sample_inputs(spec: OpSpec) -> dict[str, Any]:
-    return spec.make_inputs(1, 256, torch.bfloat16, torch.device("cpu"))
+    return spec.make_inputs({"T": 1, "H": 256}, torch.bfloat16, torch.device("cpu"))
 
 
 _ROLES = {

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from helion_fusions import autotune, config_store, dispatch
-from helion_fusions.registry import REGISTRY
+from helion_fusions.runtime import config_store, dispatch
+from helion_fusions.tools import autotune
+from helion_fusions.runtime.registry import REGISTRY
 from perf import bench, sass
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU modes of the CLIs")

@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import REPO_ROOT, spec_params
 
-from helion_fusions import config_store, dispatch
-from helion_fusions.registry import REGISTRY, OpSpec
-from helion_fusions.testing import code_generator
+from helion_fusions.runtime import config_store, dispatch
+from helion_fusions.runtime.registry import REGISTRY, OpSpec
+from helion_fusions.tools.testing import code_generator
 
 CONFIG_ROOT = REPO_ROOT / "configs"
 TUNED_DEVICES = ("nvidia_h100", "nvidia_h200")
@@ -46,7 +46,7 @@ def _entry_params() -> list[Any]:
 def _bound(op: str, hidden: int, dtype: torch.dtype) -> list[Any]:
     """The op's launches bound to CPU inputs of this shape (binding takes a second or two, so once per shape)."""
     spec = REGISTRY[op]
-    launches = spec.prepare(**spec.make_inputs(7, hidden, dtype, torch.device("cpu")))
+    launches = spec.prepare(**spec.make_inputs({"T": 7, "H": hidden}, dtype, torch.device("cpu")))
     return [code_generator(launch.kernel).bind(launch.args) for launch in launches]
 
 

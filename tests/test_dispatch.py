@@ -17,11 +17,11 @@ import torch
 from conftest import arg, assert_outputs_match, clone_kwargs, is_nvfp4_op, spec_params
 
 import helion_fusions
-from helion_fusions import config_store, dispatch
-from helion_fusions.config_store import ConfigError, Entry
-from helion_fusions.dispatch import DeviceIdentity
-from helion_fusions.registry import REGISTRY, KernelLaunch, OpSpec
-from helion_fusions.testing import poisoned
+from helion_fusions.runtime import config_store, dispatch
+from helion_fusions.runtime.config_store import ConfigError, Entry
+from helion_fusions.runtime.device import DeviceIdentity
+from helion_fusions.runtime.registry import REGISTRY, KernelLaunch, OpSpec
+from helion_fusions.tools.testing import poisoned
 
 SPEC = REGISTRY["rms_norm_static_fp8_quant"]
 H100 = DeviceIdentity("nvidia_h100", "nvidia_sm90", torch.float8_e4m3fn)
@@ -269,7 +269,7 @@ def test_fallback_warns_once(config_dir: Path) -> None:
 
 def test_choose_config_follows_the_chain(config_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dispatch, "device_identity", lambda index=0: H100)
-    (launch,) = SPEC.prepare(**SPEC.make_inputs(7, 4096, torch.bfloat16, torch.device("cpu")))
+    (launch,) = SPEC.prepare(**SPEC.make_inputs({"T": 7, "H": 4096}, torch.bfloat16, torch.device("cpu")))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert dispatch.choose_config(SPEC, launch, False) == SPEC.default_config(4096)
@@ -291,7 +291,7 @@ def test_spec_hash_is_stable_and_per_kernel_source() -> None:
 def test_concurrent_calls(interpret, spec: OpSpec) -> None:
     """8 threads call the op at once, each on its own shapes; every result equals the reference."""
     threads = 8
-    cases = [spec.make_inputs(tokens, 1024, torch.bfloat16, torch.device("cpu"))
+    cases = [spec.make_inputs({"T": tokens, "H": 1024}, torch.bfloat16, torch.device("cpu"))
              for tokens in (1, 3, 7, 16, 33, 64, 129, 300)]
     expected = [clone_kwargs(kwargs) for kwargs in cases]
     for kwargs in expected:
@@ -324,7 +324,7 @@ def _row(kwargs: dict[str, Any], row: int, tokens: int) -> dict[str, Any]:
 @pytest.mark.parametrize("spec", spec_params(ROW_OPS))
 def test_batch_invariance(interpret, batch_invariant, spec: OpSpec) -> None:
     tokens, hidden = 300, 4096
-    kwargs = spec.make_inputs(tokens, hidden, torch.bfloat16, torch.device("cpu"))
+    kwargs = spec.make_inputs({"T": tokens, "H": hidden}, torch.bfloat16, torch.device("cpu"))
     if kwargs.get("residual", ...) is None:
         kwargs["residual"] = torch.randn(tokens, hidden, dtype=torch.bfloat16)
     if is_nvfp4_op(spec):  # linear block scales: one row of scales per token

@@ -9,8 +9,8 @@ import torch
 from conftest import assert_outputs_match, clone_kwargs, spec_params
 
 from helion_fusions import functional as F
-from helion_fusions.kernels import quant
-from helion_fusions.registry import REGISTRY, OpSpec
+from helion_fusions import quant
+from helion_fusions.runtime.registry import REGISTRY, OpSpec
 
 ALLOCATING = [name for name, spec in REGISTRY.items() if spec.outputs is not None]
 IN_PLACE = [name for name, spec in REGISTRY.items() if spec.outputs is None]
@@ -37,7 +37,7 @@ def test_every_op_has_a_function_and_every_write_only_argument_is_allocated() ->
 @pytest.mark.parametrize("spec", spec_params(ALLOCATING))
 @pytest.mark.parametrize("tokens", [0, 7])
 def test_function_equals_the_op_on_preallocated_outputs(spec: OpSpec, tokens: int) -> None:
-    kwargs = spec.make_inputs(tokens, _hidden(spec), torch.bfloat16, torch.device("cpu"))
+    kwargs = spec.make_inputs({"T": tokens, "H": _hidden(spec)}, torch.bfloat16, torch.device("cpu"))
     expected = clone_kwargs(kwargs)
     spec.op(**expected)
     inputs = clone_kwargs(_split(spec, kwargs))
@@ -52,7 +52,7 @@ def test_function_equals_the_op_on_preallocated_outputs(spec: OpSpec, tokens: in
 
 @pytest.mark.parametrize("spec", spec_params(IN_PLACE))
 def test_in_place_ops_return_none_and_write_their_arguments(spec: OpSpec) -> None:
-    kwargs = spec.make_inputs(7, _hidden(spec), torch.bfloat16, torch.device("cpu"))
+    kwargs = spec.make_inputs({"T": 7, "H": _hidden(spec)}, torch.bfloat16, torch.device("cpu"))
     expected = clone_kwargs(kwargs)
     spec.op(**expected)
     assert getattr(F, spec.name)(**kwargs) is None
@@ -106,7 +106,7 @@ def test_nvfp4_block_scales_swizzled_and_zero_padded_or_linear(swizzled: bool) -
 
 def test_rope_quant_outputs_are_fp8_like_query_and_key() -> None:
     spec = REGISTRY["rotary_embedding_static_fp8_quant"]
-    kwargs = _split(spec, spec.make_inputs(3, 4096, torch.bfloat16, torch.device("cpu")))
+    kwargs = _split(spec, spec.make_inputs({"T": 3, "H": 4096}, torch.bfloat16, torch.device("cpu")))
     query_out, key_out = F.rotary_embedding_static_fp8_quant(**kwargs)
     assert query_out.shape == kwargs["query"].shape and key_out.shape == kwargs["key"].shape
     assert query_out.dtype == key_out.dtype == torch.float8_e4m3fn

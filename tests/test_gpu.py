@@ -22,10 +22,10 @@ from conftest import (
 from helion.runtime.ref_mode import RefMode
 
 import helion_fusions
-from helion_fusions import dispatch
-from helion_fusions.kernels import quant
-from helion_fusions.registry import REGISTRY, OpSpec
-from helion_fusions.testing import poisoned
+from helion_fusions.runtime import dispatch
+from helion_fusions import quant
+from helion_fusions.runtime.registry import REGISTRY, OpSpec
+from helion_fusions.tools.testing import poisoned
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -61,7 +61,7 @@ def compiled_kernels() -> Iterable[None]:
 
 
 def _inputs(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
-    return spec.make_inputs(tokens, hidden, dtype, CUDA)
+    return spec.make_inputs({"T": tokens, "H": hidden}, dtype, CUDA)
 
 
 def _cases() -> list[Any]:

@@ -23,9 +23,9 @@ from conftest import (
     written,
 )
 
-from helion_fusions.kernels import quant
-from helion_fusions.registry import REGISTRY, OpSpec
-from helion_fusions.testing import poisoned
+from helion_fusions import quant
+from helion_fusions.runtime.registry import REGISTRY, OpSpec
+from helion_fusions.tools.testing import poisoned
 
 pytestmark = pytest.mark.usefixtures("interpret")
 
@@ -47,7 +47,7 @@ def _ids(spec: OpSpec, *rest: Any) -> str:
 
 
 def _inputs(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype, fp8: torch.dtype | None = None) -> dict:
-    kwargs = spec.make_inputs(tokens, hidden, dtype, torch.device("cpu"))
+    kwargs = spec.make_inputs({"T": tokens, "H": hidden}, dtype, torch.device("cpu"))
     return kwargs if fp8 is None else with_fp8_result(spec, kwargs, fp8)
 
 

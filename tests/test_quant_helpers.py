@@ -12,9 +12,9 @@ from conftest import FP8_DTYPES, run_against_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helion_fusions.kernels import quant
-from helion_fusions.registry import REGISTRY
-from helion_fusions.testing import poisoned
+from helion_fusions import quant
+from helion_fusions.runtime.registry import REGISTRY
+from helion_fusions.tools.testing import poisoned
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
@@ -262,7 +262,7 @@ def test_per_block_property(interpret, tokens, groups, group, dtype, fp8, transp
                             magnitude) -> None:
     spec = REGISTRY["rms_norm_per_block_quant"]
     hidden = groups * group
-    kwargs = spec.make_inputs(tokens, hidden, dtype, torch.device("cpu"))
+    kwargs = spec.make_inputs({"T": tokens, "H": hidden}, dtype, torch.device("cpu"))
     _random_activations(kwargs, seed, magnitude)
     kwargs["result"] = poisoned((tokens, hidden), fp8, "cpu")
     shape = (groups, tokens) if transposed else (tokens, groups)
@@ -286,7 +286,7 @@ def test_per_block_property(interpret, tokens, groups, group, dtype, fp8, transp
 def test_nvfp4_property(interpret, fused, tokens, blocks, dtype, swizzled, global_scale, seed) -> None:
     spec = REGISTRY["fused_add_rms_norm_nvfp4_quant" if fused else "rms_norm_nvfp4_quant"]
     hidden = blocks * 16
-    kwargs = spec.make_inputs(tokens, hidden, dtype, torch.device("cpu"))
+    kwargs = spec.make_inputs({"T": tokens, "H": hidden}, dtype, torch.device("cpu"))
     _random_activations(kwargs, seed, 1.0)
     kwargs.update(global_scale=torch.tensor([global_scale]), is_sf_swizzled_layout=swizzled)
     if not swizzled:
@@ -306,7 +306,7 @@ def test_nvfp4_property(interpret, fused, tokens, blocks, dtype, swizzled, globa
 )
 def test_per_tensor_and_per_token_property(interpret, static, tokens, hidden, dtype, fp8, scale, seed) -> None:
     spec = REGISTRY["fused_add_rms_norm_static_fp8_quant" if static else "rms_norm_dynamic_per_token_quant"]
-    kwargs = spec.make_inputs(tokens, hidden, dtype, torch.device("cpu"))
+    kwargs = spec.make_inputs({"T": tokens, "H": hidden}, dtype, torch.device("cpu"))
     _random_activations(kwargs, seed, 1.0)
     kwargs["result"] = poisoned((tokens, hidden), fp8, "cpu")
     if static:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import assert_outputs_match, clone_kwargs, spec_params, written
 
-from helion_fusions.registry import NAMESPACE, REGISTRY, OpSpec
+from helion_fusions.runtime.registry import NAMESPACE, REGISTRY, OpSpec
 
 # Argument names in schema order, and the mutated ones: keyword-identical to the engine's ops (NUMERICS.md).
 EXPECTED_SCHEMAS = {
@@ -68,7 +68,7 @@ EXPECTED_SCHEMAS = {
 
 
 def _small_inputs(spec: OpSpec, tokens: int = 5, with_optional_residual: bool = False) -> dict[str, Any]:
-    kwargs = spec.make_inputs(tokens, 256, torch.bfloat16, torch.device("cpu"))
+    kwargs = spec.make_inputs({"T": tokens, "H": 256}, torch.bfloat16, torch.device("cpu"))
     if with_optional_residual:
         kwargs["residual"] = torch.randn(tokens, 256, dtype=torch.bfloat16)
     return kwargs

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import run_against_reference
 
-from helion_fusions.registry import REGISTRY
-from helion_fusions.testing import compare
+from helion_fusions.runtime.registry import REGISTRY
+from helion_fusions.tools.testing import compare
 
 pytestmark = pytest.mark.usefixtures("interpret")
 
@@ -112,7 +112,7 @@ ROPE_CACHE = REGISTRY["rotary_embedding_and_cache"]
 
 def _cache_inputs(tokens: int, heads: int, head_size: int, rot_dim: int, is_neox: bool, kv_cache_dtype: str,
                   per_head_scale: bool, hnd: bool, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
-    from helion_fusions.testing import poisoned
+    from helion_fusions.tools.testing import poisoned
 
     kwargs = _inputs(tokens, 4, heads, head_size, rot_dim, is_neox, dtype)
     num_blocks, block_size = tokens // 16 + 2, 16
@@ -253,7 +253,7 @@ ROPE_QUANT = REGISTRY["rotary_embedding_static_fp8_quant"]
     for t, r, n, k, f in itertools.product((1, 7, 300), (128, 64), (True, False), (True, False),
                                            (torch.float8_e4m3fn, torch.float8_e4m3fnuz))])
 def test_rope_quant_matches_reference(tokens, rot_dim, is_neox, with_key, fp8) -> None:
-    from helion_fusions.testing import poisoned
+    from helion_fusions.tools.testing import poisoned
 
     kwargs = _inputs(tokens, 4, 2 if with_key else None, 128, rot_dim, is_neox)
     kwargs.update(query_out=poisoned((tokens, 4 * 128), fp8, "cpu"), q_scale=torch.tensor([0.01]),
@@ -266,7 +266,7 @@ def test_rope_quant_matches_reference(tokens, rot_dim, is_neox, with_key, fp8) -
 
 
 def test_rope_quant_needs_key_out_with_a_key() -> None:
-    from helion_fusions.testing import poisoned
+    from helion_fusions.tools.testing import poisoned
 
     kwargs = _inputs(5, 2, 1, 128, 128, True)
     kwargs.update(query_out=poisoned((5, 256), torch.float8_e4m3fn, "cpu"), key_out=None, q_scale=torch.tensor([0.1]),
@@ -282,7 +282,7 @@ ROPE_QUANT_CACHE = REGISTRY["rotary_embedding_fp8_quant_and_cache"]
 
 @pytest.mark.parametrize(("tokens", "rot_dim", "is_neox", "kv_cache_dtype", "per_head", "hnd"), _cache_cases())
 def test_rope_quant_cache_matches_reference(tokens, rot_dim, is_neox, kv_cache_dtype, per_head, hnd) -> None:
-    from helion_fusions.testing import poisoned
+    from helion_fusions.tools.testing import poisoned
 
     kwargs = _cache_inputs(tokens, 2, 128, rot_dim, is_neox, kv_cache_dtype, per_head, hnd)
     kwargs.update(query_out=poisoned((tokens, 4 * 128), torch.float8_e4m3fn, "cpu"), q_scale=torch.tensor([0.02]))
@@ -300,7 +300,7 @@ MLA = REGISTRY["concat_and_cache_mla_rope"]
 @pytest.mark.parametrize("kv_cache_dtype", ("auto", "fp8"))
 @pytest.mark.parametrize("is_neox", (True, False), ids=("neox", "gptj"))
 def test_mla_rope_cache_matches_reference(tokens: int, kv_cache_dtype: str, is_neox: bool) -> None:
-    kwargs = MLA.make_inputs(tokens, 1024, torch.bfloat16, torch.device("cpu"))
+    kwargs = MLA.make_inputs({"T": tokens, "H": 1024}, torch.bfloat16, torch.device("cpu"))
     kwargs["is_neox"] = is_neox
     if tokens > 3:
         kwargs["slot_mapping"][3] = -1
@@ -316,7 +316,7 @@ def test_mla_rope_cache_matches_reference(tokens: int, kv_cache_dtype: str, is_n
 
 
 def test_mla_cache_width_must_be_rank_plus_pe() -> None:
-    kwargs = MLA.make_inputs(5, 1024, torch.bfloat16, torch.device("cpu"))
+    kwargs = MLA.make_inputs({"T": 5, "H": 1024}, torch.bfloat16, torch.device("cpu"))
     kwargs["kv_cache"] = torch.zeros(2, 16, 600, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=re.escape("kv_cache: expected [num_blocks, block_size, 512 + 64]")):
         MLA.op(**kwargs)
@@ -326,7 +326,7 @@ def test_mla_cache_width_must_be_rank_plus_pe() -> None:
 @pytest.mark.parametrize("kv_cache_dtype", ("auto", "fp8"))
 def test_plain_mla_cache_matches_reference(tokens: int, kv_cache_dtype: str) -> None:
     spec = REGISTRY["concat_and_cache_mla"]
-    kwargs = spec.make_inputs(tokens, 1024, torch.float16, torch.device("cpu"))
+    kwargs = spec.make_inputs({"T": tokens, "H": 1024}, torch.float16, torch.device("cpu"))
     if tokens > 3:
         kwargs["slot_mapping"][3] = -1
     if kv_cache_dtype == "fp8":
@@ -370,7 +370,7 @@ ROTATING_OPS = [spec for spec in REGISTRY.values()
 def test_positions_outside_the_cos_sin_cache_skip_the_rotation(spec) -> None:
     """A position with no cos/sin row (negative, past the end) is not rotated: the op's outputs for that token
     equal those of the same call with an identity rotation, and the other tokens are rotated as usual."""
-    kwargs = spec.make_inputs(6, 256, torch.bfloat16, torch.device("cpu"))
+    kwargs = spec.make_inputs({"T": 6, "H": 256}, torch.bfloat16, torch.device("cpu"))
     name = "positions" if "positions" in kwargs else "position_ids"
     bad = torch.tensor([False, True, False, True, True, False])
     kwargs[name][bad] = torch.tensor([-1, kwargs["cos_sin_cache"].shape[0], 2**40])

@@ -15,10 +15,10 @@ import torch
 from conftest import FP8_DTYPES, run_against_reference, with_fp8_result
 
 import helion_fusions
-from helion_fusions.kernels import quant
-from helion_fusions.kernels.silu_mul import silu_and_mul_reference
-from helion_fusions.registry import REGISTRY
-from helion_fusions.testing import compare, poisoned
+from helion_fusions import quant
+from helion_fusions.ops.silu_mul import silu_and_mul_reference
+from helion_fusions.runtime.registry import REGISTRY
+from helion_fusions.tools.testing import compare, poisoned
 
 pytestmark = pytest.mark.usefixtures("interpret")
 
@@ -40,14 +40,14 @@ def _static_scale(layout: str, tokens: int, hidden: int, one_dim: bool) -> tuple
 @pytest.mark.parametrize(("tokens", "hidden"), [(1, 17), (7, 1025), (300, 384), (2, 5137)])
 @pytest.mark.parametrize("fp8", FP8_DTYPES, ids=str)
 def test_static_quant_per_token_and_per_channel(layout: str, one_dim: bool, tokens: int, hidden: int, fp8) -> None:
-    kwargs = with_fp8_result(STATIC, STATIC.make_inputs(tokens, hidden, torch.float16, torch.device("cpu")), fp8)
+    kwargs = with_fp8_result(STATIC, STATIC.make_inputs({"T": tokens, "H": hidden}, torch.float16, torch.device("cpu")), fp8)
     kwargs["scale"], kwargs["group_shape"] = _static_scale(layout, tokens, hidden, one_dim)
     run_against_reference(STATIC, kwargs)
 
 
 def test_static_quant_per_channel_scales_each_column() -> None:
     """A per-channel scale of 2x on one column halves that column's codes (the reference is not the only judge)."""
-    kwargs = STATIC.make_inputs(4, 256, torch.bfloat16, torch.device("cpu"))
+    kwargs = STATIC.make_inputs({"T": 4, "H": 256}, torch.bfloat16, torch.device("cpu"))
     kwargs["input"] = torch.full((4, 256), 1.0, dtype=torch.bfloat16)
     scale = torch.full((1, 256), 1.0 / 64)
     scale[0, 3] = 1.0 / 32
@@ -60,7 +60,7 @@ def test_static_quant_per_channel_scales_each_column() -> None:
 @pytest.mark.parametrize("hidden", (17, 1024, 5137))
 @pytest.mark.parametrize("fp8", FP8_DTYPES, ids=str)
 def test_dynamic_per_tensor_quant_one_or_two_launches(tokens: int, launches: int, hidden: int, fp8) -> None:
-    kwargs = with_fp8_result(DYNAMIC, DYNAMIC.make_inputs(tokens, hidden, torch.bfloat16, torch.device("cpu")), fp8)
+    kwargs = with_fp8_result(DYNAMIC, DYNAMIC.make_inputs({"T": tokens, "H": hidden}, torch.bfloat16, torch.device("cpu")), fp8)
     assert helion_fusions.launch_count(DYNAMIC, kwargs) == launches
     expected = run_against_reference(DYNAMIC, kwargs)
     amax = float(kwargs["input"].float().abs().max()) if tokens else 0.0
@@ -70,7 +70,7 @@ def test_dynamic_per_tensor_quant_one_or_two_launches(tokens: int, launches: int
 
 def test_dynamic_per_tensor_scale_comes_from_every_row() -> None:
     """The amax launch sees all tiles: a large value in the last row sets the scale of the first."""
-    kwargs = DYNAMIC.make_inputs(300, 512, torch.bfloat16, torch.device("cpu"))
+    kwargs = DYNAMIC.make_inputs({"T": 300, "H": 512}, torch.bfloat16, torch.device("cpu"))
     kwargs["input"][-1, -1] = 1000.0
     DYNAMIC.op(**kwargs)
     assert float(kwargs["scale"]) == pytest.approx(1000.0 / 448.0)
@@ -93,7 +93,7 @@ def test_silu_reference_is_the_eager_composite(dtype: torch.dtype) -> None:
 def test_group_quant_eps_floors_the_amax(scale_ue8m0: bool, group: int) -> None:
     """``eps`` is the engine op's floor on the group amax: an all-zero group gets scale eps / fp8_max."""
     spec = REGISTRY["per_token_group_fp8_quant"]
-    kwargs: dict[str, Any] = spec.make_inputs(3, 512, torch.bfloat16, torch.device("cpu"))
+    kwargs: dict[str, Any] = spec.make_inputs({"T": 3, "H": 512}, torch.bfloat16, torch.device("cpu"))
     kwargs["input"][1, :group] = 0.0
     kwargs.update(group_size=group, eps=1e-6, scale_ue8m0=scale_ue8m0,
                   output_s=poisoned((3, 512 // group), torch.float32, "cpu"))

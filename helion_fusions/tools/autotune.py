@@ -1,6 +1,6 @@
-"""``python -m helion_fusions.autotune`` (``make autotune``): tune every op for the GPU it runs on.
+"""``python -m helion_fusions.tools.autotune`` (``make autotune``): tune every op for the GPU it runs on.
 
-For each op and hidden size it builds a small candidate set, curated seeds first, then a
+For each op and shape of its problem key's model dims it builds a small candidate set, curated seeds first, then a
 neighbourhood of row-block sizes and warp counts, and compiles all of them in parallel
 worker processes (which fill Triton's on-disk cache). Then, per token bucket, it checks
 each candidate against the op's reference (byte equality, allowing only the documented
@@ -9,7 +9,7 @@ hidden), and for smaller T replayed in a CUDA graph with L2 warm
 (``triton.testing.do_bench_cudagraph`` does not flush). A searched config is kept only
 where it beats the best seed on that shape.
 
-Results are written after every (op, hidden size), so an interrupted run resumes where it
+Results are written after every (op, model dims), so an interrupted run resumes where it
 stopped; ``--fresh`` starts over, and ``--retune`` searches the selected shapes again, replacing
 only their entries. ``--budget-minutes`` bounds the wall time.
 
@@ -36,12 +36,25 @@ from typing import Any
 
 import helion
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
-from helion_fusions import REGISTRY, config_store, dispatch
-from helion_fusions.cli import add_grid_arguments, selected_grid
-from helion_fusions.registry import OpSpec
-from helion_fusions.testing import Timer, clone_kwargs, compare_outputs, outputs_ok
+import helion_fusions.ops  # noqa: F401  (registers the ops)
+from helion_fusions.runtime import config_store, dispatch
+from helion_fusions.runtime.device import DeviceIdentity, device_identity
+from helion_fusions.runtime.registry import REGISTRY, OpSpec, Shape, shape_text
+from helion_fusions.tools.cli import add_grid_arguments, selected_grid
+from helion_fusions.tools.testing import (
+    Timer,
+    clone_kwargs,
+    compare_outputs,
+    outputs_ok,
+)
 
 MAX_FLIP_FRACTION = 1e-4
 GRAPH_TIMING_MAX_TOKENS = 256
@@ -62,45 +75,45 @@ def pipelined(config: helion.Config) -> helion.Config:
                             "num_sm_multiplier": max(1, 1024 // (32 * warps))})
 
 
-def candidates(spec: OpSpec, hidden: int, tokens: int, first: helion.Config | None = None
-               ) -> tuple[list[helion.Config], int]:
+def candidates(spec: OpSpec, shape: Shape, first: helion.Config | None = None) -> tuple[list[helion.Config], int]:
     """Seeds first (``first`` ahead of them), then the searched neighbourhood; returns (configs, number of seeds).
 
     From ``PIPELINE_MIN_TOKENS`` on, the neighbourhood also holds each candidate as a pipelined
     persistent kernel (:func:`pipelined`)."""
-    seeds = ([first] if first is not None else []) + spec.seed_configs(hidden, tokens)
+    seeds = ([first] if first is not None else []) + spec.seed_configs(shape)
     seeds = list({repr(c): c for c in seeds}.values())
     seen = {repr(c) for c in seeds}
     extra = []
-    for config in spec.search_configs(hidden, tokens):
+    for config in spec.search_configs(shape):
         if repr(config) not in seen:
             seen.add(repr(config))
             extra.append(config)
-    if tokens >= PIPELINE_MIN_TOKENS:
+    if shape.get("T", 0) >= PIPELINE_MIN_TOKENS:
         extra += [pipelined(c) for c in seeds + extra if "pid_type" not in c.config]
     return seeds + extra, len(seeds)
 
 
-def _precompile(job: tuple[str, int, int, str, list[dict[str, Any]]]) -> list[str]:
+def _precompile(job: tuple[str, dict[str, int], str, list[dict[str, Any]]]) -> list[str]:
     """Worker: bind one shape once, then compile and launch each config (filling Triton's on-disk cache).
 
     Returns the errors of the configs that failed."""
-    name, hidden, tokens, dtype_name, configs = job
+    name, shape, dtype_name, configs = job
+    where = f"{name} {shape_text(shape)}"
     errors = []
     try:
         spec = REGISTRY[name]
-        kwargs = spec.make_inputs(tokens, hidden, getattr(torch, dtype_name), torch.device("cuda"))
+        kwargs = spec.make_inputs(shape, getattr(torch, dtype_name), torch.device("cuda"))
         launches = spec.prepare(**kwargs)
         binds = [launch.kernel.bind(launch.args) for launch in launches]
     except Exception as error:  # reported; the shape is then tuned without a warm cache
-        return [f"{name} H={hidden} T={tokens}: {type(error).__name__}: {error}"]
+        return [f"{where}: {type(error).__name__}: {error}"]
     for config in configs:
         try:
             for bound, launch in zip(binds, launches):
                 bound.compile_config(helion.Config(**config))(*launch.args)
             torch.cuda.synchronize()
         except Exception as error:  # a candidate that does not compile is reported and skipped
-            errors.append(f"{name} H={hidden} T={tokens} {config}: {type(error).__name__}: {error}")
+            errors.append(f"{where} {config}: {type(error).__name__}: {error}")
     return errors
 
 
@@ -109,24 +122,25 @@ def _timer() -> Timer:
     return Timer(reps=25)
 
 
-def _time_us(fn: Any, tokens: int) -> float:
+def _time_us(fn: Any, shape: Shape) -> float:
     import triton.testing
 
     # medians, as make bench reports: Triton returns the mean by default, which a few slow samples can
     # dominate for a kernel of a few microseconds
-    if tokens <= GRAPH_TIMING_MAX_TOKENS:
+    if shape.get("T", 0) <= GRAPH_TIMING_MAX_TOKENS:
         return 1000.0 * triton.testing.do_bench_cudagraph(fn, rep=10, return_mode="median")
     # as make bench times it: the GPU is kept busy while the host enqueues fn, so host time (an op
     # of two launches, a CPU busy compiling) never shows as GPU time
     return _timer().eager(fn)
 
 
-def tune_shape(spec: OpSpec, hidden: int, tokens: int, dtype: torch.dtype, device: torch.device,
+def tune_shape(spec: OpSpec, shape: Shape, dtype: torch.dtype, device: torch.device,
                bound: list[Any], configs: list[helion.Config], num_seeds: int, log: Any) -> config_store.Entry | None:
     """Check and time every candidate on one shape; ``bound`` holds the op's launches, bound (on a GPU).
 
     An op of several launches runs them all with the candidate config."""
-    kwargs = spec.make_inputs(tokens, hidden, dtype, device)
+    kwargs = spec.make_inputs(shape, dtype, device)
+    where = f"{spec.name} {shape_text(shape)}"
     expected = clone_kwargs(kwargs)
     spec.reference(**expected)
     best: list[tuple[float, int]] = []
@@ -144,15 +158,15 @@ def tune_shape(spec: OpSpec, hidden: int, tokens: int, dtype: torch.dtype, devic
 
             fn()
         except Exception as error:
-            log(f"  {spec.name} H={hidden} T={tokens}: candidate {index} failed: {type(error).__name__}: {error}")
+            log(f"  {where}: candidate {index} failed: {type(error).__name__}: {error}")
             continue
         results = compare_outputs(spec.mutated_args, trial, expected)
         if not outputs_ok(results, MAX_FLIP_FRACTION):
             detail = "; ".join(f"{name}: {result}" for name, result in results.items())
-            log(f"  {spec.name} H={hidden} T={tokens}: candidate {index} rejected ({detail})")
+            log(f"  {where}: candidate {index} rejected ({detail})")
             continue
         if device.type == "cuda":
-            elapsed = _time_us(fn, tokens)
+            elapsed = _time_us(fn, shape)
         else:
             start = time.perf_counter()
             fn()
@@ -168,9 +182,21 @@ def tune_shape(spec: OpSpec, hidden: int, tokens: int, dtype: torch.dtype, devic
         (elapsed, index), source = seed, "seed"
     best_seed = None if seed is None else seed[0]
     config = dict(configs[index].config)
-    return config_store.Entry(dtype=str(dtype).removeprefix("torch."), hidden=hidden, tokens=tokens,
-                              config=config, time_us=round(elapsed, 3),
+    return config_store.Entry(dtype=str(dtype).removeprefix("torch."), shape=dict(shape), config=config, time_us=round(elapsed, 3),
                               seed_time_us=None if best_seed is None else round(best_seed, 3), source=source)
+
+
+def _key(spec: OpSpec, dtype: str, shape: Shape) -> tuple[Any, ...]:
+    return (spec.name, dtype, *(shape[d] for d in spec.dim_names))
+
+
+def _model_dims(spec: OpSpec, shape: Shape) -> dict[str, int]:
+    return {d.name: shape[d.name] for d in spec.problem if not d.bucketed}
+
+
+def _bind_class(shape: Shape) -> tuple[bool, ...]:
+    """Shapes that bind the kernel alike: Helion specializes a dimension of size 1."""
+    return tuple(value == 1 for value in shape.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,53 +220,63 @@ def main(argv: list[str] | None = None) -> int:
         if not args.smoke:
             parser.error("no CUDA device found; use --smoke for a CPU plumbing run")
         device = torch.device("cpu")
-        identity = dispatch.DeviceIdentity("cpu_smoke", "cpu", torch.float8_e4m3fn)
+        identity = DeviceIdentity("cpu_smoke", "cpu", torch.float8_e4m3fn)
     else:
         device = torch.device("cuda")
-        identity = dispatch.device_identity()
+        identity = device_identity()
     root = args.out or config_store.config_root()
     deadline = time.monotonic() + 60 * args.budget_minutes
 
-    units = []
-    for spec, hiddens, tokens in grid:
-        if args.smoke:
-            hiddens, tokens = hiddens[:1] if args.hidden else [256], tokens[:2] if args.tokens else [1, 7]
-        units += [(spec, h, tokens) for h in hiddens]
+    # units of work: an op's shapes that share model dims (one bind, one save), bucketed dims in order
+    units: list[tuple[OpSpec, dict[str, int], list[dict[str, int]]]] = []
+    for spec, shapes in grid:
+        if args.smoke and not args.shape:  # tiny shapes: the plumbing, not the tuning
+            shapes = [{d.name: (t if d.bucketed else 256) for d in spec.problem} for t in (1, 7)]
+        for shape in shapes:
+            model = _model_dims(spec, shape)
+            unit = next((u for u in units if u[0] is spec and u[1] == model), None)
+            if unit is None:
+                units.append((spec, model, [shape]))
+            else:
+                unit[2].append(shape)
 
     existing: dict[str, list[config_store.Entry]] = {}
-    stale: dict[tuple[str, str, int, int], config_store.Entry] = {}
+    stale: dict[tuple[Any, ...], config_store.Entry] = {}
     for spec in {u[0].name: u[0] for u in units}.values():
         path = root / identity.name / f"{spec.name}.json"
         if path.exists() and not args.fresh:
             try:
-                existing[spec.name] = list(
-                    config_store.load(path, spec.name, dispatch.spec_hash(spec), spec.config_problem).entries)
+                existing[spec.name] = list(config_store.load(path, spec.name, spec.dim_names, dispatch.spec_hash(spec),
+                                                             spec.config_problem).entries)
             except config_store.ConfigError as error:
                 if not args.revalidate:
                     print(f"not resuming from {error}", file=sys.stderr)
                     continue
-                old = config_store.load(path, spec.name, None, spec.config_problem).entries
-                stale.update({(spec.name, e.dtype, e.hidden, e.tokens): e for e in old})
+                old = config_store.load(path, spec.name, spec.dim_names, None, spec.config_problem).entries
+                stale.update({_key(spec, e.dtype, e.shape): e for e in old})
                 print(f"revalidating {len(old)} entries of {path}")
 
-    def shape_configs(spec: OpSpec, hidden: int, tokens: int) -> tuple[list[helion.Config], int]:
-        old = stale.get((spec.name, args.dtype, hidden, tokens))
-        return ([helion.Config(**old.config)], 1) if old else candidates(spec, hidden, tokens)
-    done = lambda spec, h, t: not args.retune and any(  # noqa: E731
-        e.hidden == h and e.tokens == t and e.dtype == args.dtype for e in existing.get(spec.name, []))
-    todo = [(spec, h, [t for t in ts if not done(spec, h, t)]) for spec, h, ts in units]
-    todo = [(spec, h, ts) for spec, h, ts in todo if ts]
-    print(f"tuning {sum(len(ts) for _, _, ts in todo)} shapes of {len(grid)} ops on {identity.name} "
+    def shape_configs(spec: OpSpec, shape: Shape) -> tuple[list[helion.Config], int]:
+        old = stale.get(_key(spec, args.dtype, shape))
+        return ([helion.Config(**old.config)], 1) if old else candidates(spec, shape)
+
+    def done(spec: OpSpec, shape: Shape) -> bool:
+        return not args.retune and any(e.matches(args.dtype, dict(shape)) for e in existing.get(spec.name, []))
+
+    todo = [(spec, model, [s for s in ss if not done(spec, s)]) for spec, model, ss in units]
+    todo = [(spec, model, ss) for spec, model, ss in todo if ss]
+    print(f"tuning {sum(len(ss) for _, _, ss in todo)} shapes of {len(grid)} ops on {identity.name} "
           f"({identity.family}), budget {args.budget_minutes:g} min, results in {root / identity.name}")
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
         log = progress.console.log
         if device.type == "cuda" and todo:
-            jobs = []  # one per shape that binds differently (T == 1 specializes), with all its configs
-            for spec, hidden, ts in todo:
-                for tokens in sorted({min(ts), max(ts)} | {t for t in ts if (spec.name, args.dtype, hidden, t) in stale}):
-                    configs, _ = shape_configs(spec, hidden, tokens)
-                    jobs.append((spec.name, hidden, tokens, args.dtype, [dict(c.config) for c in configs]))
+            jobs = []  # one per shape that binds differently (size-1 dims specialize), with all its configs
+            for spec, _, ss in todo:
+                picked = [ss[0], ss[-1]] + [s for s in ss if _key(spec, args.dtype, s) in stale]
+                for shape in [s for i, s in enumerate(picked) if s not in picked[:i]]:
+                    configs, _ = shape_configs(spec, shape)
+                    jobs.append((spec.name, shape, args.dtype, [dict(c.config) for c in configs]))
             task = progress.add_task("compiling candidates", total=len(jobs))
             context = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
@@ -248,44 +284,44 @@ def main(argv: list[str] | None = None) -> int:
                     for error in errors:
                         log(f"  precompile: {error.splitlines()[0][:200]}")
                     progress.advance(task)
-        task = progress.add_task("tuning shapes", total=sum(len(ts) for _, _, ts in todo))
+        task = progress.add_task("tuning shapes", total=sum(len(ss) for _, _, ss in todo))
         skipped = []
-        for spec, hidden, ts in todo:
+        for spec, model, ss in todo:
             if time.monotonic() > deadline:
-                skipped.append(f"{spec.name} H={hidden}")
-                progress.advance(task, len(ts))
+                skipped.append(f"{spec.name} {shape_text(model)}")
+                progress.advance(task, len(ss))
                 continue
             entries = existing.setdefault(spec.name, [])
-            binds: dict[bool, list[Any]] = {}
-            for tokens in ts:
-                progress.update(task, description=f"{spec.name} H={hidden} T={tokens}")
-                configs, num_seeds = shape_configs(spec, hidden, tokens)
-                single = tokens == 1
-                if single not in binds and device.type == "cuda":
-                    launches = spec.prepare(**spec.make_inputs(tokens, hidden, dtype, device))
-                    binds[single] = [launch.kernel.bind(launch.args) for launch in launches]
-                entry = tune_shape(spec, hidden, tokens, dtype, device, binds.get(single), configs, num_seeds, log)
-                old = stale.get((spec.name, args.dtype, hidden, tokens))
+            binds: dict[tuple[bool, ...], list[Any]] = {}
+            for shape in ss:
+                where = f"{spec.name} {shape_text(shape)}"
+                progress.update(task, description=where)
+                configs, num_seeds = shape_configs(spec, shape)
+                bind_class = _bind_class(shape)
+                if bind_class not in binds and device.type == "cuda":
+                    launches = spec.prepare(**spec.make_inputs(shape, dtype, device))
+                    binds[bind_class] = [launch.kernel.bind(launch.args) for launch in launches]
+                bound = binds.get(bind_class)
+                entry = tune_shape(spec, shape, dtype, device, bound, configs, num_seeds, log)
+                old = stale.get(_key(spec, args.dtype, shape))
                 if old is not None and (entry is None or entry.time_us > REVALIDATE_SLOWDOWN * old.time_us):
                     now = "fails" if entry is None else f"takes {entry.time_us:.2f} us"
-                    log(f"  {spec.name} H={hidden} T={tokens}: the revalidated config {now} (recorded "
-                        f"{old.time_us:.2f} us); searching the shape again")
-                    configs, num_seeds = candidates(spec, hidden, tokens, helion.Config(**old.config))
-                    entry = tune_shape(spec, hidden, tokens, dtype, device, binds.get(single), configs, num_seeds,
-                                       log)
+                    log(f"  {where}: the revalidated config {now} (recorded {old.time_us:.2f} us); "
+                        "searching the shape again")
+                    configs, num_seeds = candidates(spec, shape, helion.Config(**old.config))
+                    entry = tune_shape(spec, shape, dtype, device, bound, configs, num_seeds, log)
                 elif entry is not None and old is not None:
                     entry = dataclasses.replace(entry, source="revalidated", seed_time_us=None)
                 if entry is None:
-                    log(f"  {spec.name} H={hidden} T={tokens}: no candidate passed; keeping the architecture default")
+                    log(f"  {where}: no candidate passed; keeping the architecture default")
                 else:
-                    entries[:] = [e for e in entries if (e.dtype, e.hidden, e.tokens) != (entry.dtype, hidden, tokens)]
+                    entries[:] = [e for e in entries if not e.matches(entry.dtype, entry.shape)]
                     entries.append(entry)
-                    log(f"{spec.name} H={hidden} T={tokens}: {entry.time_us:.2f} us ({entry.source}; "
-                        f"best seed {entry.seed_time_us} us)")
+                    log(f"{where}: {entry.time_us:.2f} us ({entry.source}; best seed {entry.seed_time_us} us)")
                 progress.advance(task)
             if entries:
                 config_store.save(root / identity.name / f"{spec.name}.json", spec.name, identity.name,
-                                  identity.family, dispatch.spec_hash(spec), entries)
+                                  identity.family, dispatch.spec_hash(spec), spec.dim_names, entries)
     if skipped:
         print(f"budget reached; not tuned (re-run to resume): {', '.join(skipped)}")
         return 1

@@ -12,26 +12,12 @@ import helion
 import torch
 from helion.runtime.ref_mode import RefMode
 
-_POISON_BYTE = 0x7F  # NaN in e4m3fn, a large value in every other dtype
+from helion_fusions.ops.common import poison_, poisoned  # noqa: F401  (the tests' and bench's buffers)
+from helion_fusions.runtime.launcher import captured_launch  # noqa: F401
+
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 SLEEP_CYCLES = 1_000_000  # about 0.5 ms at H100/H200 clocks
 MAX_SLEEP_CYCLES = 16 * SLEEP_CYCLES
-
-
-def poisoned(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """An output buffer whose every byte is 0x7F, so unwritten elements show."""
-    tensor = torch.empty(shape, dtype=dtype, device=device)
-    tensor.view(torch.uint8).fill_(_POISON_BYTE)
-    return tensor
-
-
-def poison_(tensor: torch.Tensor) -> torch.Tensor:
-    """Fill every byte of ``tensor``'s elements with 0x7F in place; any strides (a column-major scale view too)."""
-    if tensor.is_contiguous():
-        tensor.view(torch.uint8).fill_(_POISON_BYTE)
-    else:
-        tensor.copy_(poisoned(tuple(tensor.shape), tensor.dtype, tensor.device))
-    return tensor
 
 
 @functools.cache
@@ -44,19 +30,6 @@ def code_generator(kernel: helion.Kernel) -> helion.Kernel:
         return kernel
     return helion.Kernel(kernel.fn, settings=dataclasses.replace(kernel.settings, ref_mode=RefMode.OFF),
                          configs=kernel.configs)
-
-
-def captured_launch(compiled: Any, args: tuple[Any, ...]) -> tuple[Any, Any, tuple[Any, ...], dict[str, Any]]:
-    """Run a compiled Helion function's host code up to its Triton launch, without launching.
-
-    Returns ``(triton_kernel, grid, kernel_args, launch_options)`` (on CPU tensors too)."""
-    captured: dict[str, Any] = {}
-
-    def capture(kernel: Any, grid: Any, *kernel_args: Any, **options: Any) -> None:
-        captured.update(kernel=kernel, grid=grid, args=kernel_args, options=options)
-
-    compiled(*args, _launcher=capture)
-    return captured["kernel"], captured["grid"], captured["args"], captured["options"]
 
 
 def clone_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

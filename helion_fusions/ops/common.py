@@ -1,4 +1,4 @@
-"""Output buffers of the quant flavours, allocated the way the engines allocate them.
+"""What the ops modules share: output buffers of the quant flavours and their checks, and poisoned buffers.
 
 The ops write into tensors they are given (the engine's schemas); the plain Python
 functions in :mod:`helion_fusions.functional` allocate those tensors with these helpers,
@@ -12,11 +12,29 @@ from typing import Any
 
 import torch
 
-from helion_fusions.checks import check_group_size
-from helion_fusions.dispatch import fp8_dtype
-from helion_fusions.kernels import quant
-from helion_fusions.kernels.quant import Quant
-from helion_fusions.registry import Outputs
+from helion_fusions import quant
+from helion_fusions.quant import Quant
+from helion_fusions.runtime.checks import check_group_size, check_like, check_tensor
+from helion_fusions.runtime.device import fp8_dtype
+from helion_fusions.runtime.registry import Outputs
+
+_POISON_BYTE = 0x7F  # NaN in e4m3fn, a large value in every other dtype
+
+
+def poisoned(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """An output buffer whose every byte is 0x7F, so unwritten elements show."""
+    tensor = torch.empty(shape, dtype=dtype, device=device)
+    tensor.view(torch.uint8).fill_(_POISON_BYTE)
+    return tensor
+
+
+def poison_(tensor: torch.Tensor) -> torch.Tensor:
+    """Fill every byte of ``tensor``'s elements with 0x7F in place; any strides (a column-major scale view too)."""
+    if tensor.is_contiguous():
+        tensor.view(torch.uint8).fill_(_POISON_BYTE)
+    else:
+        tensor.copy_(poisoned(tuple(tensor.shape), tensor.dtype, tensor.device))
+    return tensor
 
 
 def bench_group(hidden: int) -> int:
@@ -89,3 +107,26 @@ def quant_output_spec(flavour: Quant, names: dict[str, str], check: Callable[[di
         return {names[role]: tensor
                 for role, tensor in zip(roles, quant_outputs(flavour, call, tokens, hidden, group_sizes))}
     return Outputs(tuple(names[role] for role in roles), allocate)
+
+
+def check_nvfp4_outputs(result_name: str, result: object, scale_name: str, scale: object, tokens: int, hidden: int,
+                        device: torch.device, swizzled: bool) -> tuple[torch.Tensor, bool]:
+    """Packed e2m1 [T, H/2] and block scales; returns the scales as flat bytes, and whether the launch must
+    zero them first (a swizzled layout with padding: the GEMM reads the padding, so it must be zero, never stale)."""
+    if hidden % quant.NVFP4_BLOCK:
+        raise ValueError(f"input: nvfp4 needs a hidden size divisible by {quant.NVFP4_BLOCK}, got {hidden}")
+    check_like(result_name, result, (tokens, hidden // 2), device, (torch.uint8,))
+    # kernels store each block's 8 bytes as one int64 word
+    if result.data_ptr() % 8 or result.stride(0) % 8:
+        raise ValueError(f"{result_name}: nvfp4 blocks are stored as 8-byte words, so each row must start at an "
+                         f"8-byte boundary; got data_ptr % 8 = {result.data_ptr() % 8} and row stride "
+                         f"{result.stride(0)}")
+    check_tensor(scale_name, scale, dtypes=(torch.uint8, torch.float8_e4m3fn, torch.int32), device=device,
+                 contiguous=True)
+    cols = hidden // quant.NVFP4_BLOCK
+    rows_padded, cols_padded = quant.swizzled_scale_shape(tokens, cols) if swizzled else (tokens, cols)
+    if scale.numel() * scale.element_size() != rows_padded * cols_padded:
+        layout = "swizzled (rows padded to 128, columns to 4)" if swizzled else "linear"
+        raise ValueError(f"{scale_name}: the {layout} layout needs {rows_padded}x{cols_padded} bytes, got shape "
+                         f"{list(scale.shape)} of {scale.dtype}")
+    return scale.view(torch.uint8).view(-1), swizzled and (rows_padded, cols_padded) != (tokens, cols)

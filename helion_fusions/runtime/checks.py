@@ -10,8 +10,6 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from helion_fusions.kernels import quant
-
 FLOAT_ACTIVATIONS = (torch.bfloat16, torch.float16)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
@@ -103,28 +101,3 @@ def check_group_scale(name: str, scale: object, tokens: int, groups: int, device
             raise ValueError(f"{name}: is_scale_transposed={is_scale_transposed} expects a {layout} scale tensor, "
                              f"got strides {list(scale.stride())}")
     return scale
-
-
-def check_nvfp4_outputs(result_name: str, result: object, scale_name: str, scale: object, tokens: int, hidden: int,
-                        device: torch.device, swizzled: bool) -> torch.Tensor:
-    """Packed e2m1 [T, H/2] and block scales; returns the scales as flat bytes, swizzled padding zeroed."""
-    if hidden % quant.NVFP4_BLOCK:
-        raise ValueError(f"input: nvfp4 needs a hidden size divisible by {quant.NVFP4_BLOCK}, got {hidden}")
-    check_like(result_name, result, (tokens, hidden // 2), device, (torch.uint8,))
-    # kernels store each block's 8 bytes as one int64 word
-    if result.data_ptr() % 8 or result.stride(0) % 8:
-        raise ValueError(f"{result_name}: nvfp4 blocks are stored as 8-byte words, so each row must start at an "
-                         f"8-byte boundary; got data_ptr % 8 = {result.data_ptr() % 8} and row stride "
-                         f"{result.stride(0)}")
-    check_tensor(scale_name, scale, dtypes=(torch.uint8, torch.float8_e4m3fn, torch.int32), device=device,
-                 contiguous=True)
-    cols = hidden // quant.NVFP4_BLOCK
-    rows_padded, cols_padded = quant.swizzled_scale_shape(tokens, cols) if swizzled else (tokens, cols)
-    if scale.numel() * scale.element_size() != rows_padded * cols_padded:
-        layout = "swizzled (rows padded to 128, columns to 4)" if swizzled else "linear"
-        raise ValueError(f"{scale_name}: the {layout} layout needs {rows_padded}x{cols_padded} bytes, got shape "
-                         f"{list(scale.shape)} of {scale.dtype}")
-    flat = scale.view(torch.uint8).view(-1)
-    if swizzled and (rows_padded, cols_padded) != (tokens, cols):
-        flat.zero_()  # the GEMM reads the padding: it must be zero, never stale
-    return flat

@@ -1,0 +1,436 @@
+"""SiLU-and-mul and its quantized flavours, and the standalone quant ops, from one Helion kernel.
+
+``y = round(silu(f32(gate))) * up`` for an input laid out ``[gate | up]`` (the product rounded
+to the input dtype as well), with ``silu(g) = g / (1 + exp(-g))`` in fp32; or ``y = input``
+for the standalone quant ops. Then one quant epilogue from
+:func:`helion_fusions.kernels.quant.store_quantized`: none, static fp8 (per tensor, token or
+channel), dynamic per-token, per-group or per-tensor fp8, or nvfp4.
+
+The kernel sees a row as ``[num_groups, group]`` and tiles both tokens and groups, so a
+decode-sized call still spreads over many programs. Only the per-token flavour needs a whole
+row per program (``num_groups == 1``). Dynamic per-tensor quantization needs the amax of the
+whole tensor before it can quantize: a single-row input takes one launch (the row's amax is
+the tensor's); otherwise one launch takes the amax (an atomic max per tile) and a second
+quantizes. :func:`helion_fusions.dispatch.launch_count` reports which.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import helion
+import torch
+
+from helion_fusions import quant
+from helion_fusions.kernels.silu_mul import silu, silu_mul_kernel
+from helion_fusions.ops import common
+from helion_fusions.quant import Quant, StaticScale
+from helion_fusions.runtime import checks
+from helion_fusions.runtime.checks import FP8_DTYPES
+from helion_fusions.runtime.library import register
+from helion_fusions.runtime.registry import (
+    Dim,
+    KernelLaunch,
+    OpSpec,
+    Outputs,
+    Shape,
+    tokens_dim,
+)
+
+HIDDEN_GRID = (2048, 4096, 8192, 14336)
+GROUP_SIZES = (64, 128)
+POINTWISE_GROUP = 128  # groups of a row for the flavours that need no row reduction
+
+
+# --- reference ------------------------------------------------------------------------------
+
+def silu_and_mul_reference(input: torch.Tensor) -> torch.Tensor:
+    """The unfused eager composite ``silu(gate) * up``, rounded to the input dtype after each step."""
+    d = input.shape[-1] // 2
+    return silu(input[:, :d].float()).to(input.dtype) * input[:, d:]
+
+
+# --- host glue ------------------------------------------------------------------------------
+
+def _launch(
+    input: torch.Tensor,
+    out: torch.Tensor,
+    flavour: Quant,
+    *,
+    gated: bool,
+    scale_out: torch.Tensor | None = None,
+    scale_in: torch.Tensor | None = None,
+    group: int | None = None,
+    has_scale_ub: bool = False,
+    use_ue8m0: bool = False,
+    swizzled: bool = False,
+    static_layout: StaticScale = StaticScale.TENSOR,
+    fp8_max: float | None = None,
+    amax_floor: float = quant.FP8_AMAX_FLOOR,
+    zeroed: tuple[torch.Tensor, ...] = (),
+) -> KernelLaunch:
+    tokens, width = input.shape
+    hidden = width // 2 if gated else width
+    group = group or (POINTWISE_GROUP if hidden % POINTWISE_GROUP == 0 else hidden)
+    groups = hidden // group
+    x = input.view(tokens, 2 if gated else 1, groups, group)
+    if fp8_max is None:
+        fp8_max = quant.fp8_max_for(out.dtype) if out.dtype in FP8_DTYPES else 0.0
+    if static_layout is StaticScale.CHANNEL:
+        scale_in = scale_in.reshape(groups, group)
+    dummy = _placeholder(input.device)  # stands in for unused tensor arguments; never read
+    flags = (gated, int(flavour), has_scale_ub, use_ue8m0, swizzled, int(static_layout), float(fp8_max))
+    args = (x, common.kernel_view(out, flavour, tokens, groups), dummy if scale_out is None else scale_out,
+            dummy if scale_in is None else scale_in, float(amax_floor), *flags)
+    key = (input.dtype, out.dtype, hidden, group, *flags)
+    return KernelLaunch(silu_mul_kernel, args, key, {"T": tokens, "H": hidden}, input.device, input.dtype,
+                        zeroed)
+
+
+@functools.cache
+def _placeholder(device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.float32, device=device)
+
+
+def _check_input(input: Any, gated: bool) -> tuple[int, int]:
+    checks.check_input_2d("input", input)
+    tokens, width = input.shape
+    if gated and width % 2:
+        raise ValueError(f"input: expected [num_tokens, 2 * d] laid out [gate | up], got an odd last dim {width}")
+    return tokens, width // 2 if gated else width
+
+
+def _check_fp8(name: str, value: Any, input: torch.Tensor, tokens: int, hidden: int) -> torch.Tensor:
+    return checks.check_like(name, value, (tokens, hidden), input.device, FP8_DTYPES)
+
+
+def _check_token_scale(name: str, scale: Any, input: torch.Tensor, tokens: int) -> torch.Tensor:
+    return checks.check_tensor(name, scale, dtypes=(torch.float32,), shape=(tokens, 1), device=input.device)
+
+
+def _op(gated: bool, prepare: Callable[..., tuple[KernelLaunch, ...]]):
+    """Wrap a host wrapper: argument checks run first, and an empty input launches nothing."""
+    def wrapper(**kwargs: Any) -> tuple[KernelLaunch, ...]:
+        tokens, hidden = _check_input(kwargs["input"], gated)
+        launches = prepare(tokens=tokens, hidden=hidden, **kwargs)
+        return launches if tokens else ()
+    return wrapper
+
+
+# Flavours both kinds of op share, with ``gated`` bound per op.
+
+def _activation(input: torch.Tensor, gated: bool) -> torch.Tensor:
+    """What the op quantizes: ``silu(gate) * up``, or the input itself."""
+    return silu_and_mul_reference(input) if gated else input
+
+
+def _prepare_per_token(result, input, scale, scale_ub=None, *, gated, tokens, hidden):
+    _check_fp8("result", result, input, tokens, hidden)
+    _check_token_scale("scale", scale, input, tokens)
+    has_ub = checks.check_scale_ub("scale_ub", scale_ub, input.device)
+    return (_launch(input, result, Quant.PER_TOKEN, gated=gated, scale_out=scale.view(-1), scale_in=scale_ub,
+                    group=hidden, has_scale_ub=has_ub),)
+
+
+def _reference_per_token(result, input, scale, scale_ub=None, *, gated):
+    y = _activation(input, gated)
+    quant.quantize_per_group_reference(y, result, scale, y.shape[-1], scale_ub)
+
+
+def _prepare_nvfp4(names, input, is_sf_swizzled_layout=True, *, gated, tokens, hidden, **tensors):
+    """``names`` maps result / scale / global_scale to the op's own argument names."""
+    result, block_scale, global_scale = (tensors[names[role]] for role in ("result", "scale", "global_scale"))
+    checks.check_scalar_scale(names["global_scale"], global_scale, input.device)
+    flat, zero_first = common.check_nvfp4_outputs(names["result"], result, names["scale"], block_scale, tokens,
+                                                  hidden, input.device, is_sf_swizzled_layout)
+    return (_launch(input, result, Quant.NVFP4, gated=gated, scale_out=flat, scale_in=global_scale,
+                    group=quant.NVFP4_BLOCK, swizzled=bool(is_sf_swizzled_layout), zeroed=(flat,) if zero_first else ()),)
+
+
+def _reference_nvfp4(names, input, is_sf_swizzled_layout=True, *, gated, **tensors):
+    result, block_scale, global_scale = (tensors[names[role]] for role in ("result", "scale", "global_scale"))
+    quant.quantize_nvfp4_reference(_activation(input, gated), result, block_scale, global_scale,
+                                   is_sf_swizzled_layout)
+
+
+# Activation ops ([gate | up] input).
+
+def _prepare_silu_and_mul(result, input, *, tokens, hidden):
+    checks.check_like("result", result, (tokens, hidden), input.device, (input.dtype,))
+    return (_launch(input, result, Quant.NONE, gated=True),)
+
+
+def _reference_silu_and_mul(result, input):
+    result.copy_(silu_and_mul_reference(input))
+
+
+def _prepare_silu_static(result, input, scale, *, tokens, hidden):
+    _check_fp8("result", result, input, tokens, hidden)
+    checks.check_scalar_scale("scale", scale, input.device)
+    return (_launch(input, result, Quant.STATIC, gated=True, scale_in=scale),)
+
+
+def _reference_silu_static(result, input, scale):
+    quant.quantize_static_reference(silu_and_mul_reference(input), scale, result)
+
+
+def _prepare_silu_per_block(out, input, scales, group_size, scale_ub=None, is_scale_transposed=False,
+                            scale_ue8m0=False, *, tokens, hidden):
+    _check_fp8("out", out, input, tokens, hidden)
+    checks.check_group_size("group_size", group_size, hidden, GROUP_SIZES)
+    checks.check_group_scale("scales", scales, tokens, hidden // group_size, input.device, is_scale_transposed)
+    has_ub = checks.check_scale_ub("scale_ub", scale_ub, input.device)
+    return (_launch(input, out, Quant.PER_GROUP, gated=True, scale_out=scales, scale_in=scale_ub, group=group_size,
+                    has_scale_ub=has_ub, use_ue8m0=bool(scale_ue8m0)),)
+
+
+def _reference_silu_per_block(out, input, scales, group_size, scale_ub=None, is_scale_transposed=False,
+                              scale_ue8m0=False):
+    quant.quantize_per_group_reference(silu_and_mul_reference(input), out, scales, group_size, scale_ub, scale_ue8m0)
+
+
+# Standalone quant ops ([T, H] input).
+
+def _static_layout(scale: Any, group_shape: Any, tokens: int, hidden: int, device: torch.device) -> StaticScale:
+    """Per tensor, per token or per channel, from the scale's shape and ``group_shape`` (as the engine op reads them)."""
+    checks.check_tensor("scale", scale, dtypes=(torch.float32,), device=device)
+    if group_shape is not None:
+        if len(group_shape) != 2:
+            raise ValueError(f"group_shape: expected two ints (group_m, group_n), got {list(group_shape)}")
+        rows = tokens if group_shape[0] == -1 else group_shape[0]
+        cols = hidden if group_shape[1] == -1 else group_shape[1]
+        shapes = {(tokens, hidden): StaticScale.TENSOR, (1, hidden): StaticScale.TOKEN,
+                  (tokens, 1): StaticScale.CHANNEL}
+        if (rows, cols) not in shapes:
+            raise ValueError(f"group_shape: supported are per tensor (-1, -1), per token (1, -1) and per channel "
+                             f"(-1, 1), got {list(group_shape)}")
+        layout = shapes[(rows, cols)]
+    elif scale.numel() == 1:
+        layout = StaticScale.TENSOR
+    elif scale.dim() == 2 and tuple(scale.shape) == (tokens, 1):
+        layout = StaticScale.TOKEN
+    elif scale.dim() == 2 and tuple(scale.shape) == (1, hidden):
+        layout = StaticScale.CHANNEL
+    else:
+        raise ValueError(f"scale: expected one element, [{tokens}, 1] (per token) or [1, {hidden}] (per channel); "
+                         f"a 1-D scale needs group_shape; got shape {list(scale.shape)}")
+    expected = {StaticScale.TENSOR: 1, StaticScale.TOKEN: tokens, StaticScale.CHANNEL: hidden}[layout]
+    if scale.numel() != expected:
+        raise ValueError(f"scale: {layout.name.lower()} scaling needs {expected} elements, got shape "
+                         f"{list(scale.shape)}")
+    return layout
+
+
+def _prepare_static_quant(result, input, scale, group_shape=None, *, tokens, hidden):
+    _check_fp8("result", result, input, tokens, hidden)
+    layout = _static_layout(scale, group_shape, tokens, hidden, input.device)
+    return (_launch(input, result, Quant.STATIC, gated=False, scale_in=scale.reshape(-1), static_layout=layout),)
+
+
+def _reference_static_quant(result, input, scale, group_shape=None):
+    tokens, hidden = input.shape
+    layout = _static_layout(scale, group_shape, tokens, hidden, input.device)
+    shape = {StaticScale.TENSOR: (1, 1), StaticScale.TOKEN: (tokens, 1), StaticScale.CHANNEL: (1, hidden)}[layout]
+    quant.quantize_static_reference(input, scale.reshape(shape), result)
+
+
+def _prepare_dynamic_quant(result, input, scale, *, tokens, hidden):
+    _check_fp8("result", result, input, tokens, hidden)
+    checks.check_scalar_scale("scale", scale, input.device)
+    if tokens == 1:  # the row's amax is the tensor's: one launch
+        return (_launch(input, result, Quant.PER_TOKEN, gated=False, scale_out=scale.view(1), group=hidden),)
+    # an empty input launches nothing (the reference writes the floor scale); otherwise the amax is a
+    # zeroed scratch word that the first launch reduces into
+    amax = torch.zeros(1, dtype=torch.float32, device=input.device)
+    return (_launch(input, result, Quant.AMAX, gated=False, scale_out=amax, zeroed=(amax,)),
+            _launch(input, result, Quant.PER_TENSOR, gated=False, scale_out=scale.view(1), scale_in=amax,
+                    zeroed=(amax,)))
+
+
+def _reference_dynamic_quant(result, input, scale):
+    quant.quantize_per_tensor_reference(input, result, scale)
+
+
+def _check_fp8_range(output_q: torch.Tensor, fp8_min: Any, fp8_max: Any) -> float:
+    fp8_max = checks.check_positive_float("fp8_max", fp8_max)
+    if fp8_max > torch.finfo(output_q.dtype).max:
+        raise ValueError(f"fp8_max: {fp8_max} exceeds the largest {output_q.dtype} value "
+                         f"{torch.finfo(output_q.dtype).max}")
+    if isinstance(fp8_min, bool) or not isinstance(fp8_min, (int, float)) or fp8_min != -fp8_max:
+        raise ValueError(f"fp8_min: expected -fp8_max ({-fp8_max}), got {fp8_min!r}")
+    return fp8_max
+
+
+def _prepare_group_quant(input, output_q, output_s, group_size, eps, fp8_min, fp8_max, scale_ue8m0,
+                         dummy_is_scale_transposed=False, dummy_is_tma_aligned=False, *, tokens, hidden):
+    _check_fp8("output_q", output_q, input, tokens, hidden)
+    checks.check_group_size("group_size", group_size, hidden, GROUP_SIZES)
+    # any strides: row-major, column-major and TMA-aligned scales are all written in place
+    checks.check_group_scale("output_s", output_s, tokens, hidden // group_size, input.device, None)
+    eps = checks.check_positive_float("eps", eps)
+    fp8_max = _check_fp8_range(output_q, fp8_min, fp8_max)
+    return (_launch(input, output_q, Quant.PER_GROUP, gated=False, scale_out=output_s, group=group_size,
+                    use_ue8m0=bool(scale_ue8m0), fp8_max=fp8_max, amax_floor=eps),)
+
+
+def _reference_group_quant(input, output_q, output_s, group_size, eps, fp8_min, fp8_max, scale_ue8m0,
+                           dummy_is_scale_transposed=False, dummy_is_tma_aligned=False):
+    quant.quantize_per_group_reference(input, output_q, output_s, group_size, None, scale_ue8m0, eps, fp8_max)
+
+
+# --- tuning grid, seeds and bench inputs -----------------------------------------------------
+
+def _group_of(flavour: Quant) -> Callable[[int], int]:
+    """The group a flavour's kernel sees for hidden size ``d`` (bench and tuning use the default group 128)."""
+    if flavour is Quant.PER_TOKEN:
+        return lambda d: d
+    if flavour is Quant.NVFP4:
+        return lambda d: quant.NVFP4_BLOCK
+    return lambda d: POINTWISE_GROUP if d % POINTWISE_GROUP == 0 else d
+
+
+def _pow2_at_most(value: int) -> int:
+    return 1 << (max(value, 1).bit_length() - 1)
+
+
+def _tile(hidden: int, group: int, rows: int, elements: int, warps: int) -> helion.Config:
+    """``rows`` tokens by as many groups as make ``elements`` per program (whole rows when groups are rows)."""
+    groups = hidden // group
+    group_block = 1 if groups == 1 else min(_pow2_at_most(max(elements // (rows * group), 1)),
+                                             1 << (groups - 1).bit_length())
+    return helion.Config(block_sizes=[rows, group_block], num_warps=warps)
+
+
+def _tuning(flavour: Quant):
+    group_of = _group_of(flavour)
+
+    def default_config(shape: Shape) -> helion.Config:
+        hidden = shape["H"]
+        if hidden // group_of(hidden) == 1:  # a whole row per program
+            return _tile(hidden, hidden, 1, hidden, 4 if hidden <= 4096 else 8)
+        return _tile(hidden, group_of(hidden), 1, 2048, 4)
+
+    def seed_configs(shape: Shape) -> list[helion.Config]:
+        hidden, tokens = shape["H"], shape["T"]
+        group = group_of(hidden)
+        if hidden // group == 1:
+            # whole rows: on an H100 80GB HBM3, 8-16 warps reached only 34-67 % of copy bandwidth at
+            # H=8192-14336 (per-token quant), so 32 warps is a seed there too
+            return [_tile(hidden, group, 1, hidden, w) for w in ((4, 8) if hidden <= 4096 else (8, 16, 32))]
+        if tokens <= 16:
+            # decode: 2048 elements a program left T=1, d=8192 at 4 programs and 1.2 us behind
+            # torch.compile under CUDA graphs (H100 80GB HBM3); smaller tiles spread it wider
+            return [_tile(hidden, group, 1, e, 4) for e in (512, 1024, 2048)]
+        seeds = [_tile(hidden, group, 1, 2048, 4), _tile(hidden, group, 1, 4096, 8)]
+        return seeds + ([_tile(hidden, group, 4, 4096, 8)] if tokens >= 128 else [])
+
+    def search_configs(shape: Shape) -> list[helion.Config]:
+        hidden, tokens = shape["H"], shape["T"]
+        group = group_of(hidden)
+        if hidden // group == 1:
+            return [_tile(hidden, group, 1, hidden, 4 if hidden > 4096 else 16)]
+        # tiles of 512-8192 elements with 4-32 of them a thread, each also with the groups
+        # dimension fastest across programs (loop_orders [[1, 0]]): consecutive programs then
+        # walk along a row, the order of Inductor's flat pointwise kernels, where the default
+        # sends them down the tokens
+        tiles = [_tile(hidden, group, 1, elements, warps) for elements in (512, 1024, 2048, 4096, 8192)
+                 for warps in (1, 2, 4, 8) if 4 <= elements // (32 * warps) <= 32]
+        tiles.append(_tile(hidden, group, 2 if tokens >= 2 else 1, 8192, 8))
+        return [variant for tile in tiles for variant in (tile, helion.Config(**tile.config, loop_orders=[[1, 0]]))]
+
+    return default_config, seed_configs, search_configs
+
+
+def _outputs(flavour: Quant, gated: bool, names: dict[str, str]) -> Outputs:
+    """What ``helion_fusions.functional`` allocates: the result (and its scales) in the engines' layouts."""
+    return common.quant_output_spec(flavour, names, lambda call: _check_input(call["input"], gated), GROUP_SIZES)
+
+
+def _inputs(flavour: Quant, gated: bool, names: dict[str, str], allocated: Outputs, **fixed: Any):
+    """make_inputs for one op: random activations, the op's fixed arguments, its outputs poisoned."""
+    def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        tokens, hidden = shape["T"], shape["H"]
+        generator = torch.Generator(device="cpu").manual_seed(tokens * 7919 + hidden)
+        width = 2 * hidden if gated else hidden
+        kwargs: dict[str, Any] = {"input": torch.randn(tokens, width, generator=generator).to(dtype=dtype,
+                                                                                              device=device)}
+        if flavour is Quant.NVFP4:
+            kwargs[names["global_scale"]] = torch.tensor([448.0 * 6.0 / 16.0], device=device)
+            kwargs["is_sf_swizzled_layout"] = True
+        elif flavour is Quant.STATIC:
+            kwargs[names["scale"]] = torch.tensor([0.02], device=device)
+        elif flavour is Quant.PER_GROUP:
+            kwargs["group_size"] = common.bench_group(hidden)
+        kwargs.update(fixed)
+        kwargs.update({name: common.poison_(tensor) for name, tensor in allocated.allocate(kwargs).items()})
+        if "fp8_max" in kwargs:  # the device's fp8 flavour sets the range (224 for e4m3fnuz)
+            bound = quant.fp8_max_for(kwargs[names["result"]].dtype)
+            kwargs.update(fp8_min=-bound, fp8_max=bound)
+        return kwargs
+    return make
+
+
+def _declare(name: str, schema: str, prepare, reference, flavour: Quant, gated: bool, names: dict[str, str],
+             **fixed: Any) -> OpSpec:
+    default_config, seed_configs, search_configs = _tuning(flavour)
+    allocated = _outputs(flavour, gated, names)
+    return register(OpSpec(
+        name=name, schema=schema, family="silu_mul" if gated else "quant", kernel=silu_mul_kernel,
+        prepare=_op(gated, prepare), reference=reference,
+        problem=(tokens_dim(), Dim("H", HIDDEN_GRID)), make_inputs=_inputs(flavour, gated, names, allocated, **fixed),
+        default_config=default_config, seed_configs=seed_configs, search_configs=search_configs, outputs=allocated,
+    ))
+
+
+_RESULT = {"result": "result", "scale": "scale"}
+_SILU_NVFP4 = {"result": "result", "scale": "result_block_scale", "global_scale": "input_global_scale"}
+_FP4 = {"result": "output", "scale": "output_scale", "global_scale": "input_scale"}
+
+SILU_AND_MUL = _declare(
+    "silu_and_mul", "(Tensor! result, Tensor input) -> ()",
+    _prepare_silu_and_mul, _reference_silu_and_mul, Quant.NONE, True, _RESULT)
+SILU_AND_MUL_QUANT = _declare(
+    "silu_and_mul_quant", "(Tensor! result, Tensor input, Tensor scale) -> ()",
+    _prepare_silu_static, _reference_silu_static, Quant.STATIC, True, _RESULT)
+SILU_AND_MUL_DYNAMIC_PER_TOKEN_QUANT = _declare(
+    "silu_and_mul_dynamic_per_token_quant",
+    "(Tensor! result, Tensor input, Tensor! scale, Tensor? scale_ub) -> ()",
+    partial(_prepare_per_token, gated=True), partial(_reference_per_token, gated=True), Quant.PER_TOKEN, True,
+    _RESULT, scale_ub=None)
+SILU_AND_MUL_PER_BLOCK_QUANT = _declare(
+    "silu_and_mul_per_block_quant",
+    "(Tensor! out, Tensor input, Tensor! scales, int group_size, Tensor? scale_ub=None, "
+    "bool is_scale_transposed=False, bool scale_ue8m0=False) -> ()",
+    _prepare_silu_per_block, _reference_silu_per_block, Quant.PER_GROUP, True, {"result": "out", "scale": "scales"})
+SILU_AND_MUL_NVFP4_QUANT = _declare(
+    "silu_and_mul_nvfp4_quant",
+    "(Tensor! result, Tensor! result_block_scale, Tensor input, Tensor input_global_scale, "
+    "bool is_sf_swizzled_layout=True) -> ()",
+    partial(_prepare_nvfp4, _SILU_NVFP4, gated=True), partial(_reference_nvfp4, _SILU_NVFP4, gated=True),
+    Quant.NVFP4, True, _SILU_NVFP4)
+
+STATIC_SCALED_FP8_QUANT = _declare(
+    "static_scaled_fp8_quant", "(Tensor! result, Tensor input, Tensor scale, int[]? group_shape=None) -> ()",
+    _prepare_static_quant, _reference_static_quant, Quant.STATIC, False, _RESULT)
+DYNAMIC_SCALED_FP8_QUANT = _declare(
+    "dynamic_scaled_fp8_quant", "(Tensor! result, Tensor input, Tensor! scale) -> ()",
+    _prepare_dynamic_quant, _reference_dynamic_quant, Quant.PER_TENSOR, False, _RESULT)
+DYNAMIC_PER_TOKEN_SCALED_FP8_QUANT = _declare(
+    "dynamic_per_token_scaled_fp8_quant", "(Tensor! result, Tensor input, Tensor! scale, Tensor? scale_ub) -> ()",
+    partial(_prepare_per_token, gated=False), partial(_reference_per_token, gated=False), Quant.PER_TOKEN, False,
+    _RESULT, scale_ub=None)
+PER_TOKEN_GROUP_FP8_QUANT = _declare(
+    "per_token_group_fp8_quant",
+    "(Tensor input, Tensor! output_q, Tensor! output_s, int group_size, float eps, float fp8_min, float fp8_max, "
+    "bool scale_ue8m0, bool dummy_is_scale_transposed, bool dummy_is_tma_aligned) -> ()",
+    _prepare_group_quant, _reference_group_quant, Quant.PER_GROUP, False, {"result": "output_q", "scale": "output_s"},
+    eps=1e-10, fp8_min=None, fp8_max=None, scale_ue8m0=False, dummy_is_scale_transposed=False,
+    dummy_is_tma_aligned=False)
+SCALED_FP4_QUANT = _declare(
+    "scaled_fp4_quant",
+    "(Tensor! output, Tensor input, Tensor! output_scale, Tensor input_scale, bool is_sf_swizzled_layout=True) -> ()",
+    partial(_prepare_nvfp4, _FP4, gated=False), partial(_reference_nvfp4, _FP4, gated=False), Quant.NVFP4, False,
+    _FP4)

@@ -1,0 +1,190 @@
+"""Passive op declarations: what a fusion family tells the runtime about each of its ops.
+
+A family declares each op once, as an :class:`OpSpec`, and hands it to
+:func:`helion_fusions.runtime.library.register`. Nothing here knows any op by name, launches
+anything or registers anything with torch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import itertools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import helion
+import torch
+
+NAMESPACE = "helion_fusions"
+TOKEN_GRID = (1, 16, 128, 1024, 4096, 16384)
+
+REGISTRY: dict[str, OpSpec] = {}
+
+Shape = Mapping[str, int]  # a problem's named dimensions, e.g. {"T": 16, "H": 4096}
+
+
+@dataclasses.dataclass(frozen=True)
+class Dim:
+    """One named dimension of an op's problem key, and how a value finds its tuned config.
+
+    ``bucketed`` dimensions (the token count) take the config of the smallest tuned value at least
+    as large (the largest above them all), and compile one kernel per bucket of ``grid``; the others
+    (model dimensions: fixed per model, one compile each anyway) take the nearest tuned value on a
+    log scale. ``grid`` is what ``make autotune`` and ``make bench`` measure.
+    """
+
+    name: str
+    grid: tuple[int, ...]
+    bucketed: bool = False
+
+    def bucket(self, value: int) -> int:
+        """The compile bucket of ``value``: its grid bucket (one past the grid above it); a model dim is its own."""
+        if not self.bucketed:
+            return value
+        index = bisect.bisect_left(self.grid, value)
+        return self.grid[index] if index < len(self.grid) else self.grid[-1] + 1
+
+
+def tokens_dim(grid: tuple[int, ...] = TOKEN_GRID) -> Dim:
+    """The token count ``T``: bucketed (T == 1 is a bucket of its own, since Helion specializes size 1)."""
+    return Dim("T", grid, bucketed=True)
+
+
+def shapes(problem: Sequence[Dim], overrides: Mapping[str, Sequence[int]] | None = None) -> Iterator[dict[str, int]]:
+    """Every shape of a problem's grid (``overrides`` replaces a dimension's grid), the bucketed dims fastest."""
+    overrides = overrides or {}
+    ordered = sorted(problem, key=lambda d: d.bucketed)
+    grids = [tuple(overrides.get(d.name, d.grid)) for d in ordered]
+    for values in itertools.product(*grids):
+        yield dict(zip((d.name for d in ordered), values))
+
+
+def shape_text(shape: Shape) -> str:
+    """``T=16,H=4096``: the form ``--shape`` takes and tables print."""
+    return ",".join(f"{name}={value}" for name, value in shape.items())
+
+
+class KernelLaunch(NamedTuple):
+    """One kernel launch of an op call, as its host glue lays it out.
+
+    ``key`` holds everything besides the problem's bucketed dims that selects a compiled kernel
+    (dtypes, model dims, epilogue flags); ``problem`` the call's value of each problem dim, which
+    selects the config. ``zeroed`` lists tensors among ``args`` that must hold zeros when the
+    kernel starts: whole op arguments (zeroed on every call) or scratch the launch allocated
+    (allocated zeroed on every call), shared by identity between the launches of one call.
+    """
+
+    kernel: helion.Kernel
+    args: tuple[Any, ...]
+    key: tuple[Any, ...]
+    problem: dict[str, int]
+    device: torch.device
+    dtype: torch.dtype
+    zeroed: tuple[torch.Tensor, ...] = ()
+
+
+class Outputs(NamedTuple):
+    """The mutated arguments an op only writes, and how to allocate them from its other arguments.
+
+    ``allocate`` returns a tensor (or None, for an optional output left out) per name; it checks
+    the arguments it reads, with the same errors as the op.
+    """
+
+    names: tuple[str, ...]
+    allocate: Callable[[dict[str, Any]], dict[str, torch.Tensor | None]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class OpSpec:
+    """One fused op: its schema, kernel glue, reference, problem key and tuning/bench grid.
+
+    Compared and hashed by identity (each op is declared once), which keeps the per-call
+    caches keyed on it cheap.
+    """
+
+    name: str
+    schema: str
+    family: str
+    kernel: helion.Kernel
+    # checks the arguments and returns the launches, in order (none for an empty input); no side effects
+    prepare: Callable[..., tuple[KernelLaunch, ...]]
+    reference: Callable[..., None]
+    # the problem key: named dims, how each is bucketed, and the grid tuned and benched
+    problem: tuple[Dim, ...]
+    make_inputs: Callable[[Shape, torch.dtype, torch.device], dict[str, Any]]
+    default_config: Callable[[Shape], helion.Config]
+    seed_configs: Callable[[Shape], list[helion.Config]]
+    # the autotuner's neighbourhood beyond the seeds
+    search_configs: Callable[[Shape], list[helion.Config]]
+    read_and_written: tuple[str, ...] = ()
+    # for tensors the op touches only in part (a cos/sin row per token, a cache slot per token):
+    # how many of their elements it touches
+    touched_elements: Callable[[dict[str, Any]], dict[str, int]] | None = None
+    # what a stored config must not do for this op (None when acceptable); checked when configs load
+    config_problem: Callable[[dict[str, Any]], str | None] | None = None
+    # the outputs helion_fusions.functional allocates (None: the op works in place on its arguments)
+    outputs: Outputs | None = None
+
+    def bytes_moved(self, kwargs: dict[str, Any]) -> int:
+        """Bytes the op must move: every tensor argument once (or its touched part), read-and-written ones twice."""
+        touched = self.touched_elements(kwargs) if self.touched_elements is not None else {}
+        total = 0
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                elements = touched.get(name, value.numel())
+                total += elements * value.element_size() * (2 if name in self.read_and_written else 1)
+        return total
+
+    @property
+    def dim_names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.problem)
+
+    @property
+    def qualname(self) -> str:
+        return f"{NAMESPACE}::{self.name}"
+
+    @property
+    def arg_names(self) -> list[str]:
+        return list(signature(self)[0])
+
+    @property
+    def mutated_args(self) -> list[str]:
+        return [a.name for a in parse_schema(self).arguments if a.alias_info is not None and a.alias_info.is_write]
+
+    @property
+    def op(self) -> Any:
+        return getattr(getattr(torch.ops, NAMESPACE), self.name)
+
+
+def parse_schema(spec: OpSpec) -> Any:
+    return torch._C.parse_schema(f"{spec.qualname}{spec.schema}")
+
+
+@functools.cache
+def signature(spec: OpSpec) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """The schema's argument names, in order, and the defaults of those that have one."""
+    arguments = parse_schema(spec).arguments
+    return tuple(a.name for a in arguments), {a.name: a.default_value for a in arguments if a.has_default_value()}
+
+
+def bind(op: str, names: Sequence[str], defaults: dict[str, Any], args: Sequence[Any],
+         kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Map positional and keyword arguments onto ``names``, filling ``defaults``."""
+    bound = dict(zip(names, args))
+    if kwargs:
+        bound.update(kwargs)
+    if len(bound) < len(names):
+        for name in names:
+            if name not in bound:
+                if name not in defaults:
+                    raise TypeError(f"{op}: missing required argument {name!r}")
+                bound[name] = defaults[name]
+    return bound
+
+
+def normalize_call(spec: OpSpec, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Map a call's positional and keyword arguments onto the schema's names, with defaults."""
+    names, defaults = signature(spec)
+    return bind(spec.name, names, defaults, args, kwargs)
