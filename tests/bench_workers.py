@@ -13,4 +13,4 @@ def measure(job: bench.ShapeJob) -> dict:
     with bench._gpu_lock:
         start = time.monotonic()
         time.sleep(0.05)
-        return {"op": job.op, "T": job.tokens, "start": start, "end": time.monotonic(), "pid": os.getpid()}
+        return {"op": job.op, "T": job.shape["T"], "start": start, "end": time.monotonic(), "pid": os.getpid()}

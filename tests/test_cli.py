@@ -21,8 +21,8 @@ def test_autotune_smoke_writes_valid_configs(tmp_path) -> None:
     assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", "rms_norm_static_fp8_quant"]) == 0
     path = tmp_path / "cpu_smoke" / "rms_norm_static_fp8_quant.json"
     spec = REGISTRY["rms_norm_static_fp8_quant"]
-    loaded = config_store.load(path, spec.name, dispatch.spec_hash(spec))
-    assert {(e.hidden, e.tokens) for e in loaded.entries} == {(256, 1), (256, 7)}
+    loaded = config_store.load(path, spec.name, spec.dim_names, dispatch.spec_hash(spec))
+    assert [e.shape for e in loaded.entries] == [{"T": 1, "H": 256}, {"T": 7, "H": 256}]
     assert all(e.source in ("seed", "tuned") and e.time_us > 0 for e in loaded.entries)
     # a second run resumes: nothing left to tune, the file is unchanged
     before = json.loads(path.read_text())
@@ -47,9 +47,9 @@ def test_autotune_revalidates_stale_entries(tmp_path) -> None:
     op = "dynamic_scaled_fp8_quant"  # two launches for T > 1: both run with the entry's config
     path, raw = _stale_smoke_file(tmp_path, op, recorded_us=1e9)
     assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, "--revalidate"]) == 0
-    loaded = config_store.load(path, op, dispatch.spec_hash(REGISTRY[op]))
-    assert [(e.tokens, e.config, e.source) for e in loaded.entries] == [
-        (item["tokens"], item["config"], "revalidated") for item in raw["entries"]]
+    loaded = config_store.load(path, op, REGISTRY[op].dim_names, dispatch.spec_hash(REGISTRY[op]))
+    assert [(e.shape, e.config, e.source) for e in loaded.entries] == [
+        (item["shape"], item["config"], "revalidated") for item in raw["entries"]]
     assert all(e.time_us < 1e9 for e in loaded.entries)
 
 
@@ -58,16 +58,16 @@ def test_autotune_revalidate_searches_a_shape_that_got_slower(tmp_path, capsys) 
     op = "rms_norm_static_fp8_quant"
     path, raw = _stale_smoke_file(tmp_path, op, recorded_us=1e-6)
     assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, "--revalidate"]) == 0
-    loaded = config_store.load(path, op, dispatch.spec_hash(REGISTRY[op]))
-    assert {(e.hidden, e.tokens) for e in loaded.entries} == {(i["hidden"], i["tokens"]) for i in raw["entries"]}
+    loaded = config_store.load(path, op, REGISTRY[op].dim_names, dispatch.spec_hash(REGISTRY[op]))
+    assert [e.shape for e in loaded.entries] == [i["shape"] for i in raw["entries"]]
     assert all(e.source in ("seed", "tuned") and e.seed_time_us is not None for e in loaded.entries)
     assert "searching the shape again" in capsys.readouterr().out
 
 
 def test_autotune_candidates_add_pipelined_persistent_kernels_at_large_t() -> None:
     spec = REGISTRY["rms_norm_dynamic_per_token_quant"]
-    small, seeds = autotune.candidates(spec, 8192, autotune.PIPELINE_MIN_TOKENS // 2)
-    large, large_seeds = autotune.candidates(spec, 8192, autotune.PIPELINE_MIN_TOKENS)
+    small, seeds = autotune.candidates(spec, {"T": autotune.PIPELINE_MIN_TOKENS // 2, "H": 8192})
+    large, large_seeds = autotune.candidates(spec, {"T": autotune.PIPELINE_MIN_TOKENS, "H": 8192})
     assert seeds == large_seeds and not any("pid_type" in c.config for c in small)
     plain = [c for c in large if "pid_type" not in c.config]
     assert [c.config for c in large[len(plain):]] == [autotune.pipelined(c).config for c in plain]
@@ -84,9 +84,10 @@ def test_autotune_retune_replaces_only_the_selected_entries(tmp_path) -> None:
     for item in raw["entries"]:
         item["time_us"] = 1e9  # a retuned entry gets a real time again
     path.write_text(json.dumps(raw))
-    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, "--tokens", "7", "--hidden", "256",
-                          "--retune"]) == 0
-    entries = {(e.hidden, e.tokens): e for e in config_store.load(path, op, dispatch.spec_hash(REGISTRY[op])).entries}
+    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, "--shape", "T=7,H=256", "--retune"]) == 0
+    spec = REGISTRY[op]
+    loaded = config_store.load(path, op, spec.dim_names, dispatch.spec_hash(spec)).entries
+    entries = {(e.shape["H"], e.shape["T"]): e for e in loaded}
     assert set(entries) == {(256, 1), (256, 7)}
     assert entries[(256, 1)].time_us == 1e9 and entries[(256, 7)].time_us < 1e9
 
@@ -97,10 +98,30 @@ def test_autotune_rejects_unknown_ops(capsys) -> None:
     assert "--ops: unknown op names ['not_an_op']" in capsys.readouterr().err
 
 
-def test_autotune_rejects_bad_token_list(capsys) -> None:
+@pytest.mark.parametrize(("shape", "message"), [
+    ("T=16/abc", "--shape: expected DIM=positive int[/int...] items separated by commas, got 'T=16/abc'"),
+    ("T=0", "--shape: expected DIM=positive int"),
+    ("T", "--shape: expected DIM=positive int"),
+    ("T=16,N=8", "--shape: rms_norm has the dims ['T', 'H'], not ['N']"),
+])
+def test_autotune_rejects_bad_shapes(capsys, shape: str, message: str) -> None:
     with pytest.raises(SystemExit):
-        autotune.main(["--smoke", "--tokens", "16,abc"])
-    assert "--tokens: expected comma-separated positive integers" in capsys.readouterr().err
+        autotune.main(["--smoke", "--ops", "rms_norm", "--shape", shape])
+    assert message in capsys.readouterr().err
+
+
+def test_shape_selection_takes_the_grid_for_dims_left_out() -> None:
+    import argparse
+
+    from helion_fusions.tools import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_grid_arguments(parser)
+    args = parser.parse_args(["--ops", "rms_norm", "--shape", "T=1/16", "--shape", "T=16,H=4096"])
+    [(spec, shapes)] = cli.selected_grid(parser, args)
+    hidden = [d for d in spec.problem if d.name == "H"][0].grid
+    assert shapes == [{"T": t, "H": h} for h in hidden for t in (1, 16)]
+    assert [list(s) for s in shapes] == [["T", "H"]] * len(shapes)  # the problem key's order, as tables print it
 
 
 def test_autotune_without_gpu_needs_smoke(capsys) -> None:
@@ -121,7 +142,7 @@ def test_bench_prints_a_correctness_table_without_gpu(capsys, monkeypatch) -> No
 def test_bench_workers_return_rows_in_order_and_measure_one_at_a_time() -> None:
     import bench_workers
 
-    jobs = [bench.ShapeJob("rms_norm", t, 4096, "bfloat16", 1, 1.0, "cpu_test", None) for t in range(6)]
+    jobs = [bench.ShapeJob("rms_norm", {"T": t, "H": 4096}, "bfloat16", 1, 1.0, "cpu_test", None) for t in range(6)]
     rows = list(bench.bench_shapes(jobs, 2, bench_workers.measure))
     assert [r["T"] for r in rows] == list(range(6))
     assert len({r["pid"] for r in rows}) == 2
@@ -133,7 +154,7 @@ def test_bench_workers_return_rows_in_order_and_measure_one_at_a_time() -> None:
 def test_bench_merge_keeps_earlier_rows_not_measured_again() -> None:
     """A run cut short (or split by --ops) keeps the earlier rows of every shape it did not measure."""
     def row(op: str, tokens: int, us: float) -> dict:
-        return {"op": op, "dtype": "bfloat16", "T": tokens, "H": 4096, "ours_us": us}
+        return {"op": op, "dtype": "bfloat16", "shape": f"T={tokens},H=4096", "T": tokens, "H": 4096, "ours_us": us}
 
     earlier = [row("rms_norm", 1, 1.0), row("rms_norm", 16, 1.0), row("silu_and_mul", 1, 1.0)]
     merged = bench.merge_rows(earlier, [row("rms_norm", 16, 2.0)])
@@ -146,29 +167,41 @@ def test_bench_results_round_trip_and_older_csvs_load(tmp_path) -> None:
     row = {column: 1 for column in bench.COLUMNS}
     row.update(device="cpu_test", op="rotary_embedding", dtype="bfloat16", helion="1.5.0", triton="3.6.0",
                torch="2.13.0", kernel_hash=dispatch.spec_hash(REGISTRY["rotary_embedding"]),
-               repro="python -m perf.bench", eager_us=3.0, speedup_vs_compile=1.5)
-    stale = {**row, "op": "rms_norm", "kernel_hash": "0" * 16, "compile_reused": 0}
-    bench.write_results([row, stale], 3000.0, "cpu_test", "CPU test", tmp_path,
-                        {"op": "rotary_embedding", "torch_op_us": 9.0, "helion_fn_us": 5.0, "raw_triton_us": 4.0,
-                         "overhead_us": 5.0})
+               repro="python -m perf.bench", eager_us=3.0, speedup_vs_compile=1.5, shape="T=1,H=1",
+               host_us=9.5, host_kw_us=11.0, launch_us=6.0)
+    stale = {**row, "op": "rms_norm", "kernel_hash": "0" * 16, "compile_reused": 0, "host_us": None,
+             "host_kw_us": None, "launch_us": None}
+    bench.write_results([row, stale], 3000.0, "cpu_test", "CPU test", tmp_path)
     assert bench.read_rows(tmp_path / "cpu_test.csv") == [row, stale]
     text = (tmp_path / "cpu_test.md").read_text()
-    assert "host time per call (rotary_embedding" in text
+    assert "## Host time per call" in text and "Largest host_us - launch_us: 3.5 us" in text
     assert "rows measured on an earlier kernel source (or not recorded): 1, of rms_norm" in text
     assert "rows whose torch.compile columns come from an earlier run on this device (`--reuse-baselines`): 1" in text
     older = tmp_path / "older.csv"
-    columns = [c for c in bench.COLUMNS if c not in ("launches", "kernel_hash", "compile_reused")]
+    columns = [c for c in bench.COLUMNS if c not in ("launches", "kernel_hash", "compile_reused", "shape", "host_us",
+                                                     "host_kw_us", "launch_us")]
     older.write_text(",".join(columns) + "\n" + ",".join("x" if c in ("device", "op") else "1" for c in columns) + "\n")
     (loaded,) = bench.read_rows(older)
     assert loaded["launches"] is None and loaded["kernel_hash"] == "" and not loaded["compile_reused"]
-    assert loaded["T"] == 1 and loaded["eager_us"] == 1.0
+    assert loaded["T"] == 1 and loaded["eager_us"] == 1.0 and loaded["shape"] == "T=1,H=1"
+    assert loaded["host_us"] is None
+
+
+def test_host_times_land_on_the_row_of_their_shape() -> None:
+    spec = REGISTRY["rms_norm"]
+    at = bench.shape_text(bench.host_shape(spec))
+    assert at == "T=16,H=4096"
+    rows = [{"op": "rms_norm", "dtype": "bfloat16", "shape": s} for s in ("T=1,H=4096", at)]
+    missing = bench.add_host_times(rows, {"rms_norm": {"host_us": 1.0}, "silu_and_mul": {"host_us": 2.0}},
+                                   "bfloat16")
+    assert missing == ["silu_and_mul"] and "host_us" not in rows[0] and rows[1]["host_us"] == 1.0
 
 
 def test_sass_compiles_a_shipped_config_for_sm90(tmp_path, capsys) -> None:
-    args = ["--ops", "rms_norm_dynamic_per_token_quant", "--tokens", "7", "--hidden", "4096", "--out", str(tmp_path)]
+    args = ["--ops", "rms_norm_dynamic_per_token_quant", "--shape", "T=7,H=4096", "--out", str(tmp_path)]
     assert sass.main(args) == 0
     table = capsys.readouterr().out
-    assert "rms_norm_dynamic_per_token_quant" in table and "nvidia_h200 H=4096 T<=16" in table
+    assert "rms_norm_dynamic_per_token_quant" in table and "nvidia_h200 T=16,H=4096" in table
     text = (tmp_path / "rms_norm_dynamic_per_token_quant_T7_H4096_sm90.sass").read_text()
     assert "EXIT" in text
 
@@ -176,14 +209,16 @@ def test_sass_compiles_a_shipped_config_for_sm90(tmp_path, capsys) -> None:
 def test_sass_compiles_a_pipelined_persistent_config(tmp_path) -> None:
     """Persistent configs ask for the multiprocessor count, which CPU tensors lack; the row loads become cp.async."""
     spec = REGISTRY["rms_norm_dynamic_per_token_quant"]
-    config = autotune.pipelined(spec.default_config(4096))
-    sass.compile_report(spec, 4096, 4096, torch.bfloat16, config, 90, tmp_path)
+    shape = {"T": 4096, "H": 4096}
+    config = autotune.pipelined(spec.default_config(shape))
+    sass.compile_report(spec, shape, torch.bfloat16, config, 90, tmp_path)
     assert "LDGSTS" in (tmp_path / "rms_norm_dynamic_per_token_quant_T4096_H4096_sm90.sass").read_text()
 
 
 def test_sass_report_counts_instructions_and_calls(tmp_path) -> None:
     spec = REGISTRY["static_scaled_fp8_quant"]
-    report = sass.compile_report(spec, 16, 1024, torch.float16, spec.default_config(1024), 90, tmp_path)
+    shape = {"T": 16, "H": 1024}
+    report = sass.compile_report(spec, shape, torch.float16, spec.default_config(shape), 90, tmp_path)
     assert report.registers > 0 and report.instructions > 10 and report.local_bytes == 0
     text = (tmp_path / "static_scaled_fp8_quant_T16_H1024_sm90.sass").read_text()
     assert report.calls == text.count("CALL.")
@@ -194,7 +229,7 @@ def test_sass_report_counts_instructions_and_calls(tmp_path) -> None:
 def test_timer_drops_calls_that_host_time_got_into_and_sleeps_longer(monkeypatch) -> None:
     """CPU stand-ins for the CUDA calls: each timed call is late (its sleep ended before the host had
     enqueued it) or not, as ``late`` says; late calls take 1 ms, the others 2 us."""
-    from helion_fusions import testing
+    from helion_fusions.tools import testing
 
     late: list[bool] = []
     sleeps: list[int] = []

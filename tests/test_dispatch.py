@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import arg, assert_outputs_match, clone_kwargs, is_nvfp4_op, spec_params
+from conftest import arg, assert_outputs_match, clone_kwargs, is_nvfp4_op, run_against_reference, spec_params
 
 import helion_fusions
 from helion_fusions.runtime import config_store, dispatch
 from helion_fusions.runtime.config_store import ConfigError, Entry
-from helion_fusions.runtime.device import DeviceIdentity
+from helion_fusions.runtime.device import DeviceIdentity, canonical_device_name
 from helion_fusions.runtime.registry import REGISTRY, KernelLaunch, OpSpec
 from helion_fusions.tools.testing import poisoned
 
@@ -48,32 +48,33 @@ def test_token_bucket(tokens: int, bucket: int) -> None:
     ("AMD Instinct MI300X", "amd", "amd_mi300x"),
 ])
 def test_canonical_device_name(raw: str, vendor: str, name: str) -> None:
-    assert dispatch.canonical_device_name(raw, vendor) == name
+    assert canonical_device_name(raw, vendor) == name
 
 
 def test_unknown_device_name_is_stable() -> None:
     raw = "NVIDIA RTX 6000 Ada Generation"
-    name = dispatch.canonical_device_name(raw, "nvidia")
+    name = canonical_device_name(raw, "nvidia")
     assert name.startswith("nvidia_")
-    assert name == dispatch.canonical_device_name(raw, "nvidia")
+    assert name == canonical_device_name(raw, "nvidia")
     assert name.replace("_", "").isalnum() and name == name.lower()
 
 
 # --- config files ---------------------------------------------------------------------------------
 
 def _entry(dtype: str = "bfloat16", hidden: int = 4096, tokens: int = 16, num_warps: int = 4) -> Entry:
-    return Entry(dtype=dtype, hidden=hidden, tokens=tokens, config={**CONFIG, "num_warps": num_warps}, time_us=2.0)
+    return Entry(dtype=dtype, shape={"T": tokens, "H": hidden}, config={**CONFIG, "num_warps": num_warps},
+                 time_us=2.0)
 
 
 def _save(path: Path, entries: list[Entry] | None = None, op: str = SPEC.name, device: str = "nvidia_h100",
           family: str = "nvidia_sm90", hash_: str | None = None) -> Path:
     config_store.save(path, op, device, family, dispatch.spec_hash(SPEC) if hash_ is None else hash_,
-                      entries or [_entry()])
+                      SPEC.dim_names, entries or [_entry()])
     return path
 
 
 def _load(path: Path) -> config_store.ConfigFile:
-    return config_store.load(path, SPEC.name, dispatch.spec_hash(SPEC))
+    return config_store.load(path, SPEC.name, SPEC.dim_names, dispatch.spec_hash(SPEC))
 
 
 def test_save_then_load(tmp_path: Path) -> None:
@@ -92,7 +93,7 @@ def _picker(tmp_path: Path, entries: list[Entry]) -> Callable[..., Entry]:
     loaded = _load(_save(tmp_path / "x" / f"{SPEC.name}.json", entries))
 
     def pick(dtype: torch.dtype = torch.bfloat16, hidden: int = 4096, tokens: int = 1, invariant: bool = False):
-        return loaded.pick(dtype, hidden, tokens, invariant)
+        return loaded.pick(dtype, {"T": tokens, "H": hidden}, SPEC.problem, invariant)
 
     return pick
 
@@ -107,19 +108,19 @@ def test_pick_by_dtype(tmp_path: Path) -> None:
 
 def test_pick_nearest_hidden(tmp_path: Path) -> None:
     pick = _picker(tmp_path, [_entry(hidden=h, num_warps=w) for h, w in ((2048, 1), (4096, 2), (8192, 4))])
-    assert [pick(hidden=h).hidden for h in (17, 2048, 3000, 4096, 5000, 6000, 8192, 65536)] == [
+    assert [pick(hidden=h).shape["H"] for h in (17, 2048, 3000, 4096, 5000, 6000, 8192, 65536)] == [
         2048, 2048, 4096, 4096, 4096, 8192, 8192, 8192]
 
 
 def test_pick_token_bucket(tmp_path: Path) -> None:
     pick = _picker(tmp_path, [_entry(tokens=t, num_warps=w) for t, w in ((1, 1), (16, 2), (128, 4), (4096, 8))])
-    assert [pick(tokens=t).tokens for t in (1, 2, 16, 17, 128, 129, 4096, 5000)] == [
+    assert [pick(tokens=t).shape["T"] for t in (1, 2, 16, 17, 128, 129, 4096, 5000)] == [
         1, 16, 16, 128, 128, 4096, 4096, 4096]
 
 
 def test_pick_batch_invariant_uses_the_largest_bucket(tmp_path: Path) -> None:
     pick = _picker(tmp_path, [_entry(tokens=t) for t in (1, 16, 128, 4096)])
-    assert {pick(tokens=t, invariant=True).tokens for t in (1, 7, 300, 4096, 10**5)} == {4096}
+    assert {pick(tokens=t, invariant=True).shape["T"] for t in (1, 7, 300, 4096, 10**5)} == {4096}
 
 
 # --- config errors --------------------------------------------------------------------------------
@@ -135,7 +136,8 @@ def _corrupt(tmp_path: Path, edit: Callable[[dict], Any]) -> Path:
 
 def _assert_config_error(path: Path, *fragments: str, expected_hash: str | None = None) -> None:
     with pytest.raises(ConfigError) as caught:
-        config_store.load(path, SPEC.name, dispatch.spec_hash(SPEC) if expected_hash is None else expected_hash)
+        config_store.load(path, SPEC.name, SPEC.dim_names,
+                          dispatch.spec_hash(SPEC) if expected_hash is None else expected_hash)
     message = str(caught.value)
     for fragment in (str(path), *fragments):
         assert fragment in message, f"{fragment!r} not in {message!r}"
@@ -147,7 +149,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_corrupt_json(tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
-    path.write_text('{"schema_version": 1, "op": ')
+    path.write_text('{"schema_version": 2, "op": ')
     _assert_config_error(path, "JSON")
 
 
@@ -175,14 +177,17 @@ def _drop_entry_key(index: int, key: str) -> Callable[[dict], None]:
 
 
 @pytest.mark.parametrize(("edit", "fragments"), [
-    pytest.param(_set("schema_version", 2), ["schema_version"], id="schema_version"),
+    pytest.param(_set("schema_version", 3), ["schema_version"], id="schema_version"),
+    pytest.param(_set("dims", ["T", "N"]), ["dims", "['T', 'N']"], id="other_problem_key"),
     pytest.param(_set("op", "rms_norm"), ["op", "'rms_norm'"], id="wrong_op"),
     pytest.param(lambda raw: raw.pop("family"), ["top level", "family"], id="missing_top_level_key"),
     pytest.param(_set("entries", []), ["entries"], id="no_entries"),
     pytest.param(_drop_entry_key(0, "config"), ["entries[0]"], id="entry_missing_config"),
-    pytest.param(_drop_entry_key(2, "tokens"), ["entries[2]"], id="entry_missing_tokens"),
-    pytest.param(_set_entry(1, "hidden", 0), ["entries[1]", "hidden"], id="entry_hidden_zero"),
-    pytest.param(_set_entry(1, "tokens", "16"), ["entries[1]", "tokens"], id="entry_tokens_not_int"),
+    pytest.param(_drop_entry_key(2, "shape"), ["entries[2]"], id="entry_missing_shape"),
+    pytest.param(_set_entry(1, "shape", {"T": 16, "H": 0}), ["entries[1]", "positive ints"], id="entry_hidden_zero"),
+    pytest.param(_set_entry(1, "shape", {"T": "16", "H": 4096}), ["entries[1]", "positive ints"],
+                 id="entry_tokens_not_int"),
+    pytest.param(_set_entry(1, "shape", {"T": 16}), ["entries[1]", "['T', 'H']"], id="entry_missing_dim"),
     pytest.param(_set_entry(0, "config", [1, 2]), ["entries[0]", "config"], id="entry_config_not_object"),
     pytest.param(_set_entry(0, "time_us", "fast"), ["entries[0]", "time_us"], id="entry_time_not_a_number"),
     pytest.param(_set_entry(1, "config", {**CONFIG, "num_wraps": 4}), ["entries[1]", "num_wraps"],
@@ -256,7 +261,7 @@ def test_other_families_are_ignored(config_dir: Path) -> None:
 
 def test_other_ops_files_are_ignored(config_dir: Path) -> None:
     config_store.save(config_dir / "nvidia_h100" / "rms_norm.json", "rms_norm", "nvidia_h100", "nvidia_sm90",
-                      dispatch.spec_hash(REGISTRY["rms_norm"]), [_entry()])
+                      dispatch.spec_hash(REGISTRY["rms_norm"]), SPEC.dim_names, [_entry()])
     resolved, _ = _resolve()
     assert resolved is None
 
@@ -272,8 +277,8 @@ def test_choose_config_follows_the_chain(config_dir: Path, monkeypatch: pytest.M
     (launch,) = SPEC.prepare(**SPEC.make_inputs({"T": 7, "H": 4096}, torch.bfloat16, torch.device("cpu")))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert dispatch.choose_config(SPEC, launch, False) == SPEC.default_config(4096)
-    dispatch._config_files.cache_clear()
+        assert dispatch.choose_config(SPEC, launch, False) == SPEC.default_config({"T": 7, "H": 4096})
+    dispatch.reset()
     _save(_device_file(config_dir, "nvidia_h100"), [_entry(tokens=1, num_warps=2), _entry(tokens=16, num_warps=16)])
     assert dispatch.choose_config(SPEC, launch, False)["num_warps"] == 16
     assert dispatch.choose_config(SPEC, launch, True)["num_warps"] == 16
@@ -346,9 +351,9 @@ def test_batch_invariance(interpret, batch_invariant, spec: OpSpec) -> None:
 def test_looped_row_reduction_is_rejected_for_the_rms_norm_family(tmp_path: Path) -> None:
     """A hand-edited reduction loop would make the in-place residual update normalize the wrong values."""
     path = _corrupt(tmp_path, _set_entry(1, "config", {**CONFIG, "reduction_loops": [1024]}))
-    config_store.load(path, SPEC.name, dispatch.spec_hash(SPEC))  # the generic checks accept it
+    config_store.load(path, SPEC.name, SPEC.dim_names, dispatch.spec_hash(SPEC))  # the generic checks accept it
     with pytest.raises(ConfigError) as caught:
-        config_store.load(path, SPEC.name, dispatch.spec_hash(SPEC), SPEC.config_problem)
+        config_store.load(path, SPEC.name, SPEC.dim_names, dispatch.spec_hash(SPEC), SPEC.config_problem)
     message = str(caught.value)
     assert str(path) in message and "entries[1]" in message and "reduction_loops must be None" in message
 
@@ -368,25 +373,38 @@ def test_warmup_rejects_unknown_ops() -> None:
         helion_fusions.warmup(hidden_sizes=[256], ops=["rms_norm", "not_an_op"], device="cpu")
 
 
-def test_warmup_runs_each_op_once_per_token_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_warmup_runs_each_op_at_every_token_variant(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, int, int, torch.dtype]] = []
 
-    def record(spec: OpSpec, kwargs: dict[str, Any]) -> None:
+    def record(spec: OpSpec, args: tuple[Any, ...]) -> None:
+        kwargs = dict(zip(spec.arg_names, args))
         calls.append((spec.name, *kwargs["input"].shape, kwargs["input"].dtype))
 
-    monkeypatch.setattr(dispatch, "run", record)
+    monkeypatch.setattr(dispatch, "_new_plan", record)
     helion_fusions.warmup(hidden_sizes=[256, 512], dtypes=[torch.float16], ops=["rms_norm_static_fp8_quant"],
                           max_tokens=100, device="cpu")
-    # buckets 1, <=16 and <=128, the last warmed at max_tokens
-    assert calls == [("rms_norm_static_fp8_quant", t, h, torch.float16) for h in (256, 512) for t in (1, 16, 100)]
+    # buckets 1, <=16 and <=128 (the last up to max_tokens), each with and without T divisible by 16
+    assert calls == [("rms_norm_static_fp8_quant", t, h, torch.float16) for h in (256, 512)
+                     for t in (1, 15, 16, 96, 100)]
 
 
-def test_warmup_token_counts_cover_every_bucket_once() -> None:
-    assert helion_fusions.warmup_token_counts(100) == [1, 16, 100]
+def test_warmup_takes_shapes_of_model_dims(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[int, int]] = []
+    monkeypatch.setattr(dispatch, "_new_plan", lambda spec, args: seen.append(tuple(args[1].shape)))
+    helion_fusions.warmup(shapes=[{"H": 384}], ops=["rms_norm"], max_tokens=2, device="cpu")
+    assert seen == [(1, 384), (2, 384)]
+    with pytest.raises(ValueError, match=r"shapes: rms_norm needs the model dims \['H'\]"):
+        helion_fusions.warmup(shapes=[{"N": 384}], ops=["rms_norm"], device="cpu")
+
+
+def test_warmup_token_counts_cover_every_bucket_and_divisibility() -> None:
+    assert helion_fusions.warmup_token_counts(100) == [1, 15, 16, 96, 100]
     assert helion_fusions.warmup_token_counts(1) == [1]
-    assert helion_fusions.warmup_token_counts(20000) == [1, 16, 128, 1024, 4096, 16384, 16385]
+    assert helion_fusions.warmup_token_counts(20000) == [1, 15, 16, 127, 128, 1023, 1024, 4095, 4096, 16383, 16384,
+                                                         19999, 20000]
     counts = helion_fusions.warmup_token_counts(5000)
-    assert sorted({dispatch.token_bucket(t) for t in range(1, 5001)}) == [dispatch.token_bucket(t) for t in counts]
+    variants = {(dispatch.token_bucket(t), t % 16 == 0) for t in counts}
+    assert variants == {(dispatch.token_bucket(t), t % 16 == 0) for t in range(1, 5001)}
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "16"])
@@ -395,61 +413,147 @@ def test_warmup_token_counts_rejects_bad_max_tokens(bad: Any) -> None:
         helion_fusions.warmup_token_counts(bad)
 
 
-def test_warmup_with_forward_runs_it_once_per_token_bucket() -> None:
+def test_warmup_with_forward_runs_it_at_every_token_variant() -> None:
     seen: list[int] = []
     assert helion_fusions.warmup(forward=seen.append, max_tokens=300) == dispatch.compiled_count()
-    assert seen == [1, 16, 128, 300]
+    assert seen == [1, 15, 16, 127, 128, 288, 300]
 
 
 def test_warmup_argument_errors() -> None:
     with pytest.raises(TypeError, match="forward: expected a callable"):
         helion_fusions.warmup(forward=16)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="hidden_sizes: expected at least one hidden size"):
+    with pytest.raises(ValueError, match="shapes: expected at least one shape of model dims"):
         helion_fusions.warmup(ops=["rms_norm"], device="cpu")
+
+
+# --- launch plans ----------------------------------------------------------------------------------
+
+def _counting_prepare(monkeypatch: pytest.MonkeyPatch, spec: OpSpec) -> list[int]:
+    """Count the host glue's runs (argument checks and kernel views) for ``spec``'s calls."""
+    runs: list[int] = []
+    prepare = spec.prepare
+
+    def counted(**kwargs: Any) -> Any:
+        runs.append(1)
+        return prepare(**kwargs)
+
+    monkeypatch.setattr(dispatch, "_new_plan", _with_prepare(dispatch._new_plan, spec, counted))
+    return runs
+
+
+def _with_prepare(new_plan: Callable[..., Any], spec: OpSpec, prepare: Callable[..., Any]) -> Callable[..., Any]:
+    def patched(called: OpSpec, args: tuple[Any, ...]) -> Any:
+        return new_plan(dataclasses.replace(called, prepare=prepare) if called is spec else called, args)
+    return patched
+
+
+def test_a_repeat_call_skips_the_checks_and_a_new_signature_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = REGISTRY["rms_norm_static_fp8_quant"]
+    runs = _counting_prepare(monkeypatch, spec)
+    dispatch.reset()
+    kwargs = spec.make_inputs({"T": 5, "H": 256}, torch.bfloat16, torch.device("cpu"))
+    for _ in range(3):  # the same signature, new data each time: still the reference's bytes
+        kwargs["input"].normal_()
+        run_against_reference(spec, kwargs)
+    assert len(runs) == 1
+    spec.op(**{**kwargs, "input": kwargs["input"][:4], "result": kwargs["result"][:4]})  # another shape
+    assert len(runs) == 2
+    strided = torch.randn(5, 512, dtype=torch.bfloat16)[:, :256]  # another stride
+    spec.op(**{**kwargs, "input": strided})
+    assert len(runs) == 3
+    spec.op(**{**kwargs, "epsilon": 1e-5})  # another non-tensor value
+    assert len(runs) == 4
+    spec.op(**kwargs)
+    assert len(runs) == 4
+
+
+def test_a_bad_argument_is_checked_on_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = REGISTRY["rms_norm_static_fp8_quant"]
+    runs = _counting_prepare(monkeypatch, spec)
+    dispatch.reset()
+    kwargs = spec.make_inputs({"T": 5, "H": 256}, torch.bfloat16, torch.device("cpu"))
+    bad = {**kwargs, "scale": torch.ones(2)}
+    for attempt in range(1, 3):
+        with pytest.raises(ValueError, match="scale: expected a one-element float32 tensor"):
+            spec.op(**bad)
+        assert len(runs) == attempt
+
+
+def test_the_signature_tells_aliasing_and_alignment_apart() -> None:
+    buffer = torch.zeros(64)
+    a, b = buffer[:16], buffer[16:32]
+    other = torch.zeros(16)
+    assert dispatch.call_signature((a, b)) != dispatch.call_signature((a, other))  # b aliases a; other does not
+    assert dispatch.call_signature((a, buffer[16:32])) == dispatch.call_signature((a, b))
+    assert dispatch.call_signature((buffer[1:17],)) != dispatch.call_signature((a,))  # 4-byte vs 16-byte aligned
+    assert dispatch.call_signature(([1, 2],)) == dispatch.call_signature(((1, 2),))
 
 
 # --- a kernel that does not build on this GPU ---------------------------------------------------------
 
-class _FakeBound:
-    """Stands in for a bound Helion kernel whose configs fail (or succeed) at their first launch."""
+class _FakeCompiledKernel:
+    """Stands in for Triton's compiled kernel: ``run`` is the launcher, called with the grid and arguments."""
+
+    def __init__(self, warps: int, launched: list[int]) -> None:
+        self.function, self.packed_metadata = object(), object()
+        self.run = lambda *args: launched.append(warps)
+
+
+class _FakeJit:
+    """Stands in for a Triton JIT function whose build fails for some warp counts."""
+
+    arg_names: tuple[str, ...] = ()
 
     def __init__(self, failing: set[int], launched: list[int]) -> None:
         self.failing, self.launched = failing, launched
 
+    def run(self, *args: Any, grid: Any, warmup: bool, num_warps: int, **options: Any) -> _FakeCompiledKernel:
+        if num_warps in self.failing:
+            raise RuntimeError(f"PTX assembly failed for num_warps={num_warps}")
+        return _FakeCompiledKernel(num_warps, self.launched)
+
+
+class _FakeBound:
+    """Stands in for a bound Helion kernel: its compiled host function hands the fake JIT to the launcher."""
+
+    def __init__(self, jit: _FakeJit) -> None:
+        self.jit = jit
+
     def compile_config(self, config: Any) -> Callable[..., None]:
         warps = dict(config)["num_warps"]
 
-        def launch(*args: Any) -> None:
-            if warps in self.failing:
-                raise RuntimeError(f"PTX assembly failed for num_warps={warps}")
-            self.launched.append(warps)
-        return launch
+        def host(*args: Any, _launcher: Callable[..., Any]) -> None:
+            _launcher(self.jit, (1,), num_warps=warps, num_stages=1)
+        return host
 
 
 def _fake_gpu_op(monkeypatch: pytest.MonkeyPatch, failing: set[int]) -> tuple[OpSpec, list[int], list[str]]:
     """An op whose launches look like CUDA launches; the tuned config uses 16 warps, the default 8."""
     launched: list[int] = []
     references: list[str] = []
-    bound = _FakeBound(failing, launched)
+    bound = _FakeBound(_FakeJit(failing, launched))
     kernel = type("FakeKernel", (), {"bind": lambda self, args: bound})()
 
     def prepare(**kwargs: Any) -> Any:
-        return (KernelLaunch(kernel, (), ("fake", kwargs["hidden"]), 16, kwargs["hidden"],
+        return (KernelLaunch(kernel, (), ("fake",), {"T": 16, "H": kwargs["input"].shape[1]},
                              torch.device("cuda"), torch.bfloat16),)
 
-    spec = dataclasses.replace(SPEC, name=f"fake_{sorted(failing)}", prepare=prepare,
+    spec = dataclasses.replace(SPEC, name="fake_" + "_".join(map(str, sorted(failing))), prepare=prepare,
                                reference=lambda **kwargs: references.append("reference"),
-                               default_config=lambda hidden: dict(num_warps=8))
+                               default_config=lambda shape: dict(num_warps=8))
     monkeypatch.setattr(dispatch, "choose_config", lambda spec, launch, invariant: dict(num_warps=16))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
     return spec, launched, references
 
 
 def _calls(spec: OpSpec, hidden: int, count: int) -> list[str]:
+    run = dispatch.implementation(spec)
+    args = (torch.empty(1, hidden), torch.empty(1, hidden), torch.empty(hidden), torch.ones(1), 1e-6)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(count):
-            dispatch.run(spec, {"hidden": hidden})
+            run(*args)
     return [str(w.message) for w in caught]
 
 

@@ -17,7 +17,8 @@ IN_PLACE = [name for name, spec in REGISTRY.items() if spec.outputs is None]
 
 
 def _hidden(spec: OpSpec) -> int:
-    return spec.hidden_sizes[0] if spec.family == "rope" else 256
+    return dict(zip(spec.dim_names, (d.grid[0] for d in spec.problem)))["H"] if spec.family in ("rope", "kv_cache") \
+        else 256
 
 
 def _split(spec: OpSpec, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -110,14 +110,15 @@ def test_declaration_is_complete(spec: OpSpec) -> None:
     required = {a.name for a in schema.arguments if not a.has_default_value()}
     assert required <= set(kwargs), f"make_inputs misses {required - set(kwargs)}"
     assert callable(spec.reference) and callable(spec.prepare)
-    assert spec.hidden_sizes and spec.token_counts
+    assert spec.problem and all(d.grid for d in spec.problem)
+    assert sum(d.bucketed for d in spec.problem) == 1, "one bucketed dim (the token count)"
     tensors = {name: v for name, v in kwargs.items() if isinstance(v, torch.Tensor)}
     touched = spec.touched_elements(kwargs) if spec.touched_elements is not None else {}
     assert all(name in tensors and 0 <= count <= tensors[name].numel() for name, count in touched.items())
     assert spec.bytes_moved(kwargs) >= sum(touched.get(name, v.numel()) * v.element_size() for name, v in tensors.items())
-    hidden = spec.hidden_sizes[0]
-    assert spec.default_config(hidden) is not None
-    assert spec.seed_configs(hidden, spec.token_counts[-1])
+    largest = {d.name: d.grid[-1] for d in spec.problem}
+    assert spec.default_config(largest) is not None
+    assert spec.seed_configs(largest)
 
 
 @pytest.mark.parametrize("mode", ["reference_path", "interpret"])

@@ -363,7 +363,7 @@ def test_rope_dim_offset_out_of_range(offset: Any) -> None:
 
 
 ROTATING_OPS = [spec for spec in REGISTRY.values()
-                if spec.family == "rope" and {"positions", "position_ids"} & set(spec.arg_names)]
+                if spec.family in ("rope", "kv_cache") and {"positions", "position_ids"} & set(spec.arg_names)]
 
 
 @pytest.mark.parametrize("spec", ROTATING_OPS, ids=lambda s: s.name)

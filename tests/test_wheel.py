@@ -40,7 +40,7 @@ def test_installed_wheel_finds_shipped_configs(tmp_path: Path) -> None:
 
     probe = (
         "import json\n"
-        "from helion_fusions import config_store\n"
+        "from helion_fusions.runtime import config_store\n"
         "root = config_store.config_root()\n"
         "print(json.dumps({'root': str(root), 'module': config_store.__file__,\n"
         "                  'files': sorted(str(p.relative_to(root)) for p in root.glob('*/*.json'))}))\n"

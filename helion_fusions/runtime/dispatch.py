@@ -390,19 +390,20 @@ def compiled_count() -> int:
 def warmup_token_counts(max_tokens: int = TOKEN_GRID[-1]) -> list[int]:
     """Token counts that build every variant of every token bucket up to ``max_tokens``.
 
-    One count per bucket builds its Helion kernel; Triton then specializes an integer argument on
-    divisibility by 16, so each bucket that holds both kinds of count gets one of each (the bucket's
-    top, and one below it).
+    One count per bucket builds its Helion kernel; Triton then specializes an integer argument (the
+    token count) on divisibility by 16, so each bucket gets the largest multiple of 16 it holds and
+    one count that is not a multiple of 16 (T = 1 is a bucket, and a specialization, of its own).
     """
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
-    counts = set()
+    counts: set[int] = set()
     lower = 1
-    for upper in (*TOKEN_GRID, max(max_tokens, TOKEN_GRID[-1]) + 1):
+    for upper in (*TOKEN_GRID, max(max_tokens, TOKEN_GRID[-1] + 1)):
         top = min(upper, max_tokens)
-        if top >= lower:
-            in_bucket = range(lower, top + 1)
-            counts |= {t for t in (top, top - 1, top - (top % 16) if top % 16 else top) if t in in_bucket}
+        if top < lower:
+            break
+        multiple = top - top % 16
+        counts |= {t for t in (multiple, top if top % 16 else top - 1) if lower <= t <= top}
         lower = upper + 1
     return sorted(counts)
 

@@ -58,7 +58,8 @@ def shapes(problem: Sequence[Dim], overrides: Mapping[str, Sequence[int]] | None
     ordered = sorted(problem, key=lambda d: d.bucketed)
     grids = [tuple(overrides.get(d.name, d.grid)) for d in ordered]
     for values in itertools.product(*grids):
-        yield dict(zip((d.name for d in ordered), values))
+        named = dict(zip((d.name for d in ordered), values))
+        yield {d.name: named[d.name] for d in problem}  # in the problem key's order
 
 
 def shape_text(shape: Shape) -> str:
