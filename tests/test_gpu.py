@@ -295,3 +295,50 @@ def test_rope_skips_bad_positions_and_slots(spec: OpSpec) -> None:
                 rows = kwargs[name].flatten(0, 1)
                 untouched = [s for s in range(rows.shape[0]) if s not in kept]
                 assert is_poison(rows[untouched]), f"{name}: a slot no kept token maps to was written"
+
+
+# --- launch plans: repeat calls and compiles after warm-up ---------------------------------------------
+
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+@pytest.mark.parametrize("spec", list(REGISTRY.values()), ids=lambda s: s.name)
+def test_repeat_calls_through_the_plan_match_the_reference(spec: OpSpec, tokens: int) -> None:
+    """The first call lays out the plan; later calls of the same signature on new buffers (new data
+    pointers, outputs poisoned again) launch through it, and still equal the reference byte for byte."""
+    for _ in range(3):
+        kwargs = _inputs(spec, tokens, 4096)
+        if kwargs.get("residual", ...) is None:
+            kwargs["residual"] = torch.randn(tokens, 4096, dtype=torch.bfloat16, device=CUDA)
+        run_against_reference(spec, kwargs)
+
+
+@pytest.fixture
+def triton_compiles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the Triton kernels compiled while the test runs."""
+    import triton.runtime.jit as jit
+
+    if not hasattr(jit.JITFunction, "_do_compile"):
+        pytest.skip("this Triton has no JITFunction._do_compile to count compiles with")
+    compiles: list[str] = []
+    do_compile = jit.JITFunction._do_compile
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        compiles.append(self.__name__)
+        return do_compile(self, *args, **kwargs)
+
+    monkeypatch.setattr(jit.JITFunction, "_do_compile", counted)
+    return compiles
+
+
+@pytest.mark.parametrize("spec", [REGISTRY[n] for n in ("rms_norm", "silu_and_mul_quant", "per_token_group_fp8_quant",
+                                                        "scaled_fp4_quant", "rotary_embedding",
+                                                        "dynamic_scaled_fp8_quant")], ids=lambda s: s.name)
+def test_nothing_compiles_after_warmup_across_a_token_sweep(spec: OpSpec, triton_compiles: list[str]) -> None:
+    """warmup() builds every bucket and every divisibility variant of the token count: a sweep of T
+    afterwards (24, 1000 and every other count up to 300) compiles nothing, in Helion or in Triton."""
+    helion_fusions.warmup(hidden_sizes=[4096], ops=[spec.name], max_tokens=1024)
+    compiled, compiles = dispatch.compiled_count(), len(triton_compiles)
+    for tokens in [*range(1, 301), 1000, 1024]:
+        spec.op(**_inputs(spec, tokens, 4096))
+    torch.cuda.synchronize()
+    assert dispatch.compiled_count() == compiled, "a call compiled a Helion kernel after warmup"
+    assert triton_compiles[compiles:] == [], "a call compiled a Triton variant after warmup"
