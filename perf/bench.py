@@ -227,36 +227,41 @@ def host_shape(spec: OpSpec) -> dict[str, int]:
             for d in spec.problem}
 
 
-def host_times(spec: OpSpec, dtype: torch.dtype, calls: int = 2000) -> dict[str, float]:
+def host_times(spec: OpSpec, dtype: torch.dtype, calls: int = 300, rounds: int = 15) -> dict[str, float]:
     """Host microseconds per repeat call at :func:`host_shape`, outside CUDA graphs (the GPU idles, so the
     host sets the pace): ``host_us`` as Inductor's wrapper calls the op (``.default``, positional),
     ``host_kw_us`` through ``torch.ops`` with keywords, and ``launch_us`` the raw Triton launches of the same
-    compiled kernels (``kernel[grid](...)``, arguments laid out beforehand)."""
+    compiled kernels (``kernel[grid](...)``, arguments laid out beforehand).
+
+    The three alternate, ``calls`` calls at a time, for ``rounds`` rounds; each reports its median round, so
+    a burst of other work on the host lands in a few rounds of all three rather than in one of them."""
     import time
 
     kwargs = spec.make_inputs(host_shape(spec), dtype, torch.device("cuda"))
-    positional = tuple(normalize_call(spec, (), kwargs).values())
+    bound = normalize_call(spec, (), kwargs)
+    positional = tuple(bound[name] for name in spec.arg_names)
     spec.op.default(*positional)  # compiles, and lays out the plan
     raw = []
     for launch in spec.prepare(**kwargs):
         kernel, grid, args, options = captured_launch(dispatch.compiled_kernel(spec, launch), launch.args)
         raw.append(functools.partial(kernel[grid], *args, **options))
-
-    def per_call(fn: Callable[[], Any]) -> float:
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        elapsed = time.perf_counter() - start
-        torch.cuda.synchronize()
-        return 1e6 * elapsed / calls
-
     default = spec.op.default
-    return {"host_us": per_call(lambda: default(*positional)),
-            "host_kw_us": per_call(lambda: spec.op(**kwargs)),
-            "launch_us": per_call(lambda: [launch() for launch in raw])}
+    measured: dict[str, Callable[[], Any]] = {
+        "host_us": lambda: default(*positional),
+        "host_kw_us": lambda: spec.op(**kwargs),
+        "launch_us": lambda: [launch() for launch in raw],
+    }
+    samples: dict[str, list[float]] = {name: [] for name in measured}
+    for _ in range(rounds):
+        for name, fn in measured.items():
+            fn()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append(1e6 * (time.perf_counter() - start) / calls)
+            torch.cuda.synchronize()
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def add_host_times(rows: list[dict], host: dict[str, dict[str, float]], dtype: str) -> list[str]:

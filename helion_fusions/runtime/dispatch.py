@@ -267,7 +267,8 @@ def implementation(spec: OpSpec) -> Callable[..., None]:
 
     def run(*args: Any, **kwargs: Any) -> None:
         if kwargs or len(args) != len(names):
-            args = tuple(bind(spec.name, names, defaults, args, kwargs).values())
+            bound = bind(spec.name, names, defaults, args, kwargs)
+            args = tuple(bound[name] for name in names)
         key = call_signature(args)
         plan = plans.get(key)
         if plan is not None:
