@@ -7,9 +7,12 @@ DEPS ?= $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install test bench autotune sass clean
+.PHONY: help install test bench autotune sass clean
 
-install: $(DEPS)
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
+
+install: $(DEPS)  ## create .venv: TORCH_SPEC (torch==2.13.0, a CPU build), then the project
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,17 +21,17 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e ".[test]"
 	touch $@
 
-test: $(DEPS)
+test: $(DEPS)  ## run the tests (CPU; a GPU also runs tests/test_gpu.py); ARGS go to pytest
 	$(PY) -m pytest -q tests $(ARGS)
 
-bench: $(DEPS)
+bench: $(DEPS)  ## eager vs torch.compile vs ours on this GPU -> perf/results/<device>.*; ARGS=--help
 	$(PY) -m perf.bench $(ARGS)
 
-autotune: $(DEPS)
+autotune: $(DEPS)  ## tune every op for this GPU -> configs/<device>/; ARGS=--help
 	$(PY) -m helion_fusions.tools.autotune $(ARGS)
 
-sass: $(DEPS)
+sass: $(DEPS)  ## what a kernel compiles to, without a GPU; ARGS=--help
 	$(PY) -m perf.sass $(ARGS)
 
-clean:
+clean:  ## remove .venv and build outputs
 	rm -rf $(VENV) build *.egg-info

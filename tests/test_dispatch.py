@@ -479,6 +479,15 @@ def test_a_bad_argument_is_checked_on_every_call(monkeypatch: pytest.MonkeyPatch
         assert len(runs) == attempt
 
 
+def test_keyword_calls_bind_in_schema_order(reference_path) -> None:
+    spec = REGISTRY["rms_norm_static_fp8_quant"]
+    kwargs = spec.make_inputs({"T": 5, "H": 256}, torch.bfloat16, torch.device("cpu"))
+    expected = clone_kwargs(kwargs)
+    spec.reference(**expected)
+    dispatch.implementation(spec)(**dict(reversed(list(kwargs.items()))))
+    assert_outputs_match(spec, kwargs, expected)
+
+
 def test_the_signature_tells_aliasing_and_alignment_apart() -> None:
     buffer = torch.zeros(64)
     a, b = buffer[:16], buffer[16:32]

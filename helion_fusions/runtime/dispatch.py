@@ -32,6 +32,7 @@ from helion_fusions.runtime.launcher import (
     captured_launch,
     fast_launch,
     storage_base,
+    zero_launch,
 )
 from helion_fusions.runtime.registry import (
     REGISTRY,
@@ -315,7 +316,10 @@ def _new_plan(spec: OpSpec, args: tuple[Any, ...]) -> Plan | None:
             _run_prepared(spec, launches)
             return lambda call_args: _run_prepared(spec, spec.prepare(**dict(zip(names, call_args))))
         fast.append(laid_out)
-    plan = _fast_plan(fast, [(tuple(s.shape), s.dtype, s.device) for s, _ in scratch], zero_args)
+    zeroing = [zero_launch(args[index], index, device) for index in zero_args]
+    zeroing += [zero_launch(tensor, ~index, device) for tensor, index in scratch]
+    plan = _fast_plan([z for z in zeroing if z is not None] + fast,
+                      [(tuple(s.shape), s.dtype, s.device) for s, _ in scratch])
     plan(args)
     return plan
 
@@ -342,16 +346,14 @@ def _zeroed(launches: Sequence[KernelLaunch], args: Sequence[Any]
     return list(scratch.values()), zero_args, False
 
 
-def _fast_plan(launches: list[FastLaunch], scratch: list[tuple[tuple[int, ...], torch.dtype, torch.device]],
-               zero_args: list[int]) -> Plan:
-    if not scratch and not zero_args and len(launches) == 1:
+def _fast_plan(launches: list[FastLaunch], scratch: list[tuple[tuple[int, ...], torch.dtype, torch.device]]) -> Plan:
+    """Run ``launches`` in order (zeroing launches first) on the call's arguments and fresh scratch."""
+    if not scratch and len(launches) == 1:
         (only,) = launches
         return lambda args: only(args, ())
 
     def plan(args: tuple[Any, ...]) -> None:
-        for index in zero_args:
-            args[index].zero_()
-        fresh = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in scratch]
+        fresh = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in scratch]
         for launch in launches:
             launch(args, fresh)
     return plan

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 
 _SCALARS = (int, float, bool, str, type(None))
 
@@ -107,3 +109,25 @@ def fast_launch(compiled: Callable[..., Any], launch_args: Sequence[Any], op_arg
             return None
     grid3 = (tuple(int(g) for g in grid) + (1, 1))[:3]
     return FastLaunch(compiled_kernel, grid3, template, pointers, device)
+
+
+ZERO_BLOCK = 1024
+
+
+@triton.jit
+def _zero_bytes(pointer, count, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(pointer + offsets, tl.zeros([BLOCK], dtype=tl.uint8), mask=offsets < count)
+
+
+def zero_launch(tensor: torch.Tensor, source: int, device: int) -> FastLaunch | None:
+    """A launch that zeroes the bytes of a contiguous ``tensor``, found per call as op argument ``source``
+    (>= 0) or scratch ``~source``: a kernel a launch declares zeroed costs one more launcher call, not a
+    trip through torch's dispatcher. None for an empty tensor."""
+    count = tensor.numel() * tensor.element_size()
+    if count == 0:
+        return None
+    grid = (triton.cdiv(count, ZERO_BLOCK), 1, 1)
+    compiled_kernel = _zero_bytes.run(tensor.view(-1).view(torch.uint8), count, ZERO_BLOCK, grid=grid, warmup=True,
+                                      num_warps=4)
+    return FastLaunch(compiled_kernel, grid, [0, count, ZERO_BLOCK], [(0, source, 0)], device)
