@@ -110,3 +110,33 @@ def test_every_op_has_configs_for_every_tuned_device() -> None:
     missing = [f"{device}/{op}.json" for device in TUNED_DEVICES for op in REGISTRY
                if not (CONFIG_ROOT / device / f"{op}.json").is_file()]
     assert not missing, f"{len(missing)} config files missing under {CONFIG_ROOT}: {missing}"
+
+
+def test_an_h100_runs_the_h200_configs_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No H100 configs ship: an H100 takes its architecture family's (nvidia_sm90) configs, the H200's."""
+    h100 = DeviceIdentity("nvidia_h100", "nvidia_sm90", torch.float8_e4m3fn)
+    monkeypatch.delenv(config_store.CONFIG_DIR_ENV, raising=False)
+    dispatch.reset()
+    try:
+        for spec in REGISTRY.values():
+            with pytest.warns(UserWarning) as caught:
+                used = dispatch.resolve_config_file(spec, h100)
+            assert used is not None and used.device == "nvidia_h200", spec.name
+            assert len(caught) == 1 and "nvidia_h100" in str(caught[0].message), spec.name
+            assert "same family (nvidia_sm90) device nvidia_h200" in str(caught[0].message)
+    finally:
+        dispatch.reset()
+
+
+def test_the_config_hash_covers_what_the_kernel_inlines() -> None:
+    """Helpers the kernels call (their own module's and the quant epilogues) are part of the hash's input."""
+    sources = {spec.kernel.fn.__name__: "\n".join(config_store.kernel_sources(spec.kernel.fn))
+               for spec in REGISTRY.values()}
+    for kernel, helpers in {"rms_norm_kernel": ["def store_quantized", "def load_scale_in", "def div_rn",
+                                                "def e2m1_codes", "class Quant"],
+                            "silu_mul_kernel": ["def silu", "def store_quantized", "E2M1_MAX = 6.0"],
+                            "rope_kernel": ["def rotate", "def cache_store", "def sum_of_squares", "def mul_rn",
+                                            "def fp8_quantize_static"]}.items():
+        missing = [h for h in helpers if h not in sources[kernel]]
+        assert not missing, f"{kernel}: the hash misses {missing}"
+    assert "def rms_norm_reference" not in sources["rms_norm_kernel"]  # host code is not compiled into it
