@@ -140,3 +140,27 @@ def test_the_config_hash_covers_what_the_kernel_inlines() -> None:
         missing = [h for h in helpers if h not in sources[kernel]]
         assert not missing, f"{kernel}: the hash misses {missing}"
     assert "def rms_norm_reference" not in sources["rms_norm_kernel"]  # host code is not compiled into it
+
+
+def _zero_dim_scales(spec: OpSpec, kwargs: dict[str, Any]) -> list[str]:
+    """Make every one-element fp32 input of the call 0-dim, as engines keep static scales; returns their names."""
+    names = [name for name, value in kwargs.items()
+             if isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.numel() == 1
+             and value.dim() >= 1 and name not in spec.mutated_args]
+    for name in names:
+        kwargs[name] = kwargs[name].reshape(())
+    return names
+
+
+@pytest.mark.parametrize("spec", spec_params())
+def test_zero_dim_scales_generate_code(spec: OpSpec) -> None:
+    """A 0-dim scale passes the checks, so the compiled kernel must take it too (interpret mode alone would not
+    see a tracing failure)."""
+    kwargs = spec.make_inputs({"T": 7, "H": 256 if spec.family not in ("rope", "kv_cache") else 4096},
+                              torch.bfloat16, torch.device("cpu"))
+    if not _zero_dim_scales(spec, kwargs):
+        pytest.skip("no one-element scale among its inputs")
+    shape = {d.name: (7 if d.bucketed else d.grid[0]) for d in spec.problem}
+    for launch in spec.prepare(**kwargs):
+        code = code_generator(launch.kernel).bind(launch.args).to_triton_code(spec.default_config(shape))
+        assert code.strip()

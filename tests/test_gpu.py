@@ -342,3 +342,20 @@ def test_nothing_compiles_after_warmup_across_a_token_sweep(spec: OpSpec, triton
     torch.cuda.synchronize()
     assert dispatch.compiled_count() == compiled, "a call compiled a Helion kernel after warmup"
     assert triton_compiles[compiles:] == [], "a call compiled a Triton variant after warmup"
+
+
+@pytest.mark.parametrize("spec", list(REGISTRY.values()), ids=lambda s: s.name)
+def test_zero_dim_scales(spec: OpSpec) -> None:
+    """Engines keep a static scale as a 0-dim tensor: the compiled kernel takes it and matches the reference."""
+    kwargs = _inputs(spec, 7, 4096)
+    names = [name for name, value in kwargs.items()
+             if isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.numel() == 1
+             and value.dim() >= 1 and name not in spec.mutated_args]
+    if "scale_ub" in spec.arg_names:
+        kwargs["scale_ub"] = torch.tensor([3.0], device=CUDA)
+        names.append("scale_ub")
+    if not names:
+        pytest.skip("no one-element scale among its inputs")
+    for name in names:
+        kwargs[name] = kwargs[name].reshape(())
+    run_against_reference(spec, kwargs)

@@ -128,7 +128,7 @@ def _prepare_rope_quant_cache(positions, query, query_out, key, value, key_cache
                                                    k_scale, v_scale, k, tokens)
     cache = (slot_mapping, v, key_cache, value_cache, k_scale.reshape(-1), v_scale.reshape(-1), fp8_max)
     return rope_launch(positions, q, k, cos_sin_cache, rot_dim, bool(is_neox), cache,
-                   quant=(q_out, None, q_scale, None, q_fp8_max))
+                   quant=(q_out, None, q_scale.reshape(-1), None, q_fp8_max))
 
 
 def _reference_rope_quant_cache(positions, query, query_out, key, value, key_cache, value_cache, slot_mapping,

@@ -260,7 +260,8 @@ def _prepare_rope_quant(positions, query, key, query_out, key_out, head_size, co
     tokens, rot_dim, q, k = check_rope(positions, query, key, head_size, cos_sin_cache)
     q_out, k_out, fp8_max = check_quant_outputs(query_out, key_out, q_scale, k_scale, q, k)
     return rope_launch(positions, q, k, cos_sin_cache, rot_dim, bool(is_neox),
-                   quant=(q_out, k_out, q_scale, k_scale, fp8_max))
+                   quant=(q_out, k_out, q_scale.reshape(-1), None if k_scale is None else k_scale.reshape(-1),
+                          fp8_max))
 
 
 def reference_rope_quant(positions, query, key, query_out, key_out, head_size, cos_sin_cache, is_neox, q_scale,

@@ -79,8 +79,8 @@ def _launch(
     x = input.view(tokens, 2 if gated else 1, groups, group)
     if fp8_max is None:
         fp8_max = quant.fp8_max_for(out.dtype) if out.dtype in FP8_DTYPES else 0.0
-    if static_layout is StaticScale.CHANNEL:
-        scale_in = scale_in.reshape(groups, group)
+    if scale_in is not None:  # a 0-dim scale as [1]; per-channel scales as the kernel's [NG, G]
+        scale_in = scale_in.reshape(groups, group) if static_layout is StaticScale.CHANNEL else scale_in.reshape(-1)
     dummy = _placeholder(input.device)  # stands in for unused tensor arguments; never read
     flags = (gated, int(flavour), has_scale_ub, use_ue8m0, swizzled, int(static_layout), float(fp8_max))
     args = (x, common.kernel_view(out, flavour, tokens, groups), dummy if scale_out is None else scale_out,
