@@ -359,3 +359,28 @@ def test_zero_dim_scales(spec: OpSpec) -> None:
     for name in names:
         kwargs[name] = kwargs[name].reshape(())
     run_against_reference(spec, kwargs)
+
+
+# --- engine arguments: weight=None, transposed scales as [groups, tokens], group size 32 -------------------
+
+@pytest.mark.parametrize("tokens", [1, 300])
+@pytest.mark.parametrize("name", ["rms_norm", "fused_add_rms_norm"])
+def test_weight_none(name: str, tokens: int) -> None:
+    run_against_reference(REGISTRY[name], {**_inputs(REGISTRY[name], tokens, 4096), "weight": None})
+
+
+@pytest.mark.parametrize("tokens", [1, 300])
+@pytest.mark.parametrize("name", ["silu_and_mul_per_block_quant", "rms_norm_per_block_quant"])
+def test_transposed_scales_allocated_groups_by_tokens(name: str, tokens: int) -> None:
+    spec = REGISTRY[name]
+    kwargs = {**_inputs(spec, tokens, 4096), "group_size": 128, "is_scale_transposed": True}
+    kwargs["scales" if "scales" in spec.arg_names else "scale"] = poisoned((4096 // 128, tokens), torch.float32, CUDA)
+    run_against_reference(spec, kwargs)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 4096])
+def test_per_token_group_quant_group_32(tokens: int) -> None:
+    spec = REGISTRY["per_token_group_fp8_quant"]
+    kwargs = {**_inputs(spec, tokens, 4096), "group_size": 32,
+              "output_s": poisoned((tokens, 4096 // 32), torch.float32, CUDA)}
+    run_against_reference(spec, kwargs)

@@ -52,7 +52,7 @@ EXPECTED_SCHEMAS = {
         ["query", "key", "key_cache", "value_cache"]),
     "fused_qk_norm_rope": (
         ["qkv", "num_heads_q", "num_heads_k", "num_heads_v", "head_dim", "eps", "q_weight", "k_weight",
-         "cos_sin_cache", "is_neox", "position_ids"], ["qkv"]),
+         "cos_sin_cache", "is_neox", "position_ids", "forced_token_heads_per_warp"], ["qkv"]),
     "rotary_embedding_static_fp8_quant": (
         ["positions", "query", "key", "query_out", "key_out", "head_size", "cos_sin_cache", "is_neox", "q_scale",
          "k_scale"], ["query_out", "key_out"]),

@@ -15,6 +15,7 @@ dynamic scale whose group maximum flips moves by the same step of the activation
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import helion
@@ -35,6 +36,7 @@ from helion_fusions.runtime.checks import (
     check_scalar_scale,
     check_scale_ub,
     check_tensor,
+    group_scale_view,
 )
 from helion_fusions.runtime.library import register
 from helion_fusions.runtime.registry import (
@@ -53,15 +55,16 @@ GROUP_SIZES = (64, 128)
 # --- reference ------------------------------------------------------------------------------
 
 def rms_norm_reference(
-    input: torch.Tensor, weight: torch.Tensor, epsilon: float, residual: torch.Tensor | None = None
+    input: torch.Tensor, weight: torch.Tensor | None, epsilon: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The unfused eager composite; writes ``residual`` in place when given."""
+    """The unfused eager composite; writes ``residual`` in place when given. No weight: the normalized rows."""
     x = input.float()
     if residual is not None:
         x = x + residual.float()
         residual.copy_(x.to(residual.dtype))
     rstd = torch.rsqrt(div_rn(torch.sum(x * x, dim=-1, keepdim=True), x.shape[-1]) + epsilon)
-    return (x * rstd).to(input.dtype) * weight
+    y = (x * rstd).to(input.dtype)
+    return y if weight is None else y * weight
 
 
 # --- host glue ------------------------------------------------------------------------------
@@ -69,9 +72,16 @@ def rms_norm_reference(
 def _check_norm(input: Any, weight: Any, epsilon: Any) -> tuple[int, int]:
     check_input_2d("input", input)
     tokens, hidden = input.shape
-    check_tensor("weight", weight, dtypes=(input.dtype,), shape=(hidden,), device=input.device, contiguous=True)
+    if weight is not None:  # ``Tensor? weight`` where the engine's schema has it
+        check_tensor("weight", weight, dtypes=(input.dtype,), shape=(hidden,), device=input.device, contiguous=True)
     check_positive_float("epsilon", epsilon)
     return tokens, hidden
+
+
+@functools.cache
+def _unit_weight(hidden: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The weight of a call without one: ones (a product by one is exact, so the bytes are the unweighted rows)."""
+    return torch.ones(hidden, dtype=dtype, device=device)
 
 
 def _check_like_input(name: str, value: Any, input: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
@@ -80,7 +90,7 @@ def _check_like_input(name: str, value: Any, input: torch.Tensor, dtypes: tuple[
 
 def _launch(
     input: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     epsilon: float,
     out: torch.Tensor,
     flavour: Quant,
@@ -100,6 +110,8 @@ def _launch(
     group = group or hidden
     groups = hidden // group
     x = input.view(tokens, groups, group)
+    if weight is None:
+        weight = _unit_weight(hidden, input.dtype, input.device)
     fp8_max = quant.fp8_max_for(out.dtype) if flavour in (Quant.STATIC, Quant.PER_TOKEN, Quant.PER_GROUP) else 0.0
     dummy = weight  # stands in for unused tensor arguments; never read
     flags = (int(flavour), residual is not None, has_scale_ub, use_ue8m0, swizzled, fp8_max)
@@ -179,7 +191,7 @@ def _prepare_per_block(result, input, weight, scale, epsilon, scale_ub, residual
     tokens, hidden = _check_norm(input, weight, epsilon)
     _check_fp8_result(result, input)
     check_group_size("group_size", group_size, hidden, GROUP_SIZES)
-    check_group_scale("scale", scale, tokens, hidden // group_size, input.device, is_scale_transposed)
+    scale = check_group_scale("scale", scale, tokens, hidden // group_size, input.device, is_scale_transposed)
     has_ub = check_scale_ub("scale_ub", scale_ub, input.device)
     _check_residual(residual, input)
     return _launch(input, weight, epsilon, result, Quant.PER_GROUP, residual=residual, scale_out=scale,
@@ -189,6 +201,7 @@ def _prepare_per_block(result, input, weight, scale, epsilon, scale_ub, residual
 def _reference_per_block(result, input, weight, scale, epsilon, scale_ub, residual, group_size, is_scale_transposed,
                          scale_ue8m0=False):
     y = rms_norm_reference(input, weight, epsilon, residual)
+    scale = group_scale_view(scale, y.shape[0], y.shape[1] // group_size, is_scale_transposed)
     quant.quantize_per_group_reference(y, result, scale, group_size, scale_ub, scale_ue8m0)
 
 
@@ -302,10 +315,10 @@ def _declare(name: str, schema: str, prepare, reference, flavour: Quant, with_re
 
 
 RMS_NORM = _declare(
-    "rms_norm", "(Tensor! result, Tensor input, Tensor weight, float epsilon) -> ()",
+    "rms_norm", "(Tensor! result, Tensor input, Tensor? weight, float epsilon) -> ()",
     _prepare_rms_norm, _reference_rms_norm, Quant.NONE)
 FUSED_ADD_RMS_NORM = _declare(
-    "fused_add_rms_norm", "(Tensor! input, Tensor! residual, Tensor weight, float epsilon) -> ()",
+    "fused_add_rms_norm", "(Tensor! input, Tensor! residual, Tensor? weight, float epsilon) -> ()",
     _prepare_fused_add_rms_norm, _reference_fused_add_rms_norm, Quant.NONE, True, ("input", "residual"))
 RMS_NORM_STATIC_FP8_QUANT = _declare(
     "rms_norm_static_fp8_quant",

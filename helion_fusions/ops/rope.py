@@ -214,7 +214,8 @@ def _check_qkv(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim, eps, q_weig
 
 
 def _prepare_qk_norm_rope(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim, eps, q_weight, k_weight,
-                          cos_sin_cache, is_neox, position_ids):
+                          cos_sin_cache, is_neox, position_ids, forced_token_heads_per_warp=-1):
+    # forced_token_heads_per_warp is a launch hint of the engine's CUDA kernel: the config sets the tiling here
     tokens, rot_dim, q, k = _check_qkv(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim, eps, q_weight,
                                        k_weight, cos_sin_cache, position_ids)
     # q and k are neighbours in qkv: one loop over all their heads (the query loop is switched off),
@@ -225,7 +226,7 @@ def _prepare_qk_norm_rope(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim, 
 
 
 def _reference_qk_norm_rope(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim, eps, q_weight, k_weight,
-                            cos_sin_cache, is_neox, position_ids):
+                            cos_sin_cache, is_neox, position_ids, forced_token_heads_per_warp=-1):
     tokens, rot_dim, q, k = _check_qkv(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim, eps, q_weight,
                                        k_weight, cos_sin_cache, position_ids)
     for heads, weight in ((q, q_weight), (k, k_weight)):
@@ -380,7 +381,8 @@ def _qkv_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.devi
 FUSED_QK_NORM_ROPE = declare(
     "fused_qk_norm_rope",
     "(Tensor! qkv, int num_heads_q, int num_heads_k, int num_heads_v, int head_dim, float eps, "
-    "Tensor q_weight, Tensor k_weight, Tensor cos_sin_cache, bool is_neox, Tensor position_ids) -> ()",
+    "Tensor q_weight, Tensor k_weight, Tensor cos_sin_cache, bool is_neox, Tensor position_ids, "
+    "int forced_token_heads_per_warp=-1) -> ()",
     _prepare_qk_norm_rope, _reference_qk_norm_rope, _qkv_inputs, read_and_written=("qkv",))
 
 

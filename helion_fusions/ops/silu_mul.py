@@ -42,6 +42,7 @@ from helion_fusions.runtime.registry import (
 
 HIDDEN_GRID = (2048, 4096, 8192, 14336)
 GROUP_SIZES = (64, 128)
+TOKEN_GROUP_SIZES = (32, 64, 128)  # per_token_group_fp8_quant takes smaller groups too
 POINTWISE_GROUP = 128  # groups of a row for the flavours that need no row reduction
 
 
@@ -181,7 +182,8 @@ def _prepare_silu_per_block(out, input, scales, group_size, scale_ub=None, is_sc
                             scale_ue8m0=False, *, tokens, hidden):
     _check_fp8("out", out, input, tokens, hidden)
     checks.check_group_size("group_size", group_size, hidden, GROUP_SIZES)
-    checks.check_group_scale("scales", scales, tokens, hidden // group_size, input.device, is_scale_transposed)
+    scales = checks.check_group_scale("scales", scales, tokens, hidden // group_size, input.device,
+                                      is_scale_transposed)
     has_ub = checks.check_scale_ub("scale_ub", scale_ub, input.device)
     return (_launch(input, out, Quant.PER_GROUP, gated=True, scale_out=scales, scale_in=scale_ub, group=group_size,
                     has_scale_ub=has_ub, use_ue8m0=bool(scale_ue8m0)),)
@@ -189,7 +191,9 @@ def _prepare_silu_per_block(out, input, scales, group_size, scale_ub=None, is_sc
 
 def _reference_silu_per_block(out, input, scales, group_size, scale_ub=None, is_scale_transposed=False,
                               scale_ue8m0=False):
-    quant.quantize_per_group_reference(silu_and_mul_reference(input), out, scales, group_size, scale_ub, scale_ue8m0)
+    y = silu_and_mul_reference(input)
+    scales = checks.group_scale_view(scales, y.shape[0], y.shape[1] // group_size, is_scale_transposed)
+    quant.quantize_per_group_reference(y, out, scales, group_size, scale_ub, scale_ue8m0)
 
 
 # Standalone quant ops ([T, H] input).
@@ -267,7 +271,7 @@ def _check_fp8_range(output_q: torch.Tensor, fp8_min: Any, fp8_max: Any) -> floa
 def _prepare_group_quant(input, output_q, output_s, group_size, eps, fp8_min, fp8_max, scale_ue8m0,
                          dummy_is_scale_transposed=False, dummy_is_tma_aligned=False, *, tokens, hidden):
     _check_fp8("output_q", output_q, input, tokens, hidden)
-    checks.check_group_size("group_size", group_size, hidden, GROUP_SIZES)
+    checks.check_group_size("group_size", group_size, hidden, TOKEN_GROUP_SIZES)
     # any strides: row-major, column-major and TMA-aligned scales are all written in place
     checks.check_group_scale("output_s", output_s, tokens, hidden // group_size, input.device, None)
     eps = checks.check_positive_float("eps", eps)
@@ -346,7 +350,7 @@ def _tuning(flavour: Quant):
 
 def _outputs(flavour: Quant, gated: bool, names: dict[str, str]) -> Outputs:
     """What ``helion_fusions.functional`` allocates: the result (and its scales) in the engines' layouts."""
-    return common.quant_output_spec(flavour, names, lambda call: _check_input(call["input"], gated), GROUP_SIZES)
+    return common.quant_output_spec(flavour, names, lambda call: _check_input(call["input"], gated), TOKEN_GROUP_SIZES)
 
 
 def _inputs(flavour: Quant, gated: bool, names: dict[str, str], allocated: Outputs, **fixed: Any):

@@ -90,9 +90,20 @@ def check_scale_ub(name: str, value: object, device: torch.device) -> bool:
     return True
 
 
+def group_scale_view(scale: object, tokens: int, groups: int, is_scale_transposed: bool | None) -> object:
+    """Transposed per-group scales given as a row-major ``[groups, tokens]`` tensor (as engines allocate them),
+    seen as the ``[tokens, groups]`` column-major view the ops write; any other value as it is."""
+    if (is_scale_transposed and isinstance(scale, torch.Tensor) and scale.dim() == 2
+            and tuple(scale.shape) == (groups, tokens) and (scale.stride(1) == 1 or tokens == 1)):
+        return scale.t()
+    return scale
+
+
 def check_group_scale(name: str, scale: object, tokens: int, groups: int, device: torch.device,
                       is_scale_transposed: bool | None) -> torch.Tensor:
-    """Per-group fp32 scales [T, H/g]; with ``is_scale_transposed`` given, its layout must match."""
+    """Per-group fp32 scales [T, H/g] (or, transposed, [H/g, T] row-major: see :func:`group_scale_view`);
+    with ``is_scale_transposed`` given, the layout must match. Returns the [T, H/g] view."""
+    scale = group_scale_view(scale, tokens, groups, is_scale_transposed)
     check_tensor(name, scale, dtypes=(torch.float32,), shape=(tokens, groups), device=device)
     if is_scale_transposed is not None and tokens > 1 and groups > 1:
         major = scale.stride(0) == 1 if is_scale_transposed else scale.stride(1) == 1

@@ -1,0 +1,111 @@
+"""Arguments engines pass that the first versions of the ops refused or broke on: 0-dim scales, ``weight=None``,
+trailing schema arguments, transposed scales allocated ``[groups, tokens]``, group size 32. Each runs the
+Helion kernel (interpret mode) and the reference, byte for byte, and generates code where only the compiler
+would see a problem."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import helion
+import pytest
+import torch
+from conftest import assert_outputs_match, clone_kwargs, run_against_reference
+
+from helion_fusions.runtime import config_store, dispatch
+from helion_fusions.runtime.registry import REGISTRY
+from helion_fusions.tools.testing import code_generator, poisoned
+
+CPU = torch.device("cpu")
+
+
+def _inputs(name: str, tokens: int = 7, hidden: int = 256) -> dict[str, Any]:
+    return REGISTRY[name].make_inputs({"T": tokens, "H": hidden}, torch.bfloat16, CPU)
+
+
+@pytest.mark.parametrize("mode", ["interpret", "reference_path"])
+@pytest.mark.parametrize("name", ["rms_norm", "fused_add_rms_norm"])
+def test_weight_none_normalizes_without_a_weight(request, mode: str, name: str) -> None:
+    request.getfixturevalue(mode)
+    spec = REGISTRY[name]
+    kwargs = {**_inputs(name), "weight": None}
+    expected = run_against_reference(spec, kwargs)
+    ones = {**clone_kwargs(expected), "weight": torch.ones(256, dtype=torch.bfloat16)}
+    for written in spec.mutated_args:  # the same call with a weight of ones writes the same bytes
+        ones[written] = clone_kwargs(_inputs(name))[written]
+    spec.op(**ones)
+    assert_outputs_match(spec, ones, kwargs, max_flip_fraction=0)
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "fused_add_rms_norm"])
+def test_weight_none_passes_opcheck(fp8_allclose_shim, reference_path, name: str) -> None:
+    torch.library.opcheck(REGISTRY[name].op, (), {**_inputs(name), "weight": None})
+
+
+def test_qk_norm_rope_takes_the_heads_per_warp_hint(interpret) -> None:
+    spec = REGISTRY["fused_qk_norm_rope"]
+    kwargs = spec.make_inputs({"T": 5, "H": 4096}, torch.bfloat16, CPU)
+    hinted = {**clone_kwargs(kwargs), "forced_token_heads_per_warp": 4}
+    spec.op(**kwargs)
+    spec.op(**hinted)
+    assert torch.equal(kwargs["qkv"].view(torch.int16), hinted["qkv"].view(torch.int16))
+
+
+@pytest.mark.parametrize("mode", ["interpret", "reference_path"])
+@pytest.mark.parametrize("name", ["silu_and_mul_per_block_quant", "rms_norm_per_block_quant"])
+def test_transposed_scales_allocated_groups_by_tokens(request, mode: str, name: str) -> None:
+    """is_scale_transposed=True with scales allocated [groups, tokens] (row-major), as engines allocate them."""
+    request.getfixturevalue(mode)
+    spec = REGISTRY[name]
+    scale = "scales" if "scales" in spec.arg_names else "scale"
+    kwargs = {**_inputs(name), "group_size": 64, "is_scale_transposed": True}
+    kwargs[scale] = poisoned((256 // 64, 7), torch.float32, CPU)
+    expected = run_against_reference(spec, kwargs)
+    column_major = {**clone_kwargs(kwargs), scale: poisoned((256 // 64, 7), torch.float32, CPU).t()}
+    spec.op(**column_major)
+    assert torch.equal(column_major[scale].t(), expected[scale])
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_per_token_group_quant_takes_group_32(interpret, tokens: int) -> None:
+    spec = REGISTRY["per_token_group_fp8_quant"]
+    kwargs = _inputs(spec.name, tokens)
+    kwargs.update(group_size=32, output_s=poisoned((tokens, 256 // 32), torch.float32, CPU))
+    run_against_reference(spec, kwargs)
+
+
+def test_group_32_generates_code_with_every_shipped_config() -> None:
+    spec = REGISTRY["per_token_group_fp8_quant"]
+    path = config_store.config_root() / "nvidia_h200" / f"{spec.name}.json"
+    configs = {repr(e.config): e.config for e in config_store.load(path, spec.name, spec.dim_names, None).entries}
+    kwargs = _inputs(spec.name, 7, 4096)
+    kwargs.update(group_size=32, output_s=poisoned((7, 4096 // 32), torch.float32, CPU))
+    (launch,) = spec.prepare(**kwargs)
+    bound = code_generator(launch.kernel).bind(launch.args)
+    for config in configs.values():
+        assert bound.to_triton_code(helion.Config(**config)).strip()
+
+
+@pytest.mark.parametrize("name", [n for n, s in REGISTRY.items()
+                                  if any(a in s.arg_names for a in ("scale", "global_scale", "input_global_scale",
+                                                                    "input_scale", "q_scale"))])
+def test_zero_dim_scales_match_the_reference(interpret, name: str) -> None:
+    spec = REGISTRY[name]
+    hidden = 4096 if spec.family in ("rope", "kv_cache") else 256
+    kwargs = _inputs(name, 7, hidden)
+    for arg, value in list(kwargs.items()):
+        if (isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.numel() == 1
+                and arg not in spec.mutated_args):
+            kwargs[arg] = value.reshape(())
+    run_against_reference(spec, kwargs)
+
+
+def test_plans_do_not_mix_up_weight_none_with_a_weight(reference_path) -> None:
+    """None and a tensor are different signatures: each call gets its own plan."""
+    spec = REGISTRY["rms_norm"]
+    dispatch.reset()
+    weighted = _inputs("rms_norm")
+    plain = {**clone_kwargs(weighted), "weight": None}
+    run_against_reference(spec, weighted)
+    run_against_reference(spec, plain)
+    run_against_reference(spec, clone_kwargs(weighted))
