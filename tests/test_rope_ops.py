@@ -96,7 +96,7 @@ def test_pairs_follow_the_textbook_formula(is_neox: bool) -> None:
     ({"cos_sin_cache": torch.zeros(64, 128, dtype=torch.float16)}, TypeError, "cos_sin_cache: expected dtype"),
     ({"key": torch.zeros(5, 100, dtype=torch.bfloat16)}, ValueError, "key: expected [5, num_heads * 128]"),
     ({"key": torch.zeros(5, 128, dtype=torch.float16)}, TypeError, "key: expected dtype bfloat16"),
-    ({"query": torch.zeros(5, 256)}, TypeError, "query: expected dtype"),
+    ({"query": torch.zeros(5, 256, dtype=torch.float64)}, TypeError, "query: expected dtype"),
 ], ids=["head_size_mismatch", "head_size_zero", "positions_int32", "positions_length", "rot_dim_too_large",
         "rot_dim_odd", "cache_dtype", "key_width", "key_dtype", "query_fp32"])
 def test_bad_arguments(overrides: dict[str, Any], error: type[Exception], message: str) -> None:

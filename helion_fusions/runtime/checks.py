@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-FLOAT_ACTIVATIONS = (torch.bfloat16, torch.float16)
+FLOAT_ACTIVATIONS = (torch.bfloat16, torch.float16, torch.float32)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
 

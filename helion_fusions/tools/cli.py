@@ -13,7 +13,7 @@ SHAPE_HELP = ("problem shapes by the op's named dims, e.g. T=16,H=4096; a dim ma
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", default="all", help="comma-separated op names (default: all)")
     parser.add_argument("--shape", action="append", default=None, metavar="DIM=V[/V...],...", help=SHAPE_HELP)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
 
 
 def parse_shape(parser: argparse.ArgumentParser, text: str) -> dict[str, list[int]]:
