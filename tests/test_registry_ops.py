@@ -10,7 +10,7 @@ from conftest import assert_outputs_match, clone_kwargs, spec_params, written
 
 from helion_fusions.runtime.registry import NAMESPACE, REGISTRY, OpSpec
 
-# Argument names in schema order, and the mutated ones: keyword-identical to the engine's ops (NUMERICS.md).
+# Argument names in schema order, and the mutated ones: keyword-identical to the engine's ops.
 EXPECTED_SCHEMAS = {
     "rms_norm": (["result", "input", "weight", "epsilon"], ["result"]),
     "fused_add_rms_norm": (["input", "residual", "weight", "epsilon"], ["input", "residual"]),

@@ -2,14 +2,14 @@
 
 ``y = round(f32(x) * rsqrt(sum(f32(x)^2) / H + eps)) * weight`` (both products rounded to
 the input dtype), optionally after ``x = f32(input) + f32(residual)`` with
-``residual <- round(x)``; then one quant epilogue from :mod:`helion_fusions.kernels.quant`:
+``residual <- round(x)``; then one quant epilogue from :mod:`helion_fusions.quant`:
 none, static fp8, dynamic per-token fp8, per-group fp8, or nvfp4.
 
 The kernel sees the row as ``[num_groups, group]`` (``group = H`` when there are no
 groups), so per-group scales are a reduction over the last dim, and the variance a
 reduction over both. That fp32 summation order differs from the reference's (as any
 GPU reduction does), so rstd may differ by one ulp and a value may land on the other
-side of a rounding tie: NUMERICS.md bounds such flips at 1e-4 of elements, and a
+side of a rounding tie: the contract bounds such flips at 1e-4 of elements, and a
 dynamic scale whose group maximum flips moves by the same step of the activation dtype.
 """
 

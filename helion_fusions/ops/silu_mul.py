@@ -3,7 +3,7 @@
 ``y = round(silu(f32(gate))) * up`` for an input laid out ``[gate | up]`` (the product rounded
 to the input dtype as well), with ``silu(g) = g / (1 + exp(-g))`` in fp32; or ``y = input``
 for the standalone quant ops. Then one quant epilogue from
-:func:`helion_fusions.kernels.quant.store_quantized`: none, static fp8 (per tensor, token or
+:func:`helion_fusions.quant.epilogues.store_quantized`: none, static fp8 (per tensor, token or
 channel), dynamic per-token, per-group or per-tensor fp8, or nvfp4.
 
 The kernel sees a row as ``[num_groups, group]`` and tiles both tokens and groups, so a
@@ -11,7 +11,7 @@ decode-sized call still spreads over many programs. Only the per-token flavour n
 row per program (``num_groups == 1``). Dynamic per-tensor quantization needs the amax of the
 whole tensor before it can quantize: a single-row input takes one launch (the row's amax is
 the tensor's); otherwise one launch takes the amax (an atomic max per tile) and a second
-quantizes. :func:`helion_fusions.dispatch.launch_count` reports which.
+quantizes. :func:`helion_fusions.runtime.dispatch.launch_count` reports which.
 """
 
 from __future__ import annotations
