@@ -1,0 +1,84 @@
+"""``python -m perf.layer`` on a CPU: the layer with our ops agrees with the plain-torch layer, and the
+results writer produces the columns the GPU run reports."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+
+import pytest
+import torch
+
+from perf import layer
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode of perf.layer")
+
+CPU = torch.device("cpu")
+REQUIRED = ["model", "quant", "T", "graphs", "compile_us", "ours_us", "speedup", "ours_host_us", "device", "torch",
+            "helion", "triton", "repro"]
+
+
+def test_cli_smoke_mode_passes(capsys) -> None:
+    assert layer.main([]) == 0
+    printed = capsys.readouterr().out
+    assert "No CUDA device" in printed
+    assert printed.count("| ok ") == len(layer.QUANTS) * len(layer.SMOKE_TOKENS)
+    assert "MISMATCH" not in printed
+
+
+@pytest.mark.parametrize("flavour", layer.QUANTS)
+def test_versions_agree(flavour: str) -> None:
+    weights = layer.make_layer(layer.SMOKE_MODEL, flavour, CPU)
+    for tokens in layer.SMOKE_TOKENS:
+        x, residual, positions = layer.make_inputs(layer.SMOKE_MODEL, tokens, CPU)
+        assert layer.relative_error(layer.ours_layer, layer.torch_layer, weights, x, residual,
+                                    positions) <= layer.TOLERANCE
+        kept = residual.clone()
+        assert layer.torch_layer(weights, x, residual, positions)[1] is not residual
+        assert torch.equal(residual, kept)  # plain torch returns a new residual
+        out, ours_residual = layer.ours_layer(weights, x, residual, positions)
+        assert ours_residual is residual and not torch.equal(residual, kept)  # ours updates it in place
+        assert out.shape == x.shape and out.dtype == torch.bfloat16
+        assert bool(out.isfinite().all()) and out.float().std() > 0.1
+
+
+@pytest.mark.parametrize("flavour", layer.QUANTS)
+def test_a_wrong_layer_is_caught(flavour: str) -> None:
+    """The tolerance is loose enough for fp8 rounding ties and tight enough for a wrong step (swapped norm weights)."""
+    weights = layer.make_layer(layer.SMOKE_MODEL, flavour, CPU)
+    swapped = dataclasses.replace(weights, input_norm=weights.post_norm, post_norm=weights.input_norm)
+
+    def wrong(_: layer.Layer, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return layer.ours_layer(swapped, *inputs)
+
+    inputs = layer.make_inputs(layer.SMOKE_MODEL, layer.SMOKE_TOKENS[-1], CPU)
+    assert layer.relative_error(wrong, layer.torch_layer, weights, *inputs) > layer.TOLERANCE
+
+
+def _row(tokens: int, graphs: bool, compile_us: float, ours_us: float) -> dict:
+    return {"device": "test_device", "model": "llama3_8b", "quant": "static", "T": tokens, "graphs": graphs,
+            "compile_us": compile_us, "ours_us": ours_us, "speedup": compile_us / ours_us, "ours_host_us": 120.0,
+            "compile_host_us": 100.0, "rel_err": 0.05, "torch": "2.13.0", "helion": "1.5.0", "triton": "3.6.0",
+            "repro": f"python -m perf.layer --models llama3_8b --quant static --tokens {tokens}"}
+
+
+def test_write_results_columns_and_summary(tmp_path) -> None:
+    rows = [_row(16, False, 110.0, 100.0), _row(16, True, 90.0, 100.0), _row(2048, False, 800.0, 1000.0)]
+    layer.write_results(rows, "test_device", "Test Device", tmp_path)
+    with open(tmp_path / "test_device_layer.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        written = list(reader)
+    assert set(REQUIRED) <= set(reader.fieldnames)
+    assert [float(r["speedup"]) for r in written] == pytest.approx([1.1, 0.9, 0.8])
+    assert written[0]["repro"] == "python -m perf.layer --models llama3_8b --quant static --tokens 16"
+    text = (tmp_path / "test_device_layer.md").read_text()
+    assert "without CUDA graphs: geomean speedup 0.94x over 2 rows" in text
+    assert "with CUDA graphs: geomean speedup 0.90x over 1 rows" in text
+    assert "min speedup 0.80x (llama3_8b static T=2048); rows below 1.0: 2" in text
+    assert "| model " in text and "ours_host_us" in text
+
+
+def test_cli_rejects_unknown_names() -> None:
+    for argv in (["--models", "gpt5"], ["--quant", "nvfp4"], ["--tokens", "0"]):
+        with pytest.raises(SystemExit):
+            layer.main(argv)
