@@ -88,3 +88,8 @@ def test_files_stay_small() -> None:
     long = {str(p.relative_to(REPO_ROOT)): n for p in [*PACKAGE.rglob("*.py"), *(REPO_ROOT / "perf").glob("*.py")]
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+def test_readme_stays_short() -> None:
+    size = len((REPO_ROOT / "README.md").read_bytes())
+    assert size <= 20_000, f"README.md is {size} bytes; keep it under 20 KB (full tables live in perf/results/)"

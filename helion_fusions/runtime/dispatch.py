@@ -41,6 +41,7 @@ from helion_fusions.runtime.registry import (
     OpSpec,
     bind,
     signature,
+    tokens_dim,
 )
 
 _INT32_LIMIT = 2**31 - 1
@@ -118,8 +119,6 @@ def batch_invariant() -> bool:
 
 def token_bucket(tokens: int) -> int:
     """Token counts share a compiled kernel per bucket; T == 1 is its own (Helion specializes size 1)."""
-    from helion_fusions.runtime.registry import tokens_dim
-
     return tokens_dim().bucket(tokens)
 
 
