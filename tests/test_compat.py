@@ -130,3 +130,24 @@ def test_float32_activations(interpret, name: str) -> None:
             assert int(ulp_distance(kwargs[name], expected[name]).abs().max()) <= steps, name
         return
     run_against_reference(spec, kwargs)
+
+
+@pytest.mark.parametrize("mode", ["interpret", "reference_path"])
+@pytest.mark.parametrize("four_d", [False, True], ids=["3d", "4d"])
+def test_rotary_embedding_with_batched_positions(request, mode: str, four_d: bool) -> None:
+    """Positions ``[batch, seq]`` with query and key ``[batch, seq, heads * head_size]`` (or 4-D): the same bytes
+    as the flattened call, written in place."""
+    request.getfixturevalue(mode)
+    spec = REGISTRY["rotary_embedding"]
+    flat = spec.make_inputs({"T": 6, "H": 4096}, torch.bfloat16, CPU)
+    batched = clone_kwargs(flat)
+    batched["positions"] = batched["positions"].view(2, 3)
+    for name in ("query", "key"):
+        batched[name] = batched[name].view(2, 3, -1, 128) if four_d else batched[name].view(2, 3, -1)
+    expected = run_against_reference(spec, flat)
+    spec.op(**batched)
+    for name in ("query", "key"):
+        assert torch.equal(batched[name].reshape(6, -1), expected[name])
+    strided = {**clone_kwargs(batched), "query": torch.randn(3, 2, 4096, dtype=torch.bfloat16).transpose(0, 1)}
+    with pytest.raises(ValueError, match=r"^query: its leading dims \[2, 3\] must flatten"):
+        spec.op(**strided)

@@ -180,13 +180,35 @@ def _check_offset(rope_dim_offset: Any, rot_dim: int, head_size: int) -> int:
     return rope_dim_offset
 
 
+def _tokens_view(name: str, value: Any, batch_dims: int) -> Any:
+    """``value`` with its first ``batch_dims`` dims as one token dim: a view of it (the op writes through it),
+    or a ValueError naming the argument where its strides allow none."""
+    if not isinstance(value, torch.Tensor) or batch_dims == 1 or value.dim() < batch_dims:
+        return value
+    try:
+        return value.view(-1, *value.shape[batch_dims:])
+    except RuntimeError:
+        raise ValueError(f"{name}: its leading dims {list(value.shape[:batch_dims])} must flatten into one token "
+                         f"dim without a copy, got strides {list(value.stride())}") from None
+
+
+def _unbatched(positions: Any, query: Any, key: Any) -> tuple[Any, Any, Any]:
+    """Positions ``[batch, seq]`` with query and key ``[batch, seq, ...]``, as ``[batch * seq]`` and ``[batch *
+    seq, ...]`` views; ``[num_tokens]`` positions as they are."""
+    batch_dims = positions.dim() if isinstance(positions, torch.Tensor) and positions.dim() == 2 else 1
+    return (_tokens_view("positions", positions, batch_dims), _tokens_view("query", query, batch_dims),
+            _tokens_view("key", key, batch_dims))
+
+
 def _prepare_rotary(positions, query, key, head_size, cos_sin_cache, is_neox, rope_dim_offset=0):
+    positions, query, key = _unbatched(positions, query, key)
     tokens, rot_dim, q, k = check_rope(positions, query, key, head_size, cos_sin_cache)
     offset = _check_offset(rope_dim_offset, rot_dim, head_size)
     return rope_launch(positions, q, k, cos_sin_cache, rot_dim, bool(is_neox), offset=offset)
 
 
 def reference_rotary(positions, query, key, head_size, cos_sin_cache, is_neox, rope_dim_offset=0):
+    positions, query, key = _unbatched(positions, query, key)
     tokens, rot_dim, q, k = check_rope(positions, query, key, head_size, cos_sin_cache)
     offset = _check_offset(rope_dim_offset, rot_dim, head_size)
     for heads in (q, k):
