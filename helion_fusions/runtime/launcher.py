@@ -62,6 +62,7 @@ class FastLaunch:
         for position, source, offset in self._pointers:
             values[position] = (args[source] if source >= 0 else scratch[~source]).data_ptr() + offset
         g0, g1, g2 = self._grid
+        # no launch metadata or enter/exit hooks: Triton's launch hooks (profilers) do not see these launches
         self._run(g0, g1, g2, torch._C._cuda_getCurrentRawStream(self._device), self._function, self._packed,
                   None, None, None, *values)
 
