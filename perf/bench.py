@@ -229,7 +229,8 @@ def host_shape(spec: OpSpec) -> dict[str, int]:
 
 def host_times(spec: OpSpec, dtype: torch.dtype, calls: int = 300, rounds: int = 15) -> dict[str, float]:
     """Host microseconds per repeat call at :func:`host_shape`, outside CUDA graphs (the GPU idles, so the
-    host sets the pace): ``host_us`` as Inductor's wrapper calls the op (``.default``, positional),
+    host sets the pace): ``host_us`` as Inductor's wrapper calls the op (its overload, positional but for
+    keyword-only arguments),
     ``host_kw_us`` through ``torch.ops`` with keywords, and ``launch_us`` the raw Triton launches of the same
     compiled kernels (``kernel[grid](...)``, arguments laid out beforehand).
 
@@ -239,15 +240,16 @@ def host_times(spec: OpSpec, dtype: torch.dtype, calls: int = 300, rounds: int =
 
     kwargs = spec.make_inputs(host_shape(spec), dtype, torch.device("cuda"))
     bound = normalize_call(spec, (), kwargs)
-    positional = tuple(bound[name] for name in spec.arg_names)
-    spec.op.default(*positional)  # compiles, and lays out the plan
+    positional = tuple(bound[name] for name in spec.arg_names if name not in spec.keyword_only)
+    keywords = {name: bound[name] for name in spec.keyword_only}
+    default = spec.op_overload
+    default(*positional, **keywords)  # compiles, and lays out the plan
     raw = []
     for launch in spec.prepare(**kwargs):
         kernel, grid, args, options = captured_launch(dispatch.compiled_kernel(spec, launch), launch.args)
         raw.append(functools.partial(kernel[grid], *args, **options))
-    default = spec.op.default
     measured: dict[str, Callable[[], Any]] = {
-        "host_us": lambda: default(*positional),
+        "host_us": lambda: default(*positional, **keywords),
         "host_kw_us": lambda: spec.op(**kwargs),
         "launch_us": lambda: [launch() for launch in raw],
     }

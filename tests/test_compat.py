@@ -151,3 +151,21 @@ def test_rotary_embedding_with_batched_positions(request, mode: str, four_d: boo
     strided = {**clone_kwargs(batched), "query": torch.randn(3, 2, 4096, dtype=torch.bfloat16).transpose(0, 1)}
     with pytest.raises(ValueError, match=r"^query: its leading dims \[2, 3\] must flatten"):
         spec.op(**strided)
+
+
+@pytest.mark.parametrize("swizzled", [True, False])
+def test_scaled_fp4_quant_functional_overload(fp8_allclose_shim, reference_path, swizzled: bool) -> None:
+    """The engine's two overloads: ``scaled_fp4_quant(input, input_scale, swizzled) -> (output, output_scale)``
+    and ``scaled_fp4_quant.out(..., *, output, output_scale)``: the same bytes, opcheck and fullgraph compile."""
+    packet = torch.ops.helion_fusions.scaled_fp4_quant
+    x, scale = torch.randn(5, 256, dtype=torch.bfloat16), torch.tensor([100.0])
+    output, output_scale = packet(x, scale, swizzled)
+    rows, cols = (128, 16) if swizzled else (5, 16)
+    assert (output.shape, output.dtype, output_scale.shape, output_scale.dtype) == (
+        (5, 128), torch.uint8, (rows, cols), torch.float8_e4m3fn)
+    written = (poisoned((5, 128), torch.uint8, CPU), poisoned((rows, cols), torch.float8_e4m3fn, CPU))
+    packet.out(x, scale, swizzled, output=written[0], output_scale=written[1])
+    assert torch.equal(written[0], output) and torch.equal(written[1].view(torch.uint8), output_scale.view(torch.uint8))
+    torch.library.opcheck(packet.default, (x, scale, swizzled))
+    compiled = torch.compile(lambda a, b: packet(a, b, swizzled), fullgraph=True)(x, scale)
+    assert torch.equal(compiled[0], output)

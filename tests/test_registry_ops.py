@@ -43,7 +43,7 @@ EXPECTED_SCHEMAS = {
         ["input", "output_q", "output_s", "group_size", "eps", "fp8_min", "fp8_max", "scale_ue8m0",
          "dummy_is_scale_transposed", "dummy_is_tma_aligned"], ["output_q", "output_s"]),
     "scaled_fp4_quant": (
-        ["output", "input", "output_scale", "input_scale", "is_sf_swizzled_layout"], ["output", "output_scale"]),
+        ["input", "input_scale", "is_sf_swizzled_layout", "output", "output_scale"], ["output", "output_scale"]),
     "rotary_embedding": (["positions", "query", "key", "head_size", "cos_sin_cache", "is_neox", "rope_dim_offset"],
                          ["query", "key"]),
     "rotary_embedding_and_cache": (
@@ -89,8 +89,8 @@ def test_the_registry_holds_every_declared_op() -> None:
 @pytest.mark.parametrize("spec", spec_params())
 def test_op_is_registered_with_its_schema(spec: OpSpec) -> None:
     packet = getattr(getattr(torch.ops, NAMESPACE), spec.name)
-    assert spec.op is packet
-    schema = packet.default._schema
+    assert spec.op is (getattr(packet, spec.overload) if spec.overload else packet)
+    schema = spec.op_overload._schema
     assert schema == torch._C.parse_schema(f"{spec.qualname}{spec.schema}")
     assert [a.name for a in schema.arguments] == EXPECTED_SCHEMAS[spec.name][0] == spec.arg_names
     assert not schema.returns
@@ -106,7 +106,7 @@ def test_mutated_args(spec: OpSpec) -> None:
 def test_declaration_is_complete(spec: OpSpec) -> None:
     kwargs = _small_inputs(spec)
     assert set(kwargs) <= set(spec.arg_names)
-    schema = spec.op.default._schema
+    schema = spec.op_overload._schema
     required = {a.name for a in schema.arguments if not a.has_default_value()}
     assert required <= set(kwargs), f"make_inputs misses {required - set(kwargs)}"
     assert callable(spec.reference) and callable(spec.prepare)
@@ -162,6 +162,8 @@ def test_positional_call_equals_keyword_call(interpret, spec: OpSpec) -> None:
     by_keyword = _small_inputs(spec)
     by_position = clone_kwargs(by_keyword)
     spec.op(**by_keyword)
-    schema = spec.op.default._schema
-    spec.op(*[by_position[a.name] if a.name in by_position else a.default_value for a in schema.arguments])
+    schema = spec.op_overload._schema
+    value = {a.name: by_position[a.name] if a.name in by_position else a.default_value for a in schema.arguments}
+    spec.op(*[value[a.name] for a in schema.arguments if not a.kwarg_only],
+            **{a.name: value[a.name] for a in schema.arguments if a.kwarg_only})
     assert_outputs_match(spec, by_position, by_keyword, max_flip_fraction=0)

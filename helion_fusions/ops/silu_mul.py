@@ -378,7 +378,7 @@ def _inputs(flavour: Quant, gated: bool, names: dict[str, str], allocated: Outpu
 
 
 def _declare(name: str, schema: str, prepare, reference, flavour: Quant, gated: bool, names: dict[str, str],
-             **fixed: Any) -> OpSpec:
+             overload: str = "", functional_schema: str | None = None, **fixed: Any) -> OpSpec:
     default_config, seed_configs, search_configs = _tuning(flavour)
     allocated = _outputs(flavour, gated, names)
     return register(OpSpec(
@@ -386,6 +386,7 @@ def _declare(name: str, schema: str, prepare, reference, flavour: Quant, gated: 
         prepare=_op(gated, prepare), reference=reference,
         problem=(tokens_dim(), Dim("H", HIDDEN_GRID)), make_inputs=_inputs(flavour, gated, names, allocated, **fixed),
         default_config=default_config, seed_configs=seed_configs, search_configs=search_configs, outputs=allocated,
+        overload=overload, functional_schema=functional_schema,
     ))
 
 
@@ -433,8 +434,12 @@ PER_TOKEN_GROUP_FP8_QUANT = _declare(
     _prepare_group_quant, _reference_group_quant, Quant.PER_GROUP, False, {"result": "output_q", "scale": "output_s"},
     eps=1e-10, fp8_min=None, fp8_max=None, scale_ue8m0=False, dummy_is_scale_transposed=False,
     dummy_is_tma_aligned=False)
+# the engine's two overloads: ``scaled_fp4_quant.out`` writes the tensors it is given (keyword-only), and the
+# functional default ``scaled_fp4_quant(input, input_scale, is_sf_swizzled_layout)`` returns them
 SCALED_FP4_QUANT = _declare(
     "scaled_fp4_quant",
-    "(Tensor! output, Tensor input, Tensor! output_scale, Tensor input_scale, bool is_sf_swizzled_layout=True) -> ()",
+    "(Tensor input, Tensor input_scale, bool is_sf_swizzled_layout, *, Tensor(a!) output, Tensor(b!) output_scale) "
+    "-> ()",
     partial(_prepare_nvfp4, _FP4, gated=False), partial(_reference_nvfp4, _FP4, gated=False), Quant.NVFP4, False,
-    _FP4)
+    _FP4, overload="out",
+    functional_schema="(Tensor input, Tensor input_scale, bool is_sf_swizzled_layout) -> (Tensor, Tensor)")

@@ -32,11 +32,22 @@ def register(spec: OpSpec) -> OpSpec:
         raise ValueError(f"op {spec.name!r} is registered twice")
     if not re.fullmatch(r"\(.*\)\s*->\s*\(\)", spec.schema):
         raise ValueError(f"{spec.name}: only mutating ops returning () are supported, got {spec.schema!r}")
-    _LIB.define(f"{spec.name}{spec.schema}")
+    name = spec.qualname.split("::")[1]  # with the overload, if any
+    _LIB.define(f"{name}{spec.schema}")
     implementation = dispatch.implementation(spec)
     for key in ("CPU", "CUDA"):
-        _LIB.impl(spec.name, implementation, key)
+        _LIB.impl(name, implementation, key)
     torch.library.register_fake(spec.qualname, lib=_LIB)(lambda *args, **kwargs: None)
+    if spec.functional_schema is not None:
+        # the engine's functional overload: allocate the outputs, call the mutating overload, return them
+        # (under fake tensors too, where the mutating overload's fake kernel runs)
+        if spec.outputs is None or not spec.overload:
+            raise ValueError(f"{spec.name}: a functional overload needs outputs and a named mutating overload")
+        _LIB.define(f"{spec.name}{spec.functional_schema}")
+        functional = allocating_function(spec)
+        for key in ("CPU", "CUDA"):
+            _LIB.impl(spec.name, functional, key)
+        torch.library.register_fake(f"{NAMESPACE}::{spec.name}", lib=_LIB)(functional)
     REGISTRY[spec.name] = spec
     return spec
 

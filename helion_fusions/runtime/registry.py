@@ -129,6 +129,10 @@ class OpSpec:
     config_problem: Callable[[dict[str, Any]], str | None] | None = None
     # the outputs helion_fusions.functional allocates (None: the op works in place on its arguments)
     outputs: Outputs | None = None
+    # the overload name where the engine's mutating op is one (``out``: ``scaled_fp4_quant.out``), and the
+    # schema of the engine's functional default overload, which allocates ``outputs`` and returns them
+    overload: str = ""
+    functional_schema: str | None = None
 
     def bytes_moved(self, kwargs: dict[str, Any]) -> int:
         """Bytes the op must move: every tensor argument once (or its touched part), read-and-written ones twice."""
@@ -146,7 +150,7 @@ class OpSpec:
 
     @property
     def qualname(self) -> str:
-        return f"{NAMESPACE}::{self.name}"
+        return f"{NAMESPACE}::{self.name}" + (f".{self.overload}" if self.overload else "")
 
     @property
     def arg_names(self) -> list[str]:
@@ -158,7 +162,18 @@ class OpSpec:
 
     @property
     def op(self) -> Any:
-        return getattr(getattr(torch.ops, NAMESPACE), self.name)
+        """``torch.ops.helion_fusions.<name>`` (the overload packet), or the overload ``<name>.<overload>``."""
+        packet = getattr(getattr(torch.ops, NAMESPACE), self.name)
+        return getattr(packet, self.overload) if self.overload else packet
+
+    @property
+    def op_overload(self) -> Any:
+        """The op's own overload, as Inductor's generated code calls it."""
+        return self.op if self.overload else self.op.default
+
+    @property
+    def keyword_only(self) -> tuple[str, ...]:
+        return tuple(a.name for a in parse_schema(self).arguments if a.kwarg_only)
 
 
 def parse_schema(spec: OpSpec) -> Any:
