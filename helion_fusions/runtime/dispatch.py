@@ -266,7 +266,9 @@ def implementation(spec: OpSpec) -> Callable[..., None]:
     plans = _plans.setdefault(spec, {})
 
     def run(*args: Any, **kwargs: Any) -> None:
-        if kwargs or len(args) != len(names):
+        if kwargs and len(args) + len(kwargs) == len(names) and tuple(kwargs) == names[len(args):]:
+            args = args + tuple(kwargs.values())  # keyword-only arguments, as the dispatcher passes them
+        elif kwargs or len(args) != len(names):
             bound = bind(spec.name, names, defaults, args, kwargs)
             args = tuple(bound[name] for name in names)
         key = call_signature(args)
