@@ -23,7 +23,7 @@ import torch
 
 from helion_fusions import quant
 from helion_fusions.kernels.rms_norm import rms_norm_kernel
-from helion_fusions.ops import common
+import helion_fusions.ops.common as common
 from helion_fusions.ops.common import check_nvfp4_outputs
 from helion_fusions.quant import Quant, div_rn
 from helion_fusions.runtime.checks import (

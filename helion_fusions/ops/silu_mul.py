@@ -26,7 +26,7 @@ import torch
 
 from helion_fusions import quant
 from helion_fusions.kernels.silu_mul import silu, silu_mul_kernel
-from helion_fusions.ops import common
+import helion_fusions.ops.common as common
 from helion_fusions.quant import Quant, StaticScale
 from helion_fusions.runtime import checks
 from helion_fusions.runtime.checks import FP8_DTYPES
