@@ -10,7 +10,14 @@ import helion
 import helion.language as hl
 import torch
 
-from helion_fusions.quant.epilogues import div_rn, load_scale_in, store_quantized
+from helion_fusions.quant.epilogues import (
+    SWIZZLE_COLS,
+    Quant,
+    div_rn,
+    load_scale_in,
+    store_quantized,
+    zero_swizzled_rows,
+)
 
 
 @helion.kernel(static_shapes=False, autotune_effort="none")
@@ -25,6 +32,7 @@ def rms_norm_kernel(
     amax_floor: float,
     QUANT: hl.constexpr,
     HAS_RESIDUAL: hl.constexpr,
+    ROUND_SUM: hl.constexpr,  # normalize the sum rounded to the residual's dtype (else the fp32 sum)
     HAS_SCALE_UB: hl.constexpr,
     UE8M0: hl.constexpr,
     SWIZZLED: hl.constexpr,
@@ -41,9 +49,16 @@ def rms_norm_kernel(
         scale_value = load_scale_in(scale_in, tile_t, None, QUANT)
         if HAS_RESIDUAL:
             xf = xf + residual[tile_t, :, :].to(torch.float32)
-            residual[tile_t, :, :] = xf.to(residual.dtype)
+            total = xf.to(residual.dtype)
+            residual[tile_t, :, :] = total
+            if ROUND_SUM:
+                xf = total.to(torch.float32)
         sum_sq = torch.sum(torch.sum(xf * xf, dim=-1), dim=-1)
         rstd = torch.rsqrt(div_rn(sum_sq, NG * G) + epsilon)
         y = (xf * rstd[:, None, None]).to(x.dtype) * w
         store_quantized(y, out, scale_out, scale_value, amax_floor, tile_t, None, T, NG, G,
                         QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, FP8_MAX)
+        if QUANT == Quant.NVFP4 and SWIZZLED:
+            if tile_t.begin == 0:
+                for tile_c in hl.tile((NG + SWIZZLE_COLS - 1) // SWIZZLE_COLS * SWIZZLE_COLS, block_size=32):
+                    zero_swizzled_rows(scale_out, tile_c, T, NG)

@@ -63,6 +63,7 @@ def rope_kernel(
     NORM: hl.constexpr,
     Q_QUANT: hl.constexpr,
     K_QUANT: hl.constexpr,
+    ROUND_PRODUCTS: hl.constexpr,  # round each rotation product to the input dtype (the engine's MLA rope)
 ) -> None:
     T = q.size(0)
     # head counts are model constants (one compile each anyway); specialized, a single head
@@ -79,7 +80,7 @@ def rope_kernel(
             quantized = (k_out, k_out_tail, key_tail, k_scale, TAIL, FP8_MAX)
             if ROTATE:
                 a, b = rotate(positions, k, cos_sin, tile_t, tile_h, norm if NORM else None,
-                              quantized if K_QUANT else None)
+                              quantized if K_QUANT else None, ROUND_PRODUCTS)
             else:
                 a, b = k[tile_t, tile_h, 0, :], k[tile_t, tile_h, 1, :]
             if CACHE:
@@ -111,11 +112,12 @@ def rope_kernel(
     for tile_t, tile_h in hl.tile([T, HQ]):
         if HAS_QUERY:
             quantized = (q_out, q_out_tail, query_tail, q_scale, TAIL, FP8_MAX)
-            rotate(positions, q, cos_sin, tile_t, tile_h, None, quantized if Q_QUANT else None)
+            rotate(positions, q, cos_sin, tile_t, tile_h, None, quantized if Q_QUANT else None, ROUND_PRODUCTS)
 
 
 def rotate(positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, tile_t: Any, tile_h: Any,
-           norm: tuple[Any, ...] | None, quantized: tuple[Any, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           norm: tuple[Any, ...] | None, quantized: tuple[Any, ...] | None = None,
+           round_products: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate rows ``tile_t`` of heads ``tile_h`` of ``x`` in place (a kernel helper); returns the rotated pairs.
 
     A row whose position has no cos/sin row is not rotated (cos 1, sin 0): nothing is read out of bounds.
@@ -125,7 +127,8 @@ def rotate(positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, tile
     do not rotate included; heads below ``query_heads`` take the query weight.
     ``quantized`` = (out pairs, out tail, input tail, scale, TAIL, fp8_max): leave ``x`` alone and write
     the rotated values (rounded to the input dtype, as the unfused rope leaves them) as static fp8, the
-    dims that do not rotate too.
+    dims that do not rotate too. ``round_products``: round each product to the input dtype before the
+    sum (as scalar arithmetic in the input dtype does), else only the sum.
     """
     position = hl.load(positions, [tile_t])
     in_range = (position >= 0) & (position < cos_sin.size(0))
@@ -156,8 +159,11 @@ def rotate(positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, tile
                                  hl.load(k_weight_tail, [slice(None)]).to(torch.float32))
             rest = rest * rstd * weight
             hl.store(tail, [tile_t, tile_h, slice(None)], rest.to(tail.dtype))
-    rotated_a = (mul_rn(a, cos) - mul_rn(b, sin)).to(x.dtype)
-    rotated_b = (mul_rn(b, cos) + mul_rn(a, sin)).to(x.dtype)
+    ac, bs, bc, as_ = mul_rn(a, cos), mul_rn(b, sin), mul_rn(b, cos), mul_rn(a, sin)
+    if round_products:
+        ac, bs, bc, as_ = (p.to(x.dtype).to(torch.float32) for p in (ac, bs, bc, as_))
+    rotated_a = (ac - bs).to(x.dtype)
+    rotated_b = (bc + as_).to(x.dtype)
     if quantized is None:
         hl.store(x, [tile_t, tile_h, 0, slice(None)], rotated_a)
         hl.store(x, [tile_t, tile_h, 1, slice(None)], rotated_b)

@@ -10,7 +10,14 @@ import helion
 import helion.language as hl
 import torch
 
-from helion_fusions.quant.epilogues import div_rn, load_scale_in, store_quantized
+from helion_fusions.quant.epilogues import (
+    SWIZZLE_COLS,
+    Quant,
+    div_rn,
+    load_scale_in,
+    store_quantized,
+    zero_swizzled_rows,
+)
 
 
 def silu(gate: torch.Tensor) -> torch.Tensor:
@@ -48,3 +55,7 @@ def silu_mul_kernel(
             y = silu(gate.to(torch.float32)).to(x.dtype) * up
         store_quantized(y, out, scale_out, scale_value, amax_floor, tile_t, tile_g, T, NG, G,
                         QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, FP8_MAX)
+        if QUANT == Quant.NVFP4 and SWIZZLED:
+            if tile_t.begin + tile_g.begin == 0:
+                for tile_c in hl.tile((NG + SWIZZLE_COLS - 1) // SWIZZLE_COLS * SWIZZLE_COLS, block_size=32):
+                    zero_swizzled_rows(scale_out, tile_c, T, NG)

@@ -110,9 +110,9 @@ def quant_output_spec(flavour: Quant, names: dict[str, str], check: Callable[[di
 
 
 def check_nvfp4_outputs(result_name: str, result: object, scale_name: str, scale: object, tokens: int, hidden: int,
-                        device: torch.device, swizzled: bool) -> tuple[torch.Tensor, bool]:
-    """Packed e2m1 [T, H/2] and block scales; returns the scales as flat bytes, and whether the launch must
-    zero them first (a swizzled layout with padding: the GEMM reads the padding, so it must be zero, never stale)."""
+                        device: torch.device, swizzled: bool) -> torch.Tensor:
+    """Packed e2m1 [T, H/2] and block scales; returns the scales as flat bytes (a swizzled layout's padding,
+    which block-scaled GEMMs read, is the kernel's to zero)."""
     if hidden % quant.NVFP4_BLOCK:
         raise ValueError(f"input: nvfp4 needs a hidden size divisible by {quant.NVFP4_BLOCK}, got {hidden}")
     check_like(result_name, result, (tokens, hidden // 2), device, (torch.uint8,))
@@ -129,4 +129,4 @@ def check_nvfp4_outputs(result_name: str, result: object, scale_name: str, scale
         layout = "swizzled (rows padded to 128, columns to 4)" if swizzled else "linear"
         raise ValueError(f"{scale_name}: the {layout} layout needs {rows_padded}x{cols_padded} bytes, got shape "
                          f"{list(scale.shape)} of {scale.dtype}")
-    return scale.view(torch.uint8).view(-1), swizzled and (rows_padded, cols_padded) != (tokens, cols)
+    return scale.view(torch.uint8).view(-1)

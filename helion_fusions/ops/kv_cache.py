@@ -5,7 +5,9 @@ semantics: ``[num_blocks, block_size, heads, head_size]`` caches addressed throu
 (HND storage works), a negative slot skips the token (as does a slot past the cache: never an
 out-of-bounds write), and an fp8 cache stores ``fp8(clamp(x / scale))`` with a per-tensor or
 per-head scale. The cache may be fp32 or the input dtype. One launch of the RoPE kernel
-(:func:`helion_fusions.ops.rope.rope_launch`) does it all.
+(:func:`helion_fusions.ops.rope.rope_launch`) does it all. ``concat_and_cache_mla_rope`` rounds
+each rotation product to the input dtype before the sum, as the engine's fused MLA kernel computes
+in that dtype; the other RoPE ops round the fp32 sum once.
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ def _prepare_mla_rope(positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_s
     tokens, rot_dim, q, k, v, pe_cache, c_cache, fp8_max = _check_mla(
         positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_sin_cache, kv_cache_dtype, scale)
     cache = (slot_mapping, v, pe_cache, c_cache, scale.reshape(-1), scale.reshape(-1), fp8_max)
-    return rope_launch(positions, q, k, cos_sin_cache, rot_dim, bool(is_neox), cache)
+    return rope_launch(positions, q, k, cos_sin_cache, rot_dim, bool(is_neox), cache, round_products=True)
 
 
 def _reference_mla_rope(positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_sin_cache, is_neox, kv_cache_dtype,
@@ -177,7 +179,7 @@ def _reference_mla_rope(positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos
     tokens, rot_dim, q, k, v, pe_cache, c_cache, fp8_max = _check_mla(
         positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_sin_cache, kv_cache_dtype, scale)
     for heads in (q, k):
-        rotate_reference(positions, rotary_pairs(heads, rot_dim, bool(is_neox)), cos_sin_cache)
+        rotate_reference(positions, rotary_pairs(heads, rot_dim, bool(is_neox)), cos_sin_cache, round_products=True)
     write_cache_reference(k, pe_cache, slot_mapping, scale, fp8_max)
     write_cache_reference(v, c_cache, slot_mapping, scale, fp8_max)
 

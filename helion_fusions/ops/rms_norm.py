@@ -1,9 +1,13 @@
 """RMSNorm and its quantized flavours, from one Helion kernel.
 
 ``y = round(f32(x) * rsqrt(sum(f32(x)^2) / H + eps)) * weight`` (both products rounded to
-the input dtype), optionally after ``x = f32(input) + f32(residual)`` with
-``residual <- round(x)``; then one quant epilogue from :mod:`helion_fusions.quant`:
-none, static fp8, dynamic per-token fp8, per-group fp8, or nvfp4.
+the input dtype), optionally after adding the residual: ``residual <- round(f32(input) +
+f32(residual))``, and ``x`` is that rounded sum, as the engine's ``fused_add_rms_norm`` and
+``fused_add_rms_norm_static_fp8_quant`` kernels normalize it (the nvfp4 flavour too, like
+``fused_add_rms_norm`` followed by ``scaled_fp4_quant``), or the fp32 sum for the dynamic
+per-token and per-block flavours, as the engine's dynamic kernels keep it; then one quant
+epilogue from :mod:`helion_fusions.quant`: none, static fp8, dynamic per-token fp8,
+per-group fp8, or nvfp4.
 
 The kernel sees the row as ``[num_groups, group]`` (``group = H`` when there are no
 groups), so per-group scales are a reduction over the last dim, and the variance a
@@ -55,13 +59,17 @@ GROUP_SIZES = (64, 128)
 # --- reference ------------------------------------------------------------------------------
 
 def rms_norm_reference(
-    input: torch.Tensor, weight: torch.Tensor | None, epsilon: float, residual: torch.Tensor | None = None
+    input: torch.Tensor, weight: torch.Tensor | None, epsilon: float, residual: torch.Tensor | None = None,
+    round_sum: bool = True,
 ) -> torch.Tensor:
-    """The unfused eager composite; writes ``residual`` in place when given. No weight: the normalized rows."""
+    """The unfused eager composite; writes ``residual`` in place when given, and normalizes that rounded
+    sum (``round_sum``) or the fp32 one. No weight: the normalized rows."""
     x = input.float()
     if residual is not None:
         x = x + residual.float()
         residual.copy_(x.to(residual.dtype))
+        if round_sum:
+            x = residual.float()
     rstd = torch.rsqrt(div_rn(torch.sum(x * x, dim=-1, keepdim=True), x.shape[-1]) + epsilon)
     y = (x * rstd).to(input.dtype)
     return y if weight is None else y * weight
@@ -102,7 +110,6 @@ def _launch(
     has_scale_ub: bool = False,
     use_ue8m0: bool = False,
     swizzled: bool = False,
-    zeroed: tuple[torch.Tensor, ...] = (),
 ) -> tuple[KernelLaunch, ...]:
     tokens, hidden = input.shape
     if tokens == 0:
@@ -114,7 +121,9 @@ def _launch(
         weight = _unit_weight(hidden, input.dtype, input.device)
     fp8_max = quant.fp8_max_for(out.dtype) if flavour in (Quant.STATIC, Quant.PER_TOKEN, Quant.PER_GROUP) else 0.0
     dummy = weight  # stands in for unused tensor arguments; never read
-    flags = (int(flavour), residual is not None, has_scale_ub, use_ue8m0, swizzled, fp8_max)
+    # the engine's dynamic kernels normalize the fp32 sum, the others the sum rounded to the input dtype
+    round_sum = residual is not None and flavour not in (Quant.PER_TOKEN, Quant.PER_GROUP)
+    flags = (int(flavour), residual is not None, round_sum, has_scale_ub, use_ue8m0, swizzled, fp8_max)
     args = (
         x,
         x if residual is None else residual.view(tokens, groups, group),
@@ -127,8 +136,7 @@ def _launch(
         *flags,
     )
     key = (input.dtype, out.dtype, hidden, group, *flags)
-    return (KernelLaunch(rms_norm_kernel, args, key, {"T": tokens, "H": hidden}, input.device, input.dtype,
-                         zeroed),)
+    return (KernelLaunch(rms_norm_kernel, args, key, {"T": tokens, "H": hidden}, input.device, input.dtype),)
 
 
 def _check_fp8_result(result: Any, input: torch.Tensor) -> torch.Tensor:
@@ -182,7 +190,7 @@ def _prepare_per_token(result, input, weight, scale, epsilon, scale_ub, residual
 
 
 def _reference_per_token(result, input, weight, scale, epsilon, scale_ub, residual):
-    y = rms_norm_reference(input, weight, epsilon, residual)
+    y = rms_norm_reference(input, weight, epsilon, residual, round_sum=False)
     quant.quantize_per_group_reference(y, result, scale, y.shape[-1], scale_ub)
 
 
@@ -200,7 +208,7 @@ def _prepare_per_block(result, input, weight, scale, epsilon, scale_ub, residual
 
 def _reference_per_block(result, input, weight, scale, epsilon, scale_ub, residual, group_size, is_scale_transposed,
                          scale_ue8m0=False):
-    y = rms_norm_reference(input, weight, epsilon, residual)
+    y = rms_norm_reference(input, weight, epsilon, residual, round_sum=False)
     scale = group_scale_view(scale, y.shape[0], y.shape[1] // group_size, is_scale_transposed)
     quant.quantize_per_group_reference(y, result, scale, group_size, scale_ub, scale_ue8m0)
 
@@ -210,11 +218,10 @@ def _prepare_nvfp4(result, result_scale, input, weight, global_scale, epsilon, i
     tokens, hidden = _check_norm(input, weight, epsilon)
     check_scalar_scale("global_scale", global_scale, input.device)
     _check_residual(residual, input)
-    flat, zero_first = check_nvfp4_outputs("result", result, "result_scale", result_scale, tokens, hidden,
-                                           input.device, is_sf_swizzled_layout)
+    flat = check_nvfp4_outputs("result", result, "result_scale", result_scale, tokens, hidden, input.device,
+                               is_sf_swizzled_layout)
     return _launch(input, weight, epsilon, result, Quant.NVFP4, residual=residual, scale_out=flat,
-                   scale_in=global_scale, group=quant.NVFP4_BLOCK, swizzled=bool(is_sf_swizzled_layout),
-                   zeroed=(flat,) if zero_first else ())
+                   scale_in=global_scale, group=quant.NVFP4_BLOCK, swizzled=bool(is_sf_swizzled_layout))
 
 
 def _reference_nvfp4(result, result_scale, input, weight, global_scale, epsilon, is_sf_swizzled_layout=True,

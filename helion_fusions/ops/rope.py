@@ -46,8 +46,10 @@ TOKEN_GRID = (1, 16, 128, 1024, 8192)
 MAX_POSITIONS = 8192
 
 
-def rotate_reference(positions: torch.Tensor, pairs: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
-    """Rotate ``pairs`` ([T, H, 2, rot_dim/2] view) in place, as the eager composite does.
+def rotate_reference(positions: torch.Tensor, pairs: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     round_products: bool = False) -> None:
+    """Rotate ``pairs`` ([T, H, 2, rot_dim/2] view) in place, as the eager composite does: fp32 products
+    and sums, rounded once, or with each product rounded to the input dtype first (``round_products``).
 
     A token whose position has no row in ``cos_sin_cache`` is not rotated (cos 1, sin 0).
     """
@@ -57,7 +59,10 @@ def rotate_reference(positions: torch.Tensor, pairs: torch.Tensor, cos_sin_cache
     cos = torch.where(keep, cos_sin_cache[positions, :half].float()[:, None, :], 1.0)
     sin = torch.where(keep, cos_sin_cache[positions, half:].float()[:, None, :], 0.0)
     a, b = pairs[:, :, 0, :].float(), pairs[:, :, 1, :].float()
-    rotated_a, rotated_b = a * cos - b * sin, b * cos + a * sin  # both before either store: a, b may alias pairs
+    ac, bs, bc, as_ = a * cos, b * sin, b * cos, a * sin
+    if round_products:
+        ac, bs, bc, as_ = (p.to(pairs.dtype).float() for p in (ac, bs, bc, as_))
+    rotated_a, rotated_b = ac - bs, bc + as_  # both before either store: a, b may alias pairs
     pairs[:, :, 0, :] = rotated_a.to(pairs.dtype)
     pairs[:, :, 1, :] = rotated_b.to(pairs.dtype)
 
@@ -120,7 +125,7 @@ def _weight_pairs(weight: torch.Tensor, rot_dim: int, is_neox: bool) -> torch.Te
 
 
 def rope_launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, norm=None, hidden=None,
-            query=True, quant=None, rotate=True, offset=0) -> tuple[KernelLaunch, ...]:
+            query=True, quant=None, rotate=True, offset=0, round_products=False) -> tuple[KernelLaunch, ...]:
     """One launch: the key heads (normalized, rotated, written to the cache, as asked), then the query heads."""
     tokens = q.shape[0]
     if tokens == 0:
@@ -163,7 +168,7 @@ def rope_launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, no
         has_cache, fp8_cache, per_head = True, cache_fp8_max > 0, k_scale.numel() > 1
         fp8_max = max(cache_fp8_max, quant_fp8_max)
     flags = (rotate, query, k is not None, has_cache, has_tail, is_neox, fp8_cache, per_head, fp8_max, norm is not None,
-             q_quant, k_quant)
+             q_quant, k_quant, round_products)
     args = (positions, q_pairs, k_pairs, cos_sin, cache_args[0], key_tail, *quant_args, *norm_args, *cache_args[1:],
             *flags)
     key = (q.dtype, cos_sin_cache.dtype, q.shape[1], k_pairs.shape[1], head_size, rot_dim,

@@ -71,7 +71,6 @@ def _launch(
     static_layout: StaticScale = StaticScale.TENSOR,
     fp8_max: float | None = None,
     amax_floor: float = quant.FP8_AMAX_FLOOR,
-    zeroed: tuple[torch.Tensor, ...] = (),
 ) -> KernelLaunch:
     tokens, width = input.shape
     hidden = width // 2 if gated else width
@@ -87,13 +86,20 @@ def _launch(
     args = (x, common.kernel_view(out, flavour, tokens, groups), dummy if scale_out is None else scale_out,
             dummy if scale_in is None else scale_in, float(amax_floor), *flags)
     key = (input.dtype, out.dtype, hidden, group, *flags)
-    return KernelLaunch(silu_mul_kernel, args, key, {"T": tokens, "H": hidden}, input.device, input.dtype,
-                        zeroed)
+    return KernelLaunch(silu_mul_kernel, args, key, {"T": tokens, "H": hidden}, input.device, input.dtype)
 
 
 @functools.cache
 def _placeholder(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.float32, device=device)
+
+
+@functools.cache
+def _amax_scratch(device: torch.device) -> torch.Tensor:
+    """The per-tensor quant's int32 words (``quant.AMAX_WORD`` ...), zero between calls: the amax launch's
+    last tile resets them. Calls on one device share them, so they must not overlap in time (one stream,
+    or streams that wait for each other)."""
+    return torch.zeros(quant.AMAX_SCRATCH_WORDS, dtype=torch.int32, device=device)
 
 
 def _check_input(input: Any, gated: bool) -> tuple[int, int]:
@@ -145,10 +151,10 @@ def _prepare_nvfp4(names, input, is_sf_swizzled_layout=True, *, gated, tokens, h
     """``names`` maps result / scale / global_scale to the op's own argument names."""
     result, block_scale, global_scale = (tensors[names[role]] for role in ("result", "scale", "global_scale"))
     checks.check_scalar_scale(names["global_scale"], global_scale, input.device)
-    flat, zero_first = common.check_nvfp4_outputs(names["result"], result, names["scale"], block_scale, tokens,
-                                                  hidden, input.device, is_sf_swizzled_layout)
+    flat = common.check_nvfp4_outputs(names["result"], result, names["scale"], block_scale, tokens, hidden,
+                                      input.device, is_sf_swizzled_layout)
     return (_launch(input, result, Quant.NVFP4, gated=gated, scale_out=flat, scale_in=global_scale,
-                    group=quant.NVFP4_BLOCK, swizzled=bool(is_sf_swizzled_layout), zeroed=(flat,) if zero_first else ()),)
+                    group=quant.NVFP4_BLOCK, swizzled=bool(is_sf_swizzled_layout)),)
 
 
 def _reference_nvfp4(names, input, is_sf_swizzled_layout=True, *, gated, **tensors):
@@ -246,12 +252,13 @@ def _prepare_dynamic_quant(result, input, scale, *, tokens, hidden):
     checks.check_scalar_scale("scale", scale, input.device)
     if tokens == 1:  # the row's amax is the tensor's: one launch
         return (_launch(input, result, Quant.PER_TOKEN, gated=False, scale_out=scale.view(1), group=hidden),)
-    # an empty input launches nothing (the reference writes the floor scale); otherwise the amax is a
-    # zeroed scratch word that the first launch reduces into
-    amax = torch.zeros(1, dtype=torch.float32, device=input.device)
-    return (_launch(input, result, Quant.AMAX, gated=False, scale_out=amax, zeroed=(amax,)),
-            _launch(input, result, Quant.PER_TENSOR, gated=False, scale_out=scale.view(1), scale_in=amax,
-                    zeroed=(amax,)))
+    # an empty input launches nothing (the reference writes the floor scale); otherwise the first launch
+    # leaves the scale in the scratch, and the second quantizes with it and copies it to ``scale``
+    scratch = _amax_scratch(input.device)
+    word = quant.SCALE_WORD
+    return (_launch(input, result, Quant.AMAX, gated=False, scale_out=scratch),
+            _launch(input, result, Quant.PER_TENSOR, gated=False, scale_out=scale.view(1),
+                    scale_in=scratch.view(torch.float32)[word:word + 1]))
 
 
 def _reference_dynamic_quant(result, input, scale):

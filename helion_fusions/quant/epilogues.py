@@ -18,11 +18,17 @@ from helion.runtime.ref_mode import is_in_ref_mode_context
 FP8_AMAX_FLOOR = 1.0 / 512.0  # the dynamic-scale floor 1 / (fp8_max * 512), applied to the amax
 NVFP4_BLOCK = 16
 E2M1_MAX = 6.0
+_E2M1_MAX_RECIPROCAL = 0.1666666716337204  # fp32(1 / 6), as the engine op multiplies by it
 _ONE_BITS = 0x3F800000  # 1.0
 _INF_BITS = 0x7F800000  # inf; also the fp32 exponent field
 
 SWIZZLE_ROWS = 128
 SWIZZLE_COLS = 4
+
+
+# the int32 words of the per-tensor amax scratch (see store_quantized's AMAX flavour)
+AMAX_WORD, COUNT_WORD, SCALE_WORD = 0, 1, 2
+AMAX_SCRATCH_WORDS = 3
 
 
 class Quant(enum.IntEnum):
@@ -33,8 +39,8 @@ class Quant(enum.IntEnum):
     PER_TOKEN = 2  # dynamic fp8, one scale per row
     PER_GROUP = 3  # dynamic fp8, one scale per group of a row
     NVFP4 = 4  # e2m1 codes with fp8 block scales
-    PER_TENSOR = 5  # dynamic fp8 with one scale, from the amax a previous AMAX launch left in scale_in
-    AMAX = 6  # no output: atomic max of |y| into scale_out[0] (the first of two per-tensor launches)
+    PER_TENSOR = 5  # dynamic fp8 with the one scale a previous AMAX launch left in scale_in, copied to scale_out
+    AMAX = 6  # no output: the tensor's amax, then its scale, in an int32 scratch (the first of two launches)
 
 
 class StaticScale(enum.IntEnum):
@@ -156,8 +162,11 @@ def fp8_quantize_static(value: torch.Tensor, scale: torch.Tensor, fp8_max: float
 
 
 def nvfp4_block_scale(amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    """fp8-e4m3 block scale factor from a block amax (fp32), saturating at 448."""
-    return to_fp8(global_scale * div_rn(amax, E2M1_MAX), 448.0, torch.float8_e4m3fn)
+    """fp8-e4m3 block scale factor from a block amax (fp32), saturating at 448.
+
+    In the engine op's order: ``global_scale * (amax * (1 / 6))``, the reciprocal rounded on its own.
+    """
+    return to_fp8(global_scale * (amax * _E2M1_MAX_RECIPROCAL), 448.0, torch.float8_e4m3fn)
 
 
 def e2m1_codes(value: torch.Tensor) -> torch.Tensor:
@@ -186,12 +195,13 @@ def e2m1_codes(value: torch.Tensor) -> torch.Tensor:
 def nvfp4_quantize(value: torch.Tensor, block_sf: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """e2m1 codes of ``value`` ([T, blocks, 16]) given the blocks' fp8 scale factors [T, blocks].
 
-    A zero scale factor zeroes its block through a zero multiplier, chosen once per block: the
-    block's values are finite then (an infinite one would have saturated the factor at 448),
-    so they scale to +-0, which e2m1 encodes as 0.
+    The multiplier is the engine op's ``1 / (sf * (1 / global_scale))``, each reciprocal rounded on
+    its own. A zero scale factor zeroes its block through a zero multiplier, chosen once per block:
+    the block's values are finite then (an infinite one would have saturated the factor at 448), so
+    they scale to +-0, which e2m1 encodes as 0.
     """
     sf = block_sf.to(torch.float32)
-    inv = torch.where(sf == 0.0, 0.0, reciprocal_rn(div_rn(sf, global_scale)))
+    inv = torch.where(sf == 0.0, 0.0, reciprocal_rn(sf * reciprocal_rn(global_scale)))
     return e2m1_codes(value * inv.unsqueeze(-1))
 
 
@@ -273,9 +283,12 @@ def store_quantized(
     groups). ``out`` is ``[T, NG, G]`` (fp8 or the activation dtype), or for nvfp4 the packed
     bytes viewed as int64 ``[T, NG]``, one word per block (see :func:`e2m1_words`).
     ``scale_out``: ``[T]`` per-token, ``[T, NG]`` per-group (any strides), flat uint8 block
-    scales (nvfp4), ``[1]`` per-tensor and amax. ``scale_value`` is
-    :func:`load_scale_in` of ``scale_in``: the static scale (``[1]``, ``[T]`` or ``[NG, G]``),
-    ``scale_ub``, the nvfp4 global scale, or the per-tensor amax.
+    scales (nvfp4; a swizzled layout's padding is zeroed too, see :func:`zero_swizzled_rows`),
+    ``[1]`` per-tensor, and for the amax the int32 scratch words ``AMAX_WORD``, ``COUNT_WORD``
+    (zero between calls: the last tile to arrive resets them) and ``SCALE_WORD`` (the scale it
+    leaves for the per-tensor launch). ``scale_value`` is :func:`load_scale_in` of ``scale_in``:
+    the static scale (``[1]``, ``[T]`` or ``[NG, G]``), ``scale_ub``, the nvfp4 global scale, or
+    the per-tensor scale.
     """
     groups = slice(None) if tile_g is None else tile_g
     yf = y.to(torch.float32)
@@ -286,13 +299,22 @@ def store_quantized(
     elif QUANT == Quant.STATIC:
         out[tile_t, groups, :] = fp8_quantize_static(yf, scale_value, FP8_MAX, out.dtype)
     elif QUANT == Quant.AMAX:
+        # scale_out is the int32 scratch of reduce_amax_words; the last tile turns the amax into the scale
         amax = torch.amax(torch.amax(torch.amax(torch.abs(yf), dim=-1), dim=-1), dim=0)
-        hl.atomic_max(scale_out, [0], amax)
+        tiles = tile_t.count if tile_g is None else tile_t.count * tile_g.count
+        # a non-negative fp32's bits order like the value (a NaN's above inf's), so an int max reduces them
+        hl.atomic_max(scale_out, [AMAX_WORD], amax.view(torch.int32))
+        # release: this tile's max is visible to whoever sees its arrival; acquire: the last tile sees every max
+        last = hl.atomic_add(scale_out, [COUNT_WORD], 1, sem="acq_rel") == tiles - 1
+        keep = torch.where(last, 0, -1)  # the last tile reads both words and leaves them zero
+        total = hl.atomic_and(scale_out, [AMAX_WORD], keep, sem="acquire")
+        hl.atomic_and(scale_out, [COUNT_WORD], keep)
+        s = fp8_dynamic_scale(total.view(torch.float32), FP8_MAX, amax_floor)
+        hl.store(scale_out, [SCALE_WORD], s.view(torch.int32), extra_mask=last)
     elif QUANT == Quant.PER_TENSOR:
-        s = fp8_dynamic_scale(scale_value, FP8_MAX, amax_floor)
-        out[tile_t, groups, :] = fp8_quantize(yf, s, FP8_MAX, out.dtype, bounded=True)
+        out[tile_t, groups, :] = fp8_quantize(yf, scale_value, FP8_MAX, out.dtype, bounded=True)
         first_row = tile_t.index == 0
-        hl.store(scale_out, [tile_t.index * 0], first_row.to(torch.float32) * s, extra_mask=first_row)
+        hl.store(scale_out, [tile_t.index * 0], first_row.to(torch.float32) * scale_value, extra_mask=first_row)
     elif QUANT == Quant.PER_TOKEN or QUANT == Quant.PER_GROUP:
         amax = torch.amax(torch.abs(yf), dim=-1)
         if QUANT == Quant.PER_TOKEN:
@@ -313,3 +335,19 @@ def store_quantized(
         col = (hl.arange(NG) if tile_g is None else tile_g.index).unsqueeze(0)
         offset = swizzled_scale_offset(row, col, NG) if SWIZZLED else row * NG + col
         hl.store(scale_out, [offset], sf.view(torch.uint8), extra_mask=(row < T) & (col < NG))
+        if SWIZZLED and NG % SWIZZLE_COLS:  # the padding columns of these rows read as zero scales
+            pad = NG + hl.arange(SWIZZLE_COLS).unsqueeze(0)
+            offset = swizzled_scale_offset(row, pad, NG)
+            hl.store(scale_out, [offset], (offset * 0).to(torch.uint8),
+                     extra_mask=(row < T) & (pad < swizzled_scale_shape(1, NG)[1]))
+
+
+def zero_swizzled_rows(scale_out: torch.Tensor, tile_c: Any, T: int, NG: int) -> None:
+    """Zero columns ``tile_c`` of the rows that pad ``T`` to a multiple of 128 in a swizzled block-scale
+    buffer (flat bytes): block-scaled GEMMs read whole 128-row tiles. One tile of a kernel calls this in a
+    loop over the padded columns; :func:`store_quantized` zeroes the padding columns of the real rows."""
+    row = (T + hl.arange(SWIZZLE_ROWS)).unsqueeze(1)
+    col = tile_c.index.unsqueeze(0)
+    offset = swizzled_scale_offset(row, col, NG)
+    padded_rows = (T + SWIZZLE_ROWS - 1) // SWIZZLE_ROWS * SWIZZLE_ROWS
+    hl.store(scale_out, [offset], (offset * 0).to(torch.uint8), extra_mask=row < padded_rows)

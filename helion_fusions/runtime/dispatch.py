@@ -31,8 +31,6 @@ from helion_fusions.runtime.launcher import (
     FastLaunch,
     captured_launch,
     fast_launch,
-    storage_base,
-    zero_launch,
 )
 from helion_fusions.runtime.registry import (
     REGISTRY,
@@ -297,10 +295,6 @@ def _new_plan(spec: OpSpec, args: tuple[Any, ...]) -> Plan | None:
         reference = spec.reference
         reference(**kwargs)
         return lambda call_args: reference(**dict(zip(names, call_args)))
-    scratch, zero_args, fallback = _zeroed(launches, args)
-    if fallback:
-        _run_prepared(spec, launches)
-        return None
     device = launches[0].device.index or 0
     fast: list[FastLaunch] = []
     compiled_all = []
@@ -312,59 +306,29 @@ def _new_plan(spec: OpSpec, args: tuple[Any, ...]) -> Plan | None:
             return lambda call_args: reference(**dict(zip(names, call_args)))
         compiled_all.append(compiled)
     for launch, compiled in zip(launches, compiled_all):
-        laid_out = fast_launch(compiled, launch.args, args, [s for s, _ in scratch], device)
+        laid_out = fast_launch(compiled, launch.args, args, device)
         if laid_out is None:
             _run_prepared(spec, launches)
             return lambda call_args: _run_prepared(spec, spec.prepare(**dict(zip(names, call_args))))
         fast.append(laid_out)
-    zeroing = [zero_launch(args[index], index, device) for index in zero_args]
-    zeroing += [zero_launch(tensor, ~index, device) for tensor, index in scratch]
-    plan = _fast_plan([z for z in zeroing if z is not None] + fast,
-                      [(tuple(s.shape), s.dtype, s.device) for s, _ in scratch])
+    plan = _fast_plan(fast)
     plan(args)
     return plan
 
 
-def _zeroed(launches: Sequence[KernelLaunch], args: Sequence[Any]
-            ) -> tuple[list[tuple[torch.Tensor, int]], list[int], bool]:
-    """Sort the launches' ``zeroed`` tensors into scratch (not in any op argument) and whole op arguments
-    zeroed per call; ``fallback`` when one covers only part of an op argument (the plan cannot redo it)."""
-    bases = {storage_base(a): i for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
-    scratch: dict[int, tuple[torch.Tensor, int]] = {}
-    zero_args: list[int] = []
-    for launch in launches:
-        for tensor in launch.zeroed:
-            source = bases.get(storage_base(tensor))
-            if source is None:
-                scratch.setdefault(id(tensor), (tensor, len(scratch)))
-                continue
-            whole = args[source]
-            if not (whole.is_contiguous() and tensor.data_ptr() == whole.data_ptr()
-                    and tensor.numel() * tensor.element_size() == whole.numel() * whole.element_size()):
-                return [], [], True
-            if source not in zero_args:
-                zero_args.append(source)
-    return list(scratch.values()), zero_args, False
-
-
-def _fast_plan(launches: list[FastLaunch], scratch: list[tuple[tuple[int, ...], torch.dtype, torch.device]]) -> Plan:
-    """Run ``launches`` in order (zeroing launches first) on the call's arguments and fresh scratch."""
-    if not scratch and len(launches) == 1:
-        (only,) = launches
-        return lambda args: only(args, ())
+def _fast_plan(launches: list[FastLaunch]) -> Plan:
+    """Run ``launches`` in order on the call's arguments."""
+    if len(launches) == 1:
+        return launches[0]
 
     def plan(args: tuple[Any, ...]) -> None:
-        fresh = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in scratch]
         for launch in launches:
-            launch(args, fresh)
+            launch(args)
     return plan
 
 
 def _run_prepared(spec: OpSpec, launches: Sequence[KernelLaunch]) -> None:
     """Run launches as laid out by the host glue, through Helion's compiled host functions."""
-    for launch in launches:
-        for tensor in launch.zeroed:
-            tensor.zero_()
     for launch in launches:
         compiled = compiled_kernel(spec, launch)
         if compiled is _USE_REFERENCE:
@@ -373,9 +337,6 @@ def _run_prepared(spec: OpSpec, launches: Sequence[KernelLaunch]) -> None:
 
 
 def _run_interpreted(launches: Sequence[KernelLaunch]) -> None:
-    for launch in launches:
-        for tensor in launch.zeroed:
-            tensor.zero_()
     for launch in launches:
         interpreted(launch.kernel)(*launch.args)
 

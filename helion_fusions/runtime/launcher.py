@@ -5,7 +5,7 @@ Triton's ``JITFunction.run`` binds and specializes every argument again. For a c
 have the same dtypes, shapes, strides, devices, pointer alignment and aliasing as an earlier one,
 all of that is the same: only the data pointers move. :func:`fast_launch` captures the launch
 once (Triton argument list, grid, compiled kernel) and records, for each pointer argument, which
-op argument (or per-call scratch tensor) it lies in and at what byte offset; a repeat call fills
+op argument it lies in and at what byte offset; a repeat call fills
 in the new pointers and calls the compiled kernel's launcher directly.
 """
 
@@ -15,8 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import triton
-import triton.language as tl
 
 _SCALARS = (int, float, bool, str, type(None))
 
@@ -43,7 +41,7 @@ def captured_launch(compiled: Callable[..., Any], args: Sequence[Any]) -> tuple[
 
 
 class FastLaunch:
-    """One kernel launch with its argument list laid out: ``launch(op_args, scratch)``."""
+    """One kernel launch with its argument list laid out: ``launch(op_args)``."""
 
     __slots__ = ("_run", "_function", "_packed", "_grid", "_template", "_pointers", "_device")
 
@@ -54,13 +52,13 @@ class FastLaunch:
         self._packed = compiled_kernel.packed_metadata
         self._grid = grid
         self._template = template
-        self._pointers = pointers  # (position, source, byte offset): source >= 0 an op argument, < 0 ~scratch index
+        self._pointers = pointers  # (position, op argument, byte offset)
         self._device = device
 
-    def __call__(self, args: Sequence[Any], scratch: Sequence[torch.Tensor]) -> None:
+    def __call__(self, args: Sequence[Any]) -> None:
         values = self._template.copy()
         for position, source, offset in self._pointers:
-            values[position] = (args[source] if source >= 0 else scratch[~source]).data_ptr() + offset
+            values[position] = args[source].data_ptr() + offset
         g0, g1, g2 = self._grid
         # no launch metadata or enter/exit hooks: Triton's launch hooks (profilers) do not see these launches
         self._run(g0, g1, g2, torch._C._cuda_getCurrentRawStream(self._device), self._function, self._packed,
@@ -68,11 +66,11 @@ class FastLaunch:
 
 
 def fast_launch(compiled: Callable[..., Any], launch_args: Sequence[Any], op_args: Sequence[Any],
-                scratch: Sequence[torch.Tensor], device: int) -> FastLaunch | None:
+                device: int) -> FastLaunch | None:
     """Lay out the launch ``compiled(*launch_args)`` makes, for later calls with other data pointers.
 
-    Each tensor the kernel receives must lie in one of ``op_args`` or ``scratch`` (found by storage,
-    so views of views work) or be a tensor kept alive for good (a placeholder). None when the launch
+    Each tensor the kernel receives must lie in one of ``op_args`` (found by storage, so views of
+    views work) or be a tensor kept alive for good (a placeholder, a scratch buffer). None when the launch
     cannot be laid out this way (a tensor descriptor argument, launcher-side state, several
     launches): the caller then runs the compiled host function on every call.
     """
@@ -91,7 +89,6 @@ def fast_launch(compiled: Callable[..., Any], launch_args: Sequence[Any], op_arg
     if compiled_kernel is None:
         return None
     sources = [(i, storage_base(a)) for i, a in enumerate(op_args) if isinstance(a, torch.Tensor)]
-    scratch_bases = [storage_base(s) for s in scratch]
     template: list[Any] = []
     pointers = []
     for position, value in enumerate(kernel_args):
@@ -102,33 +99,7 @@ def fast_launch(compiled: Callable[..., Any], launch_args: Sequence[Any], op_arg
             if source is not None:
                 pointers.append((position, source, value.data_ptr() - op_args[source].data_ptr()))
                 template[position] = 0  # filled in per call; the first call's tensors are not kept alive
-            elif base in scratch_bases:
-                index = scratch_bases.index(base)
-                pointers.append((position, ~index, value.data_ptr() - scratch[index].data_ptr()))
-                template[position] = 0
         elif not isinstance(value, _SCALARS):
             return None
     grid3 = (tuple(int(g) for g in grid) + (1, 1))[:3]
     return FastLaunch(compiled_kernel, grid3, template, pointers, device)
-
-
-ZERO_BLOCK = 1024
-
-
-@triton.jit
-def _zero_bytes(pointer, count, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(pointer + offsets, tl.zeros([BLOCK], dtype=tl.uint8), mask=offsets < count)
-
-
-def zero_launch(tensor: torch.Tensor, source: int, device: int) -> FastLaunch | None:
-    """A launch that zeroes the bytes of a contiguous ``tensor``, found per call as op argument ``source``
-    (>= 0) or scratch ``~source``: a kernel a launch declares zeroed costs one more launcher call, not a
-    trip through torch's dispatcher. None for an empty tensor."""
-    count = tensor.numel() * tensor.element_size()
-    if count == 0:
-        return None
-    grid = (triton.cdiv(count, ZERO_BLOCK), 1, 1)
-    compiled_kernel = _zero_bytes.run(tensor.view(-1).view(torch.uint8), count, ZERO_BLOCK, grid=grid, warmup=True,
-                                      num_warps=4)
-    return FastLaunch(compiled_kernel, grid, [0, count, ZERO_BLOCK], [(0, source, 0)], device)

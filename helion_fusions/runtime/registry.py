@@ -72,11 +72,10 @@ class KernelLaunch(NamedTuple):
 
     ``key`` holds everything besides the problem's bucketed dims that selects a compiled kernel
     (dtypes, model dims, epilogue flags); ``problem`` the call's value of each problem dim, which
-    selects the config. Every tensor in ``args`` is a view of an op argument, a constant kept for good
-    (a cached placeholder) or zeroed scratch: a repeat call reuses the launch's layout with the new
-    arguments' data pointers, so a copy made from an argument would go stale. ``zeroed`` lists tensors among ``args`` that must hold zeros when the
-    kernel starts: whole op arguments (zeroed on every call) or scratch the launch allocated
-    (allocated zeroed on every call), shared by identity between the launches of one call.
+    selects the config. Every tensor in ``args`` is a view of an op argument or a tensor kept for good
+    (a cached placeholder or scratch buffer): a repeat call reuses the launch's layout with the new
+    arguments' data pointers, so a copy made from an argument would go stale. Kernels write every
+    byte an op promises, padding included: no launch is made to zero a buffer first.
     """
 
     kernel: helion.Kernel
@@ -85,7 +84,6 @@ class KernelLaunch(NamedTuple):
     problem: dict[str, int]
     device: torch.device
     dtype: torch.dtype
-    zeroed: tuple[torch.Tensor, ...] = ()
 
 
 class Outputs(NamedTuple):
