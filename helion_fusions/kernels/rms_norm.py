@@ -19,6 +19,8 @@ from helion_fusions.quant.epilogues import (
     zero_swizzled_rows,
 )
 
+NVFP4 = int(Quant.NVFP4)  # kernel bodies compare constexprs with ints, not enum members
+
 
 @helion.kernel(static_shapes=False, autotune_effort="none")
 def rms_norm_kernel(
@@ -58,7 +60,7 @@ def rms_norm_kernel(
         y = (xf * rstd[:, None, None]).to(x.dtype) * w
         store_quantized(y, out, scale_out, scale_value, amax_floor, tile_t, None, T, NG, G,
                         QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, FP8_MAX)
-        if QUANT == Quant.NVFP4 and SWIZZLED:
+        if QUANT == NVFP4 and SWIZZLED:
             if tile_t.begin == 0:
                 for tile_c in hl.tile((NG + SWIZZLE_COLS - 1) // SWIZZLE_COLS * SWIZZLE_COLS, block_size=32):
                     zero_swizzled_rows(scale_out, tile_c, T, NG)

@@ -19,6 +19,8 @@ from helion_fusions.quant.epilogues import (
     zero_swizzled_rows,
 )
 
+NVFP4 = int(Quant.NVFP4)  # kernel bodies compare constexprs with ints, not enum members
+
 
 def silu(gate: torch.Tensor) -> torch.Tensor:
     """``g / (1 + exp(-g))`` in fp32, as PyTorch's CUDA silu computes it (accurate exp, IEEE division)."""
@@ -55,7 +57,7 @@ def silu_mul_kernel(
             y = silu(gate.to(torch.float32)).to(x.dtype) * up
         store_quantized(y, out, scale_out, scale_value, amax_floor, tile_t, tile_g, T, NG, G,
                         QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, FP8_MAX)
-        if QUANT == Quant.NVFP4 and SWIZZLED:
+        if QUANT == NVFP4 and SWIZZLED:
             if tile_t.begin + tile_g.begin == 0:
                 for tile_c in hl.tile((NG + SWIZZLE_COLS - 1) // SWIZZLE_COLS * SWIZZLE_COLS, block_size=32):
                     zero_swizzled_rows(scale_out, tile_c, T, NG)

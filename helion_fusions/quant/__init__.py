@@ -16,8 +16,9 @@ Contract (the README's numerics section):
 * dynamic per-tensor: ``s`` from the amax of the whole tensor, then divide like the
   per-token and per-group flavours.
 * ue8m0: ``s -> 2 ** ceil(log2(s))``, computed exactly on the fp32 bits.
-* nvfp4: per block of 16, ``sf = fp8_e4m3(global_scale * amax / 6)``, then
-  ``q = e2m1(x * (1 / (float(sf) / global_scale)))`` with ``q = 0`` where ``sf == 0``.
+* nvfp4: per block of 16, ``sf = fp8_e4m3(global_scale * (amax * (1 / 6)))``, then
+  ``q = e2m1(x * (1 / (float(sf) * (1 / global_scale))))`` with ``q = 0`` where ``sf == 0``
+  (the engine op's order; each reciprocal rounded on its own).
   e2m1 rounds to nearest even and saturates at +-6; the sign bit is set for every
   negative input, so a negative value that rounds to zero encodes as -0 (0x8).
 """
