@@ -64,6 +64,27 @@ def test_autotune_revalidate_searches_a_shape_that_got_slower(tmp_path, capsys) 
     assert "searching the shape again" in capsys.readouterr().out
 
 
+def test_autotune_revalidate_stopped_midway_keeps_the_stale_file_whole(tmp_path, monkeypatch) -> None:
+    """A revalidation stopped after some model shapes leaves the stale file as it was, every entry in it."""
+    op = "rms_norm_static_fp8_quant"
+    shapes = ["--shape", "T=1,H=256", "--shape", "T=1,H=512"]
+    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, *shapes]) == 0
+    path = tmp_path / "cpu_smoke" / f"{op}.json"
+    raw = json.loads(path.read_text())
+    raw["kernel_hash"] = "0" * 16
+    path.write_text(json.dumps(raw))
+    tune_shape = autotune.tune_shape
+
+    def stop_at_the_second_model_shape(spec, shape, *args, **kwargs):
+        if shape["H"] == 512:
+            raise KeyboardInterrupt
+        return tune_shape(spec, shape, *args, **kwargs)
+    monkeypatch.setattr(autotune, "tune_shape", stop_at_the_second_model_shape)
+    with pytest.raises(KeyboardInterrupt):
+        autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, "--revalidate", *shapes])
+    assert json.loads(path.read_text()) == raw
+
+
 def test_autotune_candidates_add_pipelined_persistent_kernels_at_large_t() -> None:
     spec = REGISTRY["rms_norm_dynamic_per_token_quant"]
     small, seeds = autotune.candidates(spec, {"T": autotune.PIPELINE_MIN_TOKENS // 2, "H": 8192})

@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     existing: dict[str, list[config_store.Entry]] = {}
     stale: dict[tuple[Any, ...], config_store.Entry] = {}
+    revalidating: set[str] = set()
     for spec in {u[0].name: u[0] for u in units}.values():
         path = root / identity.name / f"{spec.name}.json"
         if path.exists() and not args.fresh:
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 old = config_store.load(path, spec.name, spec.dim_names, None, spec.config_problem).entries
                 stale.update({_key(spec, e.dtype, e.shape): e for e in old})
+                revalidating.add(spec.name)
                 print(f"revalidating {len(old)} entries of {path}")
 
     def shape_configs(spec: OpSpec, shape: Shape) -> tuple[list[helion.Config], int]:
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                     progress.advance(task)
         task = progress.add_task("tuning shapes", total=sum(len(ss) for _, _, ss in todo))
         skipped = []
-        for spec, model, ss in todo:
+        for position, (spec, model, ss) in enumerate(todo):
             if time.monotonic() > deadline:
                 skipped.append(f"{spec.name} {shape_text(model)}")
                 progress.advance(task, len(ss))
@@ -319,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
                     entries.append(entry)
                     log(f"{where}: {entry.time_us:.2f} us ({entry.source}; best seed {entry.seed_time_us} us)")
                 progress.advance(task)
-            if entries:
+            # a stale file is replaced once all its shapes are revalidated: saved earlier under the new
+            # hash, a stopped run would drop the entries it had not reached yet
+            last_unit = all(other is not spec for other, _, _ in todo[position + 1:])
+            if entries and (last_unit or spec.name not in revalidating):
                 config_store.save(root / identity.name / f"{spec.name}.json", spec.name, identity.name,
                                   identity.family, dispatch.spec_hash(spec), spec.dim_names, entries)
     if skipped:
