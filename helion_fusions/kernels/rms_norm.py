@@ -11,15 +11,13 @@ import helion.language as hl
 import torch
 
 from helion_fusions.quant.epilogues import (
+    NVFP4,
     SWIZZLE_COLS,
-    Quant,
     div_rn,
     load_scale_in,
     store_quantized,
     zero_swizzled_rows,
 )
-
-NVFP4 = int(Quant.NVFP4)  # kernel bodies compare constexprs with ints, not enum members
 
 
 @helion.kernel(static_shapes=False, autotune_effort="none")

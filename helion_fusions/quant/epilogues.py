@@ -43,6 +43,9 @@ class Quant(enum.IntEnum):
     AMAX = 6  # no output: the tensor's amax, then its scale, in an int32 scratch (the first of two launches)
 
 
+NVFP4 = int(Quant.NVFP4)  # for kernel bodies, which compare constexprs with ints, not enum members
+
+
 class StaticScale(enum.IntEnum):
     TENSOR = 0
     TOKEN = 1
