@@ -99,6 +99,10 @@ def _amax_scratch(device: torch.device) -> torch.Tensor:
     """The per-tensor quant's int32 words (``quant.AMAX_WORD`` ...), zero between calls: the amax launch's
     last tile resets them. Calls on one device share them, so they must not overlap in time (one stream,
     or streams that wait for each other)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # made inside a capture, its zero fill would only run on replay: the words would start as garbage
+        raise RuntimeError(f"helion_fusions: dynamic_scaled_fp8_quant was first called on {device} inside CUDA-graph "
+                           "capture; call helion_fusions.warmup() before capturing")
     return torch.zeros(quant.AMAX_SCRATCH_WORDS, dtype=torch.int32, device=device)
 
 
