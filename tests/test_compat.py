@@ -10,8 +10,9 @@ from typing import Any
 import helion
 import pytest
 import torch
-from conftest import assert_outputs_match, clone_kwargs, run_against_reference
+from conftest import arg, assert_outputs_match, clone_kwargs, is_nvfp4_op, run_against_reference
 
+from helion_fusions import quant
 from helion_fusions.runtime import config_store, dispatch
 from helion_fusions.runtime.registry import REGISTRY
 from helion_fusions.tools.testing import code_generator, poisoned, ulp_distance
@@ -169,3 +170,35 @@ def test_scaled_fp4_quant_functional_overload(fp8_allclose_shim, reference_path,
     torch.library.opcheck(packet.default, (x, scale, swizzled))
     compiled = torch.compile(lambda a, b: packet(a, b, swizzled), fullgraph=True)(x, scale)
     assert torch.equal(compiled[0], output)
+
+
+NVFP4_OPS = [name for name, spec in REGISTRY.items() if is_nvfp4_op(spec)]
+
+
+def _swizzled_nvfp4_inputs(name: str, tokens: int) -> dict[str, Any]:
+    """65 block-scale columns, padded to 68 in the swizzled layout, the rows to a multiple of 128: a
+    poisoned scale buffer whose padding only the kernel can zero."""
+    spec = REGISTRY[name]
+    kwargs = _inputs(name, tokens, 16 * 65)
+    kwargs[arg(spec, "block_scale")] = poisoned(quant.swizzled_scale_shape(tokens, 65), torch.float8_e4m3fn, CPU)
+    kwargs["is_sf_swizzled_layout"] = True
+    return kwargs
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 130])
+@pytest.mark.parametrize("name", NVFP4_OPS)
+def test_nvfp4_kernels_zero_the_swizzled_padding(interpret, name: str, tokens: int) -> None:
+    run_against_reference(REGISTRY[name], _swizzled_nvfp4_inputs(name, tokens))
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("name", NVFP4_OPS)
+def test_nvfp4_padding_generates_code_with_every_shipped_config(name: str, tokens: int) -> None:
+    spec = REGISTRY[name]
+    path = config_store.config_root() / "nvidia_h200" / f"{name}.json"
+    configs = {repr(e.config): e.config for e in config_store.load(path, name, spec.dim_names, None).entries}
+    (launch,) = spec.prepare(**_swizzled_nvfp4_inputs(name, tokens))
+    bound = code_generator(launch.kernel).bind(launch.args)
+    for config in configs.values():
+        code = bound.to_triton_code(helion.Config(**config))
+        assert "tl.store" in code and "if " in code  # the padding rows' loop, behind its one-tile test
