@@ -207,6 +207,36 @@ def _e2m1_step(magnitude: torch.Tensor) -> torch.Tensor:
     return torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
 
 
+def _f32(value: torch.Tensor) -> torch.Tensor:
+    """An fp64 result of one operation on fp32 values, rounded to fp32: that operation in IEEE fp32."""
+    return value.to(torch.float32).to(torch.float64)
+
+
+def test_nvfp4_scales_and_codes_follow_the_engine_order() -> None:
+    """``sf = fp8(gs * (amax * fp32(1/6)))`` and ``q = e2m1(x * (1 / (sf * (1 / gs))))``, each step one fp32
+    rounding, computed here in fp64 step by step; the other orders (``amax / 6``, ``1 / (sf / gs)``) give
+    other bytes on this data, so the test tells them apart."""
+    generator = torch.Generator().manual_seed(5)
+    x = (torch.randn(16384, 16, generator=generator) * 3).to(torch.bfloat16).float()
+    gs = torch.tensor(3.0)  # 1 / 3 is inexact, so the multiplier's two orders differ in its last bit
+    amax = x.abs().amax(dim=-1).double()
+    sixth = _f32(torch.tensor(1.0, dtype=torch.float64) / 6)
+    sf = _f32(gs.double() * _f32(amax * sixth)).to(torch.float8_e4m3fn)
+    assert torch.equal(quant.nvfp4_block_scale(amax.float(), gs).view(torch.uint8), sf.view(torch.uint8))
+    sf64 = sf.double()
+    inv = torch.where(sf64 == 0, 0.0, _f32(1 / _f32(sf64 * _f32(1 / gs.double()))))
+    expected = quant.e2m1_codes(_f32(x.double() * inv[:, None]).float())
+    assert torch.equal(quant.nvfp4_quantize(x[None], sf[None], gs)[0], expected)
+    # a block scale the orders round apart: 3 * (amax / 6) is just below an fp8 tie, 3 * (amax * fp32(1/6)) on it
+    amax = torch.tensor([18.999998092651367])
+    engine = _f32(gs.double() * _f32(amax.double() * sixth)).to(torch.float8_e4m3fn)
+    assert torch.equal(quant.nvfp4_block_scale(amax, gs).view(torch.uint8), engine.view(torch.uint8))
+    other_sf = quant.to_fp8(gs * quant.div_rn(amax, 6.0), 448.0, torch.float8_e4m3fn)
+    assert not torch.equal(other_sf.view(torch.uint8), engine.view(torch.uint8))
+    other_inv = torch.where(sf64 == 0, 0.0, _f32(1 / _f32(sf64 / gs.double())))
+    assert not torch.equal(quant.e2m1_codes(_f32(x.double() * other_inv[:, None]).float()), expected)
+
+
 def test_nvfp4_reference_dequantizes_within_one_step() -> None:
     rows, hidden = 37, 512
     generator = torch.Generator().manual_seed(3)
