@@ -75,16 +75,21 @@ def test_per_token_group_quant_takes_group_32(interpret, tokens: int) -> None:
     run_against_reference(spec, kwargs)
 
 
-def test_group_32_generates_code_with_every_shipped_config() -> None:
-    spec = REGISTRY["per_token_group_fp8_quant"]
-    path = config_store.config_root() / "nvidia_h200" / f"{spec.name}.json"
-    configs = {repr(e.config): e.config for e in config_store.load(path, spec.name, spec.dim_names, None).entries}
-    kwargs = _inputs(spec.name, 7, 4096)
-    kwargs.update(group_size=32, output_s=poisoned((7, 4096 // 32), torch.float32, CPU))
+def _code_with_every_shipped_config(name: str, kwargs: dict[str, Any]) -> list[str]:
+    """The Triton code of the op's one launch for ``kwargs`` under each distinct shipped H200 config."""
+    spec = REGISTRY[name]
+    path = config_store.config_root() / "nvidia_h200" / f"{name}.json"
+    configs = {repr(e.config): e.config for e in config_store.load(path, name, spec.dim_names, None).entries}
     (launch,) = spec.prepare(**kwargs)
     bound = code_generator(launch.kernel).bind(launch.args)
-    for config in configs.values():
-        assert bound.to_triton_code(helion.Config(**config)).strip()
+    return [bound.to_triton_code(helion.Config(**config)) for config in configs.values()]
+
+
+def test_group_32_generates_code_with_every_shipped_config() -> None:
+    kwargs = _inputs("per_token_group_fp8_quant", 7, 4096)
+    kwargs.update(group_size=32, output_s=poisoned((7, 4096 // 32), torch.float32, CPU))
+    for code in _code_with_every_shipped_config("per_token_group_fp8_quant", kwargs):
+        assert code.strip()
 
 
 @pytest.mark.parametrize("name", [n for n, s in REGISTRY.items()
@@ -194,11 +199,5 @@ def test_nvfp4_kernels_zero_the_swizzled_padding(interpret, name: str, tokens: i
 @pytest.mark.parametrize("tokens", [1, 7])
 @pytest.mark.parametrize("name", NVFP4_OPS)
 def test_nvfp4_padding_generates_code_with_every_shipped_config(name: str, tokens: int) -> None:
-    spec = REGISTRY[name]
-    path = config_store.config_root() / "nvidia_h200" / f"{name}.json"
-    configs = {repr(e.config): e.config for e in config_store.load(path, name, spec.dim_names, None).entries}
-    (launch,) = spec.prepare(**_swizzled_nvfp4_inputs(name, tokens))
-    bound = code_generator(launch.kernel).bind(launch.args)
-    for config in configs.values():
-        code = bound.to_triton_code(helion.Config(**config))
+    for code in _code_with_every_shipped_config(name, _swizzled_nvfp4_inputs(name, tokens)):
         assert "tl.store" in code and "if " in code  # the padding rows' loop, behind its one-tile test
