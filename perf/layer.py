@@ -28,8 +28,10 @@ which moves some fp8 codes by a step; through four GEMMs that leaves a few perce
 H200; 0 on a CPU with the roundings emulated), so the versions agree within ``TOLERANCE``, while a
 wrong step gives order one.
 
-It writes ``perf/results/<device>_layer.csv`` and ``.md``. Without a GPU it runs both versions
-eagerly on a tiny model (our ops run their references on a CPU) and checks that they agree.
+It writes ``perf/results/<device>_layer.csv`` and ``.md``; ``--profile`` also writes
+``<device>_layer_profile.txt``: each row's GPU kernels in both versions (torch.profiler), the costliest
+first. Without a GPU it runs both versions eagerly on a tiny model (our ops run their references on a
+CPU) and checks that they agree.
 """
 
 from __future__ import annotations
@@ -270,14 +272,40 @@ def host_us(fn: Callable[[], Any], calls: int = HOST_CALLS, rounds: int = 5) -> 
     return statistics.median(samples)
 
 
-def bench_rows(name: str, flavour: str, layer: Layer, tokens: int, timer: Timer, device_name: str) -> list[dict]:
-    """The rows of one token count: without CUDA graphs, and with them for T <= GRAPH_MAX_TOKENS."""
+def kernel_profile(calls: dict[str, Callable[[], Any]], title: str, rows: int = 12) -> str:
+    """Each version's GPU kernels over 5 calls (torch.profiler), the costliest ``rows`` first, per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    parts = []
+    for side, call in calls.items():
+        call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                call()
+            torch.cuda.synchronize()
+        kernels = sorted(((e.key, e.device_time_total / 5, e.count // 5) for e in prof.key_averages()
+                          if e.device_time_total > 0), key=lambda k: -k[1])
+        total = sum(k[1] for k in kernels)
+        parts.append(f"## {title}: {side}, {total:.1f} us of kernels per call\n" + tabulate(
+            [[f"{t:.1f}", n, key[:110]] for key, t, n in kernels[:rows]], headers=["us/call", "launches", "kernel"]))
+    return "\n\n".join(parts) + "\n\n"
+
+
+def bench_rows(name: str, flavour: str, layer: Layer, tokens: int, timer: Timer, device_name: str,
+               profile_to: Path | None = None) -> list[dict]:
+    """The rows of one token count: without CUDA graphs, and with them for T <= GRAPH_MAX_TOKENS.
+
+    ``profile_to``: append both versions' kernel profile (:func:`kernel_profile`) to that file."""
     ours, reference = compiled(ours_layer), compiled(torch_layer)
     x, residual, positions = make_inputs(layer.model, tokens, torch.device("cuda"))
     error = relative_error(ours, reference, layer, x, residual, positions)  # compiles both
     calls = {"ours": lambda: ours(layer, x, residual, positions),  # updates residual in place, call after call
              "compile": lambda: reference(layer, x, residual, positions)}
     host = {f"{side}_host_us": host_us(call) for side, call in calls.items()}
+    if profile_to is not None:
+        with open(profile_to, "a") as handle:
+            handle.write(kernel_profile(calls, f"{name} {flavour} T={tokens}"))
     rows = []
     for graphs in (False, True) if tokens <= GRAPH_MAX_TOKENS else (False,):
         measure = timer.graph if graphs else timer.eager
@@ -366,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quant", default=",".join(QUANTS), help=f"comma-separated, of {list(QUANTS)}")
     parser.add_argument("--reps", type=int, default=30, help="timed calls per measurement")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--profile", action="store_true", help="also write each row's kernels, both versions")
     args = parser.parse_args(argv)
     names = _choices(parser, "--models", args.models, MODELS)
     flavours = _choices(parser, "--quant", args.quant, QUANTS)
@@ -379,11 +408,15 @@ def main(argv: list[str] | None = None) -> int:
         return cpu_smoke(flavours)
 
     identity, label, timer, rows = device_identity(), torch.cuda.get_device_name(), Timer(args.reps), []
+    profile_to = args.out / f"{identity.name}_layer_profile.txt" if args.profile else None
+    if profile_to is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        profile_to.write_text("")
     for name in names:
         for flavour in flavours:
             layer = make_layer(MODELS[name], flavour, torch.device("cuda"))
             for tokens in token_counts:
-                for row in bench_rows(name, flavour, layer, tokens, timer, identity.name):
+                for row in bench_rows(name, flavour, layer, tokens, timer, identity.name, profile_to):
                     rows.append(row)
                     print(f"{_where(row)}: compile {row['compile_us']:.1f} us, ours {row['ours_us']:.1f} us, "
                           f"speedup {row['speedup']:.2f}x, ours_host_us {row['ours_host_us']:.0f}", flush=True)
