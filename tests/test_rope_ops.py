@@ -11,7 +11,7 @@ import torch
 from conftest import run_against_reference
 
 from helion_fusions.runtime.registry import REGISTRY
-from helion_fusions.tools.testing import compare
+from helion_fusions.tools.testing import code_generator, compare
 
 pytestmark = pytest.mark.usefixtures("interpret")
 
@@ -389,3 +389,40 @@ def test_positions_outside_the_cos_sin_cache_skip_the_rotation(spec) -> None:
         assert torch.equal(rotated[bad], unrotated[bad]), key
         if key != "value_cache":  # values are cached as they are
             assert not torch.equal(rotated[~bad], unrotated[~bad]), key
+
+
+def _packed(kwargs: dict[str, Any], names: tuple[str, ...], layout: str) -> None:
+    """Replace the named [T, ...] tensors of ``kwargs`` by views of one packed [T, width] tensor, in ``layout``
+    order: "ab" (as named, adjacent), "ba" (reversed) or "a_b" (a head-sized gap between them)."""
+    parts = [kwargs[name] for name in names]
+    tokens, gap = parts[0].shape[0], parts[0].shape[-1]
+    order = list(reversed(range(len(parts)))) if layout == "ba" else list(range(len(parts)))
+    widths = [p[0].numel() for p in parts]
+    packed = torch.randn(tokens, sum(widths) + (gap if layout == "a_b" else 0)).to(parts[0].dtype)
+    start = 0
+    for index in order:
+        view = packed[:, start:start + widths[index]]
+        view.copy_(parts[index].reshape(tokens, -1))
+        kwargs[names[index]] = view.view(parts[index].shape)
+        start += widths[index] + (gap if layout == "a_b" else 0)
+
+
+PAIRED_HEADS = [(spec, names) for spec in ROTATING_OPS for names in (("query", "key"), ("q_pe", "k_pe"))
+                if set(names) <= set(spec.arg_names)]
+
+
+@pytest.mark.parametrize("layout", ("ab", "ba", "a_b"))
+@pytest.mark.parametrize(("spec", "names"), PAIRED_HEADS, ids=lambda p: getattr(p, "name", ""))
+def test_query_and_key_views_of_one_tensor(spec, names, layout: str) -> None:
+    """q and k as views of one packed qkv (an engine splits its qkv GEMM output): the same bytes as separate
+    tensors; and every launch generates code on a CPU. (Helion orders two loops that share a written storage
+    with a slow persistent schedule, and refuses to compile them off a GPU: such a kernel shows here as a
+    LoopDependencyError.)"""
+    kwargs = spec.make_inputs({"T": 7, "H": 512}, torch.bfloat16, torch.device("cpu"))
+    _packed(kwargs, names, layout)
+    outputs = [n for n in ("query_out", "key_out") if kwargs.get(n) is not None]
+    if outputs:
+        _packed(kwargs, tuple(outputs), layout)
+    run_against_reference(spec, kwargs, max_flip_fraction=0)
+    for launch in spec.prepare(**kwargs):
+        assert code_generator(launch.kernel).bind(launch.args).to_triton_code(spec.default_config(launch.problem))

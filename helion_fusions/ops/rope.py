@@ -130,6 +130,19 @@ def rope_launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, no
     tokens = q.shape[0]
     if tokens == 0:
         return ()
+    if k is not None and query and _loops_share_storage(q, k, quant):
+        # The kernel's two loops would touch one storage, one of them writing: Helion then orders the loops
+        # with a persistent schedule, several times slower. Adjacent heads (q and k split from one qkv)
+        # rotate as one set of heads in one loop; otherwise the key heads and the query heads get a launch each.
+        hidden = q.shape[1] * q.shape[2] if hidden is None else hidden
+        same = dict(rotate=rotate, offset=offset, round_products=round_products, hidden=hidden)
+        heads = _adjacent_heads(q, k) if quant is None and cache is None and norm is None else None
+        if heads is not None:
+            return rope_launch(positions, q[:, :1], heads, cos_sin_cache, rot_dim, is_neox, query=False, **same)
+        query_quant = None if quant is None else (quant[0], None, quant[2], None, quant[4])
+        return (rope_launch(positions, q[:, :1], k, cos_sin_cache, rot_dim, is_neox, cache, norm, query=False,
+                            quant=quant, **same)
+                + rope_launch(positions, q, None, cos_sin_cache, rot_dim, is_neox, quant=query_quant, **same))
     head_size = q.shape[2]
     has_tail = rot_dim < head_size
     cos_sin = cos_sin_cache.view(cos_sin_cache.shape[0], 2, rot_dim // 2)
@@ -175,6 +188,28 @@ def rope_launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, no
            None if cache is None else (cache[2].dtype, cache[1].shape[2]), *flags)
     hidden = q.shape[1] * head_size if hidden is None else hidden  # the query width picks the config
     return (KernelLaunch(rope_kernel, args, key, {"T": tokens, "H": hidden}, q.device, q.dtype),)
+
+
+def _shares_storage(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is not None and b is not None and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _loops_share_storage(q: torch.Tensor, k: torch.Tensor, quant: tuple[Any, ...] | None) -> bool:
+    """Whether the key loop and the query loop touch one storage with at least one of them writing it:
+    each loop writes its heads in place, or its fp8 output (``quant``; the key has none in some ops)."""
+    q_out, k_out = (None, None) if quant is None else quant[:2]
+    q_written = q if q_out is None else q_out
+    k_written = k if k_out is None else k_out
+    return (any(_shares_storage(k_written, other) for other in (q, q_out))
+            or any(_shares_storage(other, q_written) for other in (k, k_out)))
+
+
+def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """q's and k's heads as one ``[T, HQ + HK, head_size]`` view where k's heads follow q's in memory, else None."""
+    follows = k.data_ptr() == q.data_ptr() + q.shape[1] * q.stride(1) * q.element_size()
+    if not follows or q.stride() != k.stride():
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())
 
 
 def _check_offset(rope_dim_offset: Any, rot_dim: int, head_size: int) -> int:
