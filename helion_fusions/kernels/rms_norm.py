@@ -27,6 +27,7 @@ def rms_norm_kernel(
     weight: torch.Tensor,  # [NG, G]
     out: torch.Tensor,  # [T, NG, G], or int64 [T, NG] for nvfp4 (quant.e2m1_words)
     scale_out: torch.Tensor,  # see quant.store_quantized
+    scale_words: torch.Tensor,  # nvfp4, swizzled: scale_out as int32, a row's 4 columns a word (quant.zero_swizzled_rows)
     scale_in: torch.Tensor,  # see quant.store_quantized
     epsilon: float,
     amax_floor: float,
@@ -61,5 +62,5 @@ def rms_norm_kernel(
         if QUANT == NVFP4:  # (nested: the kernel body folds one constexpr test, not an ``and`` of two)
             if SWIZZLED:
                 if tile_t.begin == 0:  # one tile zeroes the padding rows
-                    for tile_c in hl.tile((NG + SWIZZLE_COLS - 1) // SWIZZLE_COLS * SWIZZLE_COLS, block_size=32):
-                        zero_swizzled_rows(scale_out, tile_c, T, NG)
+                    for tile_c in hl.tile((NG + SWIZZLE_COLS - 1) // SWIZZLE_COLS, block_size=32):
+                        zero_swizzled_rows(scale_words, tile_c, T, NG)
