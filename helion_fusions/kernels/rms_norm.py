@@ -13,7 +13,7 @@ import torch
 from helion_fusions.quant.epilogues import (
     NVFP4,
     SWIZZLE_COLS,
-    div_rn,
+    row_rstd,
     load_scale_in,
     store_quantized,
     zero_swizzled_rows,
@@ -54,8 +54,7 @@ def rms_norm_kernel(
             residual[tile_t, :, :] = total
             if ROUND_SUM:
                 xf = total.to(torch.float32)
-        sum_sq = torch.sum(torch.sum(xf * xf, dim=-1), dim=-1)
-        rstd = torch.rsqrt(div_rn(sum_sq, NG * G) + epsilon)
+        rstd = row_rstd(xf, NG * G, epsilon)
         y = (xf * rstd[:, None, None]).to(x.dtype) * w
         store_quantized(y, out, scale_out, scale_value, amax_floor, tile_t, None, T, NG, G,
                         QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, FP8_MAX)

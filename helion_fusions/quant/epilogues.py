@@ -93,6 +93,26 @@ def reciprocal_rn(value: torch.Tensor) -> torch.Tensor:
     return hl.inline_triton("tl.math.div_rn(tl.full([], 1.0, tl.float32), {0})", args=(value,), output_like=value)
 
 
+def sqrt_rn(value: torch.Tensor) -> torch.Tensor:
+    """IEEE round-to-nearest fp32 square root (Triton's ``tl.sqrt`` is approximate)."""
+    if not _compiling_to_triton():
+        return torch.sqrt(value)
+    return hl.inline_triton("tl.sqrt_rn({0})", args=(value,), output_like=value)
+
+
+def row_rstd(x: torch.Tensor, count: int, epsilon: float) -> torch.Tensor:
+    """``1 / sqrt(sum(x^2) / count + eps)`` over the last two dims of fp32 ``x`` (``count`` elements), the
+    same bits in any summation order.
+
+    The squares are exact in fp64 and their fp64 sum all but exact, so the fp32 it rounds to does not
+    depend on the order the GPU's reduction tree or the CPU sums in; the mean's division, the square
+    root and the reciprocal are each rounded once (IEEE), as eager fp32 code computes them.
+    """
+    wide = x.to(torch.float64)
+    sum_sq = torch.sum(torch.sum(wide * wide, dim=-1), dim=-1).to(torch.float32)
+    return reciprocal_rn(sqrt_rn(div_rn(sum_sq, count) + epsilon))
+
+
 def to_fp8(value: torch.Tensor, fp8_max: float, dtype: torch.dtype) -> torch.Tensor:
     """Saturating round-to-nearest-even fp32 -> e4m3 (the clamp makes the cast saturate; NaN stays NaN)."""
     if not _compiling_to_triton():
