@@ -18,6 +18,7 @@ from helion_fusions.quant.epilogues import (
     finish_amax,
     load_scale_in,
     store_quantized,
+    swizzled_scale_shape,
     zero_swizzled_rows,
 )
 
@@ -64,5 +65,5 @@ def silu_mul_kernel(
         if QUANT == NVFP4:  # (nested: the kernel body folds one constexpr test, not an ``and`` of two)
             if SWIZZLED:
                 if tile_t.begin + tile_g.begin == 0:  # one tile zeroes the padding rows
-                    for tile_c in hl.tile((NG + SWIZZLE_COLS - 1) // SWIZZLE_COLS, block_size=32):
+                    for tile_c in hl.tile(swizzled_scale_shape(1, NG)[1] // SWIZZLE_COLS, block_size=32):
                         zero_swizzled_rows(scale_words, tile_c, T, NG)

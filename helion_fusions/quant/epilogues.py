@@ -375,8 +375,6 @@ def zero_swizzled_rows(scale_words: torch.Tensor, tile_c: Any, T: int, NG: int) 
     128-row tiles. One tile of a kernel calls this in a loop over the column tiles; :func:`store_quantized`
     zeroes the padding columns of the real rows."""
     row = (T + hl.arange(SWIZZLE_ROWS)).unsqueeze(1)
-    col_tiles = (NG + SWIZZLE_COLS - 1) // SWIZZLE_COLS
-    # the byte offset of swizzled_scale_offset at column 4 * tile, over 4
-    word = ((row // 128) * col_tiles + tile_c.index.unsqueeze(0)) * 128 + (row % 32) * 4 + (row // 32) % 4
-    padded_rows = (T + SWIZZLE_ROWS - 1) // SWIZZLE_ROWS * SWIZZLE_ROWS
-    hl.store(scale_words, [word], word * 0, extra_mask=row < padded_rows)
+    # a tile's first column starts its word
+    word = swizzled_scale_offset(row, tile_c.index.unsqueeze(0) * SWIZZLE_COLS, NG) // SWIZZLE_COLS
+    hl.store(scale_words, [word], word * 0, extra_mask=row < swizzled_scale_shape(T, NG)[0])
