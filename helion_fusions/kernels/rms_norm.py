@@ -13,9 +13,10 @@ import torch
 from helion_fusions.quant.epilogues import (
     NVFP4,
     SWIZZLE_COLS,
-    div_rn,
+    row_rstd,
     load_scale_in,
     store_quantized,
+    swizzled_scale_shape,
     zero_swizzled_rows,
 )
 
@@ -27,6 +28,7 @@ def rms_norm_kernel(
     weight: torch.Tensor,  # [NG, G]
     out: torch.Tensor,  # [T, NG, G], or int64 [T, NG] for nvfp4 (quant.e2m1_words)
     scale_out: torch.Tensor,  # see quant.store_quantized
+    scale_words: torch.Tensor,  # nvfp4, swizzled: scale_out as int32, a row's 4 columns a word (quant.zero_swizzled_rows)
     scale_in: torch.Tensor,  # see quant.store_quantized
     epsilon: float,
     amax_floor: float,
@@ -53,13 +55,12 @@ def rms_norm_kernel(
             residual[tile_t, :, :] = total
             if ROUND_SUM:
                 xf = total.to(torch.float32)
-        sum_sq = torch.sum(torch.sum(xf * xf, dim=-1), dim=-1)
-        rstd = torch.rsqrt(div_rn(sum_sq, NG * G) + epsilon)
+        rstd = row_rstd(xf, NG * G, epsilon)
         y = (xf * rstd[:, None, None]).to(x.dtype) * w
         store_quantized(y, out, scale_out, scale_value, amax_floor, tile_t, None, T, NG, G,
                         QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, FP8_MAX)
         if QUANT == NVFP4:  # (nested: the kernel body folds one constexpr test, not an ``and`` of two)
             if SWIZZLED:
                 if tile_t.begin == 0:  # one tile zeroes the padding rows
-                    for tile_c in hl.tile((NG + SWIZZLE_COLS - 1) // SWIZZLE_COLS * SWIZZLE_COLS, block_size=32):
-                        zero_swizzled_rows(scale_out, tile_c, T, NG)
+                    for tile_c in hl.tile(swizzled_scale_shape(1, NG)[1] // SWIZZLE_COLS, block_size=32):
+                        zero_swizzled_rows(scale_words, tile_c, T, NG)

@@ -11,11 +11,14 @@ import helion.language as hl
 import torch
 
 from helion_fusions.quant.epilogues import (
+    AMAX,
     NVFP4,
     SWIZZLE_COLS,
     div_rn,
+    finish_amax,
     load_scale_in,
     store_quantized,
+    swizzled_scale_shape,
     zero_swizzled_rows,
 )
 
@@ -30,6 +33,7 @@ def silu_mul_kernel(
     x: torch.Tensor,  # [T, 2, NG, G] = [gate | up] when GATED, else [T, 1, NG, G]
     out: torch.Tensor,  # [T, NG, G], or int64 [T, NG] for nvfp4 (quant.e2m1_words)
     scale_out: torch.Tensor,  # see quant.store_quantized
+    scale_words: torch.Tensor,  # nvfp4, swizzled: scale_out as int32, a row's 4 columns a word (quant.zero_swizzled_rows)
     scale_in: torch.Tensor,  # see quant.store_quantized
     amax_floor: float,
     GATED: hl.constexpr,
@@ -53,10 +57,13 @@ def silu_mul_kernel(
         scale_value = load_scale_in(scale_in, tile_t, tile_g, QUANT, STATIC_LAYOUT)
         if GATED:
             y = silu(gate.to(torch.float32)).to(x.dtype) * up
-        store_quantized(y, out, scale_out, scale_value, amax_floor, tile_t, tile_g, T, NG, G,
-                        QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, FP8_MAX)
+        arrived_last = store_quantized(y, out, scale_out, scale_value, amax_floor, tile_t, tile_g, T, NG, G,
+                                       QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, FP8_MAX)
+        if QUANT == AMAX:
+            if arrived_last:
+                finish_amax(scale_out, amax_floor, FP8_MAX)
         if QUANT == NVFP4:  # (nested: the kernel body folds one constexpr test, not an ``and`` of two)
             if SWIZZLED:
                 if tile_t.begin + tile_g.begin == 0:  # one tile zeroes the padding rows
-                    for tile_c in hl.tile((NG + SWIZZLE_COLS - 1) // SWIZZLE_COLS * SWIZZLE_COLS, block_size=32):
-                        zero_swizzled_rows(scale_out, tile_c, T, NG)
+                    for tile_c in hl.tile(swizzled_scale_shape(1, NG)[1] // SWIZZLE_COLS, block_size=32):
+                        zero_swizzled_rows(scale_words, tile_c, T, NG)

@@ -129,4 +129,7 @@ def check_nvfp4_outputs(result_name: str, result: object, scale_name: str, scale
         layout = "swizzled (rows padded to 128, columns to 4)" if swizzled else "linear"
         raise ValueError(f"{scale_name}: the {layout} layout needs {rows_padded}x{cols_padded} bytes, got shape "
                          f"{list(scale.shape)} of {scale.dtype}")
+    if swizzled and scale.data_ptr() % 4:
+        raise ValueError(f"{scale_name}: the swizzled layout is written in 4-byte words, so it must start at a 4-byte "
+                         f"boundary; got data_ptr % 4 = {scale.data_ptr() % 4}")
     return scale.view(torch.uint8).view(-1)

@@ -1,6 +1,7 @@
 """RMSNorm and its quantized flavours, from one Helion kernel.
 
-``y = round(f32(x) * rsqrt(sum(f32(x)^2) / H + eps)) * weight`` (both products rounded to
+``y = round(f32(x) * rstd) * weight`` with ``rstd = 1 / sqrt(f32(sum(f64(x)^2)) / H + eps)`` (the sum
+order-independent, each step rounded once; :func:`helion_fusions.quant.row_rstd`; both products rounded to
 the input dtype), optionally after adding the residual: ``residual <- round(f32(input) +
 f32(residual))``, and ``x`` is that rounded sum, as the engine's ``fused_add_rms_norm`` and
 ``fused_add_rms_norm_static_fp8_quant`` kernels normalize it (the nvfp4 flavour too, like
@@ -29,7 +30,7 @@ from helion_fusions import quant
 from helion_fusions.kernels.rms_norm import rms_norm_kernel
 import helion_fusions.ops.common as common
 from helion_fusions.ops.common import check_nvfp4_outputs
-from helion_fusions.quant import Quant, div_rn
+from helion_fusions.quant import Quant
 from helion_fusions.runtime.checks import (
     FP8_DTYPES,
     check_group_scale,
@@ -70,7 +71,7 @@ def rms_norm_reference(
         residual.copy_(x.to(residual.dtype))
         if round_sum:
             x = residual.float()
-    rstd = torch.rsqrt(div_rn(torch.sum(x * x, dim=-1, keepdim=True), x.shape[-1]) + epsilon)
+    rstd = quant.row_rstd(x.unsqueeze(-2), x.shape[-1], epsilon).unsqueeze(-1)
     y = (x * rstd).to(input.dtype)
     return y if weight is None else y * weight
 
@@ -130,6 +131,7 @@ def _launch(
         weight.view(groups, group),
         common.kernel_view(out, flavour, tokens, groups),
         dummy if scale_out is None else scale_out,
+        scale_out.view(torch.int32) if swizzled else dummy,  # 4-byte aligned: check_nvfp4_outputs
         dummy if scale_in is None else scale_in.reshape(-1),  # a 0-dim scale as [1]
         float(epsilon),
         quant.FP8_AMAX_FLOOR,

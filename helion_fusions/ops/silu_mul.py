@@ -84,6 +84,7 @@ def _launch(
     dummy = _placeholder(input.device)  # stands in for unused tensor arguments; never read
     flags = (gated, int(flavour), has_scale_ub, use_ue8m0, swizzled, int(static_layout), float(fp8_max))
     args = (x, common.kernel_view(out, flavour, tokens, groups), dummy if scale_out is None else scale_out,
+            scale_out.view(torch.int32) if swizzled else dummy,  # 4-byte aligned: check_nvfp4_outputs
             dummy if scale_in is None else scale_in, float(amax_floor), *flags)
     key = (input.dtype, out.dtype, hidden, group, *flags)
     return KernelLaunch(silu_mul_kernel, args, key, {"T": tokens, "H": hidden}, input.device, input.dtype)

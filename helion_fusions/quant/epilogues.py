@@ -40,10 +40,11 @@ class Quant(enum.IntEnum):
     PER_GROUP = 3  # dynamic fp8, one scale per group of a row
     NVFP4 = 4  # e2m1 codes with fp8 block scales
     PER_TENSOR = 5  # dynamic fp8 with the one scale a previous AMAX launch left in scale_in, copied to scale_out
-    AMAX = 6  # no output: the tensor's amax, then its scale, in an int32 scratch (the first of two launches)
+    AMAX = 6  # no output: the tensor's amax, then its scale (finish_amax), in an int32 scratch (the first of two launches)
 
 
-NVFP4 = int(Quant.NVFP4)  # for kernel bodies, which compare constexprs with ints, not enum members
+# for kernel bodies, which compare constexprs with ints, not enum members
+NVFP4, AMAX = int(Quant.NVFP4), int(Quant.AMAX)
 
 
 class StaticScale(enum.IntEnum):
@@ -90,6 +91,26 @@ def reciprocal_rn(value: torch.Tensor) -> torch.Tensor:
     if not _compiling_to_triton():
         return 1.0 / value
     return hl.inline_triton("tl.math.div_rn(tl.full([], 1.0, tl.float32), {0})", args=(value,), output_like=value)
+
+
+def sqrt_rn(value: torch.Tensor) -> torch.Tensor:
+    """IEEE round-to-nearest fp32 square root (Triton's ``tl.sqrt`` is approximate)."""
+    if not _compiling_to_triton():
+        return torch.sqrt(value)
+    return hl.inline_triton("tl.sqrt_rn({0})", args=(value,), output_like=value)
+
+
+def row_rstd(x: torch.Tensor, count: int, epsilon: float) -> torch.Tensor:
+    """``1 / sqrt(sum(x^2) / count + eps)`` over the last two dims of fp32 ``x`` (``count`` elements), the
+    same bits in any summation order.
+
+    The squares are exact in fp64 and their fp64 sum all but exact, so the fp32 it rounds to does not
+    depend on the order the GPU's reduction tree or the CPU sums in; the mean's division, the square
+    root and the reciprocal are each rounded once (IEEE), as eager fp32 code computes them.
+    """
+    wide = x.to(torch.float64)
+    sum_sq = torch.sum(torch.sum(wide * wide, dim=-1), dim=-1).to(torch.float32)
+    return reciprocal_rn(sqrt_rn(div_rn(sum_sq, count) + epsilon))
 
 
 def to_fp8(value: torch.Tensor, fp8_max: float, dtype: torch.dtype) -> torch.Tensor:
@@ -277,7 +298,7 @@ def store_quantized(
     UE8M0: bool,
     SWIZZLED: bool,
     FP8_MAX: float,
-) -> None:
+) -> Any:
     """The epilogue every family's kernel ends with: quantize ``y`` and store it (in a Helion kernel body).
 
     ``y`` is ``[tile_t, groups, G]`` in the activation dtype: rows ``tile_t`` of an output
@@ -302,18 +323,13 @@ def store_quantized(
     elif QUANT == Quant.STATIC:
         out[tile_t, groups, :] = fp8_quantize_static(yf, scale_value, FP8_MAX, out.dtype)
     elif QUANT == Quant.AMAX:
-        # scale_out is the int32 scratch of reduce_amax_words; the last tile turns the amax into the scale
+        # scale_out is the int32 scratch (AMAX_WORD ...); returns whether this tile arrived last
         amax = torch.amax(torch.amax(torch.amax(torch.abs(yf), dim=-1), dim=-1), dim=0)
         tiles = tile_t.count if tile_g is None else tile_t.count * tile_g.count
         # a non-negative fp32's bits order like the value (a NaN's above inf's), so an int max reduces them
-        hl.atomic_max(scale_out, [AMAX_WORD], amax.view(torch.int32))
-        # release: this tile's max is visible to whoever sees its arrival; acquire: the last tile sees every max
-        last = hl.atomic_add(scale_out, [COUNT_WORD], 1, sem="acq_rel") == tiles - 1
-        keep = torch.where(last, 0, -1)  # the last tile reads both words and leaves them zero
-        total = hl.atomic_and(scale_out, [AMAX_WORD], keep, sem="acquire")
-        hl.atomic_and(scale_out, [COUNT_WORD], keep)
-        s = fp8_dynamic_scale(total.view(torch.float32), FP8_MAX, amax_floor)
-        hl.store(scale_out, [SCALE_WORD], s.view(torch.int32), extra_mask=last)
+        hl.atomic_max(scale_out, [AMAX_WORD], amax.view(torch.int32), sem="release")
+        # acq_rel: this tile's max is visible to whoever sees its arrival, and the last sees every max
+        return hl.atomic_add(scale_out, [COUNT_WORD], 1, sem="acq_rel") == tiles - 1
     elif QUANT == Quant.PER_TENSOR:
         out[tile_t, groups, :] = fp8_quantize(yf, scale_value, FP8_MAX, out.dtype, bounded=True)
         first_row = tile_t.index == 0
@@ -345,12 +361,20 @@ def store_quantized(
                      extra_mask=(row < T) & (pad < swizzled_scale_shape(1, NG)[1]))
 
 
-def zero_swizzled_rows(scale_out: torch.Tensor, tile_c: Any, T: int, NG: int) -> None:
-    """Zero columns ``tile_c`` of the rows that pad ``T`` to a multiple of 128 in a swizzled block-scale
-    buffer (flat bytes): block-scaled GEMMs read whole 128-row tiles. One tile of a kernel calls this in a
-    loop over the padded columns; :func:`store_quantized` zeroes the padding columns of the real rows."""
+def finish_amax(scratch: torch.Tensor, amax_floor: float, FP8_MAX: float) -> None:
+    """The last tile of an amax launch (see :func:`store_quantized`): the scale from the amax of every
+    tile into ``SCALE_WORD``, and the amax and arrival count back to zero for the next call."""
+    total = hl.atomic_xchg(scratch, [AMAX_WORD], 0, sem="acquire")
+    hl.atomic_xchg(scratch, [COUNT_WORD], 0)
+    hl.store(scratch, [SCALE_WORD], fp8_dynamic_scale(total.view(torch.float32), FP8_MAX, amax_floor).view(torch.int32))
+
+
+def zero_swizzled_rows(scale_words: torch.Tensor, tile_c: Any, T: int, NG: int) -> None:
+    """Zero column tiles ``tile_c`` (4 columns, one int32 word per row) of the rows that pad ``T`` to a
+    multiple of 128 in a swizzled block-scale buffer viewed as int32: block-scaled GEMMs read whole
+    128-row tiles. One tile of a kernel calls this in a loop over the column tiles; :func:`store_quantized`
+    zeroes the padding columns of the real rows."""
     row = (T + hl.arange(SWIZZLE_ROWS)).unsqueeze(1)
-    col = tile_c.index.unsqueeze(0)
-    offset = swizzled_scale_offset(row, col, NG)
-    padded_rows = (T + SWIZZLE_ROWS - 1) // SWIZZLE_ROWS * SWIZZLE_ROWS
-    hl.store(scale_out, [offset], (offset * 0).to(torch.uint8), extra_mask=row < padded_rows)
+    # a tile's first column starts its word
+    word = swizzled_scale_offset(row, tile_c.index.unsqueeze(0) * SWIZZLE_COLS, NG) // SWIZZLE_COLS
+    hl.store(scale_words, [word], word * 0, extra_mask=row < swizzled_scale_shape(T, NG)[0])
