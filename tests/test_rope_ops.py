@@ -426,3 +426,19 @@ def test_query_and_key_views_of_one_tensor(spec, names, layout: str) -> None:
     run_against_reference(spec, kwargs, max_flip_fraction=0)
     for launch in spec.prepare(**kwargs):
         assert code_generator(launch.kernel).bind(launch.args).to_triton_code(spec.default_config(launch.problem))
+
+
+@pytest.mark.parametrize("is_neox", (True, False), ids=("neox", "gptj"))
+@pytest.mark.parametrize("tokens", (1, 7))
+def test_inverse_rotates_by_the_negated_angle(is_neox: bool, tokens: int) -> None:
+    """``inverse=True`` (the engine op's trailing argument) negates sin: the reference's bytes, the textbook
+    formula with -sin, and rotating back recovers the input to within the rounding of two steps."""
+    kwargs = _inputs(tokens, 4, 2, 128, 64, is_neox)
+    original = kwargs["query"].clone()
+    expected = run_against_reference(ROPE, {**kwargs, "inverse": True}, max_flip_fraction=0)
+    negated = kwargs["cos_sin_cache"].clone()
+    negated[:, 32:] *= -1
+    textbook = _rotate_half_formula(original.view(tokens, 4, 128), kwargs["positions"], negated, is_neox)
+    torch.testing.assert_close(expected["query"].view(tokens, 4, 128), textbook, atol=0, rtol=0)
+    ROPE.op(**kwargs)  # forward again: back to the input
+    torch.testing.assert_close(kwargs["query"], original, atol=0.05, rtol=0.02)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FP8_DTYPES, run_against_reference, with_fp8_result
+from conftest import FP8_DTYPES, is_poison, run_against_reference, with_fp8_result
 
 import helion_fusions
 from helion_fusions import quant
@@ -24,6 +24,7 @@ pytestmark = pytest.mark.usefixtures("interpret")
 
 STATIC = REGISTRY["static_scaled_fp8_quant"]
 DYNAMIC = REGISTRY["dynamic_scaled_fp8_quant"]
+CPU = torch.device("cpu")
 
 
 def _static_scale(layout: str, tokens: int, hidden: int, one_dim: bool) -> tuple[torch.Tensor, list[int] | None]:
@@ -75,6 +76,22 @@ def test_dynamic_per_tensor_scale_comes_from_every_row() -> None:
     DYNAMIC.op(**kwargs)
     assert float(kwargs["scale"]) == pytest.approx(1000.0 / 448.0)
     assert float(kwargs["result"][-1, -1].float()) == 448.0
+
+
+@pytest.mark.parametrize("tokens", (1, 7))
+@pytest.mark.parametrize("shape", ("[T, 1]", "[T, 1] strided", "0-dim"))
+def test_dynamic_per_tensor_quant_writes_the_first_element_of_any_scale(tokens: int, shape: str) -> None:
+    """As the engine op: a scale tensor of any shape ([T, 1] too) takes the per-tensor scale in its first
+    element; the others keep what they held."""
+    kwargs = DYNAMIC.make_inputs({"T": tokens, "H": 1025}, torch.bfloat16, torch.device("cpu"))
+    scale = {"[T, 1]": poisoned((tokens, 1), torch.float32, CPU), "0-dim": poisoned((), torch.float32, CPU),
+             "[T, 1] strided": poisoned((tokens, 2), torch.float32, CPU)[:, 1:]}[shape]
+    kwargs["scale"] = scale
+    expected = run_against_reference(DYNAMIC, kwargs)
+    first = scale.reshape(-1)[0]
+    assert float(first) == float(expected["scale"].reshape(-1)[0])
+    assert float(first) == pytest.approx(float(kwargs["input"].float().abs().max()) / 448.0, rel=1e-6)
+    assert scale.numel() == 1 or is_poison(scale.reshape(-1)[1:])
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)

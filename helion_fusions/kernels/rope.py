@@ -64,6 +64,7 @@ def rope_kernel(
     Q_QUANT: hl.constexpr,
     K_QUANT: hl.constexpr,
     ROUND_PRODUCTS: hl.constexpr,  # round each rotation product to the input dtype (the engine's MLA rope)
+    INVERSE: hl.constexpr,  # rotate by the negated angle (sin negated): undoes the rotation
 ) -> None:
     T = q.size(0)
     # head counts are model constants (one compile each anyway); specialized, a single head
@@ -80,7 +81,7 @@ def rope_kernel(
             quantized = (k_out, k_out_tail, key_tail, k_scale, TAIL, FP8_MAX)
             if ROTATE:
                 a, b = rotate(positions, k, cos_sin, tile_t, tile_h, norm if NORM else None,
-                              quantized if K_QUANT else None, ROUND_PRODUCTS)
+                              quantized if K_QUANT else None, ROUND_PRODUCTS, INVERSE)
             else:
                 a, b = k[tile_t, tile_h, 0, :], k[tile_t, tile_h, 1, :]
             if CACHE:
@@ -112,12 +113,13 @@ def rope_kernel(
     for tile_t, tile_h in hl.tile([T, HQ]):
         if HAS_QUERY:
             quantized = (q_out, q_out_tail, query_tail, q_scale, TAIL, FP8_MAX)
-            rotate(positions, q, cos_sin, tile_t, tile_h, None, quantized if Q_QUANT else None, ROUND_PRODUCTS)
+            rotate(positions, q, cos_sin, tile_t, tile_h, None, quantized if Q_QUANT else None, ROUND_PRODUCTS,
+                   INVERSE)
 
 
 def rotate(positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, tile_t: Any, tile_h: Any,
            norm: tuple[Any, ...] | None, quantized: tuple[Any, ...] | None = None,
-           round_products: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+           round_products: bool = False, inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate rows ``tile_t`` of heads ``tile_h`` of ``x`` in place (a kernel helper); returns the rotated pairs.
 
     A row whose position has no cos/sin row is not rotated (cos 1, sin 0): nothing is read out of bounds.
@@ -128,7 +130,8 @@ def rotate(positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, tile
     ``quantized`` = (out pairs, out tail, input tail, scale, TAIL, fp8_max): leave ``x`` alone and write
     the rotated values (rounded to the input dtype, as the unfused rope leaves them) as static fp8, the
     dims that do not rotate too. ``round_products``: round each product to the input dtype before the
-    sum (as scalar arithmetic in the input dtype does), else only the sum.
+    sum (as scalar arithmetic in the input dtype does), else only the sum. ``inverse``: rotate by the
+    negated angle (sin negated, an exact step).
     """
     position = hl.load(positions, [tile_t])
     in_range = (position >= 0) & (position < cos_sin.size(0))
@@ -136,6 +139,8 @@ def rotate(positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, tile
     cos = torch.where(in_range.unsqueeze(1), hl.load(cos_sin, [position, 0, slice(None)]).to(torch.float32), 1.0)
     sin = torch.where(in_range.unsqueeze(1), hl.load(cos_sin, [position, 1, slice(None)]).to(torch.float32), 0.0)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    if inverse:
+        sin = -sin
     a = hl.load(x, [tile_t, tile_h, 0, slice(None)]).to(torch.float32)
     b = hl.load(x, [tile_t, tile_h, 1, slice(None)]).to(torch.float32)
     if norm is not None:

@@ -24,7 +24,7 @@ _POISON_BYTE = 0x7F  # NaN in e4m3fn, a large value in every other dtype
 def poisoned(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """An output buffer whose every byte is 0x7F, so unwritten elements show."""
     tensor = torch.empty(shape, dtype=dtype, device=device)
-    tensor.view(torch.uint8).fill_(_POISON_BYTE)
+    tensor.view(-1).view(torch.uint8).fill_(_POISON_BYTE)  # view(-1): a 0-dim tensor has no byte view
     return tensor
 
 

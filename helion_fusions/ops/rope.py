@@ -47,17 +47,20 @@ MAX_POSITIONS = 8192
 
 
 def rotate_reference(positions: torch.Tensor, pairs: torch.Tensor, cos_sin_cache: torch.Tensor,
-                     round_products: bool = False) -> None:
+                     round_products: bool = False, inverse: bool = False) -> None:
     """Rotate ``pairs`` ([T, H, 2, rot_dim/2] view) in place, as the eager composite does: fp32 products
     and sums, rounded once, or with each product rounded to the input dtype first (``round_products``).
 
-    A token whose position has no row in ``cos_sin_cache`` is not rotated (cos 1, sin 0).
+    A token whose position has no row in ``cos_sin_cache`` is not rotated (cos 1, sin 0). ``inverse``
+    rotates by the negated angle (sin negated), undoing the rotation.
     """
     in_range = (positions >= 0) & (positions < cos_sin_cache.shape[0])
     positions = torch.where(in_range, positions, 0)
     half, keep = pairs.shape[-1], in_range[:, None, None]
     cos = torch.where(keep, cos_sin_cache[positions, :half].float()[:, None, :], 1.0)
     sin = torch.where(keep, cos_sin_cache[positions, half:].float()[:, None, :], 0.0)
+    if inverse:
+        sin = -sin
     a, b = pairs[:, :, 0, :].float(), pairs[:, :, 1, :].float()
     ac, bs, bc, as_ = a * cos, b * sin, b * cos, a * sin
     if round_products:
@@ -125,7 +128,8 @@ def _weight_pairs(weight: torch.Tensor, rot_dim: int, is_neox: bool) -> torch.Te
 
 
 def rope_launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, norm=None, hidden=None,
-            query=True, quant=None, rotate=True, offset=0, round_products=False) -> tuple[KernelLaunch, ...]:
+            query=True, quant=None, rotate=True, offset=0, round_products=False,
+                inverse=False) -> tuple[KernelLaunch, ...]:
     """One launch: the key heads (normalized, rotated, written to the cache, as asked), then the query heads."""
     tokens = q.shape[0]
     if tokens == 0:
@@ -135,7 +139,7 @@ def rope_launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, no
         # with a persistent schedule, several times slower. Adjacent heads (q and k split from one qkv)
         # rotate as one set of heads in one loop; otherwise the key heads and the query heads get a launch each.
         hidden = q.shape[1] * q.shape[2] if hidden is None else hidden
-        same = dict(rotate=rotate, offset=offset, round_products=round_products, hidden=hidden)
+        same = dict(rotate=rotate, offset=offset, round_products=round_products, inverse=inverse, hidden=hidden)
         heads = _adjacent_heads(q, k) if quant is None and cache is None and norm is None else None
         if heads is not None:
             return rope_launch(positions, q[:, :1], heads, cos_sin_cache, rot_dim, is_neox, query=False, **same)
@@ -181,7 +185,7 @@ def rope_launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, no
         has_cache, fp8_cache, per_head = True, cache_fp8_max > 0, k_scale.numel() > 1
         fp8_max = max(cache_fp8_max, quant_fp8_max)
     flags = (rotate, query, k is not None, has_cache, has_tail, is_neox, fp8_cache, per_head, fp8_max, norm is not None,
-             q_quant, k_quant, round_products)
+             q_quant, k_quant, round_products, inverse)
     args = (positions, q_pairs, k_pairs, cos_sin, cache_args[0], key_tail, *quant_args, *norm_args, *cache_args[1:],
             *flags)
     key = (q.dtype, cos_sin_cache.dtype, q.shape[1], k_pairs.shape[1], head_size, rot_dim,
@@ -240,20 +244,21 @@ def _unbatched(positions: Any, query: Any, key: Any) -> tuple[Any, Any, Any]:
             _tokens_view("key", key, batch_dims))
 
 
-def _prepare_rotary(positions, query, key, head_size, cos_sin_cache, is_neox, rope_dim_offset=0):
+def _prepare_rotary(positions, query, key, head_size, cos_sin_cache, is_neox, rope_dim_offset=0, inverse=False):
     positions, query, key = _unbatched(positions, query, key)
     tokens, rot_dim, q, k = check_rope(positions, query, key, head_size, cos_sin_cache)
     offset = _check_offset(rope_dim_offset, rot_dim, head_size)
-    return rope_launch(positions, q, k, cos_sin_cache, rot_dim, bool(is_neox), offset=offset)
+    return rope_launch(positions, q, k, cos_sin_cache, rot_dim, bool(is_neox), offset=offset, inverse=bool(inverse))
 
 
-def reference_rotary(positions, query, key, head_size, cos_sin_cache, is_neox, rope_dim_offset=0):
+def reference_rotary(positions, query, key, head_size, cos_sin_cache, is_neox, rope_dim_offset=0, inverse=False):
     positions, query, key = _unbatched(positions, query, key)
     tokens, rot_dim, q, k = check_rope(positions, query, key, head_size, cos_sin_cache)
     offset = _check_offset(rope_dim_offset, rot_dim, head_size)
     for heads in (q, k):
         if heads is not None:
-            rotate_reference(positions, rotary_pairs(heads, rot_dim, bool(is_neox), offset), cos_sin_cache)
+            rotate_reference(positions, rotary_pairs(heads, rot_dim, bool(is_neox), offset), cos_sin_cache,
+                             inverse=bool(inverse))
 
 def _check_qkv(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim, eps, q_weight, k_weight, cos_sin_cache,
                position_ids):
@@ -422,7 +427,7 @@ def declare(name: str, schema: str, prepare, reference, make_inputs, read_and_wr
 ROTARY_EMBEDDING = declare(
     "rotary_embedding",
     "(Tensor positions, Tensor! query, Tensor!? key, int head_size, Tensor cos_sin_cache, bool is_neox, "
-    "int rope_dim_offset=0) -> ()",
+    "int rope_dim_offset=0, bool inverse=False) -> ()",
     _prepare_rotary, reference_rotary, rope_inputs, read_and_written=("query", "key"))
 
 def _qkv_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:

@@ -252,22 +252,31 @@ def _reference_static_quant(result, input, scale, group_shape=None):
     quant.quantize_static_reference(input, scale.reshape(shape), result)
 
 
+def _tensor_scale(scale: Any, device: torch.device) -> torch.Tensor:
+    """The element the per-tensor scale goes to: the first of ``scale``, as a [1] view. Like the engine op,
+    any shape is taken (a [T, 1] tensor too); its other elements are left alone."""
+    checks.check_tensor("scale", scale, dtypes=(torch.float32,), device=device)
+    if scale.numel() == 0:
+        raise ValueError(f"scale: expected at least one float32 element, got shape {list(scale.shape)}")
+    return scale.as_strided((1,), (1,))
+
+
 def _prepare_dynamic_quant(result, input, scale, *, tokens, hidden):
     _check_fp8("result", result, input, tokens, hidden)
-    checks.check_scalar_scale("scale", scale, input.device)
+    scale = _tensor_scale(scale, input.device)
     if tokens == 1:  # the row's amax is the tensor's: one launch
-        return (_launch(input, result, Quant.PER_TOKEN, gated=False, scale_out=scale.view(1), group=hidden),)
+        return (_launch(input, result, Quant.PER_TOKEN, gated=False, scale_out=scale, group=hidden),)
     # an empty input launches nothing (the reference writes the floor scale); otherwise the first launch
     # leaves the scale in the scratch, and the second quantizes with it and copies it to ``scale``
     scratch = _amax_scratch(input.device)
     word = quant.SCALE_WORD
     return (_launch(input, result, Quant.AMAX, gated=False, scale_out=scratch),
-            _launch(input, result, Quant.PER_TENSOR, gated=False, scale_out=scale.view(1),
+            _launch(input, result, Quant.PER_TENSOR, gated=False, scale_out=scale,
                     scale_in=scratch.view(torch.float32)[word:word + 1]))
 
 
 def _reference_dynamic_quant(result, input, scale):
-    quant.quantize_per_tensor_reference(input, result, scale)
+    quant.quantize_per_tensor_reference(input, result, _tensor_scale(scale, input.device))
 
 
 def _check_fp8_range(output_q: torch.Tensor, fp8_min: Any, fp8_max: Any) -> float:
