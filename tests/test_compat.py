@@ -201,3 +201,64 @@ def test_nvfp4_kernels_zero_the_swizzled_padding(interpret, name: str, tokens: i
 def test_nvfp4_padding_generates_code_with_every_shipped_config(name: str, tokens: int) -> None:
     for code in _code_with_every_shipped_config(name, _swizzled_nvfp4_inputs(name, tokens)):
         assert "tl.store" in code and "if " in code  # the padding rows' loop, behind its one-tile test
+
+
+STATIC_GROUPS = [  # (group_shape, tokens, hidden): the engine op's 2-D group scales
+    ((1, 128), 7, 1024), ((1, 64), 1, 512), ((1, 16), 7, 256), ((128, 128), 256, 512), ((-1, 128), 7, 1024),
+    ((4, 256), 12, 1024), ((1, -1), 7, 256), ((-1, 1), 7, 256), ((7, 16), 7, 48)]
+
+
+def _group_scale(group_shape: tuple[int, int], tokens: int, hidden: int, transposed: bool = False) -> torch.Tensor:
+    rows = 1 if group_shape[0] == -1 else tokens // group_shape[0]
+    cols = 1 if group_shape[1] == -1 else hidden // group_shape[1]
+    scale = 0.005 + 0.02 * torch.rand(rows, cols)  # random per group: a wrong group shows
+    return scale.t().contiguous().t() if transposed else scale
+
+
+@pytest.mark.parametrize("transposed", (False, True), ids=("row_major", "column_major"))
+@pytest.mark.parametrize("pass_group_shape", (True, False), ids=("group_shape", "inferred"))
+@pytest.mark.parametrize(("group_shape", "tokens", "hidden"), STATIC_GROUPS, ids=str)
+def test_static_quant_takes_2d_group_scales(interpret, group_shape, tokens, hidden, pass_group_shape,
+                                            transposed) -> None:
+    """static_scaled_fp8_quant with a [T / group_m, H / group_n] scale, any strides, ``group_shape`` passed or
+    inferred from the scale: the engine op's bytes (x * (1 / scale) per element's group)."""
+    spec = REGISTRY["static_scaled_fp8_quant"]
+    kwargs = _inputs(spec.name, tokens, hidden)
+    kwargs["scale"] = _group_scale(group_shape, tokens, hidden, transposed)
+    kwargs["group_shape"] = list(group_shape) if pass_group_shape else None
+    expected = run_against_reference(spec, kwargs, max_flip_fraction=0)
+    rows, cols = kwargs["scale"].shape
+    element_scale = kwargs["scale"].repeat_interleave(tokens // rows, 0).repeat_interleave(hidden // cols, 1)
+    by_hand = (kwargs["input"].float() * (1.0 / element_scale)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(expected["result"].view(torch.uint8), by_hand.view(torch.uint8))
+
+
+@pytest.mark.parametrize(("group_shape", "tokens", "hidden"), [((1, 128), 7, 1024), ((-1, 128), 7, 1024)], ids=str)
+def test_static_quant_takes_1d_group_scales_with_group_shape(interpret, group_shape, tokens, hidden) -> None:
+    spec = REGISTRY["static_scaled_fp8_quant"]
+    kwargs = _inputs(spec.name, tokens, hidden)
+    if group_shape[0] == 1:  # one column of token scales is only 1-D when group_n is the row
+        group_shape = (1, -1)
+    kwargs.update(scale=_group_scale(group_shape, tokens, hidden).reshape(-1), group_shape=list(group_shape))
+    run_against_reference(spec, kwargs, max_flip_fraction=0)
+
+
+@pytest.mark.parametrize(("scale_shape", "group_shape", "message"), [
+    ((7, 8), [1, 64], r"^group_shape: \[1, 64\] does not match the scale's groups \(1, 128\)"),
+    ((3, 8), None, r"^scale: expected one element, or \[T / group_m, H / group_n\] dividing the input \[7, 1024\]"),
+    ((8,), None, r"^scale: a 1-D scale of 8 elements needs group_shape"),
+    ((8,), [2, 128], r"^scale: a 1-D scale must hold one row or one column"),
+    ((7, 8), [0, 128], r"^group_shape: expected two ints \(group_m, group_n\), each positive or -1"),
+])
+def test_static_quant_group_scale_errors(scale_shape, group_shape, message) -> None:
+    spec = REGISTRY["static_scaled_fp8_quant"]
+    kwargs = {**_inputs(spec.name, 7, 1024), "scale": torch.rand(scale_shape), "group_shape": group_shape}
+    with pytest.raises(ValueError, match=message):
+        spec.op(**kwargs)
+
+
+def test_static_group_scales_generate_code_with_every_shipped_config() -> None:
+    kwargs = _inputs("static_scaled_fp8_quant", 12, 1024)
+    kwargs.update(scale=_group_scale((4, 128), 12, 1024, transposed=True), group_shape=[4, 128])
+    for code in _code_with_every_shipped_config("static_scaled_fp8_quant", kwargs):
+        assert code.strip()

@@ -36,6 +36,7 @@ def silu_mul_kernel(
     scale_words: torch.Tensor,  # nvfp4, swizzled: scale_out as int32, a row's 4 columns a word (quant.zero_swizzled_rows)
     scale_in: torch.Tensor,  # see quant.store_quantized
     amax_floor: float,
+    scale_group_m: int,  # tokens per row of a GROUP static scale (1 otherwise)
     GATED: hl.constexpr,
     QUANT: hl.constexpr,
     HAS_SCALE_UB: hl.constexpr,
@@ -54,7 +55,7 @@ def silu_mul_kernel(
             up = x[tile_t, 1, tile_g, :]
         else:
             y = x[tile_t, 0, tile_g, :]
-        scale_value = load_scale_in(scale_in, tile_t, tile_g, QUANT, STATIC_LAYOUT)
+        scale_value = load_scale_in(scale_in, tile_t, tile_g, QUANT, STATIC_LAYOUT, scale_group_m)
         if GATED:
             y = silu(gate.to(torch.float32)).to(x.dtype) * up
         arrived_last = store_quantized(y, out, scale_out, scale_value, amax_floor, tile_t, tile_g, T, NG, G,

@@ -71,6 +71,7 @@ def _launch(
     static_layout: StaticScale = StaticScale.TENSOR,
     fp8_max: float | None = None,
     amax_floor: float = quant.FP8_AMAX_FLOOR,
+    scale_group_m: int = 1,
 ) -> KernelLaunch:
     tokens, width = input.shape
     hidden = width // 2 if gated else width
@@ -79,13 +80,14 @@ def _launch(
     x = input.view(tokens, 2 if gated else 1, groups, group)
     if fp8_max is None:
         fp8_max = quant.fp8_max_for(out.dtype) if out.dtype in FP8_DTYPES else 0.0
-    if scale_in is not None:  # a 0-dim scale as [1]; per-channel scales as the kernel's [NG, G]
+    if scale_in is not None and static_layout is not StaticScale.GROUP:
+        # a 0-dim scale as [1]; per-channel scales as the kernel's [NG, G]
         scale_in = scale_in.reshape(groups, group) if static_layout is StaticScale.CHANNEL else scale_in.reshape(-1)
     dummy = _placeholder(input.device)  # stands in for unused tensor arguments; never read
     flags = (gated, int(flavour), has_scale_ub, use_ue8m0, swizzled, int(static_layout), float(fp8_max))
     args = (x, common.kernel_view(out, flavour, tokens, groups), dummy if scale_out is None else scale_out,
             scale_out.view(torch.int32) if swizzled else dummy,  # 4-byte aligned: check_nvfp4_outputs
-            dummy if scale_in is None else scale_in, float(amax_floor), *flags)
+            dummy if scale_in is None else scale_in, float(amax_floor), scale_group_m, *flags)
     key = (input.dtype, out.dtype, hidden, group, *flags)
     return KernelLaunch(silu_mul_kernel, args, key, {"T": tokens, "H": hidden}, input.device, input.dtype)
 
@@ -209,47 +211,64 @@ def _reference_silu_per_block(out, input, scales, group_size, scale_ub=None, is_
 
 # Standalone quant ops ([T, H] input).
 
-def _static_layout(scale: Any, group_shape: Any, tokens: int, hidden: int, device: torch.device) -> StaticScale:
-    """Per tensor, per token or per channel, from the scale's shape and ``group_shape`` (as the engine op reads them)."""
+def _static_scale(scale: Any, group_shape: Any, tokens: int, hidden: int,
+                  device: torch.device) -> tuple[StaticScale, torch.Tensor, int, int]:
+    """(layout, scale as the kernel reads it, group_m, group_n), read as the engine op reads them: one element is
+    per tensor; a 2-D ``[T / group_m, H / group_n]`` scale (any strides) gives the groups, which a
+    ``group_shape`` (-1: the whole dim) must then match; a 1-D scale needs ``group_shape`` and one scale row or
+    column. Per-token ``(1, H)`` and per-channel ``(T, 1)`` groups take their own fast layouts."""
     checks.check_tensor("scale", scale, dtypes=(torch.float32,), device=device)
-    if group_shape is not None:
-        if len(group_shape) != 2:
-            raise ValueError(f"group_shape: expected two ints (group_m, group_n), got {list(group_shape)}")
-        rows = tokens if group_shape[0] == -1 else group_shape[0]
-        cols = hidden if group_shape[1] == -1 else group_shape[1]
-        shapes = {(tokens, hidden): StaticScale.TENSOR, (1, hidden): StaticScale.TOKEN,
-                  (tokens, 1): StaticScale.CHANNEL}
-        if (rows, cols) not in shapes:
-            raise ValueError(f"group_shape: supported are per tensor (-1, -1), per token (1, -1) and per channel "
-                             f"(-1, 1), got {list(group_shape)}")
-        layout = shapes[(rows, cols)]
-    elif scale.numel() == 1:
-        layout = StaticScale.TENSOR
-    elif scale.dim() == 2 and tuple(scale.shape) == (tokens, 1):
-        layout = StaticScale.TOKEN
-    elif scale.dim() == 2 and tuple(scale.shape) == (1, hidden):
-        layout = StaticScale.CHANNEL
-    else:
-        raise ValueError(f"scale: expected one element, [{tokens}, 1] (per token) or [1, {hidden}] (per channel); "
-                         f"a 1-D scale needs group_shape; got shape {list(scale.shape)}")
-    expected = {StaticScale.TENSOR: 1, StaticScale.TOKEN: tokens, StaticScale.CHANNEL: hidden}[layout]
-    if scale.numel() != expected:
-        raise ValueError(f"scale: {layout.name.lower()} scaling needs {expected} elements, got shape "
-                         f"{list(scale.shape)}")
-    return layout
+    if group_shape is not None and (len(group_shape) != 2 or any(
+            isinstance(g, bool) or not isinstance(g, int) or not (g == -1 or g > 0) for g in group_shape)):
+        raise ValueError(f"group_shape: expected two ints (group_m, group_n), each positive or -1, "
+                         f"got {list(group_shape)}")
+    wanted = None if group_shape is None else (
+        tokens if group_shape[0] == -1 else group_shape[0], hidden if group_shape[1] == -1 else group_shape[1])
+    if scale.numel() == 1:
+        return StaticScale.TENSOR, scale.reshape(1), max(tokens, 1), hidden
+    if scale.dim() == 1:
+        if wanted is None:
+            raise ValueError(f"scale: a 1-D scale of {scale.numel()} elements needs group_shape")
+        if scale.numel() == hidden // wanted[1] and tokens // wanted[0] == 1:
+            scale = scale.view(1, -1)  # one row of column groups
+        elif scale.numel() == tokens // wanted[0] and hidden // wanted[1] == 1:
+            scale = scale.view(-1, 1)  # one column of token groups
+        else:
+            raise ValueError(f"scale: a 1-D scale must hold one row or one column of group_shape "
+                             f"{list(group_shape)} groups of a [{tokens}, {hidden}] input, got {scale.numel()} "
+                             "elements")
+    if scale.dim() != 2 or tokens % scale.shape[0] or hidden % scale.shape[1]:
+        raise ValueError(f"scale: expected one element, or [T / group_m, H / group_n] dividing the input "
+                         f"[{tokens}, {hidden}], got shape {list(scale.shape)}")
+    group_m, group_n = max(tokens // scale.shape[0], 1), hidden // scale.shape[1]
+    if wanted is not None and wanted != (group_m, group_n) and tokens:
+        raise ValueError(f"group_shape: {list(group_shape)} does not match the scale's groups "
+                         f"({group_m}, {group_n}) of a [{tokens}, {hidden}] input")
+    if group_n == hidden and group_m == 1:
+        return StaticScale.TOKEN, scale.reshape(-1), group_m, group_n
+    if group_n == 1 and scale.shape[0] == 1:
+        return StaticScale.CHANNEL, scale.reshape(-1), group_m, group_n
+    return StaticScale.GROUP, scale, group_m, group_n
 
 
 def _prepare_static_quant(result, input, scale, group_shape=None, *, tokens, hidden):
     _check_fp8("result", result, input, tokens, hidden)
-    layout = _static_layout(scale, group_shape, tokens, hidden, input.device)
-    return (_launch(input, result, Quant.STATIC, gated=False, scale_in=scale.reshape(-1), static_layout=layout),)
+    layout, scale, group_m, group_n = _static_scale(scale, group_shape, tokens, hidden, input.device)
+    group = group_n if layout is StaticScale.GROUP else None
+    return (_launch(input, result, Quant.STATIC, gated=False, scale_in=scale, static_layout=layout, group=group,
+                    scale_group_m=group_m),)
 
 
 def _reference_static_quant(result, input, scale, group_shape=None):
     tokens, hidden = input.shape
-    layout = _static_layout(scale, group_shape, tokens, hidden, input.device)
-    shape = {StaticScale.TENSOR: (1, 1), StaticScale.TOKEN: (tokens, 1), StaticScale.CHANNEL: (1, hidden)}[layout]
-    quant.quantize_static_reference(input, scale.reshape(shape), result)
+    _, scale, group_m, group_n = _static_scale(scale, group_shape, tokens, hidden, input.device)
+    if tokens == 0:
+        return
+    if scale.dim() == 2:  # one scale per element
+        scale = scale.repeat_interleave(group_m, 0).repeat_interleave(group_n, 1)
+    elif scale.numel() > 1:  # per token or per channel
+        scale = scale.view(-1, 1) if group_m == 1 else scale.view(1, -1)
+    quant.quantize_static_reference(input, scale, result)
 
 
 def _tensor_scale(scale: Any, device: torch.device) -> torch.Tensor:

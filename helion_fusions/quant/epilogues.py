@@ -51,6 +51,7 @@ class StaticScale(enum.IntEnum):
     TENSOR = 0
     TOKEN = 1
     CHANNEL = 2
+    GROUP = 3  # a 2-D [T / group_m, groups] scale (any strides): rows of group_m tokens by the kernel's groups
 
 
 def fp8_max_for(dtype: torch.dtype) -> float:
@@ -269,8 +270,10 @@ def swizzled_scale_shape(rows: int, num_cols: int) -> tuple[int, int]:
 
 
 def load_scale_in(scale_in: torch.Tensor, tile_t: Any, tile_g: Any, QUANT: int,
-                  STATIC_LAYOUT: int = StaticScale.TENSOR) -> torch.Tensor:
+                  STATIC_LAYOUT: int = StaticScale.TENSOR, group_m: Any = 1) -> torch.Tensor:
     """What :func:`store_quantized` reads besides ``y`` (see ``scale_in`` there), loaded up front.
+
+    A ``GROUP`` static scale is ``[T / group_m, NG]``: row ``t // group_m``, the tile's groups.
 
     A kernel body calls this next to its main loads, before any arithmetic, so the round trip to
     memory overlaps theirs instead of following the row reduction or the activation.
@@ -279,6 +282,8 @@ def load_scale_in(scale_in: torch.Tensor, tile_t: Any, tile_g: Any, QUANT: int,
         return hl.load(scale_in, [tile_t]).reshape(-1, 1, 1)
     if QUANT == Quant.STATIC and STATIC_LAYOUT == StaticScale.CHANNEL:
         return hl.load(scale_in, [slice(None) if tile_g is None else tile_g, slice(None)]).unsqueeze(0)
+    if QUANT == Quant.STATIC and STATIC_LAYOUT == StaticScale.GROUP:
+        return hl.load(scale_in, [tile_t.index // group_m, tile_g]).unsqueeze(-1)
     return hl.load(scale_in, [0])
 
 
@@ -311,7 +316,7 @@ def store_quantized(
     ``[1]`` per-tensor, and for the amax the int32 scratch words ``AMAX_WORD``, ``COUNT_WORD``
     (zero between calls: the last tile to arrive resets them) and ``SCALE_WORD`` (the scale it
     leaves for the per-tensor launch). ``scale_value`` is :func:`load_scale_in` of ``scale_in``:
-    the static scale (``[1]``, ``[T]`` or ``[NG, G]``), ``scale_ub``, the nvfp4 global scale, or
+    the static scale (``[1]``, ``[T]``, ``[NG, G]`` or ``[T / group_m, NG]``), ``scale_ub``, the nvfp4 global scale, or
     the per-tensor scale.
     """
     groups = slice(None) if tile_g is None else tile_g
