@@ -444,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = getattr(torch, args.dtype)
     identity = device_identity()
+    existing = args.out / f"{identity.name}.csv"
+    earlier = read_rows(existing) if existing.exists() else []
+    if args.host_only and not earlier:
+        parser.error(f"--host-only: it updates the host-time columns of {existing}, which holds no rows; "
+                     "run a full bench first")
     label = torch.cuda.get_device_name()
     copy_gbps = copy_bandwidth_gbps(_timer(args.reps))
     torch.cuda.empty_cache()  # the copy's 2 GiB, before the workers allocate
@@ -452,8 +457,6 @@ def main(argv: list[str] | None = None) -> int:
     for spec in track(specs, description="host time per call"):
         host[spec.name] = host_times(spec, dtype)
         print(f"{spec.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in host[spec.name].items()))
-    existing = args.out / f"{identity.name}.csv"
-    earlier = read_rows(existing) if existing.exists() else []
     if args.host_only:
         missing = add_host_times(earlier, host, args.dtype)
         if missing:
