@@ -262,3 +262,24 @@ def test_static_group_scales_generate_code_with_every_shipped_config() -> None:
     kwargs.update(scale=_group_scale((4, 128), 12, 1024, transposed=True), group_shape=[4, 128])
     for code in _code_with_every_shipped_config("static_scaled_fp8_quant", kwargs):
         assert code.strip()
+
+
+@pytest.mark.parametrize("scale_shape", ["[T, 1] strided", "[1, H] strided", "2-D column-major", "0-dim"])
+def test_static_scales_reach_the_kernel_as_views(scale_shape: str) -> None:
+    """A launch plan reads each kernel argument from the call's own tensors: a scale copied while preparing
+    the launch would be read again, stale, on every later call. Every tensor the kernel gets lies in an op
+    argument's storage (or is the ops' never-read placeholder)."""
+    from helion_fusions.ops.silu_mul import _placeholder
+    from helion_fusions.runtime.launcher import storage_base
+
+    spec = REGISTRY["static_scaled_fp8_quant"]
+    kwargs = _inputs(spec.name, 7, 1024)
+    kwargs["scale"] = {"[T, 1] strided": torch.rand(7, 2)[:, :1], "[1, H] strided": torch.rand(1024, 2)[:, :1].t(),
+                       "2-D column-major": _group_scale((1, 128), 7, 1024, transposed=True),
+                       "0-dim": torch.tensor(0.01)}[scale_shape]
+    bases = {storage_base(v) for v in kwargs.values() if isinstance(v, torch.Tensor)} | {
+        storage_base(_placeholder(CPU))}
+    for launch in spec.prepare(**kwargs):
+        for value in launch.args:
+            if isinstance(value, torch.Tensor):
+                assert storage_base(value) in bases

@@ -80,9 +80,11 @@ def _launch(
     x = input.view(tokens, 2 if gated else 1, groups, group)
     if fp8_max is None:
         fp8_max = quant.fp8_max_for(out.dtype) if out.dtype in FP8_DTYPES else 0.0
-    if scale_in is not None and static_layout is not StaticScale.GROUP:
-        # a 0-dim scale as [1]; per-channel scales as the kernel's [NG, G]
-        scale_in = scale_in.reshape(groups, group) if static_layout is StaticScale.CHANNEL else scale_in.reshape(-1)
+    if scale_in is not None and static_layout is StaticScale.CHANNEL:  # as the kernel's [NG, G], a view
+        step = scale_in.stride(0)
+        scale_in = scale_in.as_strided((groups, group), (group * step, step))
+    elif scale_in is not None and static_layout is not StaticScale.GROUP:  # a 0-dim scale as [1]
+        scale_in = scale_in.reshape(-1)
     dummy = _placeholder(input.device)  # stands in for unused tensor arguments; never read
     flags = (gated, int(flavour), has_scale_ub, use_ue8m0, swizzled, int(static_layout), float(fp8_max))
     args = (x, common.kernel_view(out, flavour, tokens, groups), dummy if scale_out is None else scale_out,
@@ -244,10 +246,11 @@ def _static_scale(scale: Any, group_shape: Any, tokens: int, hidden: int,
     if wanted is not None and wanted != (group_m, group_n) and tokens:
         raise ValueError(f"group_shape: {list(group_shape)} does not match the scale's groups "
                          f"({group_m}, {group_n}) of a [{tokens}, {hidden}] input")
+    # views, never copies: a launch plan reads the scale's storage again on every call
     if group_n == hidden and group_m == 1:
-        return StaticScale.TOKEN, scale.reshape(-1), group_m, group_n
+        return StaticScale.TOKEN, scale.as_strided((tokens,), (scale.stride(0),)), group_m, group_n
     if group_n == 1 and scale.shape[0] == 1:
-        return StaticScale.CHANNEL, scale.reshape(-1), group_m, group_n
+        return StaticScale.CHANNEL, scale.as_strided((hidden,), (scale.stride(1),)), group_m, group_n
     return StaticScale.GROUP, scale, group_m, group_n
 
 
@@ -267,7 +270,7 @@ def _reference_static_quant(result, input, scale, group_shape=None):
     if scale.dim() == 2:  # one scale per element
         scale = scale.repeat_interleave(group_m, 0).repeat_interleave(group_n, 1)
     elif scale.numel() > 1:  # per token or per channel
-        scale = scale.view(-1, 1) if group_m == 1 else scale.view(1, -1)
+        scale = scale.unsqueeze(1) if group_m == 1 else scale.unsqueeze(0)
     quant.quantize_static_reference(input, scale, result)
 
 
