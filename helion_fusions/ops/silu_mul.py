@@ -378,7 +378,13 @@ def _tuning(flavour: Quant):
         hidden, tokens = shape["H"], shape["T"]
         group = group_of(hidden)
         if hidden // group == 1:
-            return [_tile(hidden, group, 1, hidden, 4 if hidden > 4096 else 16)]
+            whole = [_tile(hidden, group, 1, hidden, 4 if hidden > 4096 else 16)]
+            if hidden <= 4096:
+                return whole
+            # rows too long to hold in registers: Helion's looped reduction (the row's amax in chunks, then
+            # a second pass that recomputes and stores each chunk, reading it again from L2)
+            return whole + [helion.Config(block_sizes=[1, 1], num_warps=w, reduction_loops=[chunk])
+                            for chunk in (1024, 2048, 4096) for w in (4, 8)]
         # tiles of 512-8192 elements with 4-32 of them a thread, each also with the groups
         # dimension fastest across programs (loop_orders [[1, 0]]): consecutive programs then
         # walk along a row, the order of Inductor's flat pointwise kernels, where the default
