@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import run_against_reference
+import helion
+from conftest import is_poison, run_against_reference
 
 from helion_fusions.runtime.registry import REGISTRY
-from helion_fusions.tools.testing import code_generator, compare
+from helion_fusions.tools.testing import code_generator, compare, poisoned
 
 pytestmark = pytest.mark.usefixtures("interpret")
 
@@ -442,3 +443,64 @@ def test_inverse_rotates_by_the_negated_angle(is_neox: bool, tokens: int) -> Non
     torch.testing.assert_close(expected["query"].view(tokens, 4, 128), textbook, atol=0, rtol=0)
     ROPE.op(**kwargs)  # forward again: back to the input
     torch.testing.assert_close(kwargs["query"], original, atol=0.05, rtol=0.02)
+
+
+def _ds_mla_inputs(spec, tokens: int) -> dict[str, Any]:
+    kwargs = spec.make_inputs({"T": tokens, "H": 256}, torch.bfloat16, torch.device("cpu"))
+    blocks = kwargs["kv_cache"].shape[0]
+    kwargs["kv_c"] = (kwargs["kv_c"] * torch.rand(tokens, 4).repeat_interleave(128, 1) * 8).bfloat16()  # tile sizes vary
+    kwargs.update(kv_cache=poisoned((blocks, 16, 656), torch.uint8, torch.device("cpu")),
+                  kv_cache_dtype="fp8_ds_mla")
+    return kwargs
+
+
+MLA_OPS = [REGISTRY["concat_and_cache_mla"], REGISTRY["concat_and_cache_mla_rope"]]
+
+
+@pytest.mark.parametrize("tokens", (1, 7, 40))
+@pytest.mark.parametrize("spec", MLA_OPS, ids=lambda s: s.name)
+def test_ds_mla_cache_entries(spec, tokens: int) -> None:
+    """kv_cache_dtype="fp8_ds_mla": per token a 656-byte entry of 4 fp8 tiles of kv_c, the tiles' fp32 scales
+    (amax / 448, a true division) and k_pe's 64 bf16 values as they are; other slots keep their poison."""
+    kwargs = _ds_mla_inputs(spec, tokens)
+    kwargs["slot_mapping"][0] = -1  # skipped
+    expected = run_against_reference(spec, kwargs, max_flip_fraction=0)
+    cache, slots = kwargs["kv_cache"].flatten(0, 1), kwargs["slot_mapping"]
+    for t in range(1, tokens):  # by hand, from the entry's bytes
+        entry = cache[slots[t]]
+        tiles = kwargs["kv_c"][t].float().view(4, 128)
+        scale = tiles.abs().amax(dim=-1) / 448.0
+        assert torch.equal(entry[512:528].view(torch.float32), scale)
+        codes = (tiles / scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+        assert torch.equal(entry[:512], codes.flatten().view(torch.uint8))
+        assert torch.equal(entry[528:].view(torch.bfloat16), expected["k_pe"].reshape(tokens, 64)[t])
+    untouched = torch.ones(cache.shape[0], dtype=torch.bool)
+    untouched[slots[1:]] = False
+    assert is_poison(cache[untouched])
+
+
+@pytest.mark.parametrize(("change", "error", "message"), [
+    ({"kv_cache": torch.zeros(3, 16, 576, dtype=torch.uint8)}, ValueError,
+     r"^kv_cache: fp8_ds_mla expects uint8 \[num_blocks, block_size, 656\]"),
+    ({"kv_cache": torch.zeros(3, 16, 656, dtype=torch.bfloat16)}, TypeError, r"^kv_cache: expected dtype"),
+    ({"kv_c": torch.randn(7, 256, dtype=torch.bfloat16)}, ValueError, r"^kv_c, k_pe: fp8_ds_mla needs kv_lora_rank"),
+    ({"kv_c": torch.randn(7, 512, dtype=torch.float16), "k_pe": torch.randn(7, 64, dtype=torch.float16)}, ValueError,
+     r"^kv_c: fp8_ds_mla takes bfloat16"),
+])
+def test_ds_mla_bad_arguments(change: dict[str, Any], error: type[Exception], message: str) -> None:
+    spec = REGISTRY["concat_and_cache_mla"]
+    with pytest.raises(error, match=message):
+        spec.op(**{**_ds_mla_inputs(spec, 7), **change})
+
+
+@pytest.mark.parametrize("spec", MLA_OPS, ids=lambda s: s.name)
+def test_ds_mla_generates_code_with_every_shipped_config(spec) -> None:
+    from helion_fusions.runtime import config_store
+
+    kwargs = _ds_mla_inputs(spec, 7)
+    path = config_store.config_root() / "nvidia_h200" / f"{spec.name}.json"
+    configs = {repr(e.config): e.config for e in config_store.load(path, spec.name, spec.dim_names, None).entries}
+    (launch,) = spec.prepare(**kwargs)
+    bound = code_generator(launch.kernel).bind(launch.args)
+    for config in configs.values():
+        assert bound.to_triton_code(helion.Config(**config))

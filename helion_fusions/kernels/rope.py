@@ -42,9 +42,10 @@ def rope_kernel(
     k_weight_tail: torch.Tensor,
     query_heads: int,  # NORM: heads below this index of k are query heads (q_weight), the rest key heads
     eps: float,
-    value: torch.Tensor,  # [T, HK, head_size_v] (CACHE)
+    value: torch.Tensor,  # [T, HK, head_size_v] (CACHE); [T, HK, tiles, tile] under DS_MLA
     key_cache: torch.Tensor,  # the key cache's storage, flat (CACHE), addressed through ks0..ks3
     value_cache: torch.Tensor,  # the value cache's storage, flat, addressed through vs0..vs3
+    scale_cache: torch.Tensor,  # DS_MLA: the value cache's storage as flat fp32 words (its tile scales)
     k_scale: torch.Tensor,  # [1] or [HK] fp32 dequant scales of an fp8 cache
     v_scale: torch.Tensor,
     block_size: int,
@@ -65,6 +66,7 @@ def rope_kernel(
     K_QUANT: hl.constexpr,
     ROUND_PRODUCTS: hl.constexpr,  # round each rotation product to the input dtype (the engine's MLA rope)
     INVERSE: hl.constexpr,  # rotate by the negated angle (sin negated): undoes the rotation
+    DS_MLA: hl.constexpr,  # the value cache is fp8_ds_mla: fp8 tiles, each with an fp32 scale after the codes
 ) -> None:
     T = q.size(0)
     # head counts are model constants (one compile each anyway); specialized, a single head
@@ -107,9 +109,12 @@ def rope_kernel(
                     rest = key_tail[tile_t, tile_h, :]  # normalized in place already, under NORM
                     dims = 2 * half + hl.arange(tail)
                     cache_store(key_cache, k_base + dims[None, None, :] * ks3, rest, mask, ksc, FP8_CACHE, FP8_MAX)
-                v_base = v_row[:, None, None] + tile_h.index[None, :, None] * vs2
-                v_offsets = v_base + hl.arange(head_v)[None, None, :] * vs3
-                cache_store(value_cache, v_offsets, value[tile_t, tile_h, :], mask, vsc, FP8_CACHE, FP8_MAX)
+                if DS_MLA:
+                    ds_mla_store(value_cache, scale_cache, value, v_row, tile_t, tile_h, valid, vs2, FP8_MAX)
+                else:
+                    v_base = v_row[:, None, None] + tile_h.index[None, :, None] * vs2
+                    v_offsets = v_base + hl.arange(head_v)[None, None, :] * vs3
+                    cache_store(value_cache, v_offsets, value[tile_t, tile_h, :], mask, vsc, FP8_CACHE, FP8_MAX)
     for tile_t, tile_h in hl.tile([T, HQ]):
         if HAS_QUERY:
             quantized = (q_out, q_out_tail, query_tail, q_scale, TAIL, FP8_MAX)
@@ -215,3 +220,27 @@ def cache_store(cache: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor
     if FP8_CACHE:
         values = fp8_quantize(values.to(torch.float32), scale, FP8_MAX, cache.dtype)
     hl.store(cache, [offsets], values.to(cache.dtype), extra_mask=mask)
+
+
+FLT_MIN = 1.1754943508222875e-38  # the smallest normal fp32: the floor of an fp8_ds_mla tile scale
+
+
+def ds_mla_store(cache: torch.Tensor, scales: torch.Tensor, value: torch.Tensor, row: torch.Tensor, tile_t: Any,
+                 tile_h: Any, valid: torch.Tensor, head_stride: int, fp8_max: float) -> None:
+    """The fp8_ds_mla value write (a kernel helper): each tile of ``value`` [T, H, tiles, tile] is quantized
+    with its own fp32 scale ``max(amax / fp8_max, FLT_MIN)`` (an IEEE division; a NaN amax gives the floor),
+    its codes stored at byte ``row + head * head_stride + tile index * tile + i`` of ``cache`` (flat fp8),
+    and the scales after all the codes, in ``scales`` (the same storage as flat fp32 words)."""
+    rows = hl.load(value, [tile_t, tile_h, slice(None), slice(None)]).to(torch.float32)
+    tiles, width = value.size(2), value.size(3)
+    scale = div_rn(torch.amax(torch.abs(rows), dim=-1), fp8_max)
+    scale = torch.where(scale > FLT_MIN, scale, FLT_MIN)
+    # (a helper is traced: views unsqueeze, since Helion lowers no slicing of device values)
+    base = row.unsqueeze(1) + tile_h.index.unsqueeze(0) * head_stride  # bytes, [tokens, heads]
+    within = hl.arange(tiles).unsqueeze(1) * width + hl.arange(width).unsqueeze(0)
+    codes = base.unsqueeze(-1).unsqueeze(-1) + within.unsqueeze(0).unsqueeze(0)
+    mask = valid.unsqueeze(1).unsqueeze(2)
+    hl.store(cache, [codes], fp8_quantize(rows, scale.unsqueeze(-1), fp8_max, cache.dtype),
+             extra_mask=mask.unsqueeze(3))
+    words = base.unsqueeze(-1) // 4 + (tiles * width) // 4 + hl.arange(tiles).unsqueeze(0).unsqueeze(0)
+    hl.store(scales, [words], scale, extra_mask=mask)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from helion_fusions import quant
+from helion_fusions.kernels.rope import FLT_MIN
 from helion_fusions.ops.common import poison_, poisoned
 from helion_fusions.ops.rope import (
     MAX_POSITIONS,
@@ -84,7 +85,7 @@ def _prepare_rope_cache(positions, query, key, value, key_cache, value_cache, sl
     tokens, rot_dim, q, k = check_rope(positions, query, key, head_size, cos_sin_cache)
     v, key_cache, value_cache, fp8_max = _check_kv(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
                                                    k_scale, v_scale, k, tokens)
-    cache = (slot_mapping, v, key_cache, value_cache, k_scale.reshape(-1), v_scale.reshape(-1), fp8_max)
+    cache = (slot_mapping, v, key_cache, value_cache, k_scale.reshape(-1), v_scale.reshape(-1), fp8_max, None)
     return rope_launch(positions, q, k, cos_sin_cache, rot_dim, bool(is_neox), cache)
 
 
@@ -128,7 +129,7 @@ def _prepare_rope_quant_cache(positions, query, query_out, key, value, key_cache
     q_out, _, q_fp8_max = check_quant_outputs(query_out, None, q_scale, None, q, None)
     v, key_cache, value_cache, fp8_max = _check_kv(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
                                                    k_scale, v_scale, k, tokens)
-    cache = (slot_mapping, v, key_cache, value_cache, k_scale.reshape(-1), v_scale.reshape(-1), fp8_max)
+    cache = (slot_mapping, v, key_cache, value_cache, k_scale.reshape(-1), v_scale.reshape(-1), fp8_max, None)
     return rope_launch(positions, q, k, cos_sin_cache, rot_dim, bool(is_neox), cache,
                    quant=(q_out, None, q_scale.reshape(-1), None, q_fp8_max))
 
@@ -157,40 +158,88 @@ def _check_mla(positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_sin_cach
     if kv_c.shape[0] != tokens:
         raise ValueError(f"kv_c: expected [{tokens}, kv_lora_rank], got shape {list(kv_c.shape)}")
     rank = kv_c.shape[1]
+    if kv_cache_dtype == DS_MLA:  # the engine op ignores scale: only checked
+        checks.check_tensor("scale", scale, dtypes=(torch.float32,), device=q.device)
+        return (tokens, rot_dim, q, k, *_ds_mla_views(kv_c, k, kv_cache, slot_mapping))
     if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 3 or kv_cache.shape[2] != rank + pe_dim:
         shape = list(kv_cache.shape) if isinstance(kv_cache, torch.Tensor) else type(kv_cache).__name__
         raise ValueError(f"kv_cache: expected [num_blocks, block_size, {rank} + {pe_dim}], got {shape}")
     v, pe_cache, c_cache, fp8_max = _check_kv(k_pe, kv_c.view(tokens, 1, rank), kv_cache[..., rank:].unsqueeze(2),
                                               kv_cache[..., :rank].unsqueeze(2), slot_mapping, kv_cache_dtype, scale,
                                               scale, k, tokens, value_head_size=rank)
-    return tokens, rot_dim, q, k, v, pe_cache, c_cache, fp8_max
+    return tokens, rot_dim, q, k, v, pe_cache, c_cache, fp8_max, None
+
+
+DS_MLA = "fp8_ds_mla"
+DS_MLA_RANK, DS_MLA_PE_DIM, DS_MLA_TILE = 512, 64, 128
+DS_MLA_ENTRY = DS_MLA_RANK + 4 * (DS_MLA_RANK // DS_MLA_TILE) + 2 * DS_MLA_PE_DIM  # 656 bytes a token
+
+
+def _ds_mla_views(kv_c: torch.Tensor, k: torch.Tensor, kv_cache: Any, slot_mapping: Any) -> tuple[Any, ...]:
+    """The engine's fp8_ds_mla cache: a uint8 [num_blocks, block_size, 656] entry per token holds kv_c's 512
+    values as fp8 in 4 tiles of 128, each tile's fp32 scale (bytes 512-527), then k_pe's 64 values as they are.
+    Returns (value tiles, rope view, code view, fp8_max, fp32 word view) for the kernel."""
+    tokens, rank, pe_dim = kv_c.shape[0], kv_c.shape[1], k.shape[2]
+    if (rank, pe_dim) != (DS_MLA_RANK, DS_MLA_PE_DIM):
+        raise ValueError(f"kv_c, k_pe: {DS_MLA} needs kv_lora_rank {DS_MLA_RANK} and a rope dim of "
+                         f"{DS_MLA_PE_DIM}, got {rank} and {pe_dim}")
+    if kv_c.dtype != torch.bfloat16:
+        raise ValueError(f"kv_c: {DS_MLA} takes bfloat16 kv_c and k_pe, got {kv_c.dtype}")
+    checks.check_tensor("kv_cache", kv_cache, dtypes=(torch.uint8,), device=kv_c.device)
+    if (kv_cache.dim() != 3 or kv_cache.shape[2] != DS_MLA_ENTRY or kv_cache.stride(2) != 1
+            or kv_cache.storage_offset() % 4 or any(stride % 4 for stride in kv_cache.stride()[:2])):
+        raise ValueError(f"kv_cache: {DS_MLA} expects uint8 [num_blocks, block_size, {DS_MLA_ENTRY}] with 4-byte "
+                         f"aligned entries, got shape {list(kv_cache.shape)} and strides {list(kv_cache.stride())}")
+    checks.check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), shape=(tokens,), device=kv_c.device)
+    fp8 = fp8_dtype(kv_c.device)
+    rope_start = (DS_MLA_RANK + 4 * (DS_MLA_RANK // DS_MLA_TILE)) // 2  # in 16-bit units
+    return (kv_c.view(tokens, 1, DS_MLA_RANK // DS_MLA_TILE, DS_MLA_TILE),
+            kv_cache.view(torch.bfloat16)[..., rope_start:].unsqueeze(2), kv_cache.view(fp8)[..., :rank].unsqueeze(2),
+            quant.fp8_max_for(fp8), kv_cache.view(torch.float32))
+
+
+def _write_mla_reference(k: torch.Tensor, v: torch.Tensor, pe_cache: torch.Tensor, c_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor, scale: torch.Tensor, fp8_max: float,
+                         ds_words: torch.Tensor | None) -> None:
+    """Each token's k_pe and kv_c to its slot: as two cache rows, or (``ds_words`` given) as one fp8_ds_mla entry,
+    each tile's scale ``max(amax / fp8_max, FLT_MIN)`` (a NaN amax gives the floor) and ``fp8(x / scale)``."""
+    if ds_words is None:
+        write_cache_reference(k, pe_cache, slot_mapping, scale, fp8_max)
+        write_cache_reference(v, c_cache, slot_mapping, scale, fp8_max)
+        return
+    tiles = v.float().flatten(1, 2)  # [T, tiles, 128]
+    tile_scale = tiles.abs().amax(dim=-1) / fp8_max
+    tile_scale = torch.where(tile_scale > FLT_MIN, tile_scale, FLT_MIN)
+    codes = quant.fp8_quantize(tiles, tile_scale.unsqueeze(-1), fp8_max, c_cache.dtype)
+    entries = torch.cat([codes.flatten(1).view(torch.uint8), tile_scale.view(torch.uint8),
+                         k.flatten(1).view(torch.uint8)], dim=1)
+    write_cache_reference(entries.unsqueeze(1), ds_words.view(torch.uint8).unsqueeze(2), slot_mapping, scale, 0.0)
 
 
 def _prepare_mla_rope(positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_sin_cache, is_neox, kv_cache_dtype,
                       scale):
-    tokens, rot_dim, q, k, v, pe_cache, c_cache, fp8_max = _check_mla(
+    tokens, rot_dim, q, k, v, pe_cache, c_cache, fp8_max, ds_words = _check_mla(
         positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_sin_cache, kv_cache_dtype, scale)
-    cache = (slot_mapping, v, pe_cache, c_cache, scale.reshape(-1), scale.reshape(-1), fp8_max)
+    cache = (slot_mapping, v, pe_cache, c_cache, scale.reshape(-1), scale.reshape(-1), fp8_max, ds_words)
     return rope_launch(positions, q, k, cos_sin_cache, rot_dim, bool(is_neox), cache, round_products=True)
 
 
 def _reference_mla_rope(positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_sin_cache, is_neox, kv_cache_dtype,
                         scale):
-    tokens, rot_dim, q, k, v, pe_cache, c_cache, fp8_max = _check_mla(
+    tokens, rot_dim, q, k, v, pe_cache, c_cache, fp8_max, ds_words = _check_mla(
         positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_sin_cache, kv_cache_dtype, scale)
     for heads in (q, k):
         rotate_reference(positions, rotary_pairs(heads, rot_dim, bool(is_neox)), cos_sin_cache, round_products=True)
-    write_cache_reference(k, pe_cache, slot_mapping, scale, fp8_max)
-    write_cache_reference(v, c_cache, slot_mapping, scale, fp8_max)
+    _write_mla_reference(k, v, pe_cache, c_cache, slot_mapping, scale, fp8_max, ds_words)
 
 
 def _prepare_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale):
     """vLLM's ``concat_and_cache_mla``: the rope-fused path with the rotation switched off."""
     # slot_mapping stands in for positions, and a cached identity table for cos/sin: nothing reads them
-    tokens, rot_dim, q, k, v, pe_cache, c_cache, fp8_max = _check_mla(
+    tokens, rot_dim, q, k, v, pe_cache, c_cache, fp8_max, ds_words = _check_mla(
         slot_mapping, k_pe, k_pe, kv_c, kv_cache, slot_mapping, _no_rotation(k_pe), kv_cache_dtype, scale,
         positions_name="slot_mapping")
-    cache = (slot_mapping, v, pe_cache, c_cache, scale.reshape(-1), scale.reshape(-1), fp8_max)
+    cache = (slot_mapping, v, pe_cache, c_cache, scale.reshape(-1), scale.reshape(-1), fp8_max, ds_words)
     return rope_launch(slot_mapping, k[:, :1], k, _no_rotation(k_pe), rot_dim, True, cache, query=False, rotate=False)
 
 
@@ -207,11 +256,10 @@ def _identity_table(width: int, device: torch.device) -> torch.Tensor:
 
 
 def _reference_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale):
-    tokens, rot_dim, q, k, v, pe_cache, c_cache, fp8_max = _check_mla(
+    tokens, rot_dim, q, k, v, pe_cache, c_cache, fp8_max, ds_words = _check_mla(
         slot_mapping, k_pe, k_pe, kv_c, kv_cache, slot_mapping, _no_rotation(k_pe), kv_cache_dtype, scale,
         positions_name="slot_mapping")
-    write_cache_reference(k, pe_cache, slot_mapping, scale, fp8_max)
-    write_cache_reference(v, c_cache, slot_mapping, scale, fp8_max)
+    _write_mla_reference(k, v, pe_cache, c_cache, slot_mapping, scale, fp8_max, ds_words)
 
 
 # --- tuning grid, seeds and bench inputs -----------------------------------------------------

@@ -174,18 +174,23 @@ def rope_launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, no
     quant_fp8_max = 0.0 if quant is None else quant[4]
     if cache is None:
         k_scale = quant[3] if quant is not None and quant[3] is not None else positions
-        cache_args = (positions, spare, positions, positions, k_scale, positions, 1, 0, *(0,) * 8)  # never read
-        has_cache, fp8_cache, per_head, fp8_max = False, False, False, quant_fp8_max
+        cache_args = (positions, spare, positions, positions, positions, k_scale, positions, 1, 0,
+                      *(0,) * 8)  # never read
+        has_cache, fp8_cache, per_head, fp8_max, ds_mla = False, False, False, quant_fp8_max, False
     else:
-        slots, value, key_cache, value_cache, k_scale, v_scale, cache_fp8_max = cache
+        # ds_scales: the fp8_ds_mla value cache's storage as fp32 words (its tile scales), else None
+        slots, value, key_cache, value_cache, k_scale, v_scale, cache_fp8_max, ds_scales = cache
         num_blocks, block_size = key_cache.shape[:2]
-        cache_args = (slots, value, _flat(key_cache), _flat(value_cache), k_scale, v_scale, block_size,
-                      num_blocks * block_size, *key_cache.stride(), *value_cache.stride())
-        # one fp8 flavour per device: a quantized query and an fp8 cache share the bound
-        has_cache, fp8_cache, per_head = True, cache_fp8_max > 0, k_scale.numel() > 1
+        ds_mla = ds_scales is not None
+        cache_args = (slots, value, _flat(key_cache), _flat(value_cache), _flat(ds_scales) if ds_mla else k_scale,
+                      k_scale, v_scale, block_size, num_blocks * block_size, *key_cache.stride(),
+                      *value_cache.stride())
+        # one fp8 flavour per device: a quantized query and an fp8 cache share the bound; the fp8_ds_mla
+        # cache keeps its rope dims as they are
+        has_cache, fp8_cache, per_head = True, cache_fp8_max > 0 and not ds_mla, k_scale.numel() > 1
         fp8_max = max(cache_fp8_max, quant_fp8_max)
     flags = (rotate, query, k is not None, has_cache, has_tail, is_neox, fp8_cache, per_head, fp8_max, norm is not None,
-             q_quant, k_quant, round_products, inverse)
+             q_quant, k_quant, round_products, inverse, ds_mla)
     args = (positions, q_pairs, k_pairs, cos_sin, cache_args[0], key_tail, *quant_args, *norm_args, *cache_args[1:],
             *flags)
     key = (q.dtype, cos_sin_cache.dtype, q.shape[1], k_pairs.shape[1], head_size, rot_dim,
