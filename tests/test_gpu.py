@@ -410,3 +410,63 @@ def test_float32_rms_norm_within_ulps(spec: OpSpec) -> None:
     spec.reference(**expected)
     for name, steps in FP32_ULP_OPS[spec.name].items():
         assert int(ulp_distance(kwargs[name], expected[name]).abs().max()) <= steps, name
+
+
+# --- engine arguments added after the first GPU runs (each also has a CPU test) --------------------------------
+
+PAIRED = [(REGISTRY[name], names) for name, names in (
+    ("rotary_embedding", ("query", "key")), ("rotary_embedding_and_cache", ("query", "key")),
+    ("rotary_embedding_static_fp8_quant", ("query", "key")), ("concat_and_cache_mla_rope", ("q_pe", "k_pe")))]
+
+
+@pytest.mark.parametrize("layout", ["ab", "ba", "a_b"])
+@pytest.mark.parametrize("tokens", [1, 7, 2048])
+@pytest.mark.parametrize(("spec", "names"), PAIRED, ids=lambda p: getattr(p, "name", ""))
+def test_query_and_key_views_of_one_tensor(spec: OpSpec, names: tuple[str, str], tokens: int, layout: str) -> None:
+    from test_rope_ops import _packed
+
+    kwargs = _inputs(spec, tokens, 4096)
+    _packed(kwargs, names, layout)
+    run_against_reference(spec, kwargs, max_flip_fraction=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 2048])
+def test_rope_inverse(tokens: int) -> None:
+    spec = REGISTRY["rotary_embedding"]
+    run_against_reference(spec, {**_inputs(spec, tokens, 4096), "inverse": True}, max_flip_fraction=0)
+
+
+@pytest.mark.parametrize(("group_shape", "tokens", "hidden"), [
+    ((1, 128), 7, 4096), ((1, 16), 300, 1024), ((128, 128), 256, 4096), ((-1, 128), 4096, 4096), ((4, 256), 300, 4096)],
+    ids=str)
+@pytest.mark.parametrize("transposed", [False, True], ids=["row_major", "column_major"])
+def test_static_quant_group_scales(group_shape: tuple[int, int], tokens: int, hidden: int, transposed: bool) -> None:
+    from test_compat import _group_scale
+
+    spec = REGISTRY["static_scaled_fp8_quant"]
+    kwargs = {**_inputs(spec, tokens, hidden), "group_shape": list(group_shape),
+              "scale": _group_scale(group_shape, tokens, hidden, transposed).to(CUDA)}
+    run_against_reference(spec, kwargs, max_flip_fraction=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 4096])
+def test_dynamic_per_tensor_quant_with_a_token_shaped_scale(tokens: int) -> None:
+    spec = REGISTRY["dynamic_scaled_fp8_quant"]
+    kwargs = {**_inputs(spec, tokens, 4096), "scale": poisoned((tokens, 1), torch.float32, CUDA)}
+    run_against_reference(spec, kwargs)
+    assert tokens == 1 or is_poison(kwargs["scale"][1:])
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+@pytest.mark.parametrize("spec", [REGISTRY["concat_and_cache_mla"], REGISTRY["concat_and_cache_mla_rope"]],
+                         ids=lambda s: s.name)
+def test_ds_mla_cache(spec: OpSpec, tokens: int) -> None:
+    kwargs = _inputs(spec, tokens, 256)
+    blocks = kwargs["kv_cache"].shape[0]
+    kwargs.update(kv_cache=poisoned((blocks, 16, 656), torch.uint8, CUDA), kv_cache_dtype="fp8_ds_mla")
+    kwargs["slot_mapping"][0] = -1
+    run_against_reference(spec, kwargs, max_flip_fraction=0)
+    rows, kept = kwargs["kv_cache"].flatten(0, 1), kwargs["slot_mapping"][1:]
+    untouched = torch.ones(rows.shape[0], dtype=torch.bool, device=CUDA)
+    untouched[kept] = False
+    assert is_poison(rows[untouched])

@@ -399,7 +399,8 @@ def _packed(kwargs: dict[str, Any], names: tuple[str, ...], layout: str) -> None
     tokens, gap = parts[0].shape[0], parts[0].shape[-1]
     order = list(reversed(range(len(parts)))) if layout == "ba" else list(range(len(parts)))
     widths = [p[0].numel() for p in parts]
-    packed = torch.randn(tokens, sum(widths) + (gap if layout == "a_b" else 0)).to(parts[0].dtype)
+    width = sum(widths) + (gap if layout == "a_b" else 0)
+    packed = torch.randn(tokens, width, device=parts[0].device).to(parts[0].dtype)
     start = 0
     for index in order:
         view = packed[:, start:start + widths[index]]
@@ -448,7 +449,8 @@ def test_inverse_rotates_by_the_negated_angle(is_neox: bool, tokens: int) -> Non
 def _ds_mla_inputs(spec, tokens: int) -> dict[str, Any]:
     kwargs = spec.make_inputs({"T": tokens, "H": 256}, torch.bfloat16, torch.device("cpu"))
     blocks = kwargs["kv_cache"].shape[0]
-    kwargs["kv_c"] = (kwargs["kv_c"] * torch.rand(tokens, 4).repeat_interleave(128, 1) * 8).bfloat16()  # tile sizes vary
+    sizes = torch.rand(tokens, 4).repeat_interleave(128, 1) * 8  # tiles of different sizes
+    kwargs["kv_c"] = (kwargs["kv_c"] * sizes).bfloat16()
     kwargs.update(kv_cache=poisoned((blocks, 16, 656), torch.uint8, torch.device("cpu")),
                   kv_cache_dtype="fp8_ds_mla")
     return kwargs
