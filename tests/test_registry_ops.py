@@ -44,8 +44,8 @@ EXPECTED_SCHEMAS = {
          "dummy_is_scale_transposed", "dummy_is_tma_aligned"], ["output_q", "output_s"]),
     "scaled_fp4_quant": (
         ["input", "input_scale", "is_sf_swizzled_layout", "output", "output_scale"], ["output", "output_scale"]),
-    "rotary_embedding": (["positions", "query", "key", "head_size", "cos_sin_cache", "is_neox", "rope_dim_offset"],
-                         ["query", "key"]),
+    "rotary_embedding": (["positions", "query", "key", "head_size", "cos_sin_cache", "is_neox", "rope_dim_offset",
+                          "inverse"], ["query", "key"]),
     "rotary_embedding_and_cache": (
         ["positions", "query", "key", "value", "key_cache", "value_cache", "slot_mapping", "head_size",
          "cos_sin_cache", "is_neox", "kv_cache_dtype", "k_scale", "v_scale"],

@@ -264,13 +264,13 @@ def _prepare_static_quant(result, input, scale, group_shape=None, *, tokens, hid
 
 def _reference_static_quant(result, input, scale, group_shape=None):
     tokens, hidden = input.shape
-    _, scale, group_m, group_n = _static_scale(scale, group_shape, tokens, hidden, input.device)
+    layout, scale, group_m, group_n = _static_scale(scale, group_shape, tokens, hidden, input.device)
     if tokens == 0:
         return
-    if scale.dim() == 2:  # one scale per element
+    if layout is StaticScale.GROUP:  # one scale per element
         scale = scale.repeat_interleave(group_m, 0).repeat_interleave(group_n, 1)
-    elif scale.numel() > 1:  # per token or per channel
-        scale = scale.unsqueeze(1) if group_m == 1 else scale.unsqueeze(0)
+    elif layout is not StaticScale.TENSOR:
+        scale = scale.unsqueeze(1) if layout is StaticScale.TOKEN else scale.unsqueeze(0)
     quant.quantize_static_reference(input, scale, result)
 
 
