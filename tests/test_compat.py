@@ -283,3 +283,22 @@ def test_static_scales_reach_the_kernel_as_views(scale_shape: str) -> None:
         for value in launch.args:
             if isinstance(value, torch.Tensor):
                 assert storage_base(value) in bases
+
+
+def _engine_calls() -> dict[str, tuple[str, dict[str, Any]]]:
+    """The engine arguments added since the first opcheck runs, as (op, arguments)."""
+    static = _inputs("static_scaled_fp8_quant", 12, 1024)
+    static.update(scale=_group_scale((4, 128), 12, 1024, transposed=True), group_shape=[4, 128])
+    dynamic = {**_inputs("dynamic_scaled_fp8_quant"), "scale": torch.zeros(7, 1)}
+    mla = REGISTRY["concat_and_cache_mla"].make_inputs({"T": 7, "H": 256}, torch.bfloat16, CPU)
+    mla.update(kv_cache=torch.zeros(mla["kv_cache"].shape[0], 16, 656, dtype=torch.uint8), kv_cache_dtype="fp8_ds_mla")
+    return {"rope_inverse": ("rotary_embedding", {**_inputs("rotary_embedding", 7, 512), "inverse": True}),
+            "static_group_scale": ("static_scaled_fp8_quant", static),
+            "dynamic_token_shaped_scale": ("dynamic_scaled_fp8_quant", dynamic),
+            "fp8_ds_mla": ("concat_and_cache_mla", mla)}
+
+
+@pytest.mark.parametrize("case", list(_engine_calls()))
+def test_engine_arguments_pass_opcheck(fp8_allclose_shim, reference_path, case: str) -> None:
+    name, kwargs = _engine_calls()[case]
+    torch.library.opcheck(REGISTRY[name].op, (), kwargs)
