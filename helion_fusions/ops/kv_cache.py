@@ -172,7 +172,8 @@ def _check_mla(positions, q_pe, k_pe, kv_c, kv_cache, slot_mapping, cos_sin_cach
 
 DS_MLA = "fp8_ds_mla"
 DS_MLA_RANK, DS_MLA_PE_DIM, DS_MLA_TILE = 512, 64, 128
-DS_MLA_ENTRY = DS_MLA_RANK + 4 * (DS_MLA_RANK // DS_MLA_TILE) + 2 * DS_MLA_PE_DIM  # 656 bytes a token
+DS_MLA_ROPE_START = DS_MLA_RANK + 4 * (DS_MLA_RANK // DS_MLA_TILE)  # bytes: the fp8 codes, then the fp32 scales
+DS_MLA_ENTRY = DS_MLA_ROPE_START + 2 * DS_MLA_PE_DIM  # 656 bytes a token
 
 
 def _ds_mla_views(kv_c: torch.Tensor, k: torch.Tensor, kv_cache: Any, slot_mapping: Any) -> tuple[Any, ...]:
@@ -192,9 +193,8 @@ def _ds_mla_views(kv_c: torch.Tensor, k: torch.Tensor, kv_cache: Any, slot_mappi
                          f"aligned entries, got shape {list(kv_cache.shape)} and strides {list(kv_cache.stride())}")
     checks.check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), shape=(tokens,), device=kv_c.device)
     fp8 = fp8_dtype(kv_c.device)
-    rope_start = (DS_MLA_RANK + 4 * (DS_MLA_RANK // DS_MLA_TILE)) // 2  # in 16-bit units
     return (kv_c.view(tokens, 1, DS_MLA_RANK // DS_MLA_TILE, DS_MLA_TILE),
-            kv_cache.view(torch.bfloat16)[..., rope_start:].unsqueeze(2), kv_cache.view(fp8)[..., :rank].unsqueeze(2),
+            kv_cache.view(torch.bfloat16)[..., DS_MLA_ROPE_START // 2:].unsqueeze(2), kv_cache.view(fp8)[..., :rank].unsqueeze(2),
             quant.fp8_max_for(fp8), kv_cache.view(torch.float32))
 
 

@@ -29,6 +29,7 @@ from helion_fusions.ops.common import poison_
 from helion_fusions.quant import div_rn
 from helion_fusions.runtime import checks
 from helion_fusions.runtime.device import fp8_dtype
+from helion_fusions.runtime.launcher import storage_base
 from helion_fusions.runtime.library import register
 from helion_fusions.runtime.registry import (
     Dim,
@@ -129,7 +130,7 @@ def _weight_pairs(weight: torch.Tensor, rot_dim: int, is_neox: bool) -> torch.Te
 
 def rope_launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, norm=None, hidden=None,
             query=True, quant=None, rotate=True, offset=0, round_products=False,
-                inverse=False) -> tuple[KernelLaunch, ...]:
+            inverse=False) -> tuple[KernelLaunch, ...]:
     """One launch: the key heads (normalized, rotated, written to the cache, as asked), then the query heads."""
     tokens = q.shape[0]
     if tokens == 0:
@@ -200,7 +201,7 @@ def rope_launch(positions, q, k, cos_sin_cache, rot_dim, is_neox, cache=None, no
 
 
 def _shares_storage(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    return a is not None and b is not None and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    return a is not None and b is not None and storage_base(a) == storage_base(b)
 
 
 def _loops_share_storage(q: torch.Tensor, k: torch.Tensor, quant: tuple[Any, ...] | None) -> bool:
