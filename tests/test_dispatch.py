@@ -578,3 +578,19 @@ def test_no_kernel_builds_then_the_reference_runs(monkeypatch: pytest.MonkeyPatc
     messages = _calls(spec, 2048, 3)
     assert launched == [] and references == ["reference"] * 3
     assert len(messages) == 1 and "running the eager reference" in messages[0]
+
+
+def test_arguments_sharing_storage_bind_their_own_kernel() -> None:
+    """Helion compiles loops that touch one storage differently (ordered), and its bind cache cannot tell: the
+    storage pattern is in the compile key, and each pattern binds its own kernel object."""
+    spec = REGISTRY["rotary_embedding"]
+    qkv = torch.randn(7, 6 * 128, dtype=torch.bfloat16)
+    kwargs = spec.make_inputs({"T": 7, "H": 512}, torch.bfloat16, torch.device("cpu"))
+    apart = spec.prepare(**{**kwargs, "query": qkv[:, :512].contiguous(), "key": qkv[:, 512:640].contiguous()})[0]
+    split = spec.prepare(**{**kwargs, "query": qkv[:, 512:], "key": qkv[:, :128]})  # k before q: a launch each
+    patterns = {dispatch.storage_pattern(launch.args) for launch in (apart, *split)}
+    assert len(patterns) == 2  # q and k apart; one of them standing in for the other in each split launch
+    assert len({dispatch.compile_key(spec, launch) for launch in (apart, *split)}) == 3
+    kernels = [dispatch.kernel_for(spec.kernel, pattern) for pattern in sorted(patterns)]
+    assert kernels[0] is not kernels[1] and all(k.fn is spec.kernel.fn for k in kernels)
+    assert dispatch.kernel_for(spec.kernel, sorted(patterns)[0]) is kernels[0]

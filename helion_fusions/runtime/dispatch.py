@@ -31,6 +31,7 @@ from helion_fusions.runtime.launcher import (
     FastLaunch,
     captured_launch,
     fast_launch,
+    storage_base,
 )
 from helion_fusions.runtime.registry import (
     REGISTRY,
@@ -148,10 +149,37 @@ def interpreted(kernel: helion.Kernel) -> helion.Kernel:
 
 def compile_key(spec: OpSpec, launch: KernelLaunch) -> tuple[Any, ...]:
     """What selects a compiled kernel: the op, its kernel key, the bucket of each problem dim, the mode,
-    whether an index may pass int32, and the device."""
+    whether an index may pass int32, which arguments share storage, and the device."""
     buckets = tuple(d.bucket(launch.problem[d.name]) for d in spec.problem if d.bucketed)
     large = any(isinstance(a, torch.Tensor) and a.numel() > _INT32_LIMIT for a in launch.args)
-    return (spec.name, launch.key, buckets, _batch_invariant, large, launch.device.index)
+    return (spec.name, launch.key, buckets, _batch_invariant, large, storage_pattern(launch.args),
+            launch.device.index)
+
+
+def storage_pattern(args: Sequence[Any]) -> tuple[int, ...]:
+    """For each tensor argument, the position of the first argument that shares its storage (its own if none).
+
+    Helion compiles a kernel differently when its loops touch one storage (it orders them), and its own
+    bind cache does not tell such calls apart: the pattern goes into the compile key, and each pattern
+    binds its own kernel object (:func:`kernel_for`).
+    """
+    first: dict[int, int] = {}
+    return tuple(first.setdefault(storage_base(a), i) for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+
+
+_kernels: dict[tuple[Any, tuple[int, ...]], Any] = {}
+
+
+def kernel_for(kernel: Any, pattern: tuple[int, ...]) -> Any:
+    """The kernel object to bind for arguments whose storage is shared as ``pattern`` says: the declared
+    kernel for the first pattern seen, a copy of it (same source and settings) for each other one. Kept
+    across :func:`reset`, as Helion keeps each object's binds."""
+    found = _kernels.get((kernel, pattern))
+    if found is None:
+        first = not any(known is kernel for known, _ in _kernels)
+        found = _kernels[(kernel, pattern)] = kernel if first else helion.Kernel(
+            kernel.fn, settings=kernel.settings, configs=kernel.configs)
+    return found
 
 
 def compiled_kernel(spec: OpSpec, launch: KernelLaunch) -> Any:
@@ -196,7 +224,7 @@ def _build(spec: OpSpec, launch: KernelLaunch) -> Any:
     anything runs. Then the architecture default is tried, then the eager reference (which the
     caller runs), with one warning: the op keeps working, slower, rather than crashing.
     """
-    bound = launch.kernel.bind(launch.args)
+    bound = kernel_for(launch.kernel, storage_pattern(launch.args)).bind(launch.args)
     chosen, default = choose_config(spec, launch, _batch_invariant), spec.default_config(launch.problem)
     attempts = [("chosen", chosen)] + ([("architecture default", default)] if dict(default) != dict(chosen) else [])
     failures = []
