@@ -506,3 +506,14 @@ def test_ds_mla_generates_code_with_every_shipped_config(spec) -> None:
     bound = code_generator(launch.kernel).bind(launch.args)
     for config in configs.values():
         assert bound.to_triton_code(helion.Config(**config))
+
+
+@pytest.mark.parametrize("tokens", (1, 7))
+def test_query_and_key_split_from_qkv_rotate_in_one_launch(tokens: int) -> None:
+    """q and k split from one qkv GEMM output (as an engine passes them) rotate as one set of heads in one
+    launch, a single token included (its views' token strides differ: [1, 4 * 128] has its own width)."""
+    qkv = torch.randn(tokens, 6 * 128).bfloat16()
+    q, k, _ = qkv.split([4 * 128, 128, 128], dim=-1)
+    kwargs = {**_inputs(tokens, 4, 1, 128, 128, True), "query": q, "key": k}
+    assert len(ROPE.prepare(**kwargs)) == 1
+    run_against_reference(ROPE, kwargs, max_flip_fraction=0)

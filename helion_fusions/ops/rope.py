@@ -217,7 +217,8 @@ def _loops_share_storage(q: torch.Tensor, k: torch.Tensor, quant: tuple[Any, ...
 def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     """q's and k's heads as one ``[T, HQ + HK, head_size]`` view where k's heads follow q's in memory, else None."""
     follows = k.data_ptr() == q.data_ptr() + q.shape[1] * q.stride(1) * q.element_size()
-    if not follows or q.stride() != k.stride():
+    # one token's view has no meaningful token stride (a view of a one-row slice takes its own width)
+    if not follows or q.stride()[q.shape[0] == 1:] != k.stride()[k.shape[0] == 1:]:
         return None
     return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())
 
