@@ -185,29 +185,30 @@ def bench_row(spec: OpSpec, kwargs: dict[str, Any], shape: Shape, dtype: torch.d
     row: dict[str, Any] = {"device": device_name, "op": spec.name, "dtype": str(dtype).removeprefix("torch."),
                            "shape": shape_text(shape), "T": shape.get("T"), "H": shape.get("H"), "bytes": spec.bytes_moved(kwargs), "flips": flips,
                            "launches": dispatch.launch_count(spec, clone_kwargs(kwargs))}
-    # read-and-written tensors (residuals) are updated in place by every call; the work is the same
-    row["eager_us"] = timer.eager(_call(spec.reference, clone_kwargs(kwargs)))
+    # read-and-written tensors (residuals) are updated in place by every call; the work is the same.
+    # The versions' calls alternate (Timer.eager_each), so that clock drift affects them alike.
     row["compile_reused"] = int(baseline is not None)
+    ours = _call(spec.op, clone_kwargs(kwargs))
     if baseline is not None:
         row.update({column: baseline[column] for column in _COMPILE_COLUMNS})
+        row["eager_us"], row["ours_us"] = timer.eager_each([_call(spec.reference, clone_kwargs(kwargs)), ours])
     else:
-        static_kwargs = clone_kwargs(kwargs)
-        row["compile_us"] = timer.eager(_call(compiled_static, static_kwargs))
-        row["compile_dynamic_us"] = timer.eager(_call(compiled_dynamic, _mark_tokens_dynamic(kwargs, tokens)))
-    ours_kwargs = clone_kwargs(kwargs)
-    row["ours_us"] = timer.eager(_call(spec.op, ours_kwargs))
+        static = _call(compiled_static, clone_kwargs(kwargs))
+        row["eager_us"], row["compile_us"], row["compile_dynamic_us"], row["ours_us"] = timer.eager_each(
+            [_call(spec.reference, clone_kwargs(kwargs)), static,
+             _call(compiled_dynamic, _mark_tokens_dynamic(kwargs, tokens)), ours])
     if tokens > GRAPH_MAX_TOKENS:
         row["ours_graph_us"] = row["compile_graph_us"] = float("nan")
+    elif baseline is not None:
+        row["ours_graph_us"] = timer.graph(ours)
     else:
-        row["ours_graph_us"] = timer.graph(_call(spec.op, ours_kwargs))
-    if tokens <= GRAPH_MAX_TOKENS and baseline is None:
         try:
-            row["compile_graph_us"] = timer.graph(_call(compiled_static, static_kwargs))
+            row["ours_graph_us"], row["compile_graph_us"] = timer.graph_each([ours, static])
         except RuntimeError as error:  # a baseline that syncs cannot be captured: reported, not fatal
             torch.cuda.synchronize()
             print(f"warning: {spec.name} {shape_text(shape)}: torch.compile baseline not capturable: "
                   f"{str(error).splitlines()[0][:160]}")
-            row["compile_graph_us"] = float("nan")
+            row["ours_graph_us"], row["compile_graph_us"] = timer.graph(ours), float("nan")
     row["gbps"] = row["bytes"] / row["ours_us"] / 1e3
     row["pct_copy_bw"] = 100.0 * row["gbps"] / copy_gbps
     row["speedup_vs_compile"] = row["compile_us"] / row["ours_us"]

@@ -13,9 +13,10 @@ scales) and ``dynamic`` (per-token activation scales, per-channel weight scales)
 
 with identical ``torch._scaled_mm`` and SDPA calls. Both are ``torch.compile(fullgraph=True,
 dynamic=False)``, compiled per token count T, and timed on the GPU with L2 flushed before every
-call (medians): plain calls for every T (``graphs`` False: ``Timer.eager``, the GPU kept busy while
+call (medians; the two versions' calls alternate, so that clock drift over the run affects both alike):
+plain calls for every T (``graphs`` False: ``Timer.eager_each``, the GPU kept busy while
 the host enqueues, so only GPU time counts) and, for T <= 256, calls captured in a CUDA graph
-(``graphs`` True: ``Timer.graph``). ``speedup = compile_us / ours_us``.
+(``graphs`` True: ``Timer.graph_each``). ``speedup = compile_us / ours_us``.
 
 ``ours_host_us`` and ``compile_host_us``: wall-clock time per call of the compiled layer, calls in a
 row started on an idle GPU (200 calls in 5 rounds, the median round). Where the layer's GPU work is
@@ -308,9 +309,9 @@ def bench_rows(name: str, flavour: str, layer: Layer, tokens: int, timer: Timer,
             handle.write(kernel_profile(calls, f"{name} {flavour} T={tokens}"))
     rows = []
     for graphs in (False, True) if tokens <= GRAPH_MAX_TOKENS else (False,):
-        measure = timer.graph if graphs else timer.eager
+        times = (timer.graph_each if graphs else timer.eager_each)(list(calls.values()))  # alternating calls
         row = {"device": device_name, "model": name, "quant": flavour, "T": tokens, "graphs": graphs,
-               **{f"{side}_us": measure(call) for side, call in calls.items()}, **host, "rel_err": error}
+               **{f"{side}_us": t for side, t in zip(calls, times)}, **host, "rel_err": error}
         row["speedup"] = row["compile_us"] / row["ours_us"]
         row.update({package: version(package) for package in ("torch", "helion", "triton")})
         row["repro"] = f"python -m perf.layer --models {name} --quant {flavour} --tokens {tokens}"

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import statistics
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import helion
 import torch
@@ -139,63 +139,79 @@ class Timer:
         self.flush_buffer = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
 
     def eager(self, fn: Callable[[], Any]) -> float:
-        """Median GPU time of ``fn``, each call after an L2 flush and a GPU-side sleep.
+        """Median GPU time of ``fn``, each call after an L2 flush and a GPU-side sleep (see :meth:`eager_each`)."""
+        return self.eager_each([fn])[0]
 
-        The sleep keeps the GPU busy while the host enqueues ``fn``, so the events time the GPU
+    def eager_each(self, fns: Sequence[Callable[[], Any]]) -> list[float]:
+        """Median GPU time of each of ``fns``, each call after an L2 flush and a GPU-side sleep.
+
+        The calls alternate (one of each per round), so that clock and thermal drift over the
+        run affects every callable alike: what two versions of the same work are compared by.
+        The sleep keeps the GPU busy while the host enqueues a call, so the events time the GPU
         work alone (host overhead is reported separately, and CUDA-graph timings show the
         launch-free cost). A call whose sleep had already ended when the host finished
         enqueueing it may include host time: it is not counted, and the sleep doubles (a slow
         or busy host), up to ``MAX_SLEEP_CYCLES``.
         """
-        for _ in range(3):
-            fn()
+        for fn in fns:
+            for _ in range(3):
+                fn()
         torch.cuda.synchronize()
-        cycles, timed, late = SLEEP_CYCLES, [], []
-        while len(timed) < self.reps and len(late) < 3 * self.reps:
-            slept = torch.cuda.Event()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.flush_buffer.zero_()
-            torch.cuda._sleep(cycles)
-            slept.record()
-            start.record()
-            fn()
-            end.record()
-            if slept.query():  # the GPU may have waited for the host inside the timed span
-                late.append((start, end))
-                cycles = min(2 * cycles, MAX_SLEEP_CYCLES)
-            else:
-                timed.append((start, end))
+        cycles = SLEEP_CYCLES
+        timed: list[list[Any]] = [[] for _ in fns]
+        late: list[list[Any]] = [[] for _ in fns]
+        while min(map(len, timed)) < self.reps and max(map(len, late)) < 3 * self.reps:
+            for fn, good, bad in zip(fns, timed, late):
+                if len(good) >= self.reps:
+                    continue
+                slept = torch.cuda.Event()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                self.flush_buffer.zero_()
+                torch.cuda._sleep(cycles)
+                slept.record()
+                start.record()
+                fn()
+                end.record()
+                if slept.query():  # the GPU may have waited for the host inside the timed span
+                    bad.append((start, end))
+                    cycles = min(2 * cycles, MAX_SLEEP_CYCLES)
+                else:
+                    good.append((start, end))
         torch.cuda.synchronize()
-        if not timed:
+        if not all(timed):
             warnings.warn(f"the host enqueued every call more slowly than a {MAX_SLEEP_CYCLES}-cycle GPU sleep: "
                           "these times include host time", stacklevel=2)
-            timed = late
-        return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in timed)
+        return [1000.0 * statistics.median(s.elapsed_time(e) for s, e in good or bad) for good, bad in zip(timed, late)]
 
     def graph(self, fn: Callable[[], Any]) -> float:
-        """Replay time of ``fn`` captured in a CUDA graph, each call after an L2 flush.
+        """Replay time of ``fn`` captured in a CUDA graph, each call after an L2 flush (see :meth:`graph_each`)."""
+        return self.graph_each([fn])[0]
 
-        Two graphs are captured, flush+fn and flush alone, repeated ``reps`` times; the
-        per-call time is the difference of their replay times.
+    def graph_each(self, fns: Sequence[Callable[[], Any]]) -> list[float]:
+        """Replay time of each of ``fns`` captured in a CUDA graph, each call after an L2 flush.
+
+        A graph per callable (flush+fn, repeated ``reps`` times) and one of the flush alone are
+        captured; the per-call time is the difference of their replay times. The graphs are
+        replayed alternately, so that drift affects them alike.
         """
-        fn()
+        for fn in fns:
+            fn()
         torch.cuda.synchronize()
         stream = torch.cuda.Stream()
         graphs = []
-        for with_fn in (True, False):
+        for fn in [*fns, None]:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
                 for _ in range(self.reps):
                     self.flush_buffer.zero_()
-                    if with_fn:
+                    if fn is not None:
                         fn()
             graphs.append(graph)
-        # warm replays bring the clocks up after host-side work (compiles) left the GPU idle;
-        # the two graphs are then sampled alternately so drift affects both alike
+        # warm replays bring the clocks up after host-side work (compiles) left the GPU idle
         for _ in range(3):
             for graph in graphs:
                 graph.replay()
-        samples: list[list[float]] = [[], []]
+        samples: list[list[float]] = [[] for _ in graphs]
         for _ in range(7):
             for graph, bucket in zip(graphs, samples):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -204,5 +220,5 @@ class Timer:
                 end.record()
                 torch.cuda.synchronize()
                 bucket.append(start.elapsed_time(end))
-        with_fn, flush_only = (statistics.median(bucket) for bucket in samples)
-        return max(0.0, 1000.0 * (with_fn - flush_only) / self.reps)
+        *with_fns, flush_only = (statistics.median(bucket) for bucket in samples)
+        return [max(0.0, 1000.0 * (t - flush_only) / self.reps) for t in with_fns]
