@@ -370,7 +370,7 @@ def _tuning(flavour: Quant):
         if tokens <= 16:
             # decode: 2048 elements a program left T=1, d=8192 at 4 programs and 1.2 us behind
             # torch.compile under CUDA graphs (H100 80GB HBM3); smaller tiles spread it wider
-            return [_tile(hidden, group, 1, e, 4) for e in (512, 1024, 2048)]
+            return [_tile(hidden, group, 1, e, 4) for e in (256, 512, 1024, 2048)] + [_tile(hidden, group, 1, 256, 8)]
         seeds = [_tile(hidden, group, 1, 2048, 4), _tile(hidden, group, 1, 4096, 8)]
         return seeds + ([_tile(hidden, group, 4, 4096, 8)] if tokens >= 128 else [])
 
@@ -385,12 +385,15 @@ def _tuning(flavour: Quant):
             # a second pass that recomputes and stores each chunk, reading it again from L2)
             return whole + [helion.Config(block_sizes=[1, 1], num_warps=w, reduction_loops=[chunk])
                             for chunk in (1024, 2048, 4096) for w in (4, 8)]
-        # tiles of 512-8192 elements with 4-32 of them a thread, each also with the groups
+        # tiles of 256-8192 elements with 4-32 of them a thread (1-32 up to T = 256: a decode-sized call
+        # is latency-bound, and at T = 1, d = 14336 on an H200 256-element tiles of 4-8 warps took 1.16 us
+        # under a CUDA graph where 2048 elements of 4 warps took 1.76), each also with the groups
         # dimension fastest across programs (loop_orders [[1, 0]]): consecutive programs then
         # walk along a row, the order of Inductor's flat pointwise kernels, where the default
         # sends them down the tokens
-        tiles = [_tile(hidden, group, 1, elements, warps) for elements in (512, 1024, 2048, 4096, 8192)
-                 for warps in (1, 2, 4, 8) if 4 <= elements // (32 * warps) <= 32]
+        fewest = 1 if tokens <= 256 else 4
+        tiles = [_tile(hidden, group, 1, elements, warps) for elements in (256, 512, 1024, 2048, 4096, 8192)
+                 for warps in (1, 2, 4, 8) if fewest <= elements // (32 * warps) <= 32]
         tiles.append(_tile(hidden, group, 2 if tokens >= 2 else 1, 8192, 8))
         return [variant for tile in tiles for variant in (tile, helion.Config(**tile.config, loop_orders=[[1, 0]]))]
 
