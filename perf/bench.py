@@ -184,7 +184,8 @@ def bench_row(spec: OpSpec, kwargs: dict[str, Any], shape: Shape, dtype: torch.d
     flips = sum(c.flips + c.worse for c in comparisons.values())
     row: dict[str, Any] = {"device": device_name, "op": spec.name, "dtype": str(dtype).removeprefix("torch."),
                            "shape": shape_text(shape), "T": shape.get("T"), "H": shape.get("H"), "bytes": spec.bytes_moved(kwargs), "flips": flips,
-                           "launches": dispatch.launch_count(spec, clone_kwargs(kwargs))}
+                           "launches": dispatch.launch_count(spec, clone_kwargs(kwargs)),
+                           "host_us": None, "host_kw_us": None, "launch_us": None}  # the host shape's: add_host_times
     # read-and-written tensors (residuals) are updated in place by every call; the work is the same.
     # The versions' calls alternate (Timer.eager_each), so that clock drift affects them alike.
     row["compile_reused"] = int(baseline is not None)
@@ -345,7 +346,7 @@ def summary(rows: list[dict], copy_gbps: float) -> list[str]:
 
 def host_table(rows: list[dict]) -> list[str]:
     """The rows that carry host times, as a markdown table with how far each op is above its raw launch."""
-    timed = [r for r in rows if r["host_us"] is not None]
+    timed = [r for r in rows if r.get("host_us") is not None]
     if not timed:
         return []
     shown = [[r["op"], r["shape"], r["launches"], r["host_us"], r["host_kw_us"], r["launch_us"],
