@@ -18,6 +18,7 @@ from helion_fusions.runtime.launcher import captured_launch  # noqa: F401
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 SLEEP_CYCLES = 1_000_000  # about 0.5 ms at H100/H200 clocks
 MAX_SLEEP_CYCLES = 16 * SLEEP_CYCLES
+GRAPH_ROUNDS = 11  # replays of each graph in Timer.graph_each
 
 
 @functools.cache
@@ -191,8 +192,10 @@ class Timer:
         """Replay time of each of ``fns`` captured in a CUDA graph, each call after an L2 flush.
 
         A graph per callable (flush+fn, repeated ``reps`` times) and one of the flush alone are
-        captured; the per-call time is the difference of their replay times. The graphs are
-        replayed alternately, so that drift affects them alike.
+        captured; the per-call time is the difference of their fastest replay times. The graphs
+        are replayed alternately, so that drift affects them alike; the fastest of ``GRAPH_ROUNDS``
+        replays, since work from other processes (the bench's compiling workers) only adds time,
+        and one slowed replay of the flush-only graph would hide a short kernel's whole time.
         """
         for fn in fns:
             fn()
@@ -212,7 +215,7 @@ class Timer:
             for graph in graphs:
                 graph.replay()
         samples: list[list[float]] = [[] for _ in graphs]
-        for _ in range(7):
+        for _ in range(GRAPH_ROUNDS):
             for graph, bucket in zip(graphs, samples):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -220,5 +223,5 @@ class Timer:
                 end.record()
                 torch.cuda.synchronize()
                 bucket.append(start.elapsed_time(end))
-        *with_fns, flush_only = (statistics.median(bucket) for bucket in samples)
+        *with_fns, flush_only = map(min, samples)
         return [max(0.0, 1000.0 * (t - flush_only) / self.reps) for t in with_fns]
