@@ -30,14 +30,7 @@ def register(spec: OpSpec) -> OpSpec:
     """Define ``torch.ops.helion_fusions.<spec.name>`` and route it through the dispatcher."""
     if spec.name in REGISTRY:
         raise ValueError(f"op {spec.name!r} is registered twice")
-    if not re.fullmatch(r"\(.*\)\s*->\s*\(\)", spec.schema):
-        raise ValueError(f"{spec.name}: only mutating ops returning () are supported, got {spec.schema!r}")
-    name = spec.qualname.split("::")[1]  # with the overload, if any
-    _LIB.define(f"{name}{spec.schema}")
-    implementation = dispatch.implementation(spec)
-    for key in ("CPU", "CUDA"):
-        _LIB.impl(name, implementation, key)
-    torch.library.register_fake(spec.qualname, lib=_LIB)(lambda *args, **kwargs: None)
+    _define(spec.qualname.split("::")[1], spec.schema, dispatch.implementation(spec))  # with the overload, if any
     if spec.functional_schema is not None:
         # the engine's functional overload: allocate the outputs, call the mutating overload, return them
         # (under fake tensors too, where the mutating overload's fake kernel runs)
@@ -50,6 +43,25 @@ def register(spec: OpSpec) -> OpSpec:
         torch.library.register_fake(f"{NAMESPACE}::{spec.name}", lib=_LIB)(functional)
     REGISTRY[spec.name] = spec
     return spec
+
+
+def register_composite(name: str, schema: str, implementation: Callable[..., None]) -> Any:
+    """Define ``torch.ops.helion_fusions.<name>``, run by ``implementation`` on CPU and CUDA, and return it.
+
+    For ops composed of other ops and collectives, which launch no kernel of their own: no OpSpec,
+    so no problem key, configs or tuning."""
+    _define(name, schema, implementation)
+    return getattr(getattr(torch.ops, NAMESPACE), name)
+
+
+def _define(name: str, schema: str, implementation: Callable[..., None]) -> None:
+    """A mutating op (returning ``()``) with CPU and CUDA implementations and a fake kernel that does nothing."""
+    if not re.fullmatch(r"\(.*\)\s*->\s*\(\)", schema):
+        raise ValueError(f"{name}: only mutating ops returning () are supported, got {schema!r}")
+    _LIB.define(f"{name}{schema}")
+    for key in ("CPU", "CUDA"):
+        _LIB.impl(name, implementation, key)
+    torch.library.register_fake(f"{NAMESPACE}::{name}", lib=_LIB)(lambda *args, **kwargs: None)
 
 
 def allocating_function(spec: OpSpec) -> Callable[..., Any]:

@@ -1,0 +1,116 @@
+"""The ranks of the 2-process all_reduce tests (tests/test_all_reduce.py): importable by spawned processes.
+
+Each rank runs every scenario in order on one gloo group and saves what it saw (outputs, or the error
+it raised) to ``<out>/rank<r>.pt``; the test compares the ranks with each other and with the reference.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from helion_fusions.ops import all_reduce
+from helion_fusions.runtime.registry import OpSpec
+
+SHAPES = ((0, 256), (1, 256), (7, 256), (7, 17))
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+TIMEOUT = datetime.timedelta(seconds=90)  # a hang fails the test instead of stalling CI
+
+
+def rank_input(shape: tuple[int, int], dtype: torch.dtype, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s partial input: random, different on every rank."""
+    generator = torch.Generator().manual_seed(1000 * rank + 7 * shape[0] + shape[1])
+    return (torch.randn(shape, generator=generator) * (1 + rank)).to(dtype)
+
+
+def cases() -> list[tuple[OpSpec, tuple[int, int], torch.dtype]]:
+    """Every op with the shapes and dtypes its rms_norm op accepts (a shape it rejects is left out)."""
+    found = []
+    for base in all_reduce.BASES:
+        for shape in SHAPES:
+            for dtype in DTYPES:
+                try:
+                    base.prepare(**base.make_inputs({"T": shape[0], "H": shape[1]}, dtype, torch.device("cpu")))
+                except ValueError:
+                    continue
+                found.append((base, shape, dtype))
+    return found
+
+
+def call_kwargs(base: OpSpec, shape: tuple[int, int], dtype: torch.dtype, rank: int) -> dict[str, Any]:
+    """The rms_norm op's arguments for this case (outputs poisoned), with rank ``rank``'s partial input."""
+    kwargs = base.make_inputs({"T": shape[0], "H": shape[1]}, dtype, torch.device("cpu"))
+    kwargs["input"] = rank_input(shape, dtype, rank)
+    return kwargs
+
+
+def _errors(rank: int, world: str) -> dict[str, str]:
+    """Bad calls: each must raise on every rank (never hang), and the group must work afterwards."""
+    seen = {}
+    base = all_reduce.BASES[0]
+    op = all_reduce.OPS[all_reduce.PREFIX + base.name]
+    attempts = {
+        "shapes differ": lambda: op(**call_kwargs(base, (7 + rank, 256), torch.bfloat16, rank), group_name=world),
+        "one rank's bad weight": lambda: op(**{**call_kwargs(base, (7, 256), torch.bfloat16, rank),
+                                               "weight": torch.ones(256 + rank, dtype=torch.bfloat16)},
+                                            group_name=world),
+        "unknown group": lambda: op(**call_kwargs(base, (7, 256), torch.bfloat16, rank), group_name="no-such-group"),
+        "group name not a str": lambda: op(**call_kwargs(base, (7, 256), torch.bfloat16, rank), group_name=""),
+    }
+    for what, attempt in attempts.items():
+        try:
+            attempt()
+            seen[what] = "no error"
+        except (ValueError, TypeError) as error:
+            seen[what] = f"{type(error).__name__}: {error}"
+    return seen
+
+
+def _compiled(rank: int, world: str) -> dict[str, Any]:
+    """The op through torch.compile(fullgraph=True) and opcheck, against the same call made eagerly."""
+    base = next(b for b in all_reduce.BASES if b.name == "fused_add_rms_norm_static_fp8_quant")
+    op = all_reduce.OPS[all_reduce.PREFIX + base.name]
+    eager, compiled = (call_kwargs(base, (7, 256), torch.bfloat16, rank) for _ in range(2))
+    op(**eager, group_name=world)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(kwargs: dict[str, Any]) -> None:
+        op(**kwargs, group_name=world)
+
+    step(compiled)
+    # opcheck on a bf16-only op: its schema check compares outputs with allclose, which has no CPU fp8 kernel
+    in_place = next(b for b in all_reduce.BASES if b.name == "fused_add_rms_norm")
+    torch.library.opcheck(all_reduce.OPS[all_reduce.PREFIX + in_place.name], (),
+                          {**call_kwargs(in_place, (7, 256), torch.bfloat16, rank), "group_name": world})
+    return {"equal": all(torch.equal(as_bytes(eager[n]), as_bytes(compiled[n])) for n in base.mutated_args)}
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def run(rank: int, world_size: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=TIMEOUT)
+    result: dict[str, Any] = {}
+    try:
+        world = dist.group.WORLD.group_name
+        result["errors"] = _errors(rank, world)
+        outputs = []
+        for base, shape, dtype in cases():
+            kwargs = call_kwargs(base, shape, dtype, rank)
+            all_reduce.OPS[all_reduce.PREFIX + base.name](**kwargs, group_name=world)
+            outputs.append({name: kwargs[name] for name in base.mutated_args if kwargs.get(name) is not None})
+        result["outputs"] = outputs
+        result["compiled"] = _compiled(rank, world)
+    except BaseException as error:  # reported by the test, with this rank's traceback
+        import traceback
+
+        result["crashed"] = traceback.format_exc()
+        raise error
+    finally:
+        torch.save(result, f"{out}/rank{rank}.pt")
+        dist.destroy_process_group()

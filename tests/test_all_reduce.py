@@ -1,0 +1,105 @@
+"""all_reduce + rms_norm ops: the contract's reference, and two gloo ranks spawned on the CPU.
+
+The ranks (tests/all_reduce_workers.py) make every op's call with their own partial inputs, a few bad
+calls (each must raise on both ranks, never hang), and a torch.compile(fullgraph=True) + opcheck run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import pytest
+import torch
+
+import all_reduce_workers as workers
+from helion_fusions.ops import all_reduce
+from helion_fusions.tools.testing import compare_outputs, outputs_ok
+
+WORLD = 2
+JOIN_SECONDS = 300
+
+
+def test_sum_is_fp32_in_rank_order_rounded_once() -> None:
+    """fp32 addition is not associative: the reference adds rank 0, 1, 2 in that order, then rounds once."""
+    parts = [torch.tensor([2.0 ** 24], dtype=torch.float32), torch.tensor([1.0]), torch.tensor([1.0])]
+    assert all_reduce.ordered_sum(parts).item() == 2.0 ** 24  # (2^24 + 1) + 1 in fp32, each step a tie to even
+    assert all_reduce.ordered_sum(parts[::-1]).item() == 2.0 ** 24 + 2
+    bf16 = [torch.tensor([1.0], dtype=torch.bfloat16), torch.tensor([2.0 ** -8], dtype=torch.bfloat16),
+            torch.tensor([2.0 ** -8], dtype=torch.bfloat16)]
+    # in fp32 the two half steps add up to one bf16 step; rounding after each addition (a tie to even) loses both
+    assert all_reduce.ordered_sum(bf16).item() == 1.0 + 2.0 ** -7
+    hand = sum(p.float() for p in bf16).to(torch.bfloat16)
+    assert torch.equal(all_reduce.ordered_sum(bf16), hand)
+
+
+def test_schemas_take_the_group_after_the_required_arguments() -> None:
+    assert all_reduce.with_group("(Tensor! result, Tensor input, float epsilon) -> ()") == (
+        "(Tensor! result, Tensor input, float epsilon, str group_name) -> ()")
+    assert all_reduce.with_group("(Tensor! result, Tensor input, bool swizzled=True) -> ()") == (
+        "(Tensor! result, Tensor input, str group_name, bool swizzled=True) -> ()")
+    assert len(all_reduce.OPS) == len(all_reduce.BASES) == 8
+
+
+def test_group_name_errors_without_distributed() -> None:
+    op = all_reduce.OPS["all_reduce_rms_norm"]
+    with pytest.raises(TypeError, match="group_name: expected the name of a process group"):
+        all_reduce.process_group("all_reduce_rms_norm", 0)
+    with pytest.raises(ValueError, match="group_name 'world': torch.distributed is not initialized"):
+        op(torch.empty(1, 8), torch.randn(1, 8), None, 1e-6, "world")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Run both ranks once (every scenario) and return what each saw."""
+    out = tmp_path_factory.mktemp("all_reduce")
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=workers.run, args=(rank, WORLD, str(out / "init"), str(out)))
+                 for rank in range(WORLD)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(JOIN_SECONDS)
+    hung = [rank for rank, p in enumerate(processes) if p.is_alive()]
+    for process in processes:
+        process.kill()
+    assert not hung, f"ranks {hung} did not finish within {JOIN_SECONDS} s (a hang)"
+    results = [torch.load(Path(out) / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    for rank, result in enumerate(results):
+        assert "crashed" not in result, f"rank {rank}:\n{result['crashed']}"
+    return results
+
+
+def test_bad_calls_raise_on_every_rank(ranks: list[dict]) -> None:
+    for rank, result in enumerate(ranks):
+        errors = result["errors"]
+        assert "ValueError" in errors["shapes differ"] and "rank 0: input [7, 256] torch.bfloat16" in errors[
+            "shapes differ"] and "rank 1: input [8, 256] torch.bfloat16" in errors["shapes differ"], errors
+        # only rank 1's weight is wrong: both ranks raise, with rank 1's own message
+        assert "rank 1: ValueError" in errors["one rank's bad weight"] and "weight" in errors[
+            "one rank's bad weight"], errors
+        assert errors["unknown group"].startswith("ValueError") and "'no-such-group'" in errors["unknown group"]
+        assert errors["group name not a str"].startswith("TypeError") and "group_name" in errors[
+            "group name not a str"]
+
+
+def test_every_op_matches_the_reference_with_identical_bytes_on_every_rank(ranks: list[dict]) -> None:
+    cases = workers.cases()
+    assert len(cases) >= 60 and {base.name for base, _, _ in cases} == {b.name for b in all_reduce.BASES}
+    assert all(len(result["outputs"]) == len(cases) for result in ranks)
+    for index, (base, shape, dtype) in enumerate(cases):
+        where = f"{base.name} T={shape[0]} H={shape[1]} {dtype}"
+        inputs = [workers.rank_input(shape, dtype, rank) for rank in range(WORLD)]
+        for rank, result in enumerate(ranks):
+            expected = workers.call_kwargs(base, shape, dtype, rank)
+            all_reduce.reference(base, expected, inputs)
+            actual = result["outputs"][index]
+            comparisons = compare_outputs(list(actual), {**expected, **actual}, expected)
+            assert outputs_ok(comparisons, max_flip_fraction=0), f"{where} rank {rank}: {comparisons}"
+        for name, tensor in ranks[0]["outputs"][index].items():
+            assert torch.equal(workers.as_bytes(tensor), workers.as_bytes(ranks[1]["outputs"][index][name])), (
+                f"{where}: {name} differs between the ranks")
+
+
+def test_fullgraph_compile_and_opcheck(ranks: list[dict]) -> None:
+    assert all(result["compiled"]["equal"] for result in ranks)
