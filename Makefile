@@ -7,7 +7,7 @@ DEPS ?= $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: help install test bench autotune sass clean
+.PHONY: help install test bench bench-tp autotune sass clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -26,6 +26,9 @@ test: $(DEPS)  ## run the tests (CPU; a GPU also runs tests/test_gpu.py); ARGS g
 
 bench: $(DEPS)  ## eager vs torch.compile vs ours on this GPU -> perf/results/<device>.*; ARGS=--help
 	$(PY) -m perf.bench $(ARGS)
+
+bench-tp: $(DEPS)  ## the all_reduce_ ops on every GPU of this host -> perf/results/<device>_x<W>.*; ARGS=--help
+	$(PY) -m perf.bench_tp $(ARGS)
 
 autotune: $(DEPS)  ## tune every op for this GPU -> configs/<device>/; ARGS=--help
 	$(PY) -m helion_fusions.tools.autotune $(ARGS)

@@ -291,3 +291,11 @@ def test_timer_drops_calls_that_host_time_got_into_and_sleeps_longer(monkeypatch
     with pytest.warns(UserWarning, match="include host time"):
         assert timer.eager(fn) == pytest.approx(1000.0)
     assert len(sleeps) == 3 * timer.reps and sleeps[-1] == testing.MAX_SLEEP_CYCLES
+
+
+def test_bench_tp_checks_each_path_on_two_cpu_ranks(capsys: pytest.CaptureFixture[str]) -> None:
+    from perf import bench_tp
+
+    assert bench_tp.main(["--ops", "all_reduce_fused_add_rms_norm_static_fp8_quant"]) == 0
+    out = capsys.readouterr().out
+    assert "2 CPU ranks over gloo" in out and "all_reduce_fused_add_rms_norm_static_fp8_quant" in out
