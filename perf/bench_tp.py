@@ -80,6 +80,8 @@ def _symmetric_buffer(like: torch.Tensor, group_name: str) -> torch.Tensor | Non
     try:
         from torch.distributed import _symmetric_memory as symm_mem
 
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.13, deprecated since
+            symm_mem.enable_symm_mem_for_group(group_name)
         buffer = symm_mem.empty(like.shape, dtype=like.dtype, device=like.device)
         symm_mem.rendezvous(buffer, group_name)
         return buffer if hasattr(torch.ops.symm_mem, "two_shot_all_reduce_") else None
