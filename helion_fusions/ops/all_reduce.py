@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from helion_fusions.ops import rms_norm
+from helion_fusions.ops.rms_norm import RMS_NORM
 from helion_fusions.runtime.library import register_composite
 from helion_fusions.runtime.registry import REGISTRY, NAMESPACE, OpSpec, bind
 
@@ -166,5 +166,5 @@ def _declare(base: OpSpec) -> Any:
     return register_composite(name, schema, implementation)
 
 
-BASES = tuple(spec for spec in REGISTRY.values() if spec.family == rms_norm.RMS_NORM.family)
+BASES = tuple(spec for spec in REGISTRY.values() if spec.family == RMS_NORM.family)
 OPS = {PREFIX + base.name: _declare(base) for base in BASES}
