@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import multiprocessing
 import statistics
 import sys
@@ -36,6 +37,7 @@ from tabulate import tabulate
 from helion_fusions.ops import all_reduce
 from helion_fusions.runtime.device import device_identity
 from helion_fusions.runtime.registry import REGISTRY, shape_text
+from helion_fusions.tools.cli import parse_shape
 from helion_fusions.tools.testing import clone_kwargs, compare_outputs, outputs_ok
 from perf.bench import RESULTS
 
@@ -110,6 +112,12 @@ def _graph_us(step: Callable[[], None], reps: int) -> float:
     return statistics.median(samples)
 
 
+@functools.cache
+def _compiled_reference(base_name: str) -> Callable[..., None]:
+    """``torch.compile`` of the op's reference, the token dim dynamic: one per op for all its rows."""
+    return torch.compile(REGISTRY[base_name].reference, dynamic=True)
+
+
 def measure(base_name: str, shape: dict[str, int], dtype: torch.dtype, device: torch.device, rank: int, world: int,
             reps: int) -> dict[str, Any]:
     """One row on this rank: the paths' outputs against the contract, then (on GPUs) their times."""
@@ -121,7 +129,7 @@ def measure(base_name: str, shape: dict[str, int], dtype: torch.dtype, device: t
     all_reduce.reference(base, expected, [rank_input(shape, dtype, device, r) for r in range(world)])
     gpu = device.type == "cuda"
     paths = _paths(base_name, group_name, _symmetric_buffer(kwargs["input"], group_name) if gpu else None,
-                   torch.compile(base.reference, dynamic=True) if gpu else base.reference)
+                   _compiled_reference(base_name) if gpu else base.reference)
     row: dict[str, Any] = {"op": all_reduce.PREFIX + base_name, "world_size": world, **shape,
                            "dtype": str(dtype).removeprefix("torch.")}
     for name in ("nccl_unfused", "ours"):
@@ -202,9 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--ops: unknown {unknown}; choose from {sorted(all_reduce.OPS)}")
     gpus = torch.cuda.device_count()
     backend, world = ("nccl", gpus) if gpus >= 2 else ("gloo", 2)
-    chosen = dict(part.split("=") for part in args.shape.split(",")) if args.shape else {}
-    tokens = [int(t) for t in chosen["T"].split("/")] if "T" in chosen else None
-    hidden = [int(h) for h in chosen["H"].split("/")] if "H" in chosen else None
+    chosen = parse_shape(parser, args.shape) if args.shape else {}
+    unknown_dims = set(chosen) - {"T", "H"}
+    if unknown_dims:
+        parser.error(f"--shape: the all_reduce_ ops have the dims T and H, not {sorted(unknown_dims)}")
+    tokens, hidden = chosen.get("T"), chosen.get("H")
     jobs = []
     for name in names:
         base = name.removeprefix(all_reduce.PREFIX)
