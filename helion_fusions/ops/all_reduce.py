@@ -28,7 +28,9 @@ rank offers it; its setup (the workspace's allocation and rendezvous, the kernel
 exchange of every rank's outcome, so a failure on one rank sends every rank to the fallback. The
 exchange reads its result on the host, so it runs once per (op, group, input shape, dtype, variant): a
 CUDA-graph capture replays only a call agreed before (call the op once first; that call also sets up the
-workspace and compiles the kernel).
+workspace and compiles the kernel). A rank whose call matches one agreed before does not exchange again,
+so ranks must make their calls in the same order: a call that differs from the others' only on a rank
+where the others repeat an agreed call is not caught.
 """
 
 from __future__ import annotations
