@@ -88,6 +88,64 @@ def _compiled(rank: int, world: str) -> dict[str, Any]:
     return {"equal": all(torch.equal(as_bytes(eager[n]), as_bytes(compiled[n])) for n in base.mutated_args)}
 
 
+def _decisions(rank: int, world: str) -> dict[str, Any]:
+    """The host-side choice of path: what each rank saw (the test compares the ranks)."""
+    import warnings
+
+    from helion_fusions.runtime import symmetric
+
+    group = dist.group.WORLD
+    seen: dict[str, Any] = {}
+    x = torch.zeros(3, 8)
+    calls = []
+
+    def offer() -> bool:
+        calls.append(1)
+        return True
+    # one rank cannot: neither sets up the fused path
+    seen["one offers"] = all_reduce.agree("decide-a", group, world, x, None, 5, offer if rank == 0 else None)
+    seen["one offers: set up"] = len(calls)
+    # both can: each sets up once; the agreement is kept, and a repeat call neither exchanges nor sets up again
+    seen["both offer"] = all_reduce.agree("decide-b", group, world, x, None, 5, offer)
+    seen["both offer again"] = all_reduce.agree("decide-b", group, world, x, None, 5, offer)
+    seen["both offer: set up"] = len(calls)
+    seen["variants differ"] = ""
+    try:
+        all_reduce.agree("decide-c", group, world, x, None, 5 + rank, offer)
+    except ValueError as error:
+        seen["variants differ"] = str(error)
+    seen["one step fails"] = symmetric.all_ranks_ok(group, torch.device("cpu"), None if rank == 0 else "broken")
+    seen["every step succeeds"] = symmetric.all_ranks_ok(group, torch.device("cpu"), None)
+    # gloo and CPU tensors: a workspace cannot be set up, and every rank learns why
+    seen["unavailable"] = symmetric.unavailable_reason(group, torch.device("cpu"))
+    seen["cpu workspace"] = symmetric.workspace(group, world, 7, 256, torch.bfloat16, torch.device("cpu"), 4)
+    seen["cpu workspace failure"] = symmetric.failure(world, 7, 256, torch.bfloat16, torch.device("cpu"))
+    try:
+        all_reduce.workspace(world, 7, 256, torch.bfloat16)
+        seen["public workspace"] = "no error"
+    except RuntimeError as error:
+        seen["public workspace"] = str(error)
+    # optional arguments differ: the kernel variants would, so every rank raises (a shape no rank called
+    # before: a rank whose call was agreed before does not exchange again)
+    base = next(b for b in all_reduce.BASES if b.name == "rms_norm_dynamic_per_token_quant")
+    kwargs = call_kwargs(base, (5, 256), torch.bfloat16, rank)
+    kwargs["scale_ub"] = torch.tensor([10.0]) if rank == 1 else None
+    try:
+        all_reduce.OPS[all_reduce.PREFIX + base.name](**kwargs, group_name=world)
+        seen["scale_ub on one rank"] = "no error"
+    except ValueError as error:
+        seen["scale_ub on one rank"] = str(error)
+    # the fallback's one warning names why
+    all_reduce._warned.discard(all_reduce.PREFIX + "rms_norm")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain = all_reduce.BASES[0]
+        all_reduce.OPS[all_reduce.PREFIX + plain.name](**call_kwargs(plain, (7, 256), torch.bfloat16, rank),
+                                                       group_name=world)
+    seen["warnings"] = [str(w.message) for w in caught]
+    return seen
+
+
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().reshape(-1).view(torch.uint8)
 
@@ -106,6 +164,7 @@ def run(rank: int, world_size: int, init_file: str, out: str) -> None:
             outputs.append({name: kwargs[name] for name in base.mutated_args if kwargs.get(name) is not None})
         result["outputs"] = outputs
         result["compiled"] = _compiled(rank, world)
+        result["decisions"] = _decisions(rank, world)
     except BaseException as error:  # reported by the test, with this rank's traceback
         import traceback
 

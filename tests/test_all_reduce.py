@@ -103,3 +103,24 @@ def test_every_op_matches_the_reference_with_identical_bytes_on_every_rank(ranks
 
 def test_fullgraph_compile_and_opcheck(ranks: list[dict]) -> None:
     assert all(result["compiled"]["equal"] for result in ranks)
+
+
+def test_the_ranks_choose_one_path(ranks: list[dict]) -> None:
+    seen = [result["decisions"] for result in ranks]
+    for rank, decisions in enumerate(seen):
+        assert decisions["one offers"] is False, rank
+        assert decisions["one offers: set up"] == 0, rank  # nobody sets up a path not every rank can take
+        assert decisions["both offer"] is True and decisions["both offer again"] is True, rank
+        assert decisions["both offer: set up"] == 1, rank  # set up once, at the first agreed call
+        assert "call variant 0x5" in decisions["variants differ"] and "call variant 0x6" in decisions[
+            "variants differ"], decisions["variants differ"]
+        assert decisions["one step fails"] == ["rank 1: broken"] and decisions["every step succeeds"] == []
+        assert decisions["unavailable"] == "tensors on cpu"
+        assert decisions["cpu workspace"] is None and decisions["cpu workspace failure"], decisions
+        assert decisions["public workspace"].startswith("workspace: no symmetric memory here (tensors on cpu)")
+        assert "do not make the same valid call" in decisions["scale_ub on one rank"] and "call variant" in decisions[
+            "scale_ub on one rank"], decisions["scale_ub on one rank"]
+        assert any("no fused kernel for this call (tensors on cpu)" in w for w in decisions["warnings"]), decisions
+    # every rank ends in the same state, with the same reasons
+    assert seen[0]["cpu workspace failure"] == seen[1]["cpu workspace failure"]
+    assert seen[0]["variants differ"] == seen[1]["variants differ"]

@@ -6,6 +6,8 @@ per-group scales are a reduction over the last dim, and the variance a reduction
 
 from __future__ import annotations
 
+from typing import Any
+
 import helion
 import helion.language as hl
 import torch
@@ -19,6 +21,25 @@ from helion_fusions.quant.epilogues import (
     swizzled_scale_shape,
     zero_swizzled_rows,
 )
+
+
+def normalize_rows(xf: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, tile_t: Any, count: int,
+                   epsilon: float, dtype: torch.dtype, HAS_RESIDUAL: bool, ROUND_SUM: bool) -> torch.Tensor:
+    """The rows ``tile_t`` normalized, in ``dtype`` (a Helion kernel body's helper; every kernel of the family
+    calls it with its fp32 rows ``xf`` ``[tile_t, NG, G]``, ``count = NG * G``).
+
+    With ``HAS_RESIDUAL``, ``residual <- round(xf + residual)`` first, and the rows normalized are that
+    rounded sum (``ROUND_SUM``) or the fp32 one. Then ``round(xf * rstd) * w``, both products rounded to
+    ``dtype``.
+    """
+    if HAS_RESIDUAL:
+        xf = xf + hl.load(residual, [tile_t, slice(None), slice(None)]).to(torch.float32)
+        total = xf.to(residual.dtype)
+        residual[tile_t, :, :] = total
+        if ROUND_SUM:
+            xf = total.to(torch.float32)
+    rstd = row_rstd(xf, count, epsilon)
+    return (xf * rstd.unsqueeze(-1).unsqueeze(-1)).to(dtype) * w
 
 
 @helion.kernel(static_shapes=False, autotune_effort="none")
@@ -49,14 +70,7 @@ def rms_norm_kernel(
         # the row's instead of following the reduction
         w = weight[None, :, :]
         scale_value = load_scale_in(scale_in, tile_t, None, QUANT)
-        if HAS_RESIDUAL:
-            xf = xf + residual[tile_t, :, :].to(torch.float32)
-            total = xf.to(residual.dtype)
-            residual[tile_t, :, :] = total
-            if ROUND_SUM:
-                xf = total.to(torch.float32)
-        rstd = row_rstd(xf, NG * G, epsilon)
-        y = (xf * rstd[:, None, None]).to(x.dtype) * w
+        y = normalize_rows(xf, residual, w, tile_t, NG * G, epsilon, x.dtype, HAS_RESIDUAL, ROUND_SUM)
         store_quantized(y, out, scale_out, scale_value, amax_floor, tile_t, None, T, NG, G,
                         QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, FP8_MAX)
         if QUANT == NVFP4:  # (nested: the kernel body folds one constexpr test, not an ``and`` of two)

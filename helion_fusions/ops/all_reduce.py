@@ -11,34 +11,56 @@ and rounded once to the input dtype; then ``<op>``'s own contract on ``x`` (with
 each sums the same gathered inputs in the same order. Where ``<op>`` normalizes ``input`` in place
 (``fused_add_rms_norm``), this op writes its result into the rank's ``input``.
 
-This version runs each op as ``torch.distributed.all_gather`` of the inputs, the ordered fp32 sum, and
-``<op>`` (one warning per op says so); it has no single-kernel path over symmetric memory yet.
+Two paths, the same bytes:
+
+* **fused** (CUDA tensors, an NCCL group, symmetric memory on every rank): one Helion kernel
+  (:mod:`helion_fusions.kernels.all_reduce`) reads every rank's input from a symmetric workspace, sums,
+  normalizes and quantizes. The op copies ``input`` into the workspace inside the kernel, unless ``input``
+  is the workspace: a producer that writes its output into :func:`workspace` saves that copy.
+* **fallback** (anything else, one warning per op names why): ``torch.distributed.all_gather`` of the
+  inputs, the ordered fp32 sum, and ``<op>``.
 
 No rank hangs on another's bad call: before any data moves, each rank checks its arguments as ``<op>``
-does, and the ranks exchange (status, input shape, dtype). If a rank failed or the ranks differ, every
-rank raises the same ValueError, naming each rank's problem. The exchange reads its result on the host,
-so it runs once per (op, group, input shape, dtype): a CUDA-graph capture replays only a call agreed
-before (call the op once first).
+does, and the ranks exchange (status, whether they can take the fused path, input shape, dtype, and a
+digest of the kernel variant and layout the call needs). If a rank failed or the ranks differ, every
+rank raises the same ValueError, naming each rank's problem. The fused path is taken only where every
+rank offers it; its setup (the workspace's allocation and rendezvous, the kernel's compile) ends with an
+exchange of every rank's outcome, so a failure on one rank sends every rank to the fallback. The
+exchange reads its result on the host, so it runs once per (op, group, input shape, dtype, variant): a
+CUDA-graph capture replays only a call agreed before (call the op once first; that call also sets up the
+workspace and compiles the kernel). A rank whose call matches one agreed before does not exchange again,
+so ranks must make their calls in the same order: a call that differs from the others' only on a rank
+where the others repeat an agreed call is not caught.
 """
 
 from __future__ import annotations
 
 import warnings
+import zlib
+from collections.abc import Callable
 from typing import Any
 
+import helion
 import torch
 import torch.distributed as dist
 
+from helion_fusions.kernels.all_reduce import all_reduce_rms_norm_kernel
 from helion_fusions.ops.rms_norm import RMS_NORM
+from helion_fusions.runtime import dispatch, symmetric
+from helion_fusions.runtime.launcher import fast_launch
 from helion_fusions.runtime.library import register_composite
-from helion_fusions.runtime.registry import REGISTRY, NAMESPACE, OpSpec, bind
+from helion_fusions.runtime.registry import REGISTRY, NAMESPACE, KernelLaunch, OpSpec, bind
 
 PREFIX = "all_reduce_"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_DIMS = 4  # input dims described in the exchange
+# signal-pad slots per rank that a workspace provides: one per program of the persistent kernel (one program
+# per SM: 132 on an H200), with room for larger GPUs
+PROGRAM_SLOTS = 512
 
-_agreed: set[tuple[Any, ...]] = set()
+_agreed: dict[tuple[Any, ...], bool] = {}  # agreed calls -> whether they take the fused path
 _warned: set[str] = set()
+_fallback_reasons: dict[tuple[Any, ...], str] = {}
 
 
 def with_group(schema: str) -> str:
@@ -79,33 +101,47 @@ def _describe(input: Any) -> list[int]:
     return [input.dim(), *sizes, dtype]
 
 
-def agree(op: str, group: dist.ProcessGroup, group_name: str, input: Any, error: Exception | None) -> None:
-    """Every rank returns, or every rank raises the same ValueError: some rank's arguments failed its checks
-    (``error``), or the ranks' inputs differ in shape or dtype."""
-    key = (op, group_name, tuple(_describe(input)), getattr(input, "device", None))
+def agree(op: str, group: dist.ProcessGroup, group_name: str, input: Any, error: Exception | None,
+          variant: int = 0, offer: Callable[[], bool] | None = None) -> bool:
+    """Every rank returns the same path, or every rank raises the same ValueError: some rank's arguments
+    failed its checks (``error``), or the ranks' inputs differ in shape or dtype, or their calls in
+    ``variant`` (a digest of the kernel variant and layout a fused call needs).
+
+    ``offer``: this rank can take the fused path, and this sets it up (collectively: every rank that
+    offered calls it, and it returns the same on every rank). Returns True where every rank offered and
+    the setup succeeded everywhere: the fused path; False: the fallback."""
+    key = (op, group_name, tuple(_describe(input)), getattr(input, "device", None), variant)
     if error is None and key in _agreed:
-        return
+        return _agreed[key]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"{op}: this call (input {list(getattr(input, 'shape', []))}) was never made before the "
                            "CUDA-graph capture; call it once first, so the ranks agree on it outside the capture")
-    mine = torch.tensor([int(error is None), *_describe(input)], dtype=torch.int64, device=_exchange_device(group))
+    mine = torch.tensor([int(error is None), int(offer is not None), *_describe(input), variant], dtype=torch.int64,
+                        device=_exchange_device(group))
     world = dist.get_world_size(group)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
     rows = [g.tolist() for g in gathered]
-    if all(row[0] for row in rows) and all(row == rows[0] for row in rows):
-        _agreed.add(key)
-        return
+    if all(row[0] for row in rows) and all(row[2:] == rows[0][2:] for row in rows):
+        fused = all(row[1] for row in rows)
+        if fused:
+            fused = offer()
+        _agreed[key] = fused
+        return fused
     errors: list[Any] = [None] * world
     dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    variants_differ = len({row[-1] for row in rows}) > 1
     problems = []
     for rank, (row, message) in enumerate(zip(rows, errors)):
         if message is not None:
             problems.append(f"rank {rank}: {message}")
         else:
-            dtype = _DTYPES[row[-1]] if row[-1] < len(_DTYPES) else "another dtype"
-            shape = [s for s in row[2:-1] if s >= 0] + (["..."] if row[1] > _MAX_DIMS else [])
-            problems.append(f"rank {rank}: input {shape} {dtype}")
+            dtype = _DTYPES[row[-2]] if row[-2] < len(_DTYPES) else "another dtype"
+            shape = [s for s in row[3:-2] if s >= 0] + (["..."] if row[2] > _MAX_DIMS else [])
+            described = f"rank {rank}: input {shape} {dtype}"
+            if variants_differ:
+                described += f", call variant {row[-1]:#x} (flags, optional arguments, layouts, input in the workspace)"
+            problems.append(described)
     raise ValueError(f"{op}: the {world} ranks of group {group_name!r} do not make the same valid call, so none "
                      "of them runs it:\n  " + "\n  ".join(problems)) from error
 
@@ -128,6 +164,125 @@ def reference(base: OpSpec, call: dict[str, Any], inputs: list[torch.Tensor]) ->
     base.reference(**call)
 
 
+# --- the fused path -------------------------------------------------------------------------
+
+def fused_config(tokens: int, hidden: int) -> helion.Config:
+    """The fused kernel's config: a function of the agreed (T, H) only, so every rank runs the same one.
+
+    Persistent (symmetric-memory kernels must be), one program per SM. Each tile of rows costs two barriers,
+    so larger calls take more rows per tile; a row's bytes do not depend on it (batch invariance).
+    """
+    rows = 1 if tokens <= 1024 else 2 if tokens <= 2048 else 4
+    return helion.Config(block_sizes=[rows], num_warps=min(32, (4 if hidden <= 2048 else 8) * rows),
+                         pid_type="persistent_blocked")
+
+
+def _kernel_args(launch: KernelLaunch, space: symmetric.Workspace, group_name: str, copy_in: bool) -> tuple[Any, ...]:
+    """The fused kernel's arguments, from the rms_norm kernel's launch of the same call (its arguments are
+    ``x, residual, weight, out, scale_out, scale_words, scale_in, epsilon, amax_floor, *flags``)."""
+    x = launch.args[0]
+    rows = space.rows(x.shape[0]).view(x.shape)
+    return (x, rows, space.signal_pads, *launch.args[1:9], group_name, space.rank, copy_in, *launch.args[9:])
+
+
+def _is_workspace(input: torch.Tensor, space: symmetric.Workspace | None) -> bool:
+    return space is not None and input.is_contiguous() and input.data_ptr() == space.buffer.data_ptr()
+
+
+def _unavailable(group: dist.ProcessGroup, input: torch.Tensor, launches: tuple[KernelLaunch, ...]) -> str | None:
+    """Why this rank cannot offer the fused path for this call (None: it can)."""
+    reason = symmetric.unavailable_reason(group, input.device)
+    if reason is not None:
+        return reason
+    tokens, hidden = input.shape
+    if tokens == 0:
+        return "an empty input"
+    if not symmetric.fits(tokens, hidden, input.dtype):
+        return f"a workspace for {tokens} x {hidden} {input.dtype} would exceed {symmetric.MAX_BYTES} bytes"
+    if len(launches) != 1:
+        return "a call the rms_norm kernel does not serve in one launch"
+    return None
+
+
+def _variant(launch: KernelLaunch, copy_in: bool) -> int:
+    """What the ranks' fused kernels and their layouts must agree on, as a 32-bit digest: the kernel variant
+    (dtypes, hidden size, quant flags), which arguments share storage, each tensor's shape and strides, and
+    whether the input is copied into the workspace."""
+    layout = [(tuple(a.shape), a.stride()) for a in launch.args if isinstance(a, torch.Tensor)]
+    return zlib.crc32(repr((launch.key, dispatch.storage_pattern(launch.args), layout, copy_in)).encode())
+
+
+_plans: dict[tuple[Any, ...], Callable[[tuple[Any, ...]], None]] = {}
+
+
+def _plan(base: OpSpec, name: str, launch: KernelLaunch, op_args: tuple[Any, ...], space: symmetric.Workspace, group_name: str,
+          copy_in: bool) -> Callable[[tuple[Any, ...]], None]:
+    """Compile (once) and lay out the fused launch for calls with this signature; builds, never launches."""
+    key = (name, copy_in, dispatch.call_signature(op_args))
+    found = _plans.get(key)
+    if found is not None:
+        return found
+    args = _kernel_args(launch, space, group_name, copy_in)
+    device = launch.device
+    programs = helion.runtime.get_num_sm(device)
+    if programs > PROGRAM_SLOTS:
+        raise RuntimeError(f"{programs} SMs: the workspace's signal pads hold {PROGRAM_SLOTS} programs per rank")
+    kernel = dispatch.kernel_for(all_reduce_rms_norm_kernel, dispatch.storage_pattern(args))
+    compiled = kernel.bind(args).compile_config(fused_config(launch.problem["T"], launch.problem["H"]))
+    laid_out = fast_launch(compiled, args, op_args, device.index or 0)
+    if laid_out is None:  # launch through Helion's host code, with this call's views
+        dispatch.build_triton(compiled, args)
+
+        def laid_out(call_args: tuple[Any, ...]) -> None:
+            (again,) = base.prepare(**dict(zip(base.arg_names, call_args)))
+            compiled(*_kernel_args(again, space, group_name, copy_in))
+    _plans[key] = laid_out
+    return laid_out
+
+
+def _set_up(base: OpSpec, name: str, group: dist.ProcessGroup, group_name: str, launch: KernelLaunch, op_args: tuple[Any, ...],
+            copy_in: bool) -> bool:
+    """The fused path's setup for an agreed call, on every rank: the workspace, then the kernel's compile; True
+    where both succeeded on every rank (else every rank records why, and falls back)."""
+    x, device = launch.args[0], launch.device
+    tokens, hidden = launch.problem["T"], launch.problem["H"]
+    space = symmetric.workspace(group, group_name, tokens, hidden, x.dtype, device, PROGRAM_SLOTS)
+    if space is None:
+        _fallback_reasons[(name, group_name)] = symmetric.failure(group_name, tokens, hidden, x.dtype, device) or ""
+        return False
+    problem = None
+    try:
+        _plan(base, name, launch, op_args, space, group_name, copy_in)
+    except Exception as error:  # noqa: BLE001 - a compile failure on one rank sends every rank to the fallback
+        problem = f"the fused kernel does not build: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
+    failed = symmetric.all_ranks_ok(group, device, problem)
+    if failed:
+        _fallback_reasons[(name, group_name)] = "; ".join(failed)
+        return False
+    return True
+
+
+def workspace(group_name: str, tokens: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """The symmetric workspace's first ``tokens`` rows ``[tokens, hidden]`` on the current GPU, for a producer to
+    write its partial result into and pass as ``input``: the op then skips its copy into the workspace.
+
+    Collective on first use for each (group, dtype, power-of-two token capacity, hidden): every rank of the
+    group calls it in the same order, outside CUDA-graph capture. Raises RuntimeError on every rank where
+    some rank cannot set it up (then pass ordinary tensors; the op falls back).
+    """
+    group = process_group("workspace", group_name)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    reason = symmetric.unavailable_reason(group, device)
+    if reason is not None:
+        raise RuntimeError(f"workspace: no symmetric memory here ({reason})")
+    if not symmetric.fits(tokens, hidden, dtype):
+        raise RuntimeError(f"workspace: {tokens} x {hidden} {dtype} exceeds {symmetric.MAX_BYTES} bytes")
+    space = symmetric.workspace(group, group_name, tokens, hidden, dtype, device, PROGRAM_SLOTS)
+    if space is None:
+        raise RuntimeError(f"workspace: {symmetric.failure(group_name, tokens, hidden, dtype, device)}")
+    return space.rows(tokens)
+
+
 def _declare(base: OpSpec) -> Any:
     name, schema = PREFIX + base.name, with_group(base.schema)
     arguments = torch._C.parse_schema(f"{NAMESPACE}::{name}{schema}").arguments
@@ -138,8 +293,9 @@ def _declare(base: OpSpec) -> Any:
         call = bind(name, names, defaults, args, kwargs)
         group_name = call.pop("group_name")
         group = process_group(name, group_name)
+        launches: tuple[KernelLaunch, ...] = ()
         try:
-            base.prepare(**call)  # the rms_norm op's own argument checks, before any rank moves data
+            launches = base.prepare(**call)  # the rms_norm op's own argument checks, before any rank moves data
             device = _exchange_device(group)
             if call["input"].device.type != device.type:
                 raise ValueError(f"{name}: input: expected a {device.type} tensor for the group's "
@@ -147,13 +303,30 @@ def _declare(base: OpSpec) -> Any:
             error = None
         except (ValueError, TypeError) as failed:
             error = failed
-        agree(name, group, group_name, call["input"], error)
+        input = call["input"]
+        op_args = tuple(call.values())
+        reason, copy_in, variant, offer = "its arguments", True, 0, None
+        if error is None:
+            if len(launches) == 1:
+                space = symmetric.known(group_name, *input.shape, input.dtype, input.device)
+                copy_in = not _is_workspace(input, space)
+                variant = _variant(launches[0], copy_in)
+            reason = _unavailable(group, input, launches)
+            if reason is None:
+                launch = launches[0]
+
+                def offer() -> bool:
+                    return _set_up(base, name, group, group_name, launch, op_args, copy_in)
+        if agree(name, group, group_name, input, error, variant, offer):
+            space = symmetric.known(group_name, *input.shape, input.dtype, input.device)
+            _plan(base, name, launches[0], op_args, space, group_name, copy_in)(op_args)
+            return
         if name not in _warned:
             _warned.add(name)
-            warnings.warn(f"helion_fusions: {name}: no fused multi-GPU kernel in this version; running "
+            why = reason or _fallback_reasons.get((name, group_name)) or "another rank cannot use symmetric memory"
+            warnings.warn(f"helion_fusions: {name}: no fused kernel for this call ({why}); running "
                           f"torch.distributed.all_gather, an fp32 sum in rank order and helion_fusions.{base.name}",
                           stacklevel=2)
-        input = call["input"]
         parts = [torch.empty_like(input, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, input.contiguous(), group=group)
         summed = ordered_sum(parts)

@@ -204,7 +204,7 @@ def _describe(launch: KernelLaunch) -> str:
     return ", ".join(f"{name}={value}" for name, value in launch.problem.items())
 
 
-def _build_triton(compiled: Any, args: Sequence[Any]) -> None:
+def build_triton(compiled: Any, args: Sequence[Any]) -> None:
     """Build (and load) the Triton kernel a compiled Helion function launches, without launching it."""
     captured = captured_launch(compiled, args)
     if captured is None:
@@ -231,7 +231,7 @@ def _build(spec: OpSpec, launch: KernelLaunch) -> Any:
     for label, config in attempts:
         try:
             compiled = bound.compile_config(config)
-            _build_triton(compiled, launch.args)
+            build_triton(compiled, launch.args)
         except Exception as error:  # noqa: BLE001 - any build failure takes the fallback path
             first_line = str(error).splitlines()[0][:200] if str(error) else ""
             failures.append(f"{label} config {dict(config)}: {type(error).__name__}: {first_line}")

@@ -1,0 +1,88 @@
+"""One-shot all-reduce + RMSNorm (+ residual) + quant over symmetric memory: every flavour of the rms_norm
+family (see :mod:`helion_fusions.ops.all_reduce`), from one Helion kernel.
+
+Each rank's partial input lies in its symmetric ``workspace`` (the kernel copies it there, or a producer
+wrote it there). For each tile of rows, every rank's program ``p`` meets the other ranks' programs ``p`` at
+a barrier on the signal pads, reads those rows from the W workspaces, sums them in fp32 in rank order
+0..W-1 and rounds once to the input dtype; then the rms_norm kernel's row function and quant epilogue.
+A second barrier, before anything is stored, holds each rank until every peer has read its rows, so no
+rank overwrites a workspace (an in-place output, the next call's input) that a peer still reads.
+
+Synchronization is Helion's ``symm_mem_sync``: system-scope compare-and-swap on 32-bit signal pad slots
+(release when sending after memory accesses, acquire when waiting before them), one slot per (program,
+rank), reset to zero by the waiter so the pads need no host reset (CUDA-graph safe). Symmetric-memory
+kernels are persistent (Helion allows no other program-id layout for them): the grid is one program per
+SM and every rank runs the same tiles in each program, so slot ``p`` pairs the same rows on every rank.
+No NVLink multicast is used: peers are read through their mapped buffers.
+"""
+
+from __future__ import annotations
+
+import helion
+import helion.language as hl
+import torch
+from helion.runtime.triton.dist_utils import symm_mem_sync
+
+from helion_fusions.kernels.rms_norm import normalize_rows
+from helion_fusions.quant.epilogues import (
+    NVFP4,
+    SWIZZLE_COLS,
+    load_scale_in,
+    store_quantized,
+    swizzled_scale_shape,
+    zero_swizzled_rows,
+)
+
+
+@helion.kernel(static_shapes=False, autotune_effort="none",
+               ignore_warnings=[helion.exc.TensorOperationInWrapper])  # get_remote_tensors: host code, as meant
+def all_reduce_rms_norm_kernel(
+    x: torch.Tensor,  # [T, NG, G] this rank's partial input (the workspace itself when COPY_IN is off)
+    workspace: torch.Tensor,  # [T, NG, G] symmetric, at the start of its allocation
+    signal_pads: torch.Tensor,  # int64 [W]: the address of each rank's signal pad, as mapped here
+    residual: torch.Tensor,  # as in rms_norm_kernel, and the arguments below
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    scale_out: torch.Tensor,
+    scale_words: torch.Tensor,
+    scale_in: torch.Tensor,
+    epsilon: float,
+    amax_floor: float,
+    group_name: hl.ProcessGroupName,
+    RANK: hl.constexpr,
+    COPY_IN: hl.constexpr,
+    QUANT: hl.constexpr,
+    HAS_RESIDUAL: hl.constexpr,
+    ROUND_SUM: hl.constexpr,
+    HAS_SCALE_UB: hl.constexpr,
+    UE8M0: hl.constexpr,
+    SWIZZLED: hl.constexpr,
+    FP8_MAX: hl.constexpr,
+) -> None:
+    T, NG, G = x.size()
+    NG = hl.specialize(NG)
+    G = hl.specialize(G)
+    W = hl.specialize(signal_pads.size(0))
+    peers = torch.ops.symm_mem.get_remote_tensors(workspace, group_name)
+    for tile_t in hl.tile(T):
+        if COPY_IN:
+            workspace[tile_t, :, :] = x[tile_t, :, :]
+        # release: this program's copy is visible to the peers; acquire: theirs (or their producers') to us
+        hl.triton_kernel(symm_mem_sync, args=(signal_pads, None, RANK, W, True, True), output_like=None)
+        w = weight[None, :, :]
+        scale_value = load_scale_in(scale_in, tile_t, None, QUANT)
+        # rank 0 first, not 0.0 + rank 0: that would turn a -0.0 sum into +0.0
+        total = peers[0][tile_t, :, :].to(torch.float32)
+        for rank in hl.static_range(1, W):
+            total = total + peers[rank][tile_t, :, :].to(torch.float32)
+        xf = total.to(x.dtype).to(torch.float32)
+        y = normalize_rows(xf, residual, w, tile_t, NG * G, epsilon, x.dtype, HAS_RESIDUAL, ROUND_SUM)
+        # release after the reads: past this barrier no peer reads these rows of our workspace again
+        hl.triton_kernel(symm_mem_sync, args=(signal_pads, None, RANK, W, True, False), output_like=None)
+        store_quantized(y, out, scale_out, scale_value, amax_floor, tile_t, None, T, NG, G,
+                        QUANT, HAS_SCALE_UB, UE8M0, SWIZZLED, FP8_MAX)
+        if QUANT == NVFP4:
+            if SWIZZLED:
+                if tile_t.begin == 0:  # one tile zeroes the padding rows
+                    for tile_c in hl.tile(swizzled_scale_shape(1, NG)[1] // SWIZZLE_COLS, block_size=32):
+                        zero_swizzled_rows(scale_words, tile_c, T, NG)

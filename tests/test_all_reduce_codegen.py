@@ -1,0 +1,88 @@
+"""The fused all_reduce kernel generates Triton code on a CPU, for every call the rms_norm checks accept.
+
+A fake process group (``torch.distributed`` backend "fake") gives ``symm_mem.get_remote_tensors`` a group size
+to trace with; the workspace and signal pads are CPU stand-ins, which only their shapes and dtypes matter for.
+Nothing runs: the GPU tests (tests/test_all_reduce_gpu.py) run the kernel.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+import all_reduce_workers as workers
+from helion_fusions.kernels.all_reduce import all_reduce_rms_norm_kernel
+from helion_fusions.ops import all_reduce
+from helion_fusions.runtime import symmetric
+from helion_fusions.tools.testing import code_generator
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(params=[2, 4], ids=lambda w: f"W={w}")
+def world(request: pytest.FixtureRequest) -> Iterator[int]:
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=request.param)
+    try:
+        yield request.param
+    finally:
+        dist.destroy_process_group()
+
+
+def _code(base, shape: tuple[int, int], dtype: torch.dtype, world: int, copy_in: bool = True) -> str:
+    kwargs = workers.call_kwargs(base, shape, dtype, 0)
+    (launch,) = base.prepare(**kwargs)
+    tokens, hidden = shape
+    space = symmetric.Workspace(torch.empty(symmetric.capacity_for(tokens) * hidden, dtype=dtype),
+                                torch.zeros(world, dtype=torch.int64), 0, world, symmetric.capacity_for(tokens), hidden)
+    args = all_reduce._kernel_args(launch, space, dist.group.WORLD.group_name, copy_in)
+    bound = code_generator(all_reduce_rms_norm_kernel).bind(args)
+    return bound.to_triton_code(all_reduce.fused_config(tokens, hidden))
+
+
+def _device_code(code: str) -> str:
+    """The body of the generated Triton kernel (not the inlined helpers or the host function)."""
+    start = code.index("def _helion_all_reduce_rms_norm_kernel(")
+    return code[start:code.index("\ndef all_reduce_rms_norm_kernel(", start)]
+
+
+def test_every_accepted_call_generates_code(world: int) -> None:
+    cases = [c for c in workers.cases() if c[1][0] > 0]  # an empty input takes the fallback
+    if world > 2:  # the group size changes only the reads: one dtype is enough there
+        cases = [c for c in cases if c[2] == torch.bfloat16]
+    assert {base.name for base, _, _ in cases} == {b.name for b in all_reduce.BASES}
+    for base, shape, dtype in cases:
+        code = _code(base, shape, dtype, world)
+        body = _device_code(code)
+        where = f"{base.name} {shape} {dtype} W={world}"
+        # every rank's workspace is read, rank 0 first, and nothing is multicast
+        reads = re.findall(r"tl\.load\(peers_item_(\d+) ", body)
+        assert reads == [str(r) for r in range(world)], (where, reads)
+        assert "multimem" not in code and "multicast" not in code, where
+        # persistent: one program per SM, looping over its tiles
+        assert "_NUM_SM" in body and "for virtual_pid in tl.range(" in body, where
+        # the entry barrier (release + acquire) follows the copy in; the exit barrier precedes every store to out
+        syncs = [m.start() for m in re.finditer(r"_symm_mem_sync_cuda\(signal_pads, None, 0, %d, " % world, body)]
+        assert len(syncs) == 2, (where, syncs)
+        assert "True, True)" in body[syncs[0]:syncs[0] + 80] and "True, False)" in body[syncs[1]:syncs[1] + 80]
+        assert body.index("tl.store(workspace") < syncs[0] < body.index("tl.load(peers_item_0")
+        out_stores = [m.start() for m in re.finditer(r"tl\.store\(out ", body)]
+        assert out_stores and min(out_stores) > syncs[1], where
+
+
+def test_zero_copy_call_generates_code_without_the_copy(world: int) -> None:
+    base = next(b for b in all_reduce.BASES if b.name == "fused_add_rms_norm")
+    body = _device_code(_code(base, (7, 256), torch.bfloat16, world, copy_in=False))
+    assert "tl.store(workspace" not in body and body.count("_symm_mem_sync_cuda(") == 2
+
+
+@pytest.mark.parametrize("tokens", [1, 1500, 3000])
+def test_config_row_blocks_generate_code(world: int, tokens: int) -> None:
+    """Each rows-per-tile choice of fused_config (1, 2, 4) at H = 4096, and T = 1."""
+    base = next(b for b in all_reduce.BASES if b.name == "rms_norm_dynamic_per_token_quant")
+    body = _device_code(_code(base, (tokens, 4096), torch.bfloat16, world))
+    assert body.count("_symm_mem_sync_cuda(") == 2
