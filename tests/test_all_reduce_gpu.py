@@ -3,7 +3,8 @@ reference, identical bytes on both ranks, T = 1, an odd hidden size, a producer 
 CUDA-graph replay. Skipped without two GPUs.
 
 Run with ``NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 python -m pytest -q
-tests/test_all_reduce_gpu.py`` (the ranks set the same variables themselves).
+tests/test_all_reduce_gpu.py`` (the ranks set the same variables themselves); ``ALL_REDUCE_GPU_QUICK=1``
+runs bf16 and three shapes only.
 """
 
 from __future__ import annotations
