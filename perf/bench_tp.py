@@ -172,6 +172,20 @@ def _worker(rank: int, world: int, init: str, backend: str, jobs: list[tuple[str
         dist.destroy_process_group()
 
 
+def summary(rows: list[dict]) -> str:
+    """The table's headline figures: speedup over the best baseline, and ours at T <= 32."""
+    speedups = [row["speedup_vs_best"] for row in rows]
+    small = [row["ours_us"] for row in rows if int(row["T"]) <= 32]
+    below = [f"{row['op']} T={row['T']} H={row['H']}" for row in rows if row["speedup_vs_best"] < 1.0]
+    lines = [f"- speedup_vs_best: geomean {statistics.geometric_mean(speedups):.2f}x over {len(rows)} rows, "
+             f"{min(speedups):.2f}-{max(speedups):.2f}x; rows below 1.0: {len(below)}"]
+    if small:
+        lines.append(f"- ours at T <= 32: {min(small):.1f}-{max(small):.1f} us")
+    lines.append(f"- nccl_flips (the NCCL path off the contract by its summation order): "
+                 f"{sum(int(row['nccl_flips']) for row in rows)}; ours equals the contract on every rank")
+    return "\n".join(lines)
+
+
 def write_results(rows: list[dict], out: Path) -> str:
     identity, label = device_identity(), torch.cuda.get_device_name()
     name = f"{identity.name}_x{rows[0]['world_size']}"
@@ -190,7 +204,7 @@ def write_results(rows: list[dict], out: Path) -> str:
     table = tabulate([[r.get(c) for c in shown] for r in rows], headers=shown, floatfmt=".1f", tablefmt="github")
     text = (f"# all_reduce + rms_norm on {rows[0]['world_size']} x {label} ({name})\n\n"
             f"torch {version('torch')}, helion {version('helion')}; CUDA graphs, medians, the slowest rank's time "
-            f"in us; written by `python -m perf.bench_tp`.\n\n{table}\n")
+            f"in us; written by `python -m perf.bench_tp`.\n\n{summary(rows)}\n\n{table}\n")
     (out / f"{name}.md").write_text(text)
     return text
 
