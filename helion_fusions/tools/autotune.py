@@ -135,10 +135,12 @@ def _time_us(fn: Any, shape: Shape) -> float:
 
 
 def tune_shape(spec: OpSpec, shape: Shape, dtype: torch.dtype, device: torch.device,
-               bound: list[Any], configs: list[helion.Config], num_seeds: int, log: Any) -> config_store.Entry | None:
-    """Check and time every candidate on one shape; ``bound`` holds the op's launches, bound (on a GPU).
+               configs: list[helion.Config], num_seeds: int, log: Any) -> config_store.Entry | None:
+    """Check and time every candidate on one shape.
 
-    An op of several launches runs them all with the candidate config."""
+    An op of several launches runs them all with the candidate config. Each candidate binds the launches
+    this shape prepares (Helion caches bound kernels): the launches may differ between shapes that bind
+    alike otherwise, in number or flavour."""
     kwargs = spec.make_inputs(shape, dtype, device)
     where = f"{spec.name} {shape_text(shape)}"
     expected = clone_kwargs(kwargs)
@@ -149,7 +151,8 @@ def tune_shape(spec: OpSpec, shape: Shape, dtype: torch.dtype, device: torch.dev
         launches = spec.prepare(**trial)
         try:
             # on the CPU smoke path the kernel runs in interpret mode, where configs do not apply
-            kernels = ([b.compile_config(config) for b in bound] if device.type == "cuda"
+            kernels = ([launch.kernel.bind(launch.args).compile_config(config) for launch in launches]
+                       if device.type == "cuda"
                        else [dispatch.interpreted(launch.kernel) for launch in launches])
 
             def fn() -> None:
@@ -192,11 +195,6 @@ def _key(spec: OpSpec, dtype: str, shape: Shape) -> tuple[Any, ...]:
 
 def _model_dims(spec: OpSpec, shape: Shape) -> dict[str, int]:
     return {d.name: shape[d.name] for d in spec.problem if not d.bucketed}
-
-
-def _bind_class(shape: Shape) -> tuple[bool, ...]:
-    """Shapes that bind the kernel alike: Helion specializes a dimension of size 1."""
-    return tuple(value == 1 for value in shape.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,24 +292,18 @@ def main(argv: list[str] | None = None) -> int:
                 progress.advance(task, len(ss))
                 continue
             entries = existing.setdefault(spec.name, [])
-            binds: dict[tuple[bool, ...], list[Any]] = {}
             for shape in ss:
                 where = f"{spec.name} {shape_text(shape)}"
                 progress.update(task, description=where)
                 configs, num_seeds = shape_configs(spec, shape)
-                bind_class = _bind_class(shape)
-                if bind_class not in binds and device.type == "cuda":
-                    launches = spec.prepare(**spec.make_inputs(shape, dtype, device))
-                    binds[bind_class] = [launch.kernel.bind(launch.args) for launch in launches]
-                bound = binds.get(bind_class)
-                entry = tune_shape(spec, shape, dtype, device, bound, configs, num_seeds, log)
+                entry = tune_shape(spec, shape, dtype, device, configs, num_seeds, log)
                 old = stale.get(_key(spec, args.dtype, shape))
                 if old is not None and (entry is None or entry.time_us > REVALIDATE_SLOWDOWN * old.time_us):
                     now = "fails" if entry is None else f"takes {entry.time_us:.2f} us"
                     log(f"  {where}: the revalidated config {now} (recorded {old.time_us:.2f} us); "
                         "searching the shape again")
                     configs, num_seeds = candidates(spec, shape, helion.Config(**old.config))
-                    entry = tune_shape(spec, shape, dtype, device, bound, configs, num_seeds, log)
+                    entry = tune_shape(spec, shape, dtype, device, configs, num_seeds, log)
                 elif entry is not None and old is not None:
                     entry = dataclasses.replace(entry, source="revalidated", seed_time_us=None)
                 if entry is None:
