@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from all_reduce_workers import as_bytes, call_kwargs  # noqa: F401 - the test reads them from here
+from all_reduce_workers import as_bytes, call_kwargs, cases  # noqa: F401 - the test reads them from here
 from helion_fusions.ops import all_reduce
 from helion_fusions.runtime.registry import OpSpec
 
@@ -26,20 +26,6 @@ if os.environ.get("ALL_REDUCE_GPU_QUICK") == "1":  # a first look: bf16 and thre
 GRAPH_OP = "fused_add_rms_norm_static_fp8_quant"
 ZERO_COPY_OP = "rms_norm_dynamic_per_token_quant"
 TIMEOUT = datetime.timedelta(seconds=300)  # a rank may wait while the other compiles
-
-
-def cases() -> list[tuple[OpSpec, tuple[int, int], torch.dtype]]:
-    """Every op with the shapes and dtypes its rms_norm op accepts."""
-    found = []
-    for base in all_reduce.BASES:
-        for shape in SHAPES:
-            for dtype in DTYPES:
-                try:
-                    base.prepare(**base.make_inputs({"T": shape[0], "H": shape[1]}, dtype, torch.device("cpu")))
-                except ValueError:
-                    continue
-                found.append((base, shape, dtype))
-    return found
 
 
 def on_gpu(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -108,7 +94,7 @@ def run(rank: int, world_size: int, init_file: str, out: str) -> None:
     try:
         world = dist.group.WORLD.group_name
         outputs, paths = [], []
-        for base, shape, dtype in cases():
+        for base, shape, dtype in cases(SHAPES, DTYPES):
             kwargs = on_gpu(call_kwargs(base, shape, dtype, rank))
             all_reduce.OPS[all_reduce.PREFIX + base.name](**kwargs, group_name=world)
             torch.cuda.synchronize()

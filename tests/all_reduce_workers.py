@@ -7,6 +7,9 @@ it raised) to ``<out>/rank<r>.pt``; the test compares the ranks with each other 
 from __future__ import annotations
 
 import datetime
+import multiprocessing
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,18 +29,40 @@ def rank_input(shape: tuple[int, int], dtype: torch.dtype, rank: int) -> torch.T
     return (torch.randn(shape, generator=generator) * (1 + rank)).to(dtype)
 
 
-def cases() -> list[tuple[OpSpec, tuple[int, int], torch.dtype]]:
+def cases(shapes: tuple[tuple[int, int], ...] = SHAPES,
+          dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[tuple[OpSpec, tuple[int, int], torch.dtype]]:
     """Every op with the shapes and dtypes its rms_norm op accepts (a shape it rejects is left out)."""
     found = []
     for base in all_reduce.BASES:
-        for shape in SHAPES:
-            for dtype in DTYPES:
+        for shape in shapes:
+            for dtype in dtypes:
                 try:
                     base.prepare(**base.make_inputs({"T": shape[0], "H": shape[1]}, dtype, torch.device("cpu")))
                 except ValueError:
                     continue
                 found.append((base, shape, dtype))
     return found
+
+
+def spawn_ranks(run: Callable[[int, int, str, str], None], world: int, out: Path, join_seconds: float) -> list[dict]:
+    """Run ``run(rank, world, init_file, out)`` in a process per rank; return what each rank saved.
+
+    A rank still running after ``join_seconds`` fails the test as a hang; a rank's crash fails it with
+    that rank's traceback."""
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=run, args=(rank, world, str(out / "init"), str(out))) for rank in range(world)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(join_seconds)
+    hung = [rank for rank, p in enumerate(processes) if p.is_alive()]
+    for process in processes:
+        process.kill()
+    assert not hung, f"ranks {hung} did not finish within {join_seconds} s (a hang)"
+    results = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+    for rank, result in enumerate(results):
+        assert "crashed" not in result, f"rank {rank}:\n{result['crashed']}"
+    return results
 
 
 def call_kwargs(base: OpSpec, shape: tuple[int, int], dtype: torch.dtype, rank: int) -> dict[str, Any]:

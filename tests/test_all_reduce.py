@@ -6,13 +6,11 @@ calls (each must raise on both ranks, never hang), and a torch.compile(fullgraph
 
 from __future__ import annotations
 
-import multiprocessing
-from pathlib import Path
-
 import pytest
 import torch
 
 import all_reduce_workers as workers
+from all_reduce_workers import spawn_ranks
 from helion_fusions.ops import all_reduce
 from helion_fusions.tools.testing import compare_outputs, outputs_ok
 
@@ -53,21 +51,7 @@ def test_group_name_errors_without_distributed() -> None:
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Run both ranks once (every scenario) and return what each saw."""
     out = tmp_path_factory.mktemp("all_reduce")
-    context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=workers.run, args=(rank, WORLD, str(out / "init"), str(out)))
-                 for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(JOIN_SECONDS)
-    hung = [rank for rank, p in enumerate(processes) if p.is_alive()]
-    for process in processes:
-        process.kill()
-    assert not hung, f"ranks {hung} did not finish within {JOIN_SECONDS} s (a hang)"
-    results = [torch.load(Path(out) / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
-    for rank, result in enumerate(results):
-        assert "crashed" not in result, f"rank {rank}:\n{result['crashed']}"
-    return results
+    return spawn_ranks(workers.run, WORLD, out, JOIN_SECONDS)
 
 
 def test_bad_calls_raise_on_every_rank(ranks: list[dict]) -> None:

@@ -9,14 +9,11 @@ runs bf16 and three shapes only.
 
 from __future__ import annotations
 
-import multiprocessing
-from pathlib import Path
-
 import pytest
 import torch
 
 import all_reduce_gpu_workers as workers
-from all_reduce_workers import rank_input
+from all_reduce_workers import rank_input, spawn_ranks
 from helion_fusions.ops import all_reduce
 from helion_fusions.tools.testing import compare_outputs, outputs_ok
 
@@ -29,21 +26,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < WO
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("all_reduce_gpu")
-    context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=workers.run, args=(rank, WORLD, str(out / "init"), str(out)))
-                 for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(JOIN_SECONDS)
-    hung = [rank for rank, p in enumerate(processes) if p.is_alive()]
-    for process in processes:
-        process.kill()
-    assert not hung, f"ranks {hung} did not finish within {JOIN_SECONDS} s (a hang)"
-    results = [torch.load(Path(out) / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
-    for rank, result in enumerate(results):
-        assert "crashed" not in result, f"rank {rank}:\n{result['crashed']}"
-    return results
+    return spawn_ranks(workers.run, WORLD, out, JOIN_SECONDS)
 
 
 def _check(base, expected_kwargs: dict, actual: dict, where: str) -> None:
@@ -58,7 +41,7 @@ def _same_bytes(ranks_outputs: list[dict], where: str) -> None:
 
 
 def test_every_flavour_takes_the_fused_path_and_matches_the_reference(ranks: list[dict]) -> None:
-    cases = workers.cases()
+    cases = workers.cases(workers.SHAPES, workers.DTYPES)
     assert {base.name for base, _, _ in cases} == {b.name for b in all_reduce.BASES}
     assert any(shape == (1, 4096) for _, shape, _ in cases) and any(shape[1] % 2 for _, shape, _ in cases)
     for index, (base, shape, dtype) in enumerate(cases):
