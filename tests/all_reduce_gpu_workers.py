@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from all_reduce_workers import as_bytes, call_kwargs, cases  # noqa: F401 - the test reads them from here
+from all_reduce_workers import as_bytes, call_kwargs, cases, saved_result  # noqa: F401 - the test reads them from here
 from helion_fusions.ops import all_reduce
 from helion_fusions.runtime.registry import OpSpec
 
@@ -90,8 +90,7 @@ def run(rank: int, world_size: int, init_file: str, out: str) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=TIMEOUT, device_id=torch.device("cuda", rank))
-    result: dict[str, Any] = {}
-    try:
+    with saved_result(rank, out) as result:
         world = dist.group.WORLD.group_name
         outputs, paths = [], []
         for base, shape, dtype in cases(SHAPES, DTYPES):
@@ -103,12 +102,3 @@ def run(rank: int, world_size: int, init_file: str, out: str) -> None:
         result["outputs"], result["fused"] = outputs, paths
         result["graph"] = _graph(world, rank)
         result["zero_copy"] = _zero_copy(world, rank)
-    except BaseException as error:  # reported by the test, with this rank's traceback
-        import traceback
-
-        result["crashed"] = traceback.format_exc()
-        raise error
-    finally:
-        torch.save(result, f"{out}/rank{rank}.pt")
-        dist.destroy_process_group()
-

@@ -6,9 +6,11 @@ it raised) to ``<out>/rank<r>.pt``; the test compares the ranks with each other 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -175,11 +177,25 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
+@contextlib.contextmanager
+def saved_result(rank: int, out: str) -> Iterator[dict[str, Any]]:
+    """This rank's result, saved to ``<out>/rank<r>.pt`` at the end (with the traceback if the rank crashed,
+    which the test reports); then the process group is destroyed."""
+    result: dict[str, Any] = {}
+    try:
+        yield result
+    except BaseException:
+        result["crashed"] = traceback.format_exc()
+        raise
+    finally:
+        torch.save(result, f"{out}/rank{rank}.pt")
+        dist.destroy_process_group()
+
+
 def run(rank: int, world_size: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=TIMEOUT)
-    result: dict[str, Any] = {}
-    try:
+    with saved_result(rank, out) as result:
         world = dist.group.WORLD.group_name
         result["errors"] = _errors(rank, world)
         outputs = []
@@ -190,11 +206,3 @@ def run(rank: int, world_size: int, init_file: str, out: str) -> None:
         result["outputs"] = outputs
         result["compiled"] = _compiled(rank, world)
         result["decisions"] = _decisions(rank, world)
-    except BaseException as error:  # reported by the test, with this rank's traceback
-        import traceback
-
-        result["crashed"] = traceback.format_exc()
-        raise error
-    finally:
-        torch.save(result, f"{out}/rank{rank}.pt")
-        dist.destroy_process_group()
