@@ -71,15 +71,20 @@ class ConfigFile:
     versions: dict[str, str]
     entries: tuple[Entry, ...]
 
-    def pick(self, dtype: torch.dtype, shape: dict[str, int], problem: Sequence[Dim], batch_invariant: bool) -> Entry:
+    def pick(self, dtype: torch.dtype, shape: dict[str, int], problem: Sequence[Dim],
+             batch_invariant: bool) -> Entry | None:
         """The entry for this call: same dtype if tuned, the nearest model dims, then the bucket of each bucketed dim.
 
         In batch-invariant mode the bucketed dims are ignored: every call takes their largest
-        tuned value's config, so a row's reduction layout never depends on the batch.
+        tuned value's config, so a row's reduction layout never depends on the batch. None where
+        no entry has the call's value of an exact dim.
         """
         dtype_name = str(dtype).removeprefix("torch.")
-        candidates = [e for e in self.entries if e.dtype == dtype_name] or list(self.entries)
-        for dim in sorted(problem, key=lambda d: d.bucketed):
+        candidates = [e for e in self.entries if all(e.shape[d.name] == shape[d.name] for d in problem if d.exact)]
+        candidates = [e for e in candidates if e.dtype == dtype_name] or candidates
+        if not candidates:
+            return None
+        for dim in sorted((d for d in problem if not d.exact), key=lambda d: d.bucketed):
             values = sorted({e.shape[dim.name] for e in candidates})
             value = shape[dim.name]
             if not dim.bucketed:

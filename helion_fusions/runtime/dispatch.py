@@ -38,7 +38,9 @@ from helion_fusions.runtime.registry import (
     TOKEN_GRID,
     KernelLaunch,
     OpSpec,
+    TunedKernel,
     bind,
+    shape_text,
     signature,
     tokens_dim,
 )
@@ -57,7 +59,7 @@ def _warn_once(*key: str) -> None:
         warnings.warn(key[-1], stacklevel=3)
 
 
-def resolve_config_file(spec: OpSpec, device: DeviceIdentity) -> config_store.ConfigFile | None:
+def resolve_config_file(spec: OpSpec | TunedKernel, device: DeviceIdentity) -> config_store.ConfigFile | None:
     """Walk the fallback chain; warns once naming what was used and why. None = architecture default."""
     expected = spec_hash(spec)
     problems = []
@@ -81,19 +83,31 @@ def resolve_config_file(spec: OpSpec, device: DeviceIdentity) -> config_store.Co
 
 
 @functools.cache
-def spec_hash(spec: OpSpec) -> str:
+def spec_hash(spec: OpSpec | TunedKernel) -> str:
     return config_store.kernel_hash(spec.kernel)
 
 
 def choose_config(spec: OpSpec, launch: KernelLaunch, batch_invariant: bool) -> helion.Config:
-    file = _config_files(spec, launch.device.index or 0)
-    if file is None:
-        return spec.default_config(launch.problem)
-    return helion.Config(**file.pick(launch.dtype, launch.problem, spec.problem, batch_invariant).config)
+    return tuned_config(spec, launch.problem, launch.dtype, launch.device.index or 0, batch_invariant)[0]
+
+
+def tuned_config(spec: OpSpec | TunedKernel, problem: dict[str, int], dtype: torch.dtype, index: int,
+                 batch_invariant: bool) -> tuple[helion.Config, str]:
+    """The config for ``problem`` on GPU ``index``, and where it comes from: a config file's entry, or the
+    architecture default (no usable file, or none of its entries has the call's value of an exact dim)."""
+    file = _config_files(spec, index)
+    entry = None if file is None else file.pick(dtype, problem, spec.problem, batch_invariant)
+    if entry is not None:
+        return helion.Config(**entry.config), f"{file.path} ({shape_text(entry.shape)}, {entry.dtype})"
+    if file is not None:
+        exact = {d.name: problem[d.name] for d in spec.problem if d.exact}
+        _warn_once(spec.name, file.path.name, shape_text(exact), f"helion_fusions: {spec.name}: {file.path} has no "
+                   f"entry for {shape_text(exact)}; using the architecture default config")
+    return spec.default_config(problem), "the architecture default"
 
 
 @functools.cache
-def _config_files(spec: OpSpec, index: int) -> config_store.ConfigFile | None:
+def _config_files(spec: OpSpec | TunedKernel, index: int) -> config_store.ConfigFile | None:
     return resolve_config_file(spec, device_identity(index))
 
 

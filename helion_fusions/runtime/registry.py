@@ -32,12 +32,15 @@ class Dim:
     ``bucketed`` dimensions (the token count) take the config of the smallest tuned value at least
     as large (the largest above them all), and compile one kernel per bucket of ``grid``; the others
     (model dimensions: fixed per model, one compile each anyway) take the nearest tuned value on a
-    log scale. ``grid`` is what ``make autotune`` and ``make bench`` measure.
+    log scale. ``exact`` dimensions (a collective's world size) take only entries tuned for their value,
+    and the default config where there are none. ``grid`` is what ``make autotune`` and ``make bench``
+    measure.
     """
 
     name: str
     grid: tuple[int, ...]
     bucketed: bool = False
+    exact: bool = False
 
     def bucket(self, value: int) -> int:
         """The compile bucket of ``value``: its grid bucket (one past the grid above it); a model dim is its own."""
@@ -65,6 +68,22 @@ def shapes(problem: Sequence[Dim], overrides: Mapping[str, Sequence[int]] | None
 def shape_text(shape: Shape) -> str:
     """``T=16,H=4096``: the form ``--shape`` takes and tables print."""
     return ",".join(f"{name}={value}" for name, value in shape.items())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TunedKernel:
+    """A kernel tuned under a name of its own outside the registry (a composite op's own kernel): the part of
+    an :class:`OpSpec` that the config store and the dispatcher's config lookup read."""
+
+    name: str
+    kernel: helion.Kernel
+    problem: tuple[Dim, ...]
+    default_config: Callable[[Shape], helion.Config]
+    config_problem: Callable[[dict[str, Any]], str | None] | None = None
+
+    @property
+    def dim_names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.problem)
 
 
 class KernelLaunch(NamedTuple):
