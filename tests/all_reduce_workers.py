@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import multiprocessing
+import os
+import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,11 +20,14 @@ import torch
 import torch.distributed as dist
 
 from helion_fusions.ops import all_reduce
+from helion_fusions.runtime import config_store, dispatch
+from helion_fusions.runtime.device import DeviceIdentity
 from helion_fusions.runtime.registry import OpSpec
 
 SHAPES = ((0, 256), (1, 256), (7, 256), (7, 17))
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TIMEOUT = datetime.timedelta(seconds=90)  # a hang fails the test instead of stalling CI
+H200 = DeviceIdentity("nvidia_h200", "nvidia_sm90", torch.float8_e4m3fn)
 
 
 def rank_input(shape: tuple[int, int], dtype: torch.dtype, rank: int) -> torch.Tensor:
@@ -72,6 +77,23 @@ def call_kwargs(base: OpSpec, shape: tuple[int, int], dtype: torch.dtype, rank: 
     kwargs = base.make_inputs({"T": shape[0], "H": shape[1]}, dtype, torch.device("cpu"))
     kwargs["input"] = rank_input(shape, dtype, rank)
     return kwargs
+
+
+def save_config(root: Path, name: str, entries: list[tuple[dict[str, int], dict[str, Any]]],
+                hash_: str | None = None) -> Path:
+    """``name``'s config file for an H200 under ``root``: a bf16 entry per (shape, config); the current kernel's
+    hash unless ``hash_``."""
+    tuned = all_reduce.TUNED[name]
+    path = root / H200.name / f"{name}.json"
+    config_store.save(path, name, H200.name, H200.family, hash_ or dispatch.spec_hash(tuned), tuned.dim_names,
+                      [config_store.Entry("bfloat16", shape, config, 1.0) for shape, config in entries])
+    return path
+
+
+def on_an_h200(launch: Any) -> Any:
+    """``launch`` as if made on GPU 0, so that the fused config lookup reads config files (where
+    ``dispatch.device_identity`` says H200)."""
+    return launch._replace(device=torch.device("cuda", 0))
 
 
 def _errors(rank: int, world: str) -> dict[str, str]:
@@ -170,7 +192,33 @@ def _decisions(rank: int, world: str) -> dict[str, Any]:
         all_reduce.OPS[all_reduce.PREFIX + plain.name](**call_kwargs(plain, (7, 256), torch.bfloat16, rank),
                                                        group_name=world)
     seen["warnings"] = [str(w.message) for w in caught]
+    seen["configs differ"] = _with_config_file(rank, world, num_warps=4 + 4 * rank)
+    seen["configs agree"] = _with_config_file(rank, world, num_warps=8)
     return seen
+
+
+def _with_config_file(rank: int, world: str, num_warps: int) -> str:
+    """A call whose fused config comes from this rank's own config file, as on an H200; returns the error it
+    raised on this rank, or "no error"."""
+    name = all_reduce.PREFIX + "rms_norm"
+    lookup, identity = all_reduce.fused_config, dispatch.device_identity
+    with tempfile.TemporaryDirectory(prefix=f"configs-rank{rank}-") as root:
+        config = {"block_sizes": [1], "num_warps": num_warps, "pid_type": "persistent_blocked"}
+        save_config(Path(root), name, [({"W": 2, "T": 8, "H": 256}, config)])
+        os.environ[config_store.CONFIG_DIR_ENV] = root
+        dispatch.device_identity = lambda index=0: H200
+        all_reduce.fused_config = lambda op, launch, ranks: lookup(op, on_an_h200(launch), ranks)
+        dispatch.reset()
+        try:
+            base = all_reduce.BASES[0]
+            all_reduce.OPS[name](**call_kwargs(base, (6, 256), torch.bfloat16, rank), group_name=world)
+            return "no error"
+        except ValueError as error:
+            return str(error)
+        finally:
+            del os.environ[config_store.CONFIG_DIR_ENV]
+            all_reduce.fused_config, dispatch.device_identity = lookup, identity
+            dispatch.reset()
 
 
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ calls (each must raise on both ranks, never hang), and a torch.compile(fullgraph
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -108,3 +110,15 @@ def test_the_ranks_choose_one_path(ranks: list[dict]) -> None:
     # every rank ends in the same state, with the same reasons
     assert seen[0]["cpu workspace failure"] == seen[1]["cpu workspace failure"]
     assert seen[0]["variants differ"] == seen[1]["variants differ"]
+
+
+def test_ranks_whose_config_files_differ_raise_the_same_error(ranks: list[dict]) -> None:
+    """Each rank reads its own config file, as on an H200: different configs are a different call variant."""
+    differ = [result["decisions"]["configs differ"] for result in ranks]
+    assert differ[0] == differ[1], differ
+    assert "do not make the same valid call" in differ[0], differ[0]
+    for rank, warps in enumerate((4, 8)):
+        assert re.search(rf'rank {rank}: input \[6, 256\] torch.bfloat16, call variant 0x[0-9a-f]+ \(.*kernel config\): '
+                         rf'config .*"num_warps": {warps}.* from \S*configs-rank{rank}-\S*/nvidia_h200/'
+                         r'all_reduce_rms_norm.json \(W=2,T=8,H=256, bfloat16\)', differ[0]), differ[0]
+    assert all(result["decisions"]["configs agree"] == "no error" for result in ranks)

@@ -7,9 +7,13 @@ Nothing runs: the GPU tests (tests/test_all_reduce_gpu.py) run the kernel.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
+import helion
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,22 +22,35 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 import all_reduce_workers as workers
 from helion_fusions.kernels.all_reduce import all_reduce_rms_norm_kernel
 from helion_fusions.ops import all_reduce
+from helion_fusions.runtime import config_store
 from helion_fusions.runtime import symmetric
+from helion_fusions.runtime.registry import REGISTRY, shapes
 from helion_fusions.tools.testing import code_generator
 
 CPU = torch.device("cpu")
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED = sorted(p for p in CONFIG_ROOT.glob("*/*.json") if p.stem in all_reduce.TUNED)
+# the op whose kernel variant generates the most code (residual, nvfp4, swizzled scales)
+LARGEST = next(b for b in all_reduce.BASES if b.name == "fused_add_rms_norm_nvfp4_quant")
 
 
-@pytest.fixture(params=[2, 4], ids=lambda w: f"W={w}")
-def world(request: pytest.FixtureRequest) -> Iterator[int]:
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=request.param)
+@contextlib.contextmanager
+def _fake_group(world: int) -> Iterator[int]:
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
-        yield request.param
+        yield world
     finally:
         dist.destroy_process_group()
 
 
-def _code(base, shape: tuple[int, int], dtype: torch.dtype, world: int, copy_in: bool = True) -> str:
+@pytest.fixture(params=[2, 4], ids=lambda w: f"W={w}")
+def world(request: pytest.FixtureRequest) -> Iterator[int]:
+    with _fake_group(request.param) as size:
+        yield size
+
+
+def _code(base, shape: tuple[int, int], dtype: torch.dtype, world: int, copy_in: bool = True,
+          config: helion.Config | None = None) -> str:
     kwargs = workers.call_kwargs(base, shape, dtype, 0)
     (launch,) = base.prepare(**kwargs)
     tokens, hidden = shape
@@ -41,7 +58,7 @@ def _code(base, shape: tuple[int, int], dtype: torch.dtype, world: int, copy_in:
                                 torch.zeros(world, dtype=torch.int64), 0, world, symmetric.capacity_for(tokens), hidden)
     args = all_reduce._kernel_args(launch, space, dist.group.WORLD.group_name, copy_in)
     bound = code_generator(all_reduce_rms_norm_kernel).bind(args)
-    return bound.to_triton_code(all_reduce.fused_config(tokens, hidden))
+    return bound.to_triton_code(config or all_reduce.default_config({"W": world, "T": tokens, "H": hidden}))
 
 
 def _device_code(code: str) -> str:
@@ -82,7 +99,51 @@ def test_zero_copy_call_generates_code_without_the_copy(world: int) -> None:
 
 @pytest.mark.parametrize("tokens", [1, 1500, 3000])
 def test_config_row_blocks_generate_code(world: int, tokens: int) -> None:
-    """Each rows-per-tile choice of fused_config (1, 2, 4) at H = 4096, and T = 1."""
+    """Each rows-per-tile choice of default_config (1, 2, 4) at H = 4096, and T = 1."""
     base = next(b for b in all_reduce.BASES if b.name == "rms_norm_dynamic_per_token_quant")
     body = _device_code(_code(base, (tokens, 4096), torch.bfloat16, world))
+    assert body.count("_symm_mem_sync_cuda(") == 2
+
+
+def _binding_tokens(tokens: int) -> int:
+    """A token count that binds like ``tokens``: 1 stays 1 (Helion specializes size 1), others 7."""
+    return 1 if tokens == 1 else 7
+
+
+def test_every_candidate_of_the_tuner_generates_code() -> None:
+    """Every config ``make autotune-tp`` tries on the grid, for the op with the most code; each rows per tile
+    it tries, for every op."""
+    with _fake_group(2):
+        tried: dict[tuple[object, ...], helion.Config] = {}
+        for shape in shapes(all_reduce.PROBLEM):
+            for config in all_reduce.candidate_configs(shape):
+                key = (_binding_tokens(shape["T"]), shape["H"], json.dumps(dict(config), sort_keys=True))
+                tried.setdefault(key, config)
+        assert len(tried) >= 20
+        for (tokens, hidden, _), config in tried.items():
+            body = _device_code(_code(LARGEST, (tokens, hidden), torch.bfloat16, 2, config=config))
+            assert body.count("_symm_mem_sync_cuda(") == 2, (tokens, hidden, dict(config))
+        rows = {c["block_sizes"][0]: c for (t, h, _), c in tried.items() if (t, h) == (7, 4096)}
+        assert sorted(rows) == list(all_reduce.ROWS_PER_TILE)
+        for base in all_reduce.BASES:
+            for config in rows.values():
+                assert _code(base, (7, 4096), torch.bfloat16, 2, config=config), (base.name, dict(config))
+
+
+def _entry_params() -> list[object]:
+    params = [pytest.param(path, index, id=f"{path.parent.name}/{path.stem}[{index}]") for path in SHIPPED
+              for index in range(len(json.loads(path.read_text()).get("entries", [])))]
+    return params or [pytest.param(None, 0, marks=pytest.mark.skip(reason="no all_reduce_ config files ship yet"),
+                                   id="none")]
+
+
+@pytest.mark.parametrize(("path", "index"), _entry_params())
+def test_shipped_config_entry_generates_code(path: Path, index: int) -> None:
+    tuned = all_reduce.TUNED[path.stem]
+    entry = config_store.load(path, tuned.name, tuned.dim_names, None, tuned.config_problem).entries[index]
+    base = REGISTRY[tuned.name.removeprefix(all_reduce.PREFIX)]
+    with _fake_group(entry.shape["W"]):
+        shape = (_binding_tokens(entry.shape["T"]), entry.shape["H"])
+        body = _device_code(_code(base, shape, getattr(torch, entry.dtype), entry.shape["W"],
+                                  config=helion.Config(**entry.config)))
     assert body.count("_symm_mem_sync_cuda(") == 2

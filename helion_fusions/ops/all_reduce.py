@@ -23,18 +23,20 @@ Two paths, the same bytes:
 No rank hangs on another's bad call: before any data moves, each rank checks its arguments as ``<op>``
 does, and the ranks exchange (status, whether they can take the fused path, input shape, dtype, and a
 digest of the kernel variant and layout the call needs). If a rank failed or the ranks differ, every
-rank raises the same ValueError, naming each rank's problem. The fused path is taken only where every
-rank offers it; its setup (the workspace's allocation and rendezvous, the kernel's compile) ends with an
-exchange of every rank's outcome, so a failure on one rank sends every rank to the fallback. The
-exchange reads its result on the host, so it runs once per (op, group, input shape, dtype, variant): a
-CUDA-graph capture replays only a call agreed before (call the op once first; that call also sets up the
-workspace and compiles the kernel). A rank whose call matches one agreed before does not exchange again,
-so ranks must make their calls in the same order: a call that differs from the others' only on a rank
-where the others repeat an agreed call is not caught.
+rank raises the same ValueError, naming each rank's problem. The variant includes the fused kernel's
+config, from this GPU's config file (:func:`fused_config`): ranks whose files differ raise alike. The
+fused path is taken only where every rank offers it; its setup (the workspace's allocation and
+rendezvous, the kernel's compile) ends with an exchange of every rank's outcome, so a failure on one
+rank sends every rank to the fallback. The exchange reads its result on the host, so it runs once per
+(op, group, input shape, dtype, variant): a CUDA-graph capture replays only a call agreed before (call
+the op once first; that call also sets up the workspace and compiles the kernel). A rank whose call
+matches one agreed before does not exchange again, so ranks must make their calls in the same order: a
+call that differs from the others' only on a rank where the others repeat an agreed call is not caught.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 import zlib
 from collections.abc import Callable
@@ -45,11 +47,21 @@ import torch
 import torch.distributed as dist
 
 from helion_fusions.kernels.all_reduce import all_reduce_rms_norm_kernel
-from helion_fusions.ops.rms_norm import RMS_NORM
+from helion_fusions.ops.rms_norm import RMS_NORM, rows_in_registers
 from helion_fusions.runtime import dispatch, symmetric
 from helion_fusions.runtime.launcher import fast_launch
 from helion_fusions.runtime.library import register_composite
-from helion_fusions.runtime.registry import REGISTRY, NAMESPACE, KernelLaunch, OpSpec, bind
+from helion_fusions.runtime.registry import (
+    NAMESPACE,
+    REGISTRY,
+    Dim,
+    KernelLaunch,
+    OpSpec,
+    Shape,
+    TunedKernel,
+    bind,
+    tokens_dim,
+)
 
 PREFIX = "all_reduce_"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,6 +69,12 @@ _MAX_DIMS = 4  # input dims described in the exchange
 # signal-pad slots per rank that a workspace provides: one per program of the persistent kernel (one program
 # per SM: 132 on an H200), with room for larger GPUs
 PROGRAM_SLOTS = 512
+# the problem key of the fused kernel's configs: the world size (only configs tuned for it apply), then as the
+# rms_norm ops; the grid is what `make autotune-tp` tunes and `python -m perf.bench_tp` measures
+PROBLEM = (Dim("W", (2,), exact=True), tokens_dim((1, 8, 32, 128, 512, 2048, 8192)), Dim("H", (4096, 8192)))
+ROWS_PER_TILE = (1, 2, 4, 8)
+NUM_WARPS = (4, 8, 16, 32)
+ELEMENTS_PER_THREAD = (4, 64)  # per thread, in a candidate's tile: fewer leave threads idle, more spill
 
 _agreed: dict[tuple[Any, ...], bool] = {}  # agreed calls -> whether they take the fused path
 _warned: set[str] = set()
@@ -102,10 +120,11 @@ def _describe(input: Any) -> list[int]:
 
 
 def agree(op: str, group: dist.ProcessGroup, group_name: str, input: Any, error: Exception | None,
-          variant: int = 0, offer: Callable[[], bool] | None = None) -> bool:
+          variant: int = 0, offer: Callable[[], bool] | None = None, variant_text: str = "") -> bool:
     """Every rank returns the same path, or every rank raises the same ValueError: some rank's arguments
     failed its checks (``error``), or the ranks' inputs differ in shape or dtype, or their calls in
-    ``variant`` (a digest of the kernel variant and layout a fused call needs).
+    ``variant`` (a digest of the kernel variant, config and layout a fused call needs; ``variant_text``
+    names its config in the error).
 
     ``offer``: this rank can take the fused path, and this sets it up (collectively: every rank that
     offered calls it, and it returns the same on every rank). Returns True where every rank offered and
@@ -128,11 +147,12 @@ def agree(op: str, group: dist.ProcessGroup, group_name: str, input: Any, error:
             fused = offer()
         _agreed[key] = fused
         return fused
-    errors: list[Any] = [None] * world
-    dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    details: list[Any] = [None] * world
+    dist.all_gather_object(details, (None if error is None else f"{type(error).__name__}: {error}", variant_text),
+                           group=group)
     variants_differ = len({row[-1] for row in rows}) > 1
     problems = []
-    for rank, (row, message) in enumerate(zip(rows, errors)):
+    for rank, (row, (message, text)) in enumerate(zip(rows, details)):
         if message is not None:
             problems.append(f"rank {rank}: {message}")
         else:
@@ -140,7 +160,8 @@ def agree(op: str, group: dist.ProcessGroup, group_name: str, input: Any, error:
             shape = [s for s in row[3:-2] if s >= 0] + (["..."] if row[2] > _MAX_DIMS else [])
             described = f"rank {rank}: input {shape} {dtype}"
             if variants_differ:
-                described += f", call variant {row[-1]:#x} (flags, optional arguments, layouts, input in the workspace)"
+                described += (f", call variant {row[-1]:#x} (flags, optional arguments, layouts, input in the "
+                              f"workspace, kernel config){': ' + text if text else ''}")
             problems.append(described)
     raise ValueError(f"{op}: the {world} ranks of group {group_name!r} do not make the same valid call, so none "
                      "of them runs it:\n  " + "\n  ".join(problems)) from error
@@ -166,15 +187,54 @@ def reference(base: OpSpec, call: dict[str, Any], inputs: list[torch.Tensor]) ->
 
 # --- the fused path -------------------------------------------------------------------------
 
-def fused_config(tokens: int, hidden: int) -> helion.Config:
-    """The fused kernel's config: a function of the agreed (T, H) only, so every rank runs the same one.
+def default_config(shape: Shape) -> helion.Config:
+    """The fused kernel's config where no config file has one: a function of the agreed (T, H) only.
 
     Persistent (symmetric-memory kernels must be), one program per SM. Each tile of rows costs two barriers,
     so larger calls take more rows per tile; a row's bytes do not depend on it (batch invariance).
     """
+    tokens, hidden = shape["T"], shape["H"]
     rows = 1 if tokens <= 1024 else 2 if tokens <= 2048 else 4
     return helion.Config(block_sizes=[rows], num_warps=min(32, (4 if hidden <= 2048 else 8) * rows),
                          pid_type="persistent_blocked")
+
+
+def candidate_configs(shape: Shape) -> list[helion.Config]:
+    """What `make autotune-tp` tries on a shape: the default first, then each rows per tile (up to the token
+    count) and warp count whose tile holds ``ELEMENTS_PER_THREAD`` elements per thread, persistent."""
+    configs = [default_config(shape)]
+    low, high = ELEMENTS_PER_THREAD
+    for rows in ROWS_PER_TILE:
+        for warps in NUM_WARPS:
+            config = helion.Config(block_sizes=[rows], num_warps=warps, pid_type="persistent_blocked")
+            if rows <= max(shape["T"], 1) and low <= rows * shape["H"] / (32 * warps) <= high and config not in configs:
+                configs.append(config)
+    return configs
+
+
+def config_problem(config: dict[str, Any]) -> str | None:
+    """What a stored config must not do: leave the persistent layout of one program per SM (each program waits
+    at barriers for the same program on every rank: every one must be resident), or loop over a row."""
+    if config.get("pid_type") not in ("persistent_blocked", "persistent_interleaved"):
+        return f"pid_type must be persistent_blocked or persistent_interleaved, got {config.get('pid_type')!r}"
+    if config.get("num_sm_multiplier", 1) != 1:
+        return f"num_sm_multiplier must be 1 (one program per SM), got {config['num_sm_multiplier']!r}"
+    return rows_in_registers(config)
+
+
+def fused_config(name: str, launch: KernelLaunch, world: int) -> tuple[helion.Config, str]:
+    """The fused kernel's config for op ``name``'s call with ``launch`` (the rms_norm op's) on ``world`` ranks,
+    and where it comes from: this GPU's config file for the op, found and checked as every op's is (problem
+    key ``{W, T, H}``; only entries tuned for this W apply), else :func:`default_config`."""
+    problem = {"W": world, **launch.problem}
+    if launch.device.type != "cuda":  # no fused kernel runs off a GPU, and no GPU to look configs up for
+        return default_config(problem), "the architecture default"
+    return dispatch.tuned_config(TUNED[name], problem, launch.dtype, launch.device.index or 0,
+                                 dispatch.batch_invariant())
+
+
+def config_text(config: helion.Config) -> str:
+    return json.dumps(dict(config), sort_keys=True)
 
 
 def _kernel_args(launch: KernelLaunch, space: symmetric.Workspace, group_name: str, copy_in: bool) -> tuple[Any, ...]:
@@ -204,21 +264,24 @@ def _unavailable(group: dist.ProcessGroup, input: torch.Tensor, launches: tuple[
     return None
 
 
-def _variant(launch: KernelLaunch, copy_in: bool) -> int:
+def variant(launch: KernelLaunch, copy_in: bool, config: helion.Config) -> int:
     """What the ranks' fused kernels and their layouts must agree on, as a 32-bit digest: the kernel variant
-    (dtypes, hidden size, quant flags), which arguments share storage, each tensor's shape and strides, and
-    whether the input is copied into the workspace."""
+    (dtypes, hidden size, quant flags), which arguments share storage, each tensor's shape and strides,
+    whether the input is copied into the workspace, and the kernel's config."""
     layout = [(tuple(a.shape), a.stride()) for a in launch.args if isinstance(a, torch.Tensor)]
-    return zlib.crc32(repr((launch.key, dispatch.storage_pattern(launch.args), layout, copy_in)).encode())
+    return zlib.crc32(repr((launch.key, dispatch.storage_pattern(launch.args), layout, copy_in,
+                            config_text(config))).encode())
 
 
 _plans: dict[tuple[Any, ...], Callable[[tuple[Any, ...]], None]] = {}
 
 
-def _plan(base: OpSpec, name: str, launch: KernelLaunch, op_args: tuple[Any, ...], space: symmetric.Workspace, group_name: str,
-          copy_in: bool) -> Callable[[tuple[Any, ...]], None]:
-    """Compile (once) and lay out the fused launch for calls with this signature; builds, never launches."""
-    key = (name, copy_in, dispatch.call_signature(op_args))
+def plan(base: OpSpec, name: str, launch: KernelLaunch, op_args: tuple[Any, ...], space: symmetric.Workspace,
+         group_name: str, copy_in: bool, config: helion.Config) -> Callable[[tuple[Any, ...]], None]:
+    """Compile (once) and lay out the fused launch with ``config`` for calls with this signature (``op_args``:
+    the rms_norm op's arguments, in its schema's order); builds, never launches. A kernel that cannot run
+    here (too many registers for its warps, say) raises here, before any rank launches."""
+    key = (name, copy_in, config_text(config), dispatch.call_signature(op_args))
     found = _plans.get(key)
     if found is not None:
         return found
@@ -228,7 +291,7 @@ def _plan(base: OpSpec, name: str, launch: KernelLaunch, op_args: tuple[Any, ...
     if programs > PROGRAM_SLOTS:
         raise RuntimeError(f"{programs} SMs: the workspace's signal pads hold {PROGRAM_SLOTS} programs per rank")
     kernel = dispatch.kernel_for(all_reduce_rms_norm_kernel, dispatch.storage_pattern(args))
-    compiled = kernel.bind(args).compile_config(fused_config(launch.problem["T"], launch.problem["H"]))
+    compiled = kernel.bind(args).compile_config(config)
     laid_out = fast_launch(compiled, args, op_args, device.index or 0)
     if laid_out is None:  # launch through Helion's host code, with this call's views
         dispatch.build_triton(compiled, args)
@@ -240,8 +303,8 @@ def _plan(base: OpSpec, name: str, launch: KernelLaunch, op_args: tuple[Any, ...
     return laid_out
 
 
-def _set_up(base: OpSpec, name: str, group: dist.ProcessGroup, group_name: str, launch: KernelLaunch, op_args: tuple[Any, ...],
-            copy_in: bool) -> bool:
+def _set_up(base: OpSpec, name: str, group: dist.ProcessGroup, group_name: str, launch: KernelLaunch,
+            op_args: tuple[Any, ...], copy_in: bool, config: helion.Config) -> bool:
     """The fused path's setup for an agreed call, on every rank: the workspace, then the kernel's compile; True
     where both succeeded on every rank (else every rank records why, and falls back)."""
     x, device = launch.args[0], launch.device
@@ -252,7 +315,7 @@ def _set_up(base: OpSpec, name: str, group: dist.ProcessGroup, group_name: str, 
         return False
     problem = None
     try:
-        _plan(base, name, launch, op_args, space, group_name, copy_in)
+        plan(base, name, launch, op_args, space, group_name, copy_in, config)
     except Exception as error:  # noqa: BLE001 - a compile failure on one rank sends every rank to the fallback
         problem = f"the fused kernel does not build: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
     failed = symmetric.all_ranks_ok(group, device, problem)
@@ -305,21 +368,23 @@ def _declare(base: OpSpec) -> Any:
             error = failed
         input = call["input"]
         op_args = tuple(call.values())
-        reason, copy_in, variant, offer = "its arguments", True, 0, None
+        reason, copy_in, digest, offer, config, source = "its arguments", True, 0, None, None, ""
         if error is None:
             if len(launches) == 1:
                 space = symmetric.known(group_name, *input.shape, input.dtype, input.device)
                 copy_in = not _is_workspace(input, space)
-                variant = _variant(launches[0], copy_in)
+                config, source = fused_config(name, launches[0], dist.get_world_size(group))
+                digest = variant(launches[0], copy_in, config)
             reason = _unavailable(group, input, launches)
             if reason is None:
                 launch = launches[0]
 
                 def offer() -> bool:
-                    return _set_up(base, name, group, group_name, launch, op_args, copy_in)
-        if agree(name, group, group_name, input, error, variant, offer):
+                    return _set_up(base, name, group, group_name, launch, op_args, copy_in, config)
+        text = "" if config is None else f"config {config_text(config)} from {source}"
+        if agree(name, group, group_name, input, error, digest, offer, text):
             space = symmetric.known(group_name, *input.shape, input.dtype, input.device)
-            _plan(base, name, launches[0], op_args, space, group_name, copy_in)(op_args)
+            plan(base, name, launches[0], op_args, space, group_name, copy_in, config)(op_args)
             return
         if name not in _warned:
             _warned.add(name)
@@ -341,3 +406,5 @@ def _declare(base: OpSpec) -> Any:
 
 BASES = tuple(spec for spec in REGISTRY.values() if spec.family == RMS_NORM.family)
 OPS = {PREFIX + base.name: _declare(base) for base in BASES}
+# each op's configs, in configs/<device>/all_reduce_<op>.json: the fused kernel's, tuned per op
+TUNED = {name: TunedKernel(name, all_reduce_rms_norm_kernel, PROBLEM, default_config, config_problem) for name in OPS}

@@ -1,0 +1,118 @@
+"""The fused all_reduce kernel's configs: looked up by ``{W, T, H}`` through the fallback chain of every op, the
+default where no file or entry serves, and part of the call variant the ranks agree on.
+
+The lookup runs for GPU calls: the tests make a CPU launch look like one on GPU 0 of an H200
+(``all_reduce_workers.on_an_h200``), with config files in a temporary ``HELION_FUSIONS_CONFIG_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from all_reduce_workers import H200, call_kwargs, on_an_h200, save_config
+from helion_fusions.ops import all_reduce
+from helion_fusions.runtime import dispatch
+from helion_fusions.runtime.registry import shapes
+
+NAME = all_reduce.PREFIX + "rms_norm_dynamic_per_token_quant"
+BASE = next(b for b in all_reduce.BASES if all_reduce.PREFIX + b.name == NAME)
+
+
+def _config(rows: int, warps: int) -> dict:
+    return {"block_sizes": [rows], "num_warps": warps, "pid_type": "persistent_blocked"}
+
+
+@pytest.fixture
+def h200(config_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty config root, and GPU 0 an H200."""
+    monkeypatch.setattr(dispatch, "device_identity", lambda index=0: H200)
+    return config_dir
+
+
+def _lookup(tokens: int, hidden: int = 4096, world: int = 2) -> tuple[dict, str, list[str]]:
+    """The config a GPU call of ``tokens x hidden`` on ``world`` ranks takes, where it comes from, and the warnings."""
+    (launch,) = BASE.prepare(**call_kwargs(BASE, (tokens, hidden), torch.bfloat16, 0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config, source = all_reduce.fused_config(NAME, on_an_h200(launch), world)
+    return dict(config), source, [str(w.message) for w in caught]
+
+
+def _default(tokens: int, hidden: int = 4096, world: int = 2) -> dict:
+    return dict(all_reduce.default_config({"W": world, "T": tokens, "H": hidden}))
+
+
+def test_the_entry_of_the_token_bucket_and_the_nearest_hidden_size(h200: Path) -> None:
+    path = save_config(h200, NAME, [({"W": 2, "T": t, "H": h}, _config(r, w))
+                                    for t, r in ((1, 1), (32, 2), (512, 4)) for h, w in ((4096, 8), (8192, 16))])
+    for tokens, hidden, expected in ((1, 4096, _config(1, 8)), (2, 4096, _config(2, 8)), (32, 5000, _config(2, 8)),
+                                     (33, 7000, _config(4, 16)), (9999, 8192, _config(4, 16))):
+        config, source, messages = _lookup(tokens, hidden)
+        assert config == expected and messages == [], (tokens, hidden, config, messages)
+        assert source.startswith(f"{path} (W=2,T="), source
+    assert _lookup(3000)[1] == f"{path} (W=2,T=512,H=4096, bfloat16)"  # past the largest bucket: the largest
+
+
+def test_no_entry_for_this_world_size_means_the_default_with_a_warning(h200: Path) -> None:
+    path = save_config(h200, NAME, [({"W": 2, "T": 8, "H": 4096}, _config(2, 16))])
+    config, source, messages = _lookup(8, world=4)
+    assert config == _default(8, world=4) and source == "the architecture default"
+    assert len(messages) == 1 and f"{path} has no entry for W=4" in messages[0], messages
+    assert _lookup(8, world=4)[2] == []  # once
+
+
+@pytest.mark.parametrize("damage", ["stale", "corrupt", "flat", "two programs per SM", "missing"])
+def test_an_unusable_file_means_the_default_with_one_warning(h200: Path, damage: str) -> None:
+    entry = ({"W": 2, "T": 8, "H": 4096}, _config(2, 16))
+    if damage == "stale":
+        path = save_config(h200, NAME, [entry], hash_="0" * 16)
+    elif damage == "flat":
+        path = save_config(h200, NAME, [(entry[0], {**entry[1], "pid_type": "flat"})])
+    elif damage == "two programs per SM":
+        path = save_config(h200, NAME, [(entry[0], {**entry[1], "num_sm_multiplier": 2})])
+    else:
+        path = save_config(h200, NAME, [entry])
+        if damage == "corrupt":
+            path.write_text(path.read_text()[:-20])
+        else:
+            path.unlink()
+    config, source, messages = _lookup(8)
+    assert config == _default(8) and source == "the architecture default"
+    assert len(messages) == 1 and "using the architecture default config" in messages[0], messages
+    expected = {"stale": "stale: tuned for kernel source 0000000000000000", "corrupt": "not readable JSON",
+                "flat": "pid_type must be persistent", "two programs per SM": "num_sm_multiplier must be 1",
+                "missing": "no usable config for nvidia_h200"}[damage]
+    assert expected in messages[0] and (damage == "missing" or str(path) in messages[0]), messages[0]
+
+
+def test_cpu_calls_take_the_default_without_looking() -> None:
+    (launch,) = BASE.prepare(**call_kwargs(BASE, (8, 4096), torch.bfloat16, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config, source = all_reduce.fused_config(NAME, launch, 2)
+    assert dict(config) == _default(8) and source == "the architecture default"
+
+
+def test_the_call_variant_covers_the_config() -> None:
+    (launch,) = BASE.prepare(**call_kwargs(BASE, (8, 4096), torch.bfloat16, 0))
+    digest = all_reduce.variant(launch, True, all_reduce.default_config({"W": 2, "T": 8, "H": 4096}))
+    assert all_reduce.variant(launch, True, all_reduce.default_config({"W": 2, "T": 8, "H": 4096})) == digest
+    reordered = all_reduce.helion.Config(pid_type="persistent_blocked", num_warps=8, block_sizes=[1])
+    assert all_reduce.variant(launch, True, reordered) == digest
+    assert all_reduce.variant(launch, True, all_reduce.helion.Config(**_config(1, 16))) != digest
+    assert all_reduce.variant(launch, False, reordered) != digest
+
+
+def test_candidates_are_persistent_unique_and_start_with_the_default() -> None:
+    for shape in shapes(all_reduce.PROBLEM):
+        candidates = all_reduce.candidate_configs(shape)
+        assert candidates[0] == all_reduce.default_config(shape), shape
+        assert len({json.dumps(dict(c), sort_keys=True) for c in candidates}) == len(candidates), shape
+        assert all(all_reduce.config_problem(dict(c)) is None for c in candidates), shape
+        assert all(c["block_sizes"][0] <= max(shape["T"], 1) for c in candidates[1:]), shape
+        assert len(candidates) >= (4 if shape["T"] == 1 else 8), (shape, len(candidates))
