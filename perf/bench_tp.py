@@ -23,6 +23,7 @@ import csv
 import datetime
 import functools
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -35,26 +36,21 @@ import torch.distributed as dist
 from tabulate import tabulate
 
 from helion_fusions.ops import all_reduce
+from helion_fusions.runtime import symmetric
 from helion_fusions.runtime.device import device_identity
 from helion_fusions.runtime.registry import REGISTRY, shape_text
 from helion_fusions.tools.cli import parse_shape
-from helion_fusions.tools.testing import clone_kwargs, compare_outputs, outputs_ok
+from helion_fusions.tools.testing import clone_kwargs, compare_outputs, graph_of, outputs_ok, rank_input, replay_us
 from perf.bench import RESULTS
 
-TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
-HIDDEN = (4096, 8192)
+GRID = {d.name: d.grid for d in all_reduce.PROBLEM}  # the grid make autotune-tp tunes
+TOKENS, HIDDEN = GRID["T"], GRID["H"]
 OPS = ("rms_norm", "fused_add_rms_norm", "fused_add_rms_norm_static_fp8_quant", "rms_norm_dynamic_per_token_quant",
        "rms_norm_per_block_quant", "fused_add_rms_norm_nvfp4_quant")
 NVFP4_TOKENS = (1, 128, 2048)
 CPU_SHAPES = ((1, 256), (7, 256))
-ROUNDS = 15
 COLUMNS = ["device", "op", "world_size", "T", "H", "dtype", "nccl_unfused_us", "symm_unfused_us", "compile_unfused_us",
            "ours_us", "best_baseline_us", "speedup_vs_best", "nccl_flips", "torch", "helion", "repro"]
-
-
-def rank_input(shape: dict[str, int], dtype: torch.dtype, device: torch.device, rank: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(1000 * rank + 7 * shape["T"] + shape["H"])
-    return (torch.randn(shape["T"], shape["H"], generator=generator) * (1 + rank)).to(dtype=dtype, device=device)
 
 
 def _paths(base_name: str, group_name: str, symm: torch.Tensor | None,
@@ -94,22 +90,7 @@ def _symmetric_buffer(like: torch.Tensor, group_name: str) -> torch.Tensor | Non
 def _graph_us(step: Callable[[], None], reps: int) -> float:
     """Median replay time per call of ``reps`` calls captured in a CUDA graph, the ranks starting together."""
     step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            step()
-    samples = []
-    for _ in range(ROUNDS):
-        dist.barrier()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(1000.0 * start.elapsed_time(end) / reps)
-    return statistics.median(samples)
+    return replay_us(graph_of(step, reps), reps)
 
 
 @functools.cache
@@ -151,6 +132,7 @@ def measure(base_name: str, shape: dict[str, int], dtype: torch.dtype, device: t
 
 def _worker(rank: int, world: int, init: str, backend: str, jobs: list[tuple[str, dict[str, int]]], dtype: str,
             reps: int, out: str) -> None:
+    os.environ.update(symmetric.NO_MULTICAST)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -16,9 +16,7 @@ import torch.distributed as dist
 from all_reduce_workers import as_bytes, call_kwargs, cases, saved_result  # noqa: F401 - the test reads them from here
 from helion_fusions.ops import all_reduce
 from helion_fusions.runtime.registry import OpSpec
-
-# NVLink multicast stays off in every process (the shared host's GPUs depend on it)
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+from helion_fusions.runtime.symmetric import NO_MULTICAST
 SHAPES = ((1, 4096), (7, 4096), (33, 2048), (5, 17), (3000, 1024))
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 if os.environ.get("ALL_REDUCE_GPU_QUICK") == "1":  # a first look: bf16 and three shapes (each case compiles)

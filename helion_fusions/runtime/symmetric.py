@@ -27,6 +27,8 @@ MIN_CAPACITY = 16  # tokens: the smallest workspace, so small decode batches sha
 MAX_BYTES = 1 << 28  # per rank and workspace; a larger call is not served by symmetric memory
 PAD_SLOT_BYTES = 4  # one uint32 signal slot per (program, rank)
 DISABLE_ENV = "HELION_FUSIONS_SYMMETRIC_MEMORY"  # "0": never use symmetric memory (every collective falls back)
+# what the processes of a multi-GPU run set before their first collective: NVLink multicast stays off
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 @dataclass(frozen=True)

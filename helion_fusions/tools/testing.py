@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 
 import helion
 import torch
+import torch.distributed as dist
 from helion.runtime.ref_mode import RefMode
 
 from helion_fusions.ops.common import poison_, poisoned  # noqa: F401  (the tests' and bench's buffers)
@@ -19,6 +20,7 @@ L2_FLUSH_BYTES = 256 * 1024 * 1024
 SLEEP_CYCLES = 1_000_000  # about 0.5 ms at H100/H200 clocks
 MAX_SLEEP_CYCLES = 16 * SLEEP_CYCLES
 GRAPH_ROUNDS = 11  # replays of each graph in Timer.graph_each
+COLLECTIVE_ROUNDS = 15  # replays of a collective's graph in replay_us
 
 
 @functools.cache
@@ -225,3 +227,38 @@ class Timer:
                 bucket.append(start.elapsed_time(end))
         *with_fns, flush_only = map(min, samples)
         return [max(0.0, 1000.0 * (t - flush_only) / self.reps) for t in with_fns]
+
+
+# --- collectives (make bench-tp, make autotune-tp): a process per GPU --------------------------------
+
+def rank_input(shape: dict[str, int], dtype: torch.dtype, device: torch.device, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s partial input ``[T, H]``: random, different on every rank."""
+    generator = torch.Generator().manual_seed(1000 * rank + 7 * shape["T"] + shape["H"])
+    return (torch.randn(shape["T"], shape["H"], generator=generator) * (1 + rank)).to(dtype=dtype, device=device)
+
+
+def graph_of(step: Callable[[], None], reps: int) -> torch.cuda.CUDAGraph:
+    """``reps`` calls of ``step`` captured in a CUDA graph (run ``step`` once first, on every rank)."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            step()
+    return graph
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, reps: int) -> float:
+    """Median replay time per call of a graph of ``reps`` calls, the ranks starting each replay together.
+
+    Collective: every rank of the default group replays its graph."""
+    samples = []
+    for _ in range(COLLECTIVE_ROUNDS):
+        dist.barrier()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(1000.0 * start.elapsed_time(end) / reps)
+    return statistics.median(samples)
