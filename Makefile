@@ -7,10 +7,10 @@ DEPS ?= $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: help install test bench bench-tp autotune sass clean
+.PHONY: help install test bench bench-tp autotune autotune-tp sass clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
 
 install: $(DEPS)  ## create .venv: TORCH_SPEC (torch==2.13.0, a CPU build), then the project
 
@@ -32,6 +32,9 @@ bench-tp: $(DEPS)  ## the all_reduce_ ops on every GPU of this host -> perf/resu
 
 autotune: $(DEPS)  ## tune every op for this GPU -> configs/<device>/; ARGS=--help
 	$(PY) -m helion_fusions.tools.autotune $(ARGS)
+
+autotune-tp: $(DEPS)  ## tune the all_reduce_ ops on every GPU of this host -> configs/<device>/; ARGS=--help
+	$(PY) -m helion_fusions.tools.autotune_tp $(ARGS)
 
 sass: $(DEPS)  ## what a kernel compiles to, without a GPU; ARGS=--help
 	$(PY) -m perf.sass $(ARGS)

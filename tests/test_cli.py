@@ -299,3 +299,14 @@ def test_bench_tp_checks_each_path_on_two_cpu_ranks(capsys: pytest.CaptureFixtur
     assert bench_tp.main(["--ops", "all_reduce_fused_add_rms_norm_static_fp8_quant"]) == 0
     out = capsys.readouterr().out
     assert "2 CPU ranks over gloo" in out and "all_reduce_fused_add_rms_norm_static_fp8_quant" in out
+
+
+def test_autotune_tp_without_two_gpus_says_what_is_missing(capsys: pytest.CaptureFixture[str]) -> None:
+    from helion_fusions.tools import autotune_tp
+
+    assert autotune_tp.main(["--ops", "all_reduce_rms_norm"]) == 2
+    err = capsys.readouterr().err
+    assert "needs at least two CUDA GPUs on this host, found 0" in err, err
+    with pytest.raises(SystemExit):
+        autotune_tp.main(["--ops", "rms_norm"])  # the all_reduce_ ops only
+    assert "--ops: unknown op names ['rms_norm']" in capsys.readouterr().err
