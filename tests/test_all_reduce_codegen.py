@@ -54,11 +54,14 @@ def _code(base, shape: tuple[int, int], dtype: torch.dtype, world: int, copy_in:
     kwargs = workers.call_kwargs(base, shape, dtype, 0)
     (launch,) = base.prepare(**kwargs)
     tokens, hidden = shape
+    config = config or all_reduce.default_config({"W": world, "T": tokens, "H": hidden})
     space = symmetric.Workspace(torch.empty(symmetric.capacity_for(tokens) * hidden, dtype=dtype),
                                 torch.zeros(world, dtype=torch.int64), 0, world, symmetric.capacity_for(tokens), hidden)
-    args = all_reduce._kernel_args(launch, space, dist.group.WORLD.group_name, copy_in)
+    two_shot = all_reduce.algorithm(config) == all_reduce.TWO_SHOT
+    staged = tuple(torch.empty(s, dtype=d) for s, d in all_reduce.stage_shapes(launch, world, two_shot))
+    args = all_reduce._kernel_args(launch, space, dist.group.WORLD.group_name, copy_in, staged, two_shot)
     bound = code_generator(all_reduce_rms_norm_kernel).bind(args)
-    return bound.to_triton_code(config or all_reduce.default_config({"W": world, "T": tokens, "H": hidden}))
+    return bound.to_triton_code(all_reduce.helion_config(config))
 
 
 def _device_code(code: str) -> str:
@@ -140,10 +143,63 @@ def _entry_params() -> list[object]:
 @pytest.mark.parametrize(("path", "index"), _entry_params())
 def test_shipped_config_entry_generates_code(path: Path, index: int) -> None:
     tuned = all_reduce.TUNED[path.stem]
-    entry = config_store.load(path, tuned.name, tuned.dim_names, None, tuned.config_problem).entries[index]
+    entry = config_store.load(path, tuned.name, tuned.dim_names, None, tuned.config_problem,
+                              tuned.extra_config_keys).entries[index]
     base = REGISTRY[tuned.name.removeprefix(all_reduce.PREFIX)]
     with _fake_group(entry.shape["W"]):
         shape = (_binding_tokens(entry.shape["T"]), entry.shape["H"])
         body = _device_code(_code(base, shape, getattr(torch, entry.dtype), entry.shape["W"],
                                   config=helion.Config(**entry.config)))
     assert body.count("_symm_mem_sync_cuda(") == 2
+
+
+def _two_shot(rows: int = 2) -> helion.Config:
+    return helion.Config(block_sizes=[rows], num_warps=4, pid_type="persistent_blocked",
+                         **{all_reduce.ALGORITHM: all_reduce.TWO_SHOT})
+
+
+def test_every_accepted_call_generates_two_shot_code(world: int) -> None:
+    """Each rank reduces every W-th row (all peers' workspaces, rank 0 first), stages its results, and after the
+    second barrier gathers every rank's stage (its own too) into its outputs; nothing else is stored to them."""
+    cases = [c for c in workers.cases() if c[1][0] > 0 and (world == 2 or c[2] == torch.bfloat16)]
+    assert {base.name for base, _, _ in cases} == {b.name for b in all_reduce.BASES}
+    for base, shape, dtype in cases:
+        code = _code(base, shape, dtype, world, config=_two_shot())
+        body = _device_code(code)
+        where = f"{base.name} {shape} {dtype} W={world}"
+        assert "multimem" not in code and "multicast" not in code, where
+        assert "virtual_rows" in body and "for virtual_pid in tl.range(" in body, where
+        syncs = [m.start() for m in re.finditer(r"_symm_mem_sync_cuda\(signal_pads, None, 0, %d, True, True\)" % world,
+                                                body)]
+        assert len(syncs) == 2 and body.count("_symm_mem_sync_cuda(") == 2, (where, syncs)
+        reads = re.findall(r"tl\.load\(peers_item_(\d+) ", body)
+        assert reads == [str(r) for r in range(world)], (where, reads)
+        assert syncs[0] < body.index("tl.load(peers_item_0") < syncs[1], where
+        assert max(m.start() for m in re.finditer(r"tl\.store\(workspace ", body)) < syncs[0], where
+        gathers = re.findall(r"tl\.load\(out_peers_item_(\d+) ", body)
+        assert gathers == [str(r) for r in range(world)], (where, gathers)
+        assert body.index("tl.load(out_peers_item_0") > syncs[1], where
+        for output in ("out", "scale_out", "residual"):
+            stores = [m.start() for m in re.finditer(r"tl\.store\(%s " % output, body)]
+            assert all(s > syncs[1] for s in stores), (where, output)
+        if workers.call_kwargs(base, shape, dtype, 0).get("residual") is not None:
+            assert len(re.findall(r"tl\.load\(residual_peers_item_\d+ ", body)) == world, where
+        if base.name.endswith(("dynamic_per_token_quant", "per_block_quant", "nvfp4_quant")):
+            assert len(re.findall(r"tl\.load\(scale_peers_item_\d+ ", body)) == world, where
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 3000])
+def test_two_shot_row_blocks_generate_code(world: int, tokens: int) -> None:
+    base = next(b for b in all_reduce.BASES if b.name == "rms_norm_per_block_quant")
+    for rows in all_reduce.ROWS_PER_TILE:
+        body = _device_code(_code(base, (tokens, 4096), torch.bfloat16, world, config=_two_shot(rows)))
+        assert body.count("_symm_mem_sync_cuda(") == 2, rows
+
+
+def test_two_shot_stages_hold_a_share_of_the_rows() -> None:
+    """The stage buffers have cdiv(T, W) rows; a one-shot call's are one-element stand-ins."""
+    base = next(b for b in all_reduce.BASES if b.name == "fused_add_rms_norm_nvfp4_quant")
+    (launch,) = base.prepare(**workers.call_kwargs(base, (7, 256), torch.bfloat16, 0))
+    assert all_reduce.stage_shapes(launch, 2, True) == (((4, 16), torch.int64), ((64,), torch.uint8),
+                                                        ((4, 16, 16), torch.bfloat16))
+    assert all_reduce.stage_shapes(launch, 4, False) == (((1,), torch.float32),) * 3

@@ -116,3 +116,51 @@ def test_candidates_are_persistent_unique_and_start_with_the_default() -> None:
         assert all(all_reduce.config_problem(dict(c)) is None for c in candidates), shape
         assert all(c["block_sizes"][0] <= max(shape["T"], 1) for c in candidates[1:]), shape
         assert len(candidates) >= (4 if shape["T"] == 1 else 8), (shape, len(candidates))
+
+
+def _two_shot(rows: int, warps: int) -> dict:
+    return {**_config(rows, warps), all_reduce.ALGORITHM: all_reduce.TWO_SHOT}
+
+
+def test_the_algorithm_is_part_of_the_entry(h200: Path) -> None:
+    save_config(h200, NAME, [({"W": 2, "T": 8, "H": 4096}, _config(2, 8)),
+                             ({"W": 2, "T": 2048, "H": 4096}, _two_shot(4, 16))])
+    config, _, messages = _lookup(8)
+    assert all_reduce.algorithm(all_reduce.helion.Config(**config)) == all_reduce.ONE_SHOT and messages == []
+    config, _, _ = _lookup(1500)
+    assert config == _two_shot(4, 16)
+    assert all_reduce.algorithm(all_reduce.helion.Config(**config)) == all_reduce.TWO_SHOT
+    assert all_reduce.ALGORITHM not in dict(all_reduce.helion_config(all_reduce.helion.Config(**config)))
+
+
+def test_an_unknown_algorithm_means_the_default_with_a_warning(h200: Path) -> None:
+    save_config(h200, NAME, [({"W": 2, "T": 8, "H": 4096}, {**_config(2, 16), all_reduce.ALGORITHM: "ring"})])
+    config, source, messages = _lookup(8)
+    assert config == _default(8) and source == "the architecture default"
+    assert len(messages) == 1 and "algorithm must be 'one_shot' or 'two_shot', got 'ring'" in messages[0], messages
+
+
+def test_the_default_is_one_shot() -> None:
+    for shape in shapes(all_reduce.PROBLEM):
+        assert all_reduce.algorithm(all_reduce.default_config(shape)) == all_reduce.ONE_SHOT, shape
+
+
+def test_the_call_variant_covers_the_algorithm() -> None:
+    (launch,) = BASE.prepare(**call_kwargs(BASE, (8, 4096), torch.bfloat16, 0))
+    one = all_reduce.variant(launch, True, all_reduce.helion.Config(**_config(2, 8)))
+    two = all_reduce.variant(launch, True, all_reduce.helion.Config(**_two_shot(2, 8)))
+    assert one != two
+    explicit = all_reduce.helion.Config(**{**_config(2, 8), all_reduce.ALGORITHM: all_reduce.ONE_SHOT})
+    assert all_reduce.algorithm(explicit) == all_reduce.ONE_SHOT
+
+
+def test_two_shot_candidates_only_where_every_rank_owns_a_row() -> None:
+    for world in (2, 4):
+        for tokens in (1, 2, 3, 4, 8, 512, 2048):
+            shape = {"W": world, "T": tokens, "H": 4096}
+            two = [c for c in all_reduce.candidate_configs(shape) if all_reduce.algorithm(c) == all_reduce.TWO_SHOT]
+            assert bool(two) == (tokens >= world), shape
+            assert all(c["block_sizes"][0] <= -(-tokens // world) for c in two), shape
+            assert all(all_reduce.config_problem(dict(c)) is None for c in two), shape
+    assert len([c for c in all_reduce.candidate_configs({"W": 2, "T": 2048, "H": 4096})
+                if all_reduce.algorithm(c) == all_reduce.TWO_SHOT]) >= 8

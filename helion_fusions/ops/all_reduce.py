@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 from helion_fusions.kernels.all_reduce import all_reduce_rms_norm_kernel
 from helion_fusions.ops.rms_norm import RMS_NORM, rows_in_registers
+from helion_fusions.quant import Quant
 from helion_fusions.runtime import dispatch, symmetric
 from helion_fusions.runtime.launcher import fast_launch
 from helion_fusions.runtime.library import register_composite
@@ -75,6 +76,11 @@ PROBLEM = (Dim("W", (2,), exact=True), tokens_dim((1, 8, 32, 128, 512, 2048, 819
 ROWS_PER_TILE = (1, 2, 4, 8)
 NUM_WARPS = (4, 8, 16, 32)
 ELEMENTS_PER_THREAD = (4, 64)  # per thread, in a candidate's tile: fewer leave threads idle, more spill
+# the fused kernel's algorithm, a key of its config ("one_shot" where absent): every rank reads every peer's
+# rows (one-shot), or each rank reduces, normalizes and quantizes every W-th row and the ranks gather the
+# results (two-shot; see kernels/all_reduce.py)
+ALGORITHM, ONE_SHOT, TWO_SHOT = "algorithm", "one_shot", "two_shot"
+STAGES = ("out", "scale", "residual")  # the two-shot's symmetric buffers of results, one allocation each
 
 _agreed: dict[tuple[Any, ...], bool] = {}  # agreed calls -> whether they take the fused path
 _warned: set[str] = set()
@@ -204,17 +210,34 @@ def candidate_configs(shape: Shape) -> list[helion.Config]:
     count) and warp count whose tile holds ``ELEMENTS_PER_THREAD`` elements per thread, persistent."""
     configs = [default_config(shape)]
     low, high = ELEMENTS_PER_THREAD
-    for rows in ROWS_PER_TILE:
-        for warps in NUM_WARPS:
-            config = helion.Config(block_sizes=[rows], num_warps=warps, pid_type="persistent_blocked")
-            if rows <= max(shape["T"], 1) and low <= rows * shape["H"] / (32 * warps) <= high and config not in configs:
-                configs.append(config)
+    # two-shot where every rank owns a row: a tile is rows per rank, cdiv(T, W) rows at most
+    algorithms = [(ONE_SHOT, max(shape["T"], 1))] + ([(TWO_SHOT, -(-shape["T"] // shape["W"]))]
+                                                     if shape["T"] >= shape["W"] else [])
+    for algorithm, most_rows in algorithms:
+        extra = {} if algorithm == ONE_SHOT else {ALGORITHM: TWO_SHOT}
+        for rows in ROWS_PER_TILE:
+            for warps in NUM_WARPS:
+                config = helion.Config(block_sizes=[rows], num_warps=warps, pid_type="persistent_blocked", **extra)
+                if rows <= most_rows and low <= rows * shape["H"] / (32 * warps) <= high and config not in configs:
+                    configs.append(config)
     return configs
+
+
+def algorithm(config: helion.Config) -> str:
+    return config.config.get(ALGORITHM, ONE_SHOT)
+
+
+def helion_config(config: helion.Config) -> helion.Config:
+    """``config`` less the algorithm: what Helion compiles (the algorithm is the kernel's TWO_SHOT flag)."""
+    return helion.Config(**{k: v for k, v in config.config.items() if k != ALGORITHM})
 
 
 def config_problem(config: dict[str, Any]) -> str | None:
     """What a stored config must not do: leave the persistent layout of one program per SM (each program waits
-    at barriers for the same program on every rank: every one must be resident), or loop over a row."""
+    at barriers for the same program on every rank: every one must be resident), or loop over a row, or name
+    an algorithm other than one-shot and two-shot."""
+    if config.get(ALGORITHM, ONE_SHOT) not in (ONE_SHOT, TWO_SHOT):
+        return f"{ALGORITHM} must be {ONE_SHOT!r} or {TWO_SHOT!r}, got {config[ALGORITHM]!r}"
     if config.get("pid_type") not in ("persistent_blocked", "persistent_interleaved"):
         return f"pid_type must be persistent_blocked or persistent_interleaved, got {config.get('pid_type')!r}"
     if config.get("num_sm_multiplier", 1) != 1:
@@ -237,12 +260,48 @@ def config_text(config: helion.Config) -> str:
     return json.dumps(dict(config), sort_keys=True)
 
 
-def _kernel_args(launch: KernelLaunch, space: symmetric.Workspace, group_name: str, copy_in: bool) -> tuple[Any, ...]:
+def stage_shapes(launch: KernelLaunch, world: int, two_shot: bool) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
+    """The shape and dtype of each of :data:`STAGES` for the fused kernel's call: the two-shot's results for its
+    ``cdiv(T, W)`` rows (out as the kernel views it, the scales row-major, the residual), or a one-element
+    stand-in where the call has none or runs one-shot (the kernel takes the argument, never reads it)."""
+    x, residual, _, out, scale_out, *_ = launch.args
+    quant, has_residual = launch.args[9], launch.args[10]
+    tokens, groups, group = x.shape
+    rows = -(-tokens // world)
+    unused = ((1,), torch.float32)
+    if not two_shot:
+        return (unused, unused, unused)
+    scale = {int(Quant.PER_TOKEN): ((rows,), scale_out.dtype), int(Quant.PER_GROUP): ((rows, groups), scale_out.dtype),
+             int(Quant.NVFP4): ((rows * groups,), torch.uint8)}.get(int(quant), unused)
+    return (((rows, *out.shape[1:]), out.dtype), scale,
+            ((rows, groups, group), residual.dtype) if has_residual else unused)
+
+
+def stages(group: dist.ProcessGroup | None, group_name: str, launch: KernelLaunch, world: int,
+           two_shot: bool) -> tuple[torch.Tensor, ...] | None:
+    """The stage buffers of the call (see :func:`stage_shapes`): set up where ``group`` is given (collective on
+    first use, as :func:`symmetric.workspace`), else only those set up before; None where one is missing."""
+    found = []
+    for role, (shape, dtype) in zip(STAGES, stage_shapes(launch, world, two_shot)):
+        hidden = 1 if len(shape) == 1 else int(torch.Size(shape[1:]).numel())
+        if group is None:
+            space = symmetric.known(group_name, shape[0], hidden, dtype, launch.device, role)
+        else:
+            space = symmetric.workspace(group, group_name, shape[0], hidden, dtype, launch.device, PROGRAM_SLOTS, role)
+        if space is None:
+            return None
+        found.append(space.view(shape))
+    return tuple(found)
+
+
+def _kernel_args(launch: KernelLaunch, space: symmetric.Workspace, group_name: str, copy_in: bool,
+                 staged: tuple[torch.Tensor, ...], two_shot: bool) -> tuple[Any, ...]:
     """The fused kernel's arguments, from the rms_norm kernel's launch of the same call (its arguments are
     ``x, residual, weight, out, scale_out, scale_words, scale_in, epsilon, amax_floor, *flags``)."""
     x = launch.args[0]
     rows = space.rows(x.shape[0]).view(x.shape)
-    return (x, rows, space.signal_pads, *launch.args[1:9], group_name, space.rank, copy_in, *launch.args[9:])
+    return (x, rows, space.signal_pads, *launch.args[1:7], *staged, *launch.args[7:9], group_name, space.rank,
+            copy_in, two_shot, *launch.args[9:])
 
 
 def _is_workspace(input: torch.Tensor, space: symmetric.Workspace | None) -> bool:
@@ -285,20 +344,25 @@ def plan(base: OpSpec, name: str, launch: KernelLaunch, op_args: tuple[Any, ...]
     found = _plans.get(key)
     if found is not None:
         return found
-    args = _kernel_args(launch, space, group_name, copy_in)
+    two_shot = algorithm(config) == TWO_SHOT
+    staged = stages(None, group_name, launch, space.world_size, two_shot)
+    if staged is None:
+        raise RuntimeError("the fused kernel's stage buffers are not set up (call stages() with the group first)")
+    args = _kernel_args(launch, space, group_name, copy_in, staged, two_shot)
     device = launch.device
     programs = helion.runtime.get_num_sm(device)
     if programs > PROGRAM_SLOTS:
         raise RuntimeError(f"{programs} SMs: the workspace's signal pads hold {PROGRAM_SLOTS} programs per rank")
     kernel = dispatch.kernel_for(all_reduce_rms_norm_kernel, dispatch.storage_pattern(args))
-    compiled = kernel.bind(args).compile_config(config)
+    compiled = kernel.bind(args).compile_config(helion_config(config))
     laid_out = fast_launch(compiled, args, op_args, device.index or 0)
     if laid_out is None:  # launch through Helion's host code, with this call's views
         dispatch.build_triton(compiled, args)
 
         def laid_out(call_args: tuple[Any, ...]) -> None:
             (again,) = base.prepare(**dict(zip(base.arg_names, call_args)))
-            compiled(*_kernel_args(again, space, group_name, copy_in))
+            compiled(*_kernel_args(again, space, group_name, copy_in,
+                                   stages(None, group_name, again, space.world_size, two_shot), two_shot))
     _plans[key] = laid_out
     return laid_out
 
@@ -312,6 +376,9 @@ def _set_up(base: OpSpec, name: str, group: dist.ProcessGroup, group_name: str, 
     space = symmetric.workspace(group, group_name, tokens, hidden, x.dtype, device, PROGRAM_SLOTS)
     if space is None:
         _fallback_reasons[(name, group_name)] = symmetric.failure(group_name, tokens, hidden, x.dtype, device) or ""
+        return False
+    if stages(group, group_name, launch, space.world_size, algorithm(config) == TWO_SHOT) is None:
+        _fallback_reasons[(name, group_name)] = "the symmetric stage buffers could not be set up on every rank"
         return False
     problem = None
     try:
@@ -407,4 +474,5 @@ def _declare(base: OpSpec) -> Any:
 BASES = tuple(spec for spec in REGISTRY.values() if spec.family == RMS_NORM.family)
 OPS = {PREFIX + base.name: _declare(base) for base in BASES}
 # each op's configs, in configs/<device>/all_reduce_<op>.json: the fused kernel's, tuned per op
-TUNED = {name: TunedKernel(name, all_reduce_rms_norm_kernel, PROBLEM, default_config, config_problem) for name in OPS}
+TUNED = {name: TunedKernel(name, all_reduce_rms_norm_kernel, PROBLEM, default_config, config_problem, (ALGORITHM,))
+         for name in OPS}

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import types
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +163,8 @@ def _require(condition: bool, path: Path, where: str, message: str) -> None:
         raise ConfigError(f"{path}: {where}: {message}")
 
 
-def _entry(item: Any, version: int, dims: Sequence[str], path: Path, where: str) -> Entry:
+def _entry(item: Any, version: int, dims: Sequence[str], path: Path, where: str,
+           extra_keys: Collection[str] = ()) -> Entry:
     keys = _ENTRY_KEYS[version]
     _require(isinstance(item, dict) and not (keys - item.keys()), path, where,
              f"expected an object with keys {sorted(keys)}")
@@ -175,7 +176,7 @@ def _entry(item: Any, version: int, dims: Sequence[str], path: Path, where: str)
     _require(isinstance(item["time_us"], (int, float)), path, where, "time_us must be a number")
     _require(isinstance(item["config"], dict), path, where, "config must be an object")
     _require(item["dtype"] in _DTYPES, path, where, f"dtype must be one of {sorted(_DTYPES)}, got {item['dtype']!r}")
-    unknown = set(item["config"]) - _HELION_CONFIG_KEYS
+    unknown = set(item["config"]) - _HELION_CONFIG_KEYS - set(extra_keys)
     _require(not unknown, path, where, f"unknown Helion config keys {sorted(unknown)}")
     return Entry(dtype=str(item["dtype"]), shape={d: shape[d] for d in dims}, config=item["config"],
                  time_us=float(item["time_us"]), seed_time_us=item.get("seed_time_us"),
@@ -183,11 +184,13 @@ def _entry(item: Any, version: int, dims: Sequence[str], path: Path, where: str)
 
 
 def load(path: Path, op: str, dims: Sequence[str], expected_hash: str | None,
-         config_problem: Callable[[dict[str, Any]], str | None] | None = None) -> ConfigFile:
+         config_problem: Callable[[dict[str, Any]], str | None] | None = None,
+         extra_keys: Collection[str] = ()) -> ConfigFile:
     """Read and validate one config file; raises ConfigError naming the file and entry.
 
     ``dims`` are the op's problem dims; ``config_problem`` its own rule for configs (see
-    ``OpSpec.config_problem``). ``expected_hash=None`` accepts any kernel source
+    ``OpSpec.config_problem``); ``extra_keys`` the config keys it reads besides Helion's (its dispatcher's own
+    choices, such as a collective's algorithm). ``expected_hash=None`` accepts any kernel source
     (``make autotune --revalidate`` reads stale files).
     """
     try:
@@ -213,7 +216,7 @@ def load(path: Path, op: str, dims: Sequence[str], expected_hash: str | None,
     _require(isinstance(raw["entries"], list) and raw["entries"], path, "entries", "expected a non-empty list")
     entries = []
     for index, item in enumerate(raw["entries"]):
-        entry = _entry(item, version, dims, path, f"entries[{index}]")
+        entry = _entry(item, version, dims, path, f"entries[{index}]", extra_keys)
         problem = config_problem(entry.config) if config_problem else None
         _require(problem is None, path, f"entries[{index}]", str(problem))
         entries.append(entry)

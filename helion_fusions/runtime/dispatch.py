@@ -65,7 +65,8 @@ def resolve_config_file(spec: OpSpec | TunedKernel, device: DeviceIdentity) -> c
     problems = []
     for step, path in config_store.candidate_paths(spec.name, device.name, device.family):
         try:
-            loaded = config_store.load(path, spec.name, spec.dim_names, expected, spec.config_problem)
+            loaded = config_store.load(path, spec.name, spec.dim_names, expected, spec.config_problem,
+                                       getattr(spec, "extra_config_keys", ()))
         except config_store.ConfigError as error:
             if path.exists():
                 problems.append(str(error))

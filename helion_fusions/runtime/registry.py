@@ -80,6 +80,7 @@ class TunedKernel:
     problem: tuple[Dim, ...]
     default_config: Callable[[Shape], helion.Config]
     config_problem: Callable[[dict[str, Any]], str | None] | None = None
+    extra_config_keys: tuple[str, ...] = ()  # config keys the kernel's own dispatch reads besides Helion's
 
     @property
     def dim_names(self) -> tuple[str, ...]:

@@ -46,6 +46,10 @@ class Workspace:
         """The first ``tokens`` rows, ``[tokens, hidden]``: a view that starts where the allocation does."""
         return self.buffer[: tokens * self.hidden].view(tokens, self.hidden)
 
+    def view(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The start of the buffer as a contiguous ``shape`` whose first dim counts rows of ``hidden`` elements."""
+        return self.rows(shape[0]).view(shape)
+
 
 _workspaces: dict[tuple[Any, ...], Workspace | None] = {}  # None: set up and failed on some rank, for good
 _failures: dict[tuple[Any, ...], str] = {}
@@ -130,12 +134,13 @@ def _rendezvous(buffer: torch.Tensor, group_name: str, slots: int) -> tuple[torc
 
 
 def workspace(group: dist.ProcessGroup, group_name: str, tokens: int, hidden: int, dtype: torch.dtype,
-              device: torch.device, programs: int) -> Workspace | None:
+              device: torch.device, programs: int, role: str = "input") -> Workspace | None:
     """The workspace serving ``tokens`` rows (set up on first use; collective then), or None where some rank
     cannot set it up (:func:`failure` says why, the same on every rank). ``programs``: how many programs
-    of a kernel synchronize on its signal pads at once (one slot per program and rank)."""
+    of a kernel synchronize on its signal pads at once (one slot per program and rank). ``role`` names
+    what a kernel keeps there (its input, or a stage of its results for the peers): each role has its own."""
     capacity = capacity_for(tokens)
-    key = (group_name, dtype, capacity, hidden, device.index)
+    key = (group_name, role, dtype, capacity, hidden, device.index)
     if key in _workspaces:
         return _workspaces[key]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -164,11 +169,13 @@ def workspace(group: dist.ProcessGroup, group_name: str, tokens: int, hidden: in
         return found
 
 
-def failure(group_name: str, tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> str | None:
+def failure(group_name: str, tokens: int, hidden: int, dtype: torch.dtype, device: torch.device,
+            role: str = "input") -> str | None:
     """Why the workspace serving these rows could not be set up (None: it was, or was never tried)."""
-    return _failures.get((group_name, dtype, capacity_for(tokens), hidden, device.index))
+    return _failures.get((group_name, role, dtype, capacity_for(tokens), hidden, device.index))
 
 
-def known(group_name: str, tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> Workspace | None:
+def known(group_name: str, tokens: int, hidden: int, dtype: torch.dtype, device: torch.device,
+          role: str = "input") -> Workspace | None:
     """The workspace serving these rows if it is set up; never sets one up (no collective)."""
-    return _workspaces.get((group_name, dtype, capacity_for(tokens), hidden, device.index))
+    return _workspaces.get((group_name, role, dtype, capacity_for(tokens), hidden, device.index))

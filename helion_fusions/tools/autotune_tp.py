@@ -2,7 +2,8 @@
 
 A process per GPU (NCCL; NVLink multicast off in every one). For each op and shape ``{W, T, H}`` of the grid (W:
 the number of GPUs), every rank builds the same candidates in the same order
-(:func:`helion_fusions.ops.all_reduce.candidate_configs`: rows per tile and warp counts, persistent). The ranks
+(:func:`helion_fusions.ops.all_reduce.candidate_configs`: the one-shot and, where T >= W, the two-shot algorithm,
+each with rows per tile and warp counts, persistent). The ranks
 exchange an ok flag after each step that can fail on one rank alone (the build, the check, the CUDA-graph
 capture), so a candidate that fails anywhere is dropped everywhere before any rank launches it again. A
 surviving candidate's outputs must equal the contract (:func:`helion_fusions.ops.all_reduce.reference`) byte
@@ -88,6 +89,12 @@ def tune_shape(tuned: TunedKernel, shape: dict[str, int], dtype: torch.dtype, ra
                   f"{symmetric.failure(ranks.group_name, rows['T'], rows['H'], dtype, ranks.device)}")
         return None
     configs = all_reduce.candidate_configs(shape)
+    if any(all_reduce.algorithm(c) == all_reduce.TWO_SHOT for c in configs):
+        # collective, on every rank alike; where it fails everywhere, the two-shot candidates are dropped
+        if all_reduce.stages(ranks.group, ranks.group_name, launch, ranks.world, True) is None:
+            ranks.log(f"  {where}: no symmetric stage buffers; trying one-shot candidates only")
+            configs = [c for c in configs if all_reduce.algorithm(c) == all_reduce.ONE_SHOT]
+    all_reduce.stages(ranks.group, ranks.group_name, launch, ranks.world, False)
     timed: list[tuple[float, int]] = []
     for index, config in enumerate(configs):
         trial = clone_kwargs(call)
@@ -129,7 +136,7 @@ def _resumed(path: Path, tuned: TunedKernel, fresh: bool, log: Any) -> list[conf
         return []
     try:
         return list(config_store.load(path, tuned.name, tuned.dim_names, dispatch.spec_hash(tuned),
-                                      tuned.config_problem).entries)
+                                      tuned.config_problem, tuned.extra_config_keys).entries)
     except config_store.ConfigError as error:
         log(f"not resuming from {error}")
         return []
