@@ -7,6 +7,7 @@ path each op took to ``<out>/rank<r>.pt``; the test compares the ranks with each
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from typing import Any
 
@@ -34,9 +35,11 @@ def written(base: OpSpec, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {name: kwargs[name].cpu() for name in base.mutated_args if kwargs.get(name) is not None}
 
 
-def fused(name: str, copy_in: bool = True) -> bool:
-    """Whether calls of ``name`` have taken the fused path (a laid-out fused launch exists)."""
-    return any(key[0] == name and key[1] is copy_in for key in all_reduce._plans)
+def fused(name: str, copy_in: bool = True, algorithm: str = all_reduce.ONE_SHOT) -> bool:
+    """Whether calls of ``name`` have taken the fused path with ``algorithm`` (a laid-out fused launch exists)."""
+    return any(key[0] == name and key[1] is copy_in
+               and json.loads(key[2]).get(all_reduce.ALGORITHM, all_reduce.ONE_SHOT) == algorithm
+               for key in all_reduce._plans)
 
 
 def refreshed(base: OpSpec, shape: tuple[int, int], dtype: torch.dtype, rank: int, seed: int) -> dict[str, Any]:
@@ -70,7 +73,7 @@ def _graph(world: str, rank: int) -> list[dict[str, Any]]:
     return replays
 
 
-def _zero_copy(world: str, rank: int) -> dict[str, Any]:
+def _zero_copy(world: str, rank: int, algorithm: str) -> dict[str, Any]:
     """The producer writes its partial input into the workspace; the op reads it there (no copy)."""
     base = next(b for b in all_reduce.BASES if b.name == ZERO_COPY_OP)
     shape, dtype = (7, 4096), torch.bfloat16
@@ -80,7 +83,8 @@ def _zero_copy(world: str, rank: int) -> dict[str, Any]:
     kwargs["input"] = space
     all_reduce.OPS[all_reduce.PREFIX + base.name](**kwargs, group_name=world)
     torch.cuda.synchronize()
-    return {"fused": fused(all_reduce.PREFIX + base.name, copy_in=False), "outputs": written(base, kwargs)}
+    return {"fused": fused(all_reduce.PREFIX + base.name, copy_in=False, algorithm=algorithm),
+            "outputs": written(base, kwargs)}
 
 
 def run(rank: int, world_size: int, init_file: str, out: str) -> None:
@@ -90,13 +94,15 @@ def run(rank: int, world_size: int, init_file: str, out: str) -> None:
                             timeout=TIMEOUT, device_id=torch.device("cuda", rank))
     with saved_result(rank, out) as result:
         world = dist.group.WORLD.group_name
-        outputs, paths = [], []
-        for base, shape, dtype in cases(SHAPES, DTYPES):
-            kwargs = on_gpu(call_kwargs(base, shape, dtype, rank))
-            all_reduce.OPS[all_reduce.PREFIX + base.name](**kwargs, group_name=world)
-            torch.cuda.synchronize()
-            outputs.append(written(base, kwargs))
-            paths.append(fused(all_reduce.PREFIX + base.name))
-        result["outputs"], result["fused"] = outputs, paths
-        result["graph"] = _graph(world, rank)
-        result["zero_copy"] = _zero_copy(world, rank)
+        for algorithm in (all_reduce.ONE_SHOT, all_reduce.TWO_SHOT):
+            all_reduce._forced_algorithm = algorithm
+            outputs, paths = [], []
+            for base, shape, dtype in cases(SHAPES, DTYPES):
+                kwargs = on_gpu(call_kwargs(base, shape, dtype, rank))
+                all_reduce.OPS[all_reduce.PREFIX + base.name](**kwargs, group_name=world)
+                torch.cuda.synchronize()
+                outputs.append(written(base, kwargs))
+                paths.append(fused(all_reduce.PREFIX + base.name, algorithm=algorithm))
+            result[algorithm] = {"outputs": outputs, "fused": paths, "graph": _graph(world, rank),
+                                 "zero_copy": _zero_copy(world, rank, algorithm)}
+        all_reduce._forced_algorithm = None

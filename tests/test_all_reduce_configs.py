@@ -164,3 +164,11 @@ def test_two_shot_candidates_only_where_every_rank_owns_a_row() -> None:
             assert all(all_reduce.config_problem(dict(c)) is None for c in two), shape
     assert len([c for c in all_reduce.candidate_configs({"W": 2, "T": 2048, "H": 4096})
                 if all_reduce.algorithm(c) == all_reduce.TWO_SHOT]) >= 8
+
+
+def test_a_forced_algorithm_keeps_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(all_reduce, "_forced_algorithm", all_reduce.TWO_SHOT)
+    (launch,) = BASE.prepare(**call_kwargs(BASE, (8, 4096), torch.bfloat16, 0))
+    config, source = all_reduce.fused_config(NAME, launch, 2)
+    assert dict(config) == {**_default(8), all_reduce.ALGORITHM: all_reduce.TWO_SHOT}
+    assert source == "the architecture default, algorithm forced to two_shot"

@@ -1,6 +1,6 @@
 """The fused all_reduce ops on two GPUs (NCCL, symmetric memory, NVLink multicast off): every flavour against the
 reference, identical bytes on both ranks, T = 1, an odd hidden size, a producer writing into the workspace, and
-CUDA-graph replay. Skipped without two GPUs.
+CUDA-graph replay, each with the one-shot and the two-shot algorithm forced. Skipped without two GPUs.
 
 Run with ``NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 python -m pytest -q
 tests/test_all_reduce_gpu.py`` (the ranks set the same variables themselves); ``ALL_REDUCE_GPU_QUICK=1``
@@ -40,7 +40,12 @@ def _same_bytes(ranks_outputs: list[dict], where: str) -> None:
             assert torch.equal(workers.as_bytes(tensor), workers.as_bytes(other[name])), f"{where}: {name} differs"
 
 
-def test_every_flavour_takes_the_fused_path_and_matches_the_reference(ranks: list[dict]) -> None:
+ALGORITHMS = pytest.mark.parametrize("algorithm", [all_reduce.ONE_SHOT, all_reduce.TWO_SHOT])
+
+
+@ALGORITHMS
+def test_every_flavour_takes_the_fused_path_and_matches_the_reference(ranks: list[dict], algorithm: str) -> None:
+    ranks = [result[algorithm] for result in ranks]
     cases = workers.cases(workers.SHAPES, workers.DTYPES)
     assert {base.name for base, _, _ in cases} == {b.name for b in all_reduce.BASES}
     assert any(shape == (1, 4096) for _, shape, _ in cases) and any(shape[1] % 2 for _, shape, _ in cases)
@@ -55,7 +60,9 @@ def test_every_flavour_takes_the_fused_path_and_matches_the_reference(ranks: lis
         _same_bytes([result["outputs"][index] for result in ranks], where)
 
 
-def test_cuda_graph_replays_new_inputs(ranks: list[dict]) -> None:
+@ALGORITHMS
+def test_cuda_graph_replays_new_inputs(ranks: list[dict], algorithm: str) -> None:
+    ranks = [result[algorithm] for result in ranks]
     base = next(b for b in all_reduce.BASES if b.name == workers.GRAPH_OP)
     shape, dtype = (7, 4096), torch.bfloat16
     for replay in range(2):
@@ -69,7 +76,9 @@ def test_cuda_graph_replays_new_inputs(ranks: list[dict]) -> None:
         _same_bytes([result["graph"][replay]["outputs"] for result in ranks], f"replay {replay}")
 
 
-def test_producer_writes_into_the_workspace(ranks: list[dict]) -> None:
+@ALGORITHMS
+def test_producer_writes_into_the_workspace(ranks: list[dict], algorithm: str) -> None:
+    ranks = [result[algorithm] for result in ranks]
     base = next(b for b in all_reduce.BASES if b.name == workers.ZERO_COPY_OP)
     shape, dtype = (7, 4096), torch.bfloat16
     inputs = [rank_input(shape, dtype, rank) for rank in range(WORLD)]

@@ -82,6 +82,7 @@ ELEMENTS_PER_THREAD = (4, 64)  # per thread, in a candidate's tile: fewer leave 
 ALGORITHM, ONE_SHOT, TWO_SHOT = "algorithm", "one_shot", "two_shot"
 STAGES = ("out", "scale", "residual")  # the two-shot's symmetric buffers of results, one allocation each
 
+_forced_algorithm: str | None = None  # tests: every fused call takes this algorithm (the config's rows and warps)
 _agreed: dict[tuple[Any, ...], bool] = {}  # agreed calls -> whether they take the fused path
 _warned: set[str] = set()
 _fallback_reasons: dict[tuple[Any, ...], str] = {}
@@ -251,9 +252,14 @@ def fused_config(name: str, launch: KernelLaunch, world: int) -> tuple[helion.Co
     key ``{W, T, H}``; only entries tuned for this W apply), else :func:`default_config`."""
     problem = {"W": world, **launch.problem}
     if launch.device.type != "cuda":  # no fused kernel runs off a GPU, and no GPU to look configs up for
-        return default_config(problem), "the architecture default"
-    return dispatch.tuned_config(TUNED[name], problem, launch.dtype, launch.device.index or 0,
-                                 dispatch.batch_invariant())
+        config, source = default_config(problem), "the architecture default"
+    else:
+        config, source = dispatch.tuned_config(TUNED[name], problem, launch.dtype, launch.device.index or 0,
+                                               dispatch.batch_invariant())
+    if _forced_algorithm is not None:
+        config = helion.Config(**{**config.config, ALGORITHM: _forced_algorithm})
+        source += f", {ALGORITHM} forced to {_forced_algorithm}"
+    return config, source
 
 
 def config_text(config: helion.Config) -> str:
