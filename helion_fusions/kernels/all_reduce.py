@@ -1,6 +1,7 @@
-"""One-shot all-reduce + RMSNorm (+ residual) + quant over symmetric memory: every flavour of the rms_norm
-family (see :mod:`helion_fusions.ops.all_reduce`), from one Helion kernel.
+"""All-reduce + RMSNorm (+ residual) + quant over symmetric memory: every flavour of the rms_norm family (see
+:mod:`helion_fusions.ops.all_reduce`), one-shot or two-shot (``TWO_SHOT``), from one Helion kernel.
 
+One-shot:
 Each rank's partial input lies in its symmetric ``workspace`` (the kernel copies it there, or a producer
 wrote it there). For each tile of rows, every rank's program ``p`` meets the other ranks' programs ``p`` at
 a barrier on the signal pads, reads those rows from the W workspaces, sums them in fp32 in rank order
@@ -14,6 +15,17 @@ rank), reset to zero by the waiter so the pads need no host reset (CUDA-graph sa
 kernels are persistent (Helion allows no other program-id layout for them): the grid is one program per
 SM and every rank runs the same tiles in each program, so slot ``p`` pairs the same rows on every rank.
 No NVLink multicast is used: peers are read through their mapped buffers.
+
+Two-shot: rank ``w`` owns the real rows ``W * v + w``; the tiles run over the ``cdiv(T, W)`` "virtual" rows
+``v``, so each tile covers the ``W * rows`` real rows its virtual rows name on every rank. Per tile: each rank
+copies those rows of its input into its workspace; barrier; each reads its own rows from the W workspaces,
+sums them as above, normalizes (the residual added as rms_norm does) and quantizes into its symmetric stage
+buffers (``out_stage``, ``scale_stage``, ``residual_stage``: ``[cdiv(T, W), ...]``, scales row-major);
+barrier (release: the stage is visible and the workspace rows are read; acquire: the peers' stages);
+then each rank copies every rank's stage rows (its own too) into its ``out``, scales (in their own layout:
+strided, transposed, nvfp4 swizzled) and ``residual``. The outputs are written only after the second
+barrier, as in the one-shot; a stage is next written after the next call's first barrier, which no peer
+passes before it finished this call.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ Two paths, the same bytes:
 * **fused** (CUDA tensors, an NCCL group, symmetric memory on every rank): one Helion kernel
   (:mod:`helion_fusions.kernels.all_reduce`) reads every rank's input from a symmetric workspace, sums,
   normalizes and quantizes. The op copies ``input`` into the workspace inside the kernel, unless ``input``
-  is the workspace: a producer that writes its output into :func:`workspace` saves that copy.
+  is the workspace: a producer that writes its output into :func:`workspace` saves that copy. Its config names
+  the algorithm (:data:`ALGORITHM`): one-shot, every rank reducing every row (the default), or two-shot, each
+  rank reducing its share of the rows and the ranks gathering the quantized results.
 * **fallback** (anything else, one warning per op names why): ``torch.distributed.all_gather`` of the
   inputs, the ordered fp32 sum, and ``<op>``.
 
