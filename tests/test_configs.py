@@ -12,7 +12,7 @@ from typing import Any
 import helion
 import pytest
 import torch
-from conftest import REPO_ROOT, spec_params
+from conftest import REPO_ROOT, problem_shape, spec_params
 
 from helion_fusions.runtime import config_store, dispatch
 from helion_fusions.runtime.device import DeviceIdentity
@@ -156,7 +156,7 @@ def _zero_dim_scales(spec: OpSpec, kwargs: dict[str, Any]) -> list[str]:
 def test_zero_dim_scales_generate_code(spec: OpSpec) -> None:
     """A 0-dim scale passes the checks, so the compiled kernel must take it too (interpret mode alone would not
     see a tracing failure)."""
-    kwargs = spec.make_inputs({"T": 7, "H": 256 if spec.family not in ("rope", "kv_cache") else 4096},
+    kwargs = spec.make_inputs(problem_shape(spec, 7, 256 if spec.family not in ("rope", "kv_cache") else 4096),
                               torch.bfloat16, torch.device("cpu"))
     if not _zero_dim_scales(spec, kwargs):
         pytest.skip("no one-element scale among its inputs")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import arg, is_fp8_op, is_nvfp4_op, spec_params
+from conftest import arg, is_fp8_op, is_nvfp4_op, problem_shape, spec_params
 
 from helion_fusions.runtime.registry import REGISTRY, OpSpec
 from helion_fusions.tools.testing import poisoned
@@ -28,7 +28,7 @@ TRANSPOSED_FLAG_OPS = [s.name for s in REGISTRY.values() if "is_scale_transposed
 
 
 def _inputs(spec: OpSpec, tokens: int = TOKENS, hidden: int = HIDDEN) -> dict[str, Any]:
-    kwargs = spec.make_inputs({"T": tokens, "H": hidden}, torch.bfloat16, torch.device("cpu"))
+    kwargs = spec.make_inputs(problem_shape(spec, tokens, hidden), torch.bfloat16, torch.device("cpu"))
     if kwargs.get("residual", ...) is None:
         kwargs["residual"] = torch.randn(tokens, hidden, dtype=torch.bfloat16)
     return kwargs

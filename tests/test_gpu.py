@@ -15,6 +15,7 @@ from conftest import (
     clone_kwargs,
     is_nvfp4_op,
     is_poison,
+    problem_shape,
     round_up,
     run_against_reference,
     written,
@@ -43,7 +44,7 @@ FP32_ULP_OPS = {
 
 def _hidden_sizes(spec: OpSpec) -> tuple[int, ...]:
     """4096, 5120 and one size that is not a power of two, legal for the op."""
-    if is_nvfp4_op(spec):
+    if is_nvfp4_op(spec) or "N" in spec.dim_names:  # (a GEMM's N: a multiple of 16)
         return (4096, 5120, 16 * 65)
     if "group_size" in spec.arg_names:
         return (4096, 5120, 128 * 9)
@@ -68,7 +69,7 @@ def compiled_kernels() -> Iterable[None]:
 
 
 def _inputs(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
-    return spec.make_inputs({"T": tokens, "H": hidden}, dtype, CUDA)
+    return spec.make_inputs(problem_shape(spec, tokens, hidden), dtype, CUDA)
 
 
 def _cases() -> list[Any]:
@@ -174,7 +175,8 @@ def _refill(spec: OpSpec, kwargs: dict[str, Any], seed: int) -> None:
 
 @pytest.mark.parametrize("spec", list(REGISTRY.values()), ids=lambda s: s.name)
 def test_cuda_graph_replay_after_warmup(spec: OpSpec) -> None:
-    helion_fusions.warmup(hidden_sizes=[4096], ops=[spec.name], max_tokens=16)
+    model_dims = {d.name: size for d, size in zip(spec.problem, problem_shape(spec, 1, 4096).values()) if not d.bucketed}
+    helion_fusions.warmup(shapes=[model_dims], ops=[spec.name], max_tokens=16)
     compiled = dispatch.compiled_count()
     kwargs = _inputs(spec, 7, 4096)
     graph = torch.cuda.CUDAGraph()
@@ -470,3 +472,24 @@ def test_ds_mla_cache(spec: OpSpec, tokens: int) -> None:
     untouched = torch.ones(rows.shape[0], dtype=torch.bool, device=CUDA)
     untouched[kept] = False
     assert is_poison(rows[untouched])
+
+
+# --- scaled_mm ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("static", (False, True), ids=("bf16_out", "static_fp8_out"))
+@pytest.mark.parametrize("layout", ("tensor_0dim", "token_channel", "block", "bias"))
+@pytest.mark.parametrize("m", (1, 7, 300, 4096))
+def test_scaled_mm_matches_the_contract(m: int, layout: str, static: bool) -> None:
+    """Integer-valued fp8 operands (make_inputs): every sum is exact, so the kernel's bytes equal the contract's."""
+    spec = REGISTRY["scaled_mm_static_fp8_quant" if static else "scaled_mm"]
+    n, k = 4096 + 16 * 3, 4096  # N not a multiple of the tile
+    kwargs = spec.make_inputs({"M": m, "N": n, "K": k}, torch.bfloat16, CUDA)
+    generator = torch.Generator(device="cpu").manual_seed(m)
+    if layout == "tensor_0dim":
+        kwargs.update(a_scales=torch.tensor(0.01, device=CUDA), b_scales=torch.tensor(0.002, device=CUDA))
+    elif layout == "block":
+        kwargs.update(a_scales=(torch.rand(m, k // 128, generator=generator) / 16).to(CUDA),
+                      b_scales=(torch.rand(-(-n // 128), k // 128, generator=generator) / 256).to(CUDA))
+    elif layout == "bias":
+        kwargs["bias"] = torch.randn(n, generator=generator).to(device=CUDA, dtype=torch.bfloat16)
+    run_against_reference(spec, kwargs, max_flip_fraction=0)

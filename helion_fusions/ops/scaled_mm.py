@@ -1,0 +1,206 @@
+"""Scaled fp8 GEMMs: ``scaled_mm`` (vLLM's ``cutlass_scaled_mm``) and its static fp8 output flavour.
+
+Contract (NUMERICS.md, "GEMM epilogues"): ``acc = sum_k f32(a) * f32(b)`` (the accumulation order is the
+kernel's), ``y = a_scales * (b_scales * acc) (+ f32(bias))``, rounded to ``out``'s dtype:
+
+* ``a`` fp8 ``[M, K]`` row-major; ``b`` fp8 ``[K, N]`` column-major (the transpose of the engine's
+  row-major ``[N, K]`` weight); K and N multiples of 16;
+* ``a_scales``: one element (0-dim too) or one per token (``[M, 1]`` or ``[M]``); ``b_scales``: one
+  element or one per output channel (``[N]``, ``[1, N]`` or ``[N, 1]``); both fp32 and contiguous;
+* block-scaled (DeepSeek-style block fp8): ``a_scales [M, ceil(K / 128)]`` and ``b_scales
+  [ceil(N / 128), ceil(K / 128)]``, any strides. Each 128-deep slice's product is scaled before it is
+  added: ``acc += (a[:, s] @ b[s, :]) * (a_s * b_s)``, as the engine's block-fp8 GEMM accumulates;
+* ``bias`` ``[N]`` in ``out``'s dtype.
+
+``scaled_mm_static_fp8_quant`` writes what the unfused path leaves: ``y`` rounded to bf16 (the GEMM's
+output), then quantized with the static per-tensor ``scale`` (``fp8(clamp(y * (1 / scale)))``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import helion
+import torch
+
+from helion_fusions import quant
+from helion_fusions.kernels.scaled_mm import SCALE_BLOCK, scaled_mm_kernel
+from helion_fusions.ops.common import poisoned
+from helion_fusions.runtime.checks import FP8_DTYPES, check_scalar_scale, check_tensor
+from helion_fusions.runtime.device import fp8_dtype
+from helion_fusions.runtime.library import register
+from helion_fusions.runtime.registry import Dim, KernelLaunch, OpSpec, Shape
+
+M_GRID = (1, 16, 64, 128, 512, 2048, 8192)
+N_GRID = (4096, 6144, 14336, 28672)
+K_GRID = (4096, 14336)
+OUT_DTYPES = (torch.bfloat16, torch.float16)
+ROUND_DTYPE = torch.bfloat16  # the unfused path's GEMM output, which the static fp8 flavour quantizes
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_operands(a: Any, b: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    a = check_tensor("a", a, dtypes=FP8_DTYPES)
+    if a.dim() != 2 or (a.size(1) > 1 and a.stride(1) != 1):
+        raise ValueError(f"a: expected a row-major [M, K] tensor, got shape {list(a.shape)} strides {list(a.stride())}")
+    b = check_tensor("b", b, dtypes=(a.dtype,), device=a.device)
+    if b.dim() != 2 or b.size(0) != a.size(1) or (b.size(0) > 1 and b.stride(0) != 1):
+        raise ValueError(f"b: expected a column-major [K, N] tensor with K = {a.size(1)} (the transpose of a row-major "
+                         f"[N, K] weight), got shape {list(b.shape)} strides {list(b.stride())}")
+    if a.size(1) % 16 or a.size(1) == 0:
+        raise ValueError(f"a: K = {a.size(1)} must be a positive multiple of 16")
+    if b.size(1) % 16 or b.size(1) == 0:
+        raise ValueError(f"b: N = {b.size(1)} must be a positive multiple of 16")
+    return a, b
+
+
+def _block_scaled(a_scales: torch.Tensor, b_scales: torch.Tensor, m: int, n: int, k: int) -> bool:
+    """Whether the scales are block-scaled: ``[M, K / 128]`` and ``[N / 128, K / 128]`` (not both one element)."""
+    blocks = _cdiv(k, SCALE_BLOCK)
+    return (tuple(a_scales.shape) == (m, blocks) and tuple(b_scales.shape) == (_cdiv(n, SCALE_BLOCK), blocks)
+            and a_scales.numel() * b_scales.numel() > 1)
+
+
+def _check_scales(a_scales: Any, b_scales: Any, m: int, n: int, k: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool, bool, bool]:
+    """The scales as the kernel reads them, and (a per token, b per channel, block-scaled)."""
+    a_scales = check_tensor("a_scales", a_scales, dtypes=(torch.float32,), device=device)
+    b_scales = check_tensor("b_scales", b_scales, dtypes=(torch.float32,), device=device)
+    if _block_scaled(a_scales, b_scales, m, n, k):
+        return a_scales, b_scales, False, False, True
+    a_block, b_block = (m, _cdiv(k, SCALE_BLOCK)), (_cdiv(n, SCALE_BLOCK), _cdiv(k, SCALE_BLOCK))
+    for name, scales, count, what in (("a_scales", a_scales, m, "M"), ("b_scales", b_scales, n, "N")):
+        if scales.numel() not in (1, count) or sum(size > 1 for size in scales.shape) > 1:
+            raise ValueError(f"{name}: expected one element, {what} = {count} elements (one per row of the product) "
+                             f"or, block-scaled, a_scales {list(a_block)} with b_scales {list(b_block)}; got shape "
+                             f"{list(scales.shape)}")
+        if not scales.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor, got strides {list(scales.stride())}")
+    return a_scales.view(-1), b_scales.view(-1), a_scales.numel() > 1, b_scales.numel() > 1, False
+
+
+def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any,
+             scale: Any = None) -> tuple[KernelLaunch, ...]:
+    a, b = _check_operands(a, b)
+    (m, k), n = a.shape, b.size(1)
+    static_out = scale is not None
+    out = check_tensor("out", out, dtypes=(fp8_dtype(a.device),) if static_out else OUT_DTYPES, shape=(m, n),
+                       device=a.device)
+    if n > 1 and out.stride(1) != 1:
+        raise ValueError(f"out: expected a row-major [M, N] tensor, got strides {list(out.stride())}")
+    a_s, b_s, per_token, per_channel, block = _check_scales(a_scales, b_scales, m, n, k, a.device)
+    rounded = ROUND_DTYPE if static_out else out.dtype
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(rounded,), shape=(n,), device=a.device, contiguous=True)
+    out_scale = check_scalar_scale("scale", scale, a.device).view(1) if static_out else a_s
+    if m == 0:
+        return ()
+    flags = (per_token, per_channel, block, bias is not None, static_out)
+    args = (a, b, a_s, b_s, a_s if bias is None else bias, out, out_scale, *flags, rounded,
+            quant.fp8_max_for(out.dtype) if static_out else 448.0)
+    return (KernelLaunch(scaled_mm_kernel, args, (a.dtype, out.dtype, rounded, n, k, *flags), {"M": m, "N": n, "K": k},
+                         a.device, out.dtype),)
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, a_scales: torch.Tensor, b_scales: torch.Tensor) -> torch.Tensor:
+    """``a_scales * (b_scales * (a @ b))`` in fp32, block-scaled slice by slice where the scales say so."""
+    (m, k), n = a.shape, b.size(1)
+    if _block_scaled(a_scales, b_scales, m, n, k):
+        acc = torch.zeros(m, n, dtype=torch.float32, device=a.device)
+        columns = b_scales.repeat_interleave(SCALE_BLOCK, 0)[:n]  # [N, K / 128]
+        for index, start in enumerate(range(0, k, SCALE_BLOCK)):
+            part = a[:, start:start + SCALE_BLOCK].float() @ b[start:start + SCALE_BLOCK].float()
+            acc = acc + part * (a_scales[:, index, None] * columns[None, :, index])
+        return acc
+    return a_scales.reshape(-1, 1) * (b_scales.reshape(1, -1) * (a.float() @ b.float()))
+
+
+def _reference(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_scales: torch.Tensor, b_scales: torch.Tensor,
+               bias: torch.Tensor | None, scale: torch.Tensor | None = None) -> None:
+    y = _product(a, b, a_scales, b_scales)
+    if bias is not None:
+        y = y + bias.float()
+    if scale is None:
+        out.copy_(y.to(out.dtype))
+    else:
+        out.copy_(quant.fp8_quantize_static(y.to(ROUND_DTYPE).float(), scale.reshape(()), quant.fp8_max_for(out.dtype),
+                                            out.dtype))
+
+
+def _reference_static(out, a, b, a_scales, b_scales, scale, bias=None) -> None:
+    _reference(out, a, b, a_scales, b_scales, bias, scale)
+
+
+def _prepare_static(out, a, b, a_scales, b_scales, scale, bias=None) -> tuple[KernelLaunch, ...]:
+    return _prepare(out, a, b, a_scales, b_scales, bias, scale)
+
+
+def _inputs(static_out: bool):
+    def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        """Random fp8 operands with per-token and per-channel scales (the engines' dynamic fp8 GEMM).
+
+        The operands are integers in [-8, 8]: every partial sum is exact in fp32 (for K up to 2^18), so any
+        accumulation order gives the contract's bytes and the tests compare them exactly."""
+        m, n, k = shape["M"], shape["N"], shape["K"]
+        generator = torch.Generator(device="cpu").manual_seed(m * 7919 + n * 31 + k)
+        fp8 = fp8_dtype(device)
+
+        def operand(rows: int) -> torch.Tensor:
+            return torch.randint(-8, 9, (rows, k), generator=generator).float().to(fp8).to(device)
+
+        kwargs = {
+            "a": operand(m),
+            "b": operand(n).t(),
+            "a_scales": (0.5 + torch.rand(m, 1, generator=generator)).to(device) / 16,
+            "b_scales": (0.5 + torch.rand(n, generator=generator)).to(device) / (4 * k ** 0.5),
+            "bias": None,
+        }
+        if static_out:
+            kwargs["scale"] = torch.tensor(0.05, device=device)
+        out_dtype = fp8 if static_out else (dtype if dtype in OUT_DTYPES else torch.bfloat16)
+        return {"out": poisoned((m, n), out_dtype, device), **kwargs}
+    return make
+
+
+def default_config(shape: Shape) -> helion.Config:
+    """M tiles of 16-128 rows by 128 columns, 3 stages: a 128-deep fp8 tile fits Hopper's wgmma."""
+    rows = 16 if shape["M"] <= 16 else 64 if shape["M"] <= 64 else 128
+    return helion.Config(block_sizes=[rows, 128], num_warps=4 if rows < 128 else 8, num_stages=3)
+
+
+def seed_configs(shape: Shape) -> list[helion.Config]:
+    seeds = [default_config(shape)]
+    if shape["M"] > 64:
+        seeds += [helion.Config(block_sizes=[128, 256], num_warps=8, num_stages=3),
+                  helion.Config(block_sizes=[64, 256], num_warps=4, num_stages=4)]
+    return seeds
+
+
+def search_configs(shape: Shape) -> list[helion.Config]:
+    """M and N tiles, warps and stages; each also with TMA loads and as a persistent kernel."""
+    rows = [r for r in (16, 32, 64, 128) if r <= max(16, 2 * shape["M"])]
+    tiles = [helion.Config(block_sizes=[r, c], num_warps=w, num_stages=s)
+             for r in rows for c in (64, 128, 256) for w in (4, 8) for s in (3, 4) if r * c <= 128 * 256]
+    return [variant for tile in tiles for variant in (
+        tile, helion.Config(**tile.config, indexing="tensor_descriptor"),
+        helion.Config(**tile.config, pid_type="persistent_interleaved"))]
+
+
+def _declare(name: str, schema: str, prepare, reference, static_out: bool) -> OpSpec:
+    return register(OpSpec(
+        name=name, schema=schema, family="scaled_mm", kernel=scaled_mm_kernel, prepare=prepare, reference=reference,
+        make_inputs=_inputs(static_out), problem=(Dim("M", M_GRID, bucketed=True), Dim("N", N_GRID), Dim("K", K_GRID)),
+        default_config=default_config, seed_configs=seed_configs, search_configs=search_configs,
+    ))
+
+
+SCALED_MM = _declare(
+    "scaled_mm", "(Tensor! out, Tensor a, Tensor b, Tensor a_scales, Tensor b_scales, Tensor? bias=None) -> ()",
+    _prepare, _reference, False)
+SCALED_MM_STATIC_FP8_QUANT = _declare(
+    "scaled_mm_static_fp8_quant",
+    "(Tensor! out, Tensor a, Tensor b, Tensor a_scales, Tensor b_scales, Tensor scale, Tensor? bias=None) -> ()",
+    _prepare_static, _reference_static, True)
