@@ -299,3 +299,11 @@ def test_bench_tp_checks_each_path_on_two_cpu_ranks(capsys: pytest.CaptureFixtur
     assert bench_tp.main(["--ops", "all_reduce_fused_add_rms_norm_static_fp8_quant"]) == 0
     out = capsys.readouterr().out
     assert "2 CPU ranks over gloo" in out and "all_reduce_fused_add_rms_norm_static_fp8_quant" in out
+
+
+def test_bench_gemm_checks_every_variant_on_a_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    from perf import bench_gemm
+
+    assert bench_gemm.main([]) == 0
+    out = capsys.readouterr().out
+    assert "MISMATCH" not in out and out.count("| ok") == 12
