@@ -66,6 +66,11 @@ EXPECTED_SCHEMAS = {
     "concat_and_cache_mla": (["kv_c", "k_pe", "kv_cache", "slot_mapping", "kv_cache_dtype", "scale"], ["kv_cache"]),
     "scaled_mm": (["out", "a", "b", "a_scales", "b_scales", "bias"], ["out"]),
     "scaled_mm_static_fp8_quant": (["out", "a", "b", "a_scales", "b_scales", "scale", "bias"], ["out"]),
+    "scaled_mm_per_group_fp8_quant": (["out", "a", "b", "a_scales", "b_scales", "scales", "group_size", "bias", "eps",
+                                       "is_scale_transposed", "scale_ue8m0"], ["out", "scales"]),
+    "scaled_mm_silu_mul_static_fp8_quant": (["out", "a", "b", "a_scales", "b_scales", "scale", "bias"], ["out"]),
+    "scaled_mm_silu_mul_per_group_fp8_quant": (["out", "a", "b", "a_scales", "b_scales", "scales", "group_size", "bias",
+                                                "eps", "is_scale_transposed", "scale_ue8m0"], ["out", "scales"]),
 }
 
 

@@ -1,15 +1,19 @@
-"""The scaled fp8 GEMM kernel (see :mod:`helion_fusions.ops.scaled_mm`).
+"""The scaled fp8 GEMM kernel and its epilogues (see :mod:`helion_fusions.ops.scaled_mm`).
 
-``out = round(a_scale * (b_scale * (a @ b)) + bias)``, accumulated in fp32, as ``cutlass_scaled_mm``'s
-epilogue computes it; ``a`` fp8 ``[M, K]`` row-major, ``b`` fp8 ``[K, N]`` column-major (the engine's
-weight layout), scales per tensor or per token (``a``) / per channel (``b``). With ``BLOCK_SCALED``
-(DeepSeek-style block fp8) ``a_scales`` is ``[M, K / 128]`` and ``b_scales`` ``[N / 128, K / 128]``: each
-128-deep slice of the product is scaled before it is added, ``acc += dot * (a_s * b_s)``, as the engine's
-block-fp8 GEMM accumulates. With ``STATIC_OUT`` the rounded result is quantized to fp8 with a per-tensor
-scale, as the unfused GEMM + static quant leaves it.
+``y = a_scale * (b_scale * (a @ b)) (+ bias)``, accumulated in fp32, as ``cutlass_scaled_mm``'s epilogue
+computes it; ``a`` fp8 ``[M, K]`` row-major, ``b`` fp8 ``[K, N]`` column-major (the engine's weight layout),
+scales per tensor or per token (``a``) / per channel (``b``). With ``BLOCK_SCALED`` (DeepSeek-style block fp8)
+``a_scales`` is ``[M, K / 128]`` and ``b_scales`` ``[N / 128, K / 128]``: each 128-deep slice of the product is
+scaled before it is added, ``acc += dot * (a_s * b_s)``, as the engine's block-fp8 GEMM accumulates.
 
-K is walked 128 deep in both paths (the depth of an fp8 tensor-core tile on Hopper, and of a block
-scale), so every variant takes configs of the same form: the M and N tile sizes.
+With ``GATED`` the weight holds ``[gate | up]`` columns and the kernel keeps two accumulators per tile (the gate
+columns ``n`` and the up columns ``n + N``), then ``y = round(silu(round(gate))) * round(up)``, as the unfused
+GEMM + ``silu_and_mul`` computes it. The result, rounded to the unfused GEMM's output dtype, ends in
+:func:`helion_fusions.quant.epilogues.store_quantized`: no quant, static fp8, or dynamic per-group fp8.
+
+The output columns are tiled in groups of ``G`` (the quant group; 1 for the flavours without one), so a
+per-group scale is the amax of a group inside one tile: the second block size counts groups. K is walked 128
+deep in every variant (the depth of an fp8 tensor-core tile on Hopper, and of a block scale).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import helion
 import helion.language as hl
 import torch
 
-from helion_fusions.quant.epilogues import fp8_quantize_static
+from helion_fusions.kernels.silu_mul import silu
+from helion_fusions.quant.epilogues import load_scale_in, store_quantized
 
 SCALE_BLOCK = 128  # the block of a block-scaled GEMM's scales along K (and N for b); the K tile of every path
 
@@ -26,46 +31,76 @@ SCALE_BLOCK = 128  # the block of a block-scaled GEMM's scales along K (and N fo
 @helion.kernel(static_shapes=False, autotune_effort="none")
 def scaled_mm_kernel(
     a: torch.Tensor,  # [M, K] fp8
-    b: torch.Tensor,  # [K, N] fp8, column-major
+    b: torch.Tensor,  # [K, HALVES, NG, G] fp8, column-major: [gate | up] when GATED (HALVES = 2)
     a_scales: torch.Tensor,  # [M] (A_PER_TOKEN), [M, K / 128] (BLOCK_SCALED) or [1] fp32
-    b_scales: torch.Tensor,  # [N] (B_PER_CHANNEL), [N / 128, K / 128] (BLOCK_SCALED) or [1] fp32
-    bias: torch.Tensor,  # [N] (HAS_BIAS)
-    out: torch.Tensor,  # [M, N]: bf16/fp16, or fp8 (STATIC_OUT)
-    out_scale: torch.Tensor,  # [1] fp32 dequant scale of an fp8 out (STATIC_OUT)
+    b_scales: torch.Tensor,  # [HALVES, NG, G] (B_PER_CHANNEL), [HALVES * N / 128, K / 128] (BLOCK_SCALED) or [1]
+    bias: torch.Tensor,  # [HALVES, NG, G] (HAS_BIAS)
+    out: torch.Tensor,  # [M, NG, G]: bf16/fp16, or fp8 (a quant flavour)
+    scale_out: torch.Tensor,  # [M, NG] per-group scales (any strides); see quant.store_quantized
+    scale_in: torch.Tensor,  # [1] fp32 dequant scale of a static fp8 out
+    amax_floor: float,
     A_PER_TOKEN: hl.constexpr,
     B_PER_CHANNEL: hl.constexpr,
     BLOCK_SCALED: hl.constexpr,
     HAS_BIAS: hl.constexpr,
-    STATIC_OUT: hl.constexpr,
-    ROUND_DTYPE: hl.constexpr,  # the unfused GEMM's output dtype, rounded to before the quant
+    GATED: hl.constexpr,
+    QUANT: hl.constexpr,  # quant.Quant: NONE, STATIC or PER_GROUP
+    UE8M0: hl.constexpr,
+    ROUND_DTYPE: hl.constexpr,  # the unfused GEMM's output dtype, rounded to before the activation and the quant
     FP8_MAX: hl.constexpr,
 ) -> None:
     M, K = a.size()
-    N = b.size(1)
-    for tile_m, tile_n in hl.tile([M, N]):
-        acc = hl.zeros([tile_m, tile_n], dtype=torch.float32)
-        if BLOCK_SCALED:
-            for tile_k in hl.tile(K, block_size=SCALE_BLOCK):
-                partial = hl.dot(a[tile_m, tile_k], b[tile_k, tile_n])
-                a_s = a_scales[tile_m, tile_k.id]
-                b_s = b_scales[tile_n.index // SCALE_BLOCK, tile_k.id]
-                acc = acc + partial * (a_s[:, None] * b_s[None, :])
-            y = acc
-        else:
-            for tile_k in hl.tile(K, block_size=SCALE_BLOCK):
-                acc = hl.dot(a[tile_m, tile_k], b[tile_k, tile_n], acc=acc)
-            if B_PER_CHANNEL:
-                y = b_scales[tile_n].unsqueeze(0) * acc
+    _, _, NG, G = b.size()
+    NG = hl.specialize(NG)
+    G = hl.specialize(G)
+    N = NG * G
+    for tile_m, tile_g in hl.tile([M, NG]):
+        scale_value = load_scale_in(scale_in, tile_m, tile_g, QUANT)
+        acc = hl.zeros([tile_m, tile_g.block_size * G], dtype=torch.float32)
+        acc_up = hl.zeros([tile_m, tile_g.block_size * G], dtype=torch.float32)  # GATED only
+        for tile_k in hl.tile(K, block_size=SCALE_BLOCK):
+            a_tile = a[tile_m, tile_k]
+            gate_tile = b[tile_k, 0, tile_g, :].reshape(tile_k.block_size, tile_g.block_size * G)
+            if BLOCK_SCALED:
+                a_s = a_scales[tile_m, tile_k.id].unsqueeze(1)
+                columns = tile_g.index.unsqueeze(1) * G + hl.arange(G).unsqueeze(0)  # [groups, G]
+                in_range = columns < N  # (a gathered index carries no tile mask)
+                b_s = hl.load(b_scales, [columns // SCALE_BLOCK, tile_k.id], extra_mask=in_range)
+                b_s = b_s.reshape(1, tile_g.block_size * G)
+                acc = acc + hl.dot(a_tile, gate_tile) * (a_s * b_s)
+                if GATED:
+                    up_tile = b[tile_k, 1, tile_g, :].reshape(tile_k.block_size, tile_g.block_size * G)
+                    b_s_up = hl.load(b_scales, [(columns + N) // SCALE_BLOCK, tile_k.id], extra_mask=in_range)
+                    b_s_up = b_s_up.reshape(1, tile_g.block_size * G)
+                    acc_up = acc_up + hl.dot(a_tile, up_tile) * (a_s * b_s_up)
             else:
-                y = b_scales[0] * acc
+                acc = hl.dot(a_tile, gate_tile, acc=acc)
+                if GATED:
+                    up_tile = b[tile_k, 1, tile_g, :].reshape(tile_k.block_size, tile_g.block_size * G)
+                    acc_up = hl.dot(a_tile, up_tile, acc=acc_up)
+        y = acc
+        y_up = acc_up
+        if not BLOCK_SCALED:
+            if B_PER_CHANNEL:
+                y = b_scales[0, tile_g, :].reshape(1, tile_g.block_size * G) * y
+                if GATED:
+                    y_up = b_scales[1, tile_g, :].reshape(1, tile_g.block_size * G) * y_up
+            else:
+                y = b_scales[0] * y
+                y_up = b_scales[0] * y_up
             if A_PER_TOKEN:
-                y = a_scales[tile_m].unsqueeze(1) * y
+                a_s = a_scales[tile_m].unsqueeze(1)
+                y = a_s * y
+                y_up = a_s * y_up
             else:
                 y = a_scales[0] * y
+                y_up = a_scales[0] * y_up
         if HAS_BIAS:
-            y = y + bias[tile_n].unsqueeze(0).to(torch.float32)
-        if STATIC_OUT:
-            rounded = y.to(ROUND_DTYPE).to(torch.float32)
-            out[tile_m, tile_n] = fp8_quantize_static(rounded, out_scale[0], FP8_MAX, out.dtype)
-        else:
-            out[tile_m, tile_n] = y.to(out.dtype)
+            y = y + bias[0, tile_g, :].reshape(1, tile_g.block_size * G).to(torch.float32)
+            if GATED:
+                y_up = y_up + bias[1, tile_g, :].reshape(1, tile_g.block_size * G).to(torch.float32)
+        rounded = y.to(ROUND_DTYPE)
+        if GATED:
+            rounded = silu(rounded.to(torch.float32)).to(ROUND_DTYPE) * y_up.to(ROUND_DTYPE)
+        store_quantized(rounded.reshape(tile_m.block_size, tile_g.block_size, G), out, scale_out, scale_value,
+                        amax_floor, tile_m, tile_g, M, NG, G, QUANT, False, UE8M0, False, FP8_MAX)

@@ -18,6 +18,7 @@ output), then quantized with the static per-tensor ``scale`` (``fp8(clamp(y * (1
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import helion
@@ -26,7 +27,17 @@ import torch
 from helion_fusions import quant
 from helion_fusions.kernels.scaled_mm import SCALE_BLOCK, scaled_mm_kernel
 from helion_fusions.ops.common import poisoned
-from helion_fusions.runtime.checks import FP8_DTYPES, check_scalar_scale, check_tensor
+from helion_fusions.ops.silu_mul import silu_and_mul_reference
+from helion_fusions.quant import Quant
+from helion_fusions.runtime.checks import (
+    FP8_DTYPES,
+    check_group_scale,
+    check_group_size,
+    check_positive_float,
+    check_scalar_scale,
+    check_tensor,
+    group_scale_view,
+)
 from helion_fusions.runtime.device import fp8_dtype
 from helion_fusions.runtime.library import register
 from helion_fusions.runtime.registry import Dim, KernelLaunch, OpSpec, Shape
@@ -35,7 +46,9 @@ M_GRID = (1, 16, 64, 128, 512, 2048, 8192)
 N_GRID = (4096, 6144, 14336, 28672)
 K_GRID = (4096, 14336)
 OUT_DTYPES = (torch.bfloat16, torch.float16)
-ROUND_DTYPE = torch.bfloat16  # the unfused path's GEMM output, which the static fp8 flavour quantizes
+ROUND_DTYPE = torch.bfloat16  # the unfused path's GEMM output, which the activation and the quant flavours read
+GROUP_SIZES = (128,)  # per-group output quant: a group lies inside one N tile
+DEFAULT_EPS = 1e-10  # the per-group amax floor, per_token_group_fp8_quant's eps as engines pass it
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -82,27 +95,57 @@ def _check_scales(a_scales: Any, b_scales: Any, m: int, n: int, k: int,
     return a_scales.view(-1), b_scales.view(-1), a_scales.numel() > 1, b_scales.numel() > 1, False
 
 
-def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any,
-             scale: Any = None) -> tuple[KernelLaunch, ...]:
+@functools.cache
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """Stands in for the tensor arguments a variant never reads."""
+    return torch.zeros(1, dtype=torch.float32, device=device)
+
+
+def _check_weight(b: torch.Tensor, gated: bool) -> int:
+    """The output width: N, or I for a gate_up weight ``[K, 2 I]``."""
+    if not gated:
+        return b.size(1)
+    if b.size(1) % 32:
+        raise ValueError(f"b: a gate_up weight is [K, 2 * I] ([gate | up] columns) with I a multiple of 16, got "
+                         f"{b.size(1)} columns")
+    return b.size(1) // 2
+
+
+def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, *, flavour: Quant = Quant.NONE,
+             gated: bool = False, scale: Any = None, scales: Any = None, group_size: Any = None,
+             eps: Any = DEFAULT_EPS, is_scale_transposed: Any = False,
+             scale_ue8m0: Any = False) -> tuple[KernelLaunch, ...]:
     a, b = _check_operands(a, b)
-    (m, k), n = a.shape, b.size(1)
-    static_out = scale is not None
-    out = check_tensor("out", out, dtypes=(fp8_dtype(a.device),) if static_out else OUT_DTYPES, shape=(m, n),
+    (m, k), n_b = a.shape, b.size(1)
+    n = _check_weight(b, gated)
+    quantized = flavour is not Quant.NONE
+    out = check_tensor("out", out, dtypes=(fp8_dtype(a.device),) if quantized else OUT_DTYPES, shape=(m, n),
                        device=a.device)
     if n > 1 and out.stride(1) != 1:
         raise ValueError(f"out: expected a row-major [M, N] tensor, got strides {list(out.stride())}")
-    a_s, b_s, per_token, per_channel, block = _check_scales(a_scales, b_scales, m, n, k, a.device)
-    rounded = ROUND_DTYPE if static_out else out.dtype
+    a_s, b_s, per_token, per_channel, block = _check_scales(a_scales, b_scales, m, n_b, k, a.device)
+    rounded = ROUND_DTYPE if quantized or gated else out.dtype
     if bias is not None:
-        check_tensor("bias", bias, dtypes=(rounded,), shape=(n,), device=a.device, contiguous=True)
-    out_scale = check_scalar_scale("scale", scale, a.device).view(1) if static_out else a_s
+        check_tensor("bias", bias, dtypes=(rounded,), shape=(n_b,), device=a.device, contiguous=True)
+    group = 1
+    scale_out = scale_in = _placeholder(a.device)  # where the flavour reads none
+    amax_floor = DEFAULT_EPS
+    if flavour is Quant.STATIC:
+        scale_in = check_scalar_scale("scale", scale, a.device).reshape(1)
+    elif flavour is Quant.PER_GROUP:
+        group = check_group_size("group_size", group_size, n, GROUP_SIZES)
+        scale_out = check_group_scale("scales", scales, m, n // group, a.device, bool(is_scale_transposed))
+        amax_floor = check_positive_float("eps", eps)
     if m == 0:
         return ()
-    flags = (per_token, per_channel, block, bias is not None, static_out)
-    args = (a, b, a_s, b_s, a_s if bias is None else bias, out, out_scale, *flags, rounded,
-            quant.fp8_max_for(out.dtype) if static_out else 448.0)
-    return (KernelLaunch(scaled_mm_kernel, args, (a.dtype, out.dtype, rounded, n, k, *flags), {"M": m, "N": n, "K": k},
-                         a.device, out.dtype),)
+    halves = 2 if gated else 1
+    shape = (halves, n // group, group)
+    flags = (per_token, per_channel, block, bias is not None, gated, int(flavour), bool(scale_ue8m0))
+    args = (a, b.view(k, *shape), a_s, b_s.view(shape) if per_channel else b_s,
+            scale_in if bias is None else bias.view(shape), out.view(m, n // group, group), scale_out, scale_in,
+            amax_floor, *flags, rounded, quant.fp8_max_for(out.dtype) if quantized else 448.0)
+    key = (a.dtype, out.dtype, rounded, n, k, group, *flags)
+    return (KernelLaunch(scaled_mm_kernel, args, key, {"M": m, "N": n, "K": k}, a.device, out.dtype),)
 
 
 def _product(a: torch.Tensor, b: torch.Tensor, a_scales: torch.Tensor, b_scales: torch.Tensor) -> torch.Tensor:
@@ -118,33 +161,46 @@ def _product(a: torch.Tensor, b: torch.Tensor, a_scales: torch.Tensor, b_scales:
     return a_scales.reshape(-1, 1) * (b_scales.reshape(1, -1) * (a.float() @ b.float()))
 
 
-def _reference(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_scales: torch.Tensor, b_scales: torch.Tensor,
-               bias: torch.Tensor | None, scale: torch.Tensor | None = None) -> None:
+def _activation(a: torch.Tensor, b: torch.Tensor, a_scales: torch.Tensor, b_scales: torch.Tensor,
+                bias: torch.Tensor | None, dtype: torch.dtype, gated: bool) -> torch.Tensor:
+    """What the unfused path hands to its quant op: the GEMM's output in ``dtype``, then, gated, ``silu_and_mul``."""
     y = _product(a, b, a_scales, b_scales)
     if bias is not None:
         y = y + bias.float()
-    if scale is None:
-        out.copy_(y.to(out.dtype))
-    else:
-        out.copy_(quant.fp8_quantize_static(y.to(ROUND_DTYPE).float(), scale.reshape(()), quant.fp8_max_for(out.dtype),
-                                            out.dtype))
+    y = y.to(dtype)
+    return silu_and_mul_reference(y) if gated else y
 
 
-def _reference_static(out, a, b, a_scales, b_scales, scale, bias=None) -> None:
-    _reference(out, a, b, a_scales, b_scales, bias, scale)
+def _reference(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_scales: torch.Tensor, b_scales: torch.Tensor,
+               bias: torch.Tensor | None = None, *, flavour: Quant = Quant.NONE, gated: bool = False,
+               scale: torch.Tensor | None = None, scales: torch.Tensor | None = None, group_size: int = 0,
+               eps: float = DEFAULT_EPS, is_scale_transposed: bool = False, scale_ue8m0: bool = False) -> None:
+    y = _activation(a, b, a_scales, b_scales, bias, ROUND_DTYPE if flavour is not Quant.NONE else out.dtype, gated)
+    if flavour is Quant.NONE:
+        out.copy_(y)
+    elif flavour is Quant.STATIC:
+        quant.quantize_static_reference(y, scale, out)
+    else:  # as per_token_group_fp8_quant quantizes the bf16 output (its eps is the amax floor)
+        scales = group_scale_view(scales, y.shape[0], y.shape[1] // group_size, is_scale_transposed)
+        quant.quantize_per_group_reference(y, out, scales, group_size, None, scale_ue8m0, eps)
 
 
-def _prepare_static(out, a, b, a_scales, b_scales, scale, bias=None) -> tuple[KernelLaunch, ...]:
-    return _prepare(out, a, b, a_scales, b_scales, bias, scale)
+def _op(function, **bound):
+    """``function`` (the host glue or the reference) with the op's flavour bound; the runtime passes the schema's
+    arguments by name."""
+    def call(**kwargs: Any) -> Any:
+        return function(**kwargs, **bound)
+    return call
 
 
-def _inputs(static_out: bool):
+def _inputs(flavour: Quant, gated: bool):
     def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
         """Random fp8 operands with per-token and per-channel scales (the engines' dynamic fp8 GEMM).
 
         The operands are integers in [-8, 8]: every partial sum is exact in fp32 (for K up to 2^18), so any
         accumulation order gives the contract's bytes and the tests compare them exactly."""
         m, n, k = shape["M"], shape["N"], shape["K"]
+        n_b = 2 * n if gated else n
         generator = torch.Generator(device="cpu").manual_seed(m * 7919 + n * 31 + k)
         fp8 = fp8_dtype(device)
 
@@ -153,54 +209,81 @@ def _inputs(static_out: bool):
 
         kwargs = {
             "a": operand(m),
-            "b": operand(n).t(),
+            "b": operand(n_b).t(),
             "a_scales": (0.5 + torch.rand(m, 1, generator=generator)).to(device) / 16,
-            "b_scales": (0.5 + torch.rand(n, generator=generator)).to(device) / (4 * k ** 0.5),
+            "b_scales": (0.5 + torch.rand(n_b, generator=generator)).to(device) / (4 * k ** 0.5),
             "bias": None,
         }
-        if static_out:
+        if flavour is Quant.STATIC:
             kwargs["scale"] = torch.tensor(0.05, device=device)
-        out_dtype = fp8 if static_out else (dtype if dtype in OUT_DTYPES else torch.bfloat16)
+        elif flavour is Quant.PER_GROUP:
+            group = GROUP_SIZES[0]
+            kwargs.update(scales=poisoned((m, n // group), torch.float32, device), group_size=group)
+        out_dtype = fp8 if flavour is not Quant.NONE else (dtype if dtype in OUT_DTYPES else torch.bfloat16)
         return {"out": poisoned((m, n), out_dtype, device), **kwargs}
     return make
 
 
-def default_config(shape: Shape) -> helion.Config:
-    """M tiles of 16-128 rows by 128 columns, 3 stages: a 128-deep fp8 tile fits Hopper's wgmma."""
-    rows = 16 if shape["M"] <= 16 else 64 if shape["M"] <= 64 else 128
-    return helion.Config(block_sizes=[rows, 128], num_warps=4 if rows < 128 else 8, num_stages=3)
+def _group_of(flavour: Quant) -> int:
+    """The output columns a flavour's kernel tiles as one unit (the second block size counts these)."""
+    return GROUP_SIZES[0] if flavour is Quant.PER_GROUP else 1
 
 
-def seed_configs(shape: Shape) -> list[helion.Config]:
-    seeds = [default_config(shape)]
-    if shape["M"] > 64:
-        seeds += [helion.Config(block_sizes=[128, 256], num_warps=8, num_stages=3),
-                  helion.Config(block_sizes=[64, 256], num_warps=4, num_stages=4)]
-    return seeds
+def _tile(rows: int, columns: int, group: int, **settings: Any) -> helion.Config:
+    return helion.Config(block_sizes=[rows, columns // group], **settings)
 
 
-def search_configs(shape: Shape) -> list[helion.Config]:
-    """M and N tiles, warps and stages; each also with TMA loads and as a persistent kernel."""
-    rows = [r for r in (16, 32, 64, 128) if r <= max(16, 2 * shape["M"])]
-    tiles = [helion.Config(block_sizes=[r, c], num_warps=w, num_stages=s)
-             for r in rows for c in (64, 128, 256) for w in (4, 8) for s in (3, 4) if r * c <= 128 * 256]
-    return [variant for tile in tiles for variant in (
-        tile, helion.Config(**tile.config, indexing="tensor_descriptor"),
-        helion.Config(**tile.config, pid_type="persistent_interleaved"))]
+def _tuning(flavour: Quant, gated: bool):
+    group = _group_of(flavour)
+    # two accumulators (gate_up) hold twice the registers: at most half the tile
+    max_tile = 128 * 128 if gated else 128 * 256
+
+    def default_config(shape: Shape) -> helion.Config:
+        """M tiles of 16-128 rows by 128 columns, 3 stages: a 128-deep fp8 tile fits Hopper's wgmma."""
+        rows = 16 if shape["M"] <= 16 else 64 if shape["M"] <= 64 else 128
+        return _tile(rows, 128, group, num_warps=4 if rows < 128 else 8, num_stages=3)
+
+    def seed_configs(shape: Shape) -> list[helion.Config]:
+        seeds = [default_config(shape)]
+        if shape["M"] > 64:
+            seeds += [_tile(r, c, group, num_warps=w, num_stages=s)
+                      for r, c, w, s in ((128, 256, 8, 3), (64, 256, 4, 4)) if r * c <= max_tile]
+        return seeds
+
+    def search_configs(shape: Shape) -> list[helion.Config]:
+        """M and N tiles (N tiles whole quant groups), warps and stages; each also with TMA loads and as a
+        persistent kernel."""
+        rows = [r for r in (16, 32, 64, 128) if r <= max(16, 2 * shape["M"])]
+        tiles = [_tile(r, c, group, num_warps=w, num_stages=s)
+                 for r in rows for c in (64, 128, 256) if c % group == 0 and r * c <= max_tile
+                 for w in (4, 8) for s in (3, 4)]
+        return [variant for tile in tiles for variant in (
+            tile, helion.Config(**tile.config, indexing="tensor_descriptor"),
+            helion.Config(**tile.config, pid_type="persistent_interleaved"))]
+
+    return default_config, seed_configs, search_configs
 
 
-def _declare(name: str, schema: str, prepare, reference, static_out: bool) -> OpSpec:
+def _declare(name: str, schema: str, flavour: Quant = Quant.NONE, gated: bool = False) -> OpSpec:
+    default_config, seed_configs, search_configs = _tuning(flavour, gated)
     return register(OpSpec(
-        name=name, schema=schema, family="scaled_mm", kernel=scaled_mm_kernel, prepare=prepare, reference=reference,
-        make_inputs=_inputs(static_out), problem=(Dim("M", M_GRID, bucketed=True), Dim("N", N_GRID), Dim("K", K_GRID)),
+        name=name, schema=schema, family="scaled_mm", kernel=scaled_mm_kernel,
+        prepare=_op(_prepare, flavour=flavour, gated=gated), reference=_op(_reference, flavour=flavour, gated=gated),
+        make_inputs=_inputs(flavour, gated),
+        problem=(Dim("M", M_GRID, bucketed=True), Dim("N", N_GRID), Dim("K", K_GRID)),
         default_config=default_config, seed_configs=seed_configs, search_configs=search_configs,
     ))
 
 
-SCALED_MM = _declare(
-    "scaled_mm", "(Tensor! out, Tensor a, Tensor b, Tensor a_scales, Tensor b_scales, Tensor? bias=None) -> ()",
-    _prepare, _reference, False)
-SCALED_MM_STATIC_FP8_QUANT = _declare(
-    "scaled_mm_static_fp8_quant",
-    "(Tensor! out, Tensor a, Tensor b, Tensor a_scales, Tensor b_scales, Tensor scale, Tensor? bias=None) -> ()",
-    _prepare_static, _reference_static, True)
+_OPERANDS = "Tensor! out, Tensor a, Tensor b, Tensor a_scales, Tensor b_scales"
+_STATIC = f"({_OPERANDS}, Tensor scale, Tensor? bias=None) -> ()"
+_PER_GROUP = (f"({_OPERANDS}, Tensor! scales, int group_size, Tensor? bias=None, float eps=1e-10, "
+              "bool is_scale_transposed=False, bool scale_ue8m0=False) -> ()")
+
+SCALED_MM = _declare("scaled_mm", f"({_OPERANDS}, Tensor? bias=None) -> ()")
+SCALED_MM_STATIC_FP8_QUANT = _declare("scaled_mm_static_fp8_quant", _STATIC, Quant.STATIC)
+SCALED_MM_PER_GROUP_FP8_QUANT = _declare("scaled_mm_per_group_fp8_quant", _PER_GROUP, Quant.PER_GROUP)
+SCALED_MM_SILU_MUL_STATIC_FP8_QUANT = _declare("scaled_mm_silu_mul_static_fp8_quant", _STATIC, Quant.STATIC,
+                                               gated=True)
+SCALED_MM_SILU_MUL_PER_GROUP_FP8_QUANT = _declare("scaled_mm_silu_mul_per_group_fp8_quant", _PER_GROUP,
+                                                  Quant.PER_GROUP, gated=True)
