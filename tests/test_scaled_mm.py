@@ -1,5 +1,6 @@
-"""scaled_mm and scaled_mm_static_fp8_quant: the Helion kernel (interpret mode) against the contract, every scale
-layout, bad arguments, and code generation for every variant the checks accept."""
+"""The scaled_mm family: the Helion kernel (interpret mode) against the contract for every epilogue (bf16, static
+fp8, per-group fp8; plain and gate_up + silu-and-mul), every input and output scale layout, the unfused
+composites they replace, bad arguments, and code generation for every variant the checks accept."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ import torch
 
 from helion_fusions.ops import scaled_mm
 from helion_fusions.runtime import dispatch
+from helion_fusions.runtime.registry import REGISTRY
 from helion_fusions.tools.testing import clone_kwargs, code_generator, compare_outputs, outputs_ok, poisoned
 
 FP8 = torch.float8_e4m3fn
 SCALED_MM, STATIC = scaled_mm.SCALED_MM, scaled_mm.SCALED_MM_STATIC_FP8_QUANT
+GROUP, SILU_STATIC = scaled_mm.SCALED_MM_PER_GROUP_FP8_QUANT, scaled_mm.SCALED_MM_SILU_MUL_STATIC_FP8_QUANT
+SILU_GROUP = scaled_mm.SCALED_MM_SILU_MUL_PER_GROUP_FP8_QUANT
+ALL_SPECS = (SCALED_MM, STATIC, GROUP, SILU_STATIC, SILU_GROUP)
 LAYOUTS = ("tensor", "tensor_0dim", "token", "channel", "token_channel", "token_1d", "block")
 
 
@@ -33,30 +38,50 @@ def _scales(layout: str, m: int, n: int, k: int, generator: torch.Generator) -> 
     }[layout]()
 
 
-def _inputs(m: int, n: int, k: int, layout: str, bias: bool = False, static: bool = False) -> dict[str, Any]:
+def _inputs(m: int, n: int, k: int, layout: str, bias: bool = False, static: bool = False, spec=None,
+            scale_layout: str = "row_major") -> dict[str, Any]:
     """Integer-valued fp8 operands: every partial sum is exact in fp32, so any accumulation order gives the
-    contract's bytes (real-valued operands may differ by accumulation order: counted on the GPU)."""
+    contract's bytes (real-valued operands may differ by accumulation order: counted on the GPU). ``n`` is the
+    output width (a gate_up weight has ``2 n`` columns)."""
+    spec = spec or (STATIC if static else SCALED_MM)
+    gated = spec in (SILU_STATIC, SILU_GROUP)
+    n_b = 2 * n if gated else n
     generator = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
-    a_scales, b_scales = _scales(layout, m, n, k, generator)
+    a_scales, b_scales = _scales(layout, m, n_b, k, generator)
+    quantized = spec is not SCALED_MM
     kwargs = {
-        "out": poisoned((m, n), FP8 if static else torch.bfloat16, "cpu"),
+        "out": poisoned((m, n), FP8 if quantized else torch.bfloat16, "cpu"),
         "a": torch.randint(-8, 9, (m, k), generator=generator).float().to(FP8),
-        "b": torch.randint(-8, 9, (n, k), generator=generator).float().to(FP8).t(),
+        "b": torch.randint(-8, 9, (n_b, k), generator=generator).float().to(FP8).t(),
         "a_scales": a_scales, "b_scales": b_scales,
-        "bias": torch.randn(n, generator=generator).to(torch.bfloat16) if bias else None,
+        "bias": torch.randn(n_b, generator=generator).to(torch.bfloat16) if bias else None,
     }
-    if static:
+    if spec in (STATIC, SILU_STATIC):
         kwargs["scale"] = torch.tensor(0.5)
+    elif spec in (GROUP, SILU_GROUP):
+        kwargs.update(scales=_group_scales(m, n // 128, scale_layout), group_size=128,
+                      is_scale_transposed=scale_layout != "row_major")
     return kwargs
 
 
-def _check(spec, kwargs: dict[str, Any]) -> None:
+def _group_scales(m: int, groups: int, layout: str) -> torch.Tensor:
+    """Poisoned fp32 ``[M, N / 128]`` scales: row-major, column-major, or TMA-aligned (column stride rounded up
+    to 4 rows; the padding rows must stay poisoned)."""
+    if layout == "row_major":
+        return poisoned((m, groups), torch.float32, "cpu")
+    rows = -(-m // 4) * 4 if layout == "tma_aligned" else m
+    return poisoned((groups, rows), torch.float32, "cpu")[:, :m].t()
+
+
+def _check(spec, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The op (the Helion kernel, interpret mode) writes the reference's bytes; returns the op's arguments."""
     expected, actual = clone_kwargs(kwargs), clone_kwargs(kwargs)
     spec.reference(**expected)
     with dispatch.interpreting():
         spec.op(**actual)
-    results = compare_outputs(["out"], actual, expected)
+    results = compare_outputs([name for name in spec.mutated_args if name in kwargs], actual, expected)
     assert outputs_ok(results, max_flip_fraction=0), results
+    return actual
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -87,7 +112,8 @@ def test_block_scaled_slices_are_scaled_before_they_are_added() -> None:
 
 
 def _raises(error: type[Exception], argument: str, spec=SCALED_MM, **overrides: Any) -> None:
-    kwargs = {**_inputs(7, 48, 96, "token_channel", static=spec is STATIC), **overrides}
+    shape = (7, 256, 128) if spec not in (SCALED_MM, STATIC) else (7, 48, 96)
+    kwargs = {**_inputs(*shape, "token_channel", spec=spec), **overrides}
     with pytest.raises(error, match=rf"^{argument}: "):
         spec.op(**kwargs)
 
@@ -114,13 +140,12 @@ def test_bad_arguments_name_themselves() -> None:
 
 
 @pytest.mark.parametrize("layout", ("tensor_0dim", "token_channel", "block"))
-@pytest.mark.parametrize("static", (False, True))
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.name)
 @pytest.mark.parametrize("m", (1, 7, 64))
-def test_every_variant_generates_code_under_its_configs(layout: str, static: bool, m: int) -> None:
+def test_every_variant_generates_code_under_its_configs(layout: str, spec, m: int) -> None:
     """What only the compiler sees: each variant the checks accept, with the default, seed and a sample of the
     searched configs (TMA and persistent ones among them)."""
-    spec = STATIC if static else SCALED_MM
-    kwargs = _inputs(m, 256, 384, layout, bias=True, static=static)
+    kwargs = _inputs(m, 256, 384, layout, bias=True, spec=spec)
     (launch,) = spec.prepare(**kwargs)
     bound = code_generator(launch.kernel).bind(launch.args)
     shape = {"M": m, "N": 4096, "K": 4096}
@@ -135,3 +160,99 @@ def test_static_output_saturates_at_the_fp8_max() -> None:
     STATIC.op(**kwargs)
     magnitudes = kwargs["out"].float().abs()
     assert float(magnitudes.max()) == 448.0 and float((magnitudes == 448.0).float().mean()) > 0.9
+
+
+# --- quantized and gate_up epilogues --------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ("tensor_0dim", "token_channel", "block"))
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 128, 128), (7, 384, 256), (33, 256, 384)])
+@pytest.mark.parametrize("bias", (False, True))
+@pytest.mark.parametrize("spec", (GROUP, SILU_STATIC, SILU_GROUP), ids=lambda s: s.name)
+def test_epilogues_match_the_contract(spec, m: int, n: int, k: int, layout: str, bias: bool) -> None:
+    _check(spec, _inputs(m, n, k, layout, bias, spec=spec))
+
+
+@pytest.mark.parametrize("scale_layout", ("row_major", "column_major", "tma_aligned"))
+@pytest.mark.parametrize("spec", (GROUP, SILU_GROUP), ids=lambda s: s.name)
+def test_group_scales_in_every_layout(spec, scale_layout: str) -> None:
+    m, groups = 7, 3
+    kwargs = _inputs(m, 128 * groups, 256, "token_channel", spec=spec, scale_layout=scale_layout)
+    base = kwargs["scales"]._base  # the whole buffer of a transposed view
+    expected = clone_kwargs(kwargs)
+    spec.reference(**expected)
+    with dispatch.interpreting():
+        spec.op(**kwargs)  # into the strided scales themselves (a clone would be dense)
+    assert torch.equal(kwargs["scales"], expected["scales"])
+    assert torch.equal(kwargs["out"].view(torch.uint8), expected["out"].view(torch.uint8))
+    if scale_layout == "tma_aligned":
+        assert base[:, m:].view(torch.int32).eq(0x7F7F7F7F).all(), "the TMA padding rows of the scales were written"
+
+
+@pytest.mark.parametrize("spec", (GROUP, SILU_GROUP), ids=lambda s: s.name)
+def test_group_scales_given_transposed_as_engines_allocate_them(spec) -> None:
+    """``is_scale_transposed`` with a row-major ``[N / 128, M]`` tensor: written as its ``[M, N / 128]`` view."""
+    kwargs = {**_inputs(7, 256, 128, "tensor", spec=spec), "scales": poisoned((2, 7), torch.float32, "cpu"),
+              "is_scale_transposed": True}
+    _check(spec, kwargs)
+
+
+@pytest.mark.parametrize("spec", (GROUP, SILU_GROUP), ids=lambda s: s.name)
+def test_ue8m0_scales_are_powers_of_two(spec) -> None:
+    written = _check(spec, {**_inputs(7, 256, 128, "token_channel", spec=spec), "scale_ue8m0": True})["scales"]
+    assert torch.equal(written, torch.exp2(torch.log2(written).round()))
+
+
+@pytest.mark.parametrize("spec", (GROUP, SILU_GROUP), ids=lambda s: s.name)
+def test_eps_floors_the_amax_of_a_zero_group(spec) -> None:
+    kwargs = {**_inputs(7, 256, 128, "token_channel", spec=spec), "eps": 1e-4}
+    kwargs["a"][2] = 0  # row 2 of the product is zero (and silu(0) * up is zero)
+    written = _check(spec, kwargs)
+    assert torch.equal(written["scales"][2], torch.full((2,), 1e-4) / 448)
+    assert not written["out"][2].view(torch.uint8).any()
+
+
+def test_each_epilogue_equals_the_unfused_composite() -> None:
+    """The GEMM (bf16 out) followed by the package's own quant and activation ops gives the fused ops' bytes:
+    per_token_group_fp8_quant (eps is its floor), silu_and_mul_quant, and silu_and_mul_per_block_quant
+    (whose floor is 1/512: eps = 1/512)."""
+    for spec, quant_op in ((GROUP, "per_token_group_fp8_quant"), (SILU_STATIC, "silu_and_mul_quant"),
+                           (SILU_GROUP, "silu_and_mul_per_block_quant")):
+        kwargs = _inputs(33, 256, 384, "block", bias=True, spec=spec)
+        if spec is SILU_GROUP:
+            kwargs["eps"] = 1 / 512
+        fused = _check(spec, kwargs)
+        gemm = {name: kwargs[name] for name in ("a", "b", "a_scales", "b_scales", "bias")}
+        y = torch.empty(33, kwargs["b"].shape[1], dtype=torch.bfloat16)
+        SCALED_MM.reference(out=y, **gemm)
+        out, scales = poisoned((33, 256), FP8, "cpu"), poisoned((33, 2), torch.float32, "cpu")
+        unfused = REGISTRY[quant_op].reference
+        if spec is GROUP:
+            unfused(input=y, output_q=out, output_s=scales, group_size=128, eps=1e-10, fp8_min=-448.0, fp8_max=448.0,
+                    scale_ue8m0=False)
+        elif spec is SILU_STATIC:
+            unfused(result=out, input=y, scale=kwargs["scale"])
+        else:
+            unfused(out=out, input=y, scales=scales, group_size=128)
+        assert torch.equal(fused["out"].view(torch.uint8), out.view(torch.uint8)), spec.name
+        if "scales" in kwargs:
+            assert torch.equal(fused["scales"], scales), spec.name
+
+
+def test_bad_epilogue_arguments_name_themselves() -> None:
+    _raises(ValueError, "group_size", GROUP, group_size=64)
+    _raises(ValueError, "group_size", GROUP, group_size=128, **_without_scales(_inputs(7, 48, 96, "tensor"), 1))
+    _raises(ValueError, "scales", GROUP, scales=torch.empty(7, 3))
+    _raises(TypeError, "scales", GROUP, scales=torch.empty(7, 2, dtype=torch.float16))
+    _raises(ValueError, "scales", GROUP, scales=torch.empty(2, 7).t(), is_scale_transposed=False)
+    _raises(ValueError, "eps", GROUP, eps=0.0)
+    _raises(TypeError, "out", GROUP, out=torch.empty(7, 256, dtype=torch.bfloat16))
+    _raises(ValueError, "b", SILU_STATIC, b=torch.zeros(48, 96, dtype=FP8).t())  # 48 = 2 * 24: I not a multiple of 16
+    _raises(ValueError, "out", SILU_STATIC, out=poisoned((7, 512), FP8, "cpu"))  # [M, 2 I]: the gate_up width
+    _raises(ValueError, "bias", SILU_STATIC, bias=torch.ones(256, dtype=torch.bfloat16))  # I, not 2 I
+    _raises(ValueError, "b_scales", SILU_GROUP, b_scales=torch.ones(256))  # per channel: 2 I of them
+
+
+def _without_scales(kwargs: dict[str, Any], groups: int) -> dict[str, Any]:
+    """A small [7, 48] product's operands, with scales of ``groups`` columns."""
+    return {name: kwargs[name] for name in ("a", "b", "a_scales", "b_scales")} | {
+        "out": poisoned((7, 48), FP8, "cpu"), "scales": poisoned((7, groups), torch.float32, "cpu")}

@@ -56,35 +56,35 @@ def scaled_mm_kernel(
     N = NG * G
     for tile_m, tile_g in hl.tile([M, NG]):
         scale_value = load_scale_in(scale_in, tile_m, tile_g, QUANT)
-        acc = hl.zeros([tile_m, tile_g.block_size * G], dtype=torch.float32)
-        acc_up = hl.zeros([tile_m, tile_g.block_size * G], dtype=torch.float32)  # GATED only
+        acc = hl.zeros([tile_m, tile_g, G], dtype=torch.float32).flatten(1)  # [tile_m, groups * G]
+        acc_up = hl.zeros([tile_m, tile_g, G], dtype=torch.float32).flatten(1)  # GATED only
         for tile_k in hl.tile(K, block_size=SCALE_BLOCK):
             a_tile = a[tile_m, tile_k]
-            gate_tile = b[tile_k, 0, tile_g, :].reshape(tile_k.block_size, tile_g.block_size * G)
+            gate_tile = b[tile_k, 0, tile_g, :].flatten(1)
             if BLOCK_SCALED:
                 a_s = a_scales[tile_m, tile_k.id].unsqueeze(1)
                 columns = tile_g.index.unsqueeze(1) * G + hl.arange(G).unsqueeze(0)  # [groups, G]
                 in_range = columns < N  # (a gathered index carries no tile mask)
                 b_s = hl.load(b_scales, [columns // SCALE_BLOCK, tile_k.id], extra_mask=in_range)
-                b_s = b_s.reshape(1, tile_g.block_size * G)
+                b_s = b_s.flatten().unsqueeze(0)
                 acc = acc + hl.dot(a_tile, gate_tile) * (a_s * b_s)
                 if GATED:
-                    up_tile = b[tile_k, 1, tile_g, :].reshape(tile_k.block_size, tile_g.block_size * G)
+                    up_tile = b[tile_k, 1, tile_g, :].flatten(1)
                     b_s_up = hl.load(b_scales, [(columns + N) // SCALE_BLOCK, tile_k.id], extra_mask=in_range)
-                    b_s_up = b_s_up.reshape(1, tile_g.block_size * G)
+                    b_s_up = b_s_up.flatten().unsqueeze(0)
                     acc_up = acc_up + hl.dot(a_tile, up_tile) * (a_s * b_s_up)
             else:
                 acc = hl.dot(a_tile, gate_tile, acc=acc)
                 if GATED:
-                    up_tile = b[tile_k, 1, tile_g, :].reshape(tile_k.block_size, tile_g.block_size * G)
+                    up_tile = b[tile_k, 1, tile_g, :].flatten(1)
                     acc_up = hl.dot(a_tile, up_tile, acc=acc_up)
         y = acc
         y_up = acc_up
         if not BLOCK_SCALED:
             if B_PER_CHANNEL:
-                y = b_scales[0, tile_g, :].reshape(1, tile_g.block_size * G) * y
+                y = b_scales[0, tile_g, :].flatten().unsqueeze(0) * y
                 if GATED:
-                    y_up = b_scales[1, tile_g, :].reshape(1, tile_g.block_size * G) * y_up
+                    y_up = b_scales[1, tile_g, :].flatten().unsqueeze(0) * y_up
             else:
                 y = b_scales[0] * y
                 y_up = b_scales[0] * y_up
@@ -96,11 +96,11 @@ def scaled_mm_kernel(
                 y = a_scales[0] * y
                 y_up = a_scales[0] * y_up
         if HAS_BIAS:
-            y = y + bias[0, tile_g, :].reshape(1, tile_g.block_size * G).to(torch.float32)
+            y = y + bias[0, tile_g, :].flatten().unsqueeze(0).to(torch.float32)
             if GATED:
-                y_up = y_up + bias[1, tile_g, :].reshape(1, tile_g.block_size * G).to(torch.float32)
+                y_up = y_up + bias[1, tile_g, :].flatten().unsqueeze(0).to(torch.float32)
         rounded = y.to(ROUND_DTYPE)
         if GATED:
             rounded = silu(rounded.to(torch.float32)).to(ROUND_DTYPE) * y_up.to(ROUND_DTYPE)
-        store_quantized(rounded.reshape(tile_m.block_size, tile_g.block_size, G), out, scale_out, scale_value,
+        store_quantized(rounded.reshape(rounded.size(0), -1, G), out, scale_out, scale_value,
                         amax_floor, tile_m, tile_g, M, NG, G, QUANT, False, UE8M0, False, FP8_MAX)
