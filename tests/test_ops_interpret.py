@@ -36,7 +36,8 @@ PER_BLOCK_HIDDEN = {64: (64 * 17, 64 * 81), 128: (128 * 3, 128 * 41)}
 SCALE_LAYOUTS = ("row_major", "transposed", "tma_aligned")
 
 PER_BLOCK = REGISTRY["rms_norm_per_block_quant"]
-GROUP_OPS = [spec for spec in REGISTRY.values() if "group_size" in spec.arg_names]
+GROUP_OPS = [spec for spec in REGISTRY.values() if "group_size" in spec.arg_names
+             and spec.family != "scaled_mm"]  # (GEMMs: tests/test_scaled_mm.py)
 NVFP4_OPS = [spec for spec in REGISTRY.values() if is_nvfp4_op(spec)]
 ROW_OPS = [spec for spec in REGISTRY.values() if not is_nvfp4_op(spec) and "group_size" not in spec.arg_names
            and spec.dim_names == ("T", "H")]  # (GEMMs: tests/test_scaled_mm.py)

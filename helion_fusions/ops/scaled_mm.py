@@ -1,4 +1,4 @@
-"""Scaled fp8 GEMMs: ``scaled_mm`` (vLLM's ``cutlass_scaled_mm``) and its static fp8 output flavour.
+"""Scaled fp8 GEMMs: ``scaled_mm`` (vLLM's ``cutlass_scaled_mm``) and its fused epilogues, from one kernel.
 
 Contract (NUMERICS.md, "GEMM epilogues"): ``acc = sum_k f32(a) * f32(b)`` (the accumulation order is the
 kernel's), ``y = a_scales * (b_scales * acc) (+ f32(bias))``, rounded to ``out``'s dtype:
@@ -6,14 +6,31 @@ kernel's), ``y = a_scales * (b_scales * acc) (+ f32(bias))``, rounded to ``out``
 * ``a`` fp8 ``[M, K]`` row-major; ``b`` fp8 ``[K, N]`` column-major (the transpose of the engine's
   row-major ``[N, K]`` weight); K and N multiples of 16;
 * ``a_scales``: one element (0-dim too) or one per token (``[M, 1]`` or ``[M]``); ``b_scales``: one
-  element or one per output channel (``[N]``, ``[1, N]`` or ``[N, 1]``); both fp32 and contiguous;
+  element or one per column of ``b`` (``[N]``, ``[1, N]`` or ``[N, 1]``); both fp32 and contiguous;
 * block-scaled (DeepSeek-style block fp8): ``a_scales [M, ceil(K / 128)]`` and ``b_scales
   [ceil(N / 128), ceil(K / 128)]``, any strides. Each 128-deep slice's product is scaled before it is
   added: ``acc += (a[:, s] @ b[s, :]) * (a_s * b_s)``, as the engine's block-fp8 GEMM accumulates;
-* ``bias`` ``[N]`` in ``out``'s dtype.
+* ``bias`` ``[N]`` (one per column of ``b``) in the dtype ``y`` is rounded to.
 
-``scaled_mm_static_fp8_quant`` writes what the unfused path leaves: ``y`` rounded to bf16 (the GEMM's
-output), then quantized with the static per-tensor ``scale`` (``fp8(clamp(y * (1 / scale)))``).
+The fp8 epilogues write what the unfused path leaves: ``y`` rounded to bf16 (the GEMM's output), then
+
+* ``scaled_mm_static_fp8_quant``: the static per-tensor ``scale``, ``fp8(clamp(y * (1 / scale)))``;
+* ``scaled_mm_per_group_fp8_quant``: ``per_token_group_fp8_quant`` of ``y`` with ``group_size`` 128 (N a
+  multiple of it) and its ``eps`` as the amax floor: ``s = max(amax, eps) / fp8_max`` per 128 columns of a
+  row (``scale_ue8m0``: rounded up to a power of two), ``q = fp8(clamp(y / s))``. ``scales`` is fp32
+  ``[M, N / 128]``; ``is_scale_transposed`` asks for a column-major one (given as that view, TMA-aligned
+  strides too, or as a row-major ``[N / 128, M]`` tensor). A group lies inside one N tile, so the kernel
+  quantizes it without another launch.
+
+gate_up (``scaled_mm_silu_mul_*``): ``b`` is ``[K, 2 I]``, gate columns ``0 .. I - 1`` and up columns
+``I .. 2 I - 1`` (per-channel scales and bias ``[2 I]``, block scales ``[ceil(2 I / 128), ...]``); ``out`` is
+``[M, I]``. ``g`` and ``u`` are ``y``'s two halves rounded to bf16, then ``round(silu(f32 g)) * u`` in bf16
+(``silu_and_mul``'s rule), then the static or per-group fp8 rule above. With ``eps = 1 / 512`` the per-group
+op writes ``silu_and_mul_per_block_quant``'s bytes.
+
+Not here yet: dynamic per-token fp8 output. A row's scale needs the amax over every N tile of the row: either
+one program per row band covering all of N (only small N), or two launches (the GEMM storing bf16 ``y`` and
+per-tile row amaxes, then a quant pass reading them back), which is the unfused path's traffic again.
 """
 
 from __future__ import annotations
