@@ -146,6 +146,7 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
         check_tensor("bias", bias, dtypes=(rounded,), shape=(n_b,), device=a.device, contiguous=True)
     group = 1
     scale_out = scale_in = _placeholder(a.device)  # where the flavour reads none
+    scale_out = scale_out.expand(m, 1)  # with M rows, as the kernel checks
     amax_floor = DEFAULT_EPS
     if flavour is Quant.STATIC:
         scale_in = check_scalar_scale("scale", scale, a.device).reshape(1)
