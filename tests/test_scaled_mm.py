@@ -4,15 +4,20 @@ composites they replace, bad arguments, and code generation for every variant th
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 import torch
+import triton
+from triton.backends.compiler import GPUTarget
 
 from helion_fusions.ops import scaled_mm
 from helion_fusions.runtime import dispatch
+from helion_fusions.runtime.launcher import captured_launch
 from helion_fusions.runtime.registry import REGISTRY
 from helion_fusions.tools.testing import clone_kwargs, code_generator, compare_outputs, outputs_ok, poisoned
+from perf import sass
 
 FP8 = torch.float8_e4m3fn
 SCALED_MM, STATIC = scaled_mm.SCALED_MM, scaled_mm.SCALED_MM_STATIC_FP8_QUANT
@@ -256,3 +261,58 @@ def _without_scales(kwargs: dict[str, Any], groups: int) -> dict[str, Any]:
     """A small [7, 48] product's operands, with scales of ``groups`` columns."""
     return {name: kwargs[name] for name in ("a", "b", "a_scales", "b_scales")} | {
         "out": poisoned((7, 48), FP8, "cpu"), "scales": poisoned((7, groups), torch.float32, "cpu")}
+
+
+# --- what the GPU code needs: interpret mode runs the kernel eagerly and sees none of it ------------
+
+@pytest.mark.parametrize("layout", ("tensor_0dim", "token_channel", "block"))
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.name)
+def test_one_token_stores_index_and_mask_the_tile_rows(spec, layout: str) -> None:
+    """At M = 1 Helion indexes a one-row dim it cannot tie to the row tile's extent as a broadcast dim: a store
+    into it loses the row index and the row mask, and the tile's rows (16 at least, for the dot) all write row 0,
+    the padding rows' values among them (on an H200: nearly every output byte wrong)."""
+    (launch,) = spec.prepare(**_inputs(1, 256, 384, layout, bias=True, spec=spec))
+    bound = code_generator(launch.kernel).bind(launch.args)
+    shape = {"M": 1, "N": 4096, "K": 4096}
+    for config in (spec.default_config(shape), spec.search_configs(shape)[-1]):  # the last one is persistent
+        stores = [line.strip() for line in bound.to_triton_code(config).splitlines()
+                  if line.strip().startswith("tl.store(")]
+        assert len(stores) == (2 if spec in (GROUP, SILU_GROUP) else 1), stores
+        for store in stores:  # the row tile is the first block: indices_0, mask_0
+            assert "indices_0[" in store and "mask_0[" in store, f"{dict(config)}: {store}"
+
+
+def _ptx(spec, layout: str, bias: bool) -> str:
+    """The op's kernel at M = 2048 under its default config, compiled for sm_90 by Triton on the CPU."""
+    shape = {"M": 2048, "N": 512, "K": 384}
+    kwargs = _inputs(shape["M"], shape["N"], shape["K"], layout, bias=bias, spec=spec)
+    (launch,) = spec.prepare(**kwargs)
+    bound = code_generator(launch.kernel).bind(launch.args)
+    kernel, _, args, options = captured_launch(bound.compile_config(spec.default_config(shape)), launch.args)
+    compiled = triton.compile(sass._ast_source(kernel, args), target=GPUTarget("cuda", 90, 32),
+                              options={name: options[name] for name in ("num_warps", "num_stages")})
+    return compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.name)
+def test_every_flavour_compiles_to_a_pipelined_wgmma_loop_for_sm90(spec) -> None:
+    """The flavours without a quant group (G = 1) once loaded ``[K, N, 1]`` weight tiles and reshaped them for the
+    dot: Triton 3.9 finds no shared-memory layout for them (``Illegal shared layout``), and the H200's build ran
+    them 30x slower than cuBLAS. Every flavour's main loop is wgmma fed by asynchronous copies."""
+    ptx = _ptx(spec, "token_channel", True)
+    assert "wgmma.mma_async" in ptx and "cp.async" in ptx
+
+
+def _fmas(ptx: str) -> int:
+    return len(re.findall(r"\bfma\.rn\.(?:ftz\.)?f32\b", ptx))
+
+
+@pytest.mark.parametrize("layout", ("block", "bias"))
+@pytest.mark.parametrize("spec", (SCALED_MM, GROUP), ids=lambda s: s.name)
+def test_products_that_are_added_are_rounded_on_their_own(spec, layout: str) -> None:
+    """``acc + dot * s`` (block scales) and ``a_s * y + bias`` contracted into fused multiply-adds round once where
+    the contract rounds twice: on an H200 a few elements in 10^4 to 10^6 landed on the other side of a rounding
+    tie. The only multiply-adds are the epilogue's own (the per-group quant's division), as without either."""
+    own = _fmas(_ptx(spec, "token_channel", False))
+    ptx = _ptx(spec, "block" if layout == "block" else "token_channel", layout == "bias")
+    assert re.search(r"\bmul\.rn\.(?:ftz\.)?f32\b", ptx) and _fmas(ptx) == own, (_fmas(ptx), own)
