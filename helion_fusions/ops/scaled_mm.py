@@ -269,12 +269,14 @@ def _tuning(flavour: Quant, gated: bool):
         return seeds
 
     def search_configs(shape: Shape) -> list[helion.Config]:
-        """M and N tiles (N tiles whole quant groups), warps and stages; each also with TMA loads and as a
-        persistent kernel."""
-        rows = [r for r in (16, 32, 64, 128) if r <= max(16, 2 * shape["M"])]
-        tiles = [_tile(r, c, group, num_warps=w, num_stages=s)
-                 for r in rows for c in (64, 128, 256) if c % group == 0 and r * c <= max_tile
-                 for w in (4, 8) for s in (3, 4)]
+        """The two largest M tiles the bucket fills and N tiles of whole quant groups (64 columns only for small
+        M), warps by tile size, 3 stages (4 from M = 512); each also with TMA loads and as a persistent kernel.
+        About 9-12 candidates a shape, so the family tunes in minutes, not hours."""
+        m = shape["M"]
+        rows = [r for r in (16, 32, 64, 128) if r <= max(16, 2 * m)][-2:]
+        columns = (64, 128, 256) if m <= 64 else (128, 256)
+        tiles = [_tile(r, c, group, num_warps=4 if r * c <= 64 * 128 else 8, num_stages=4 if m >= 512 else 3)
+                 for r in rows for c in columns if c % group == 0 and r * c <= max_tile]
         return [variant for tile in tiles for variant in (
             tile, helion.Config(**tile.config, indexing="tensor_descriptor"),
             helion.Config(**tile.config, pid_type="persistent_interleaved"))]
