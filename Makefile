@@ -7,7 +7,7 @@ DEPS ?= $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: help install test bench bench-tp autotune autotune-tp sass clean
+.PHONY: help install test bench bench-gemm bench-tp autotune autotune-tp sass clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -26,6 +26,9 @@ test: $(DEPS)  ## run the tests (CPU; a GPU also runs tests/test_gpu.py); ARGS g
 
 bench: $(DEPS)  ## eager vs torch.compile vs ours on this GPU -> perf/results/<device>.*; ARGS=--help
 	$(PY) -m perf.bench $(ARGS)
+
+bench-gemm: $(DEPS)  ## the scaled fp8 GEMM ops vs cuBLAS and the unfused path -> perf/results/<device>_gemm.*
+	$(PY) -m perf.bench_gemm $(ARGS)
 
 bench-tp: $(DEPS)  ## the all_reduce_ ops on every GPU of this host -> perf/results/<device>_x<W>.*; ARGS=--help
 	$(PY) -m perf.bench_tp $(ARGS)

@@ -89,9 +89,18 @@ def spec_params(names: Iterable[str] | None = None) -> list[Any]:
     return [pytest.param(REGISTRY[name], id=name) for name in chosen]
 
 
+SMALL_DIMS = {"K": 128}  # a GEMM's depth in the generic tests' small shapes
+
+
+def problem_shape(spec: OpSpec, tokens: int, hidden: int) -> dict[str, int]:
+    """A shape of the op's problem key for the generic tests: the token dim (a GEMM's M) takes ``tokens``, the
+    model dims ``hidden`` (H, a GEMM's N), but for those in ``SMALL_DIMS``."""
+    return {d.name: tokens if d.bucketed else SMALL_DIMS.get(d.name, hidden) for d in spec.problem}
+
+
 @functools.cache
 def _sample_inputs(spec: OpSpec) -> dict[str, Any]:
-    return spec.make_inputs({"T": 1, "H": 256}, torch.bfloat16, torch.device("cpu"))
+    return spec.make_inputs(problem_shape(spec, 1, 256), torch.bfloat16, torch.device("cpu"))
 
 
 _ROLES = {

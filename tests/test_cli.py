@@ -310,3 +310,13 @@ def test_autotune_tp_without_two_gpus_says_what_is_missing(capsys: pytest.Captur
     with pytest.raises(SystemExit):
         autotune_tp.main(["--ops", "rms_norm"])  # the all_reduce_ ops only
     assert "--ops: unknown op names ['rms_norm']" in capsys.readouterr().err
+
+
+def test_bench_gemm_checks_every_variant_on_a_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    from perf import bench_gemm
+
+    assert bench_gemm.main([]) == 0
+    out = capsys.readouterr().out
+    checked = {variant for model in bench_gemm.LAYERS for variant in bench_gemm.variants(model)}
+    assert len(checked) == 15  # five ops, three scale layouts
+    assert "MISMATCH" not in out and out.count("| ok") == len(checked) * len(bench_gemm.CPU_SHAPES)

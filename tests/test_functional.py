@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_outputs_match, clone_kwargs, spec_params
+from conftest import assert_outputs_match, clone_kwargs, problem_shape, spec_params
 
 from helion_fusions import functional as F
 from helion_fusions import quant
@@ -38,7 +38,7 @@ def test_every_op_has_a_function_and_every_write_only_argument_is_allocated() ->
 @pytest.mark.parametrize("spec", spec_params(ALLOCATING))
 @pytest.mark.parametrize("tokens", [0, 7])
 def test_function_equals_the_op_on_preallocated_outputs(spec: OpSpec, tokens: int) -> None:
-    kwargs = spec.make_inputs({"T": tokens, "H": _hidden(spec)}, torch.bfloat16, torch.device("cpu"))
+    kwargs = spec.make_inputs(problem_shape(spec, tokens, _hidden(spec)), torch.bfloat16, torch.device("cpu"))
     expected = clone_kwargs(kwargs)
     spec.op(**expected)
     inputs = clone_kwargs(_split(spec, kwargs))
@@ -53,7 +53,7 @@ def test_function_equals_the_op_on_preallocated_outputs(spec: OpSpec, tokens: in
 
 @pytest.mark.parametrize("spec", spec_params(IN_PLACE))
 def test_in_place_ops_return_none_and_write_their_arguments(spec: OpSpec) -> None:
-    kwargs = spec.make_inputs({"T": 7, "H": _hidden(spec)}, torch.bfloat16, torch.device("cpu"))
+    kwargs = spec.make_inputs(problem_shape(spec, 7, _hidden(spec)), torch.bfloat16, torch.device("cpu"))
     expected = clone_kwargs(kwargs)
     spec.op(**expected)
     assert getattr(F, spec.name)(**kwargs) is None

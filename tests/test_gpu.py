@@ -15,6 +15,7 @@ from conftest import (
     clone_kwargs,
     is_nvfp4_op,
     is_poison,
+    problem_shape,
     round_up,
     run_against_reference,
     written,
@@ -31,7 +32,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 CUDA = torch.device("cuda")
 TOKENS = (1, 7, 300, 4096)
-GROUP_OPS = [spec for spec in REGISTRY.values() if "group_size" in spec.arg_names]
+GROUP_OPS = [spec for spec in REGISTRY.values() if "group_size" in spec.arg_names
+             and spec.family != "scaled_mm"]  # (GEMMs: test_scaled_mm_group_scale_layouts)
 # the rms_norm flavours whose fp32 outputs are not rounded to a narrower dtype: output -> ulps allowed
 FP32_ULP_OPS = {
     "rms_norm": {"result": 4},
@@ -43,10 +45,10 @@ FP32_ULP_OPS = {
 
 def _hidden_sizes(spec: OpSpec) -> tuple[int, ...]:
     """4096, 5120 and one size that is not a power of two, legal for the op."""
-    if is_nvfp4_op(spec):
-        return (4096, 5120, 16 * 65)
     if "group_size" in spec.arg_names:
         return (4096, 5120, 128 * 9)
+    if is_nvfp4_op(spec) or "N" in spec.dim_names:  # (a GEMM's N: a multiple of 16)
+        return (4096, 5120, 16 * 65)
     return (4096, 5120, 1025)
 
 
@@ -68,7 +70,7 @@ def compiled_kernels() -> Iterable[None]:
 
 
 def _inputs(spec: OpSpec, tokens: int, hidden: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
-    return spec.make_inputs({"T": tokens, "H": hidden}, dtype, CUDA)
+    return spec.make_inputs(problem_shape(spec, tokens, hidden), dtype, CUDA)
 
 
 def _cases() -> list[Any]:
@@ -174,7 +176,8 @@ def _refill(spec: OpSpec, kwargs: dict[str, Any], seed: int) -> None:
 
 @pytest.mark.parametrize("spec", list(REGISTRY.values()), ids=lambda s: s.name)
 def test_cuda_graph_replay_after_warmup(spec: OpSpec) -> None:
-    helion_fusions.warmup(hidden_sizes=[4096], ops=[spec.name], max_tokens=16)
+    model_dims = {d.name: size for d, size in zip(spec.problem, problem_shape(spec, 1, 4096).values()) if not d.bucketed}
+    helion_fusions.warmup(shapes=[model_dims], ops=[spec.name], max_tokens=16)
     compiled = dispatch.compiled_count()
     kwargs = _inputs(spec, 7, 4096)
     graph = torch.cuda.CUDAGraph()
@@ -470,3 +473,48 @@ def test_ds_mla_cache(spec: OpSpec, tokens: int) -> None:
     untouched = torch.ones(rows.shape[0], dtype=torch.bool, device=CUDA)
     untouched[kept] = False
     assert is_poison(rows[untouched])
+
+
+# --- scaled_mm ------------------------------------------------------------------------------------
+
+SCALED_MM_OPS = ("scaled_mm", "scaled_mm_static_fp8_quant", "scaled_mm_per_group_fp8_quant",
+                  "scaled_mm_silu_mul_static_fp8_quant", "scaled_mm_silu_mul_per_group_fp8_quant")
+
+
+@pytest.mark.parametrize("op", SCALED_MM_OPS)
+@pytest.mark.parametrize("layout", ("tensor_0dim", "token_channel", "block", "bias"))
+@pytest.mark.parametrize("m", (1, 7, 300, 4096))
+def test_scaled_mm_matches_the_contract(m: int, layout: str, op: str) -> None:
+    """Integer-valued fp8 operands (make_inputs): every sum is exact, so the kernel's bytes equal the contract's."""
+    spec = REGISTRY[op]
+    n, k = 4096 + 128 * 3, 4096  # N (I for gate_up) not a multiple of the larger tiles
+    kwargs = spec.make_inputs({"M": m, "N": n, "K": k}, torch.bfloat16, CUDA)
+    n_b = kwargs["b"].shape[1]  # 2 I for gate_up
+    generator = torch.Generator(device="cpu").manual_seed(m)
+    if layout == "tensor_0dim":
+        kwargs.update(a_scales=torch.tensor(0.01, device=CUDA), b_scales=torch.tensor(0.002, device=CUDA))
+    elif layout == "block":
+        kwargs.update(a_scales=(torch.rand(m, k // 128, generator=generator) / 16).to(CUDA),
+                      b_scales=(torch.rand(-(-n_b // 128), k // 128, generator=generator) / 256).to(CUDA))
+    elif layout == "bias":
+        kwargs["bias"] = torch.randn(n_b, generator=generator).to(device=CUDA, dtype=torch.bfloat16)
+    run_against_reference(spec, kwargs, max_flip_fraction=0)
+
+
+@pytest.mark.parametrize("scale_layout", ("row_major", "transposed", "tma_aligned"))
+@pytest.mark.parametrize("ue8m0", (False, True))
+@pytest.mark.parametrize("m", (1, 300))
+@pytest.mark.parametrize("op", ("scaled_mm_per_group_fp8_quant", "scaled_mm_silu_mul_per_group_fp8_quant"))
+def test_scaled_mm_group_scale_layouts(op: str, m: int, ue8m0: bool, scale_layout: str) -> None:
+    spec = REGISTRY[op]
+    n, groups = 4096, 32
+    kwargs = spec.make_inputs({"M": m, "N": n, "K": 4096}, torch.bfloat16, CUDA)
+    if scale_layout == "row_major":
+        base = scale = poisoned((m, groups), torch.float32, CUDA)
+    else:
+        base = poisoned((groups, round_up(m, 4) if scale_layout == "tma_aligned" else m), torch.float32, CUDA)
+        scale = base[:, :m].t()
+    kwargs.update(scales=scale, is_scale_transposed=scale_layout != "row_major", scale_ue8m0=ue8m0)
+    run_against_reference(spec, kwargs, max_flip_fraction=0)
+    if scale_layout == "tma_aligned":
+        assert is_poison(base[:, m:]), "the TMA padding columns of the scale buffer were written"

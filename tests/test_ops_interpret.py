@@ -36,9 +36,11 @@ PER_BLOCK_HIDDEN = {64: (64 * 17, 64 * 81), 128: (128 * 3, 128 * 41)}
 SCALE_LAYOUTS = ("row_major", "transposed", "tma_aligned")
 
 PER_BLOCK = REGISTRY["rms_norm_per_block_quant"]
-GROUP_OPS = [spec for spec in REGISTRY.values() if "group_size" in spec.arg_names]
+GROUP_OPS = [spec for spec in REGISTRY.values() if "group_size" in spec.arg_names
+             and spec.family != "scaled_mm"]  # (GEMMs: tests/test_scaled_mm.py)
 NVFP4_OPS = [spec for spec in REGISTRY.values() if is_nvfp4_op(spec)]
-ROW_OPS = [spec for spec in REGISTRY.values() if not is_nvfp4_op(spec) and "group_size" not in spec.arg_names]
+ROW_OPS = [spec for spec in REGISTRY.values() if not is_nvfp4_op(spec) and "group_size" not in spec.arg_names
+           and spec.dim_names == ("T", "H")]  # (GEMMs: tests/test_scaled_mm.py)
 SCALE_UB_OPS = [spec for spec in REGISTRY.values() if "scale_ub" in spec.arg_names]
 
 
@@ -242,7 +244,7 @@ def test_strided_rows(spec: OpSpec, tokens: int) -> None:
         assert torch.equal(gap.view(torch.uint8), before[name].view(torch.uint8)), f"{name}: bytes past the row changed"
 
 
-@pytest.mark.parametrize("spec", [s for s in REGISTRY.values() if "scale" in s.arg_names and is_fp8_op(s)
+@pytest.mark.parametrize("spec", [s for s in ROW_OPS if "scale" in s.arg_names and is_fp8_op(s)
                                   and "scale" not in s.mutated_args], ids=lambda s: s.name)
 @pytest.mark.parametrize("fp8", FP8_DTYPES, ids=str)
 def test_static_quant_saturates_at_the_dtype_max(spec: OpSpec, fp8: torch.dtype) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_outputs_match, clone_kwargs, spec_params, written
+from conftest import assert_outputs_match, clone_kwargs, problem_shape, spec_params, written
 
 from helion_fusions.runtime.registry import NAMESPACE, REGISTRY, OpSpec
 
@@ -64,13 +64,20 @@ EXPECTED_SCHEMAS = {
         ["positions", "q_pe", "k_pe", "kv_c", "kv_cache", "slot_mapping", "cos_sin_cache", "is_neox",
          "kv_cache_dtype", "scale"], ["q_pe", "k_pe", "kv_cache"]),
     "concat_and_cache_mla": (["kv_c", "k_pe", "kv_cache", "slot_mapping", "kv_cache_dtype", "scale"], ["kv_cache"]),
+    "scaled_mm": (["out", "a", "b", "a_scales", "b_scales", "bias"], ["out"]),
+    "scaled_mm_static_fp8_quant": (["out", "a", "b", "a_scales", "b_scales", "scale", "bias"], ["out"]),
+    "scaled_mm_per_group_fp8_quant": (["out", "a", "b", "a_scales", "b_scales", "scales", "group_size", "bias", "eps",
+                                       "is_scale_transposed", "scale_ue8m0"], ["out", "scales"]),
+    "scaled_mm_silu_mul_static_fp8_quant": (["out", "a", "b", "a_scales", "b_scales", "scale", "bias"], ["out"]),
+    "scaled_mm_silu_mul_per_group_fp8_quant": (["out", "a", "b", "a_scales", "b_scales", "scales", "group_size", "bias",
+                                                "eps", "is_scale_transposed", "scale_ue8m0"], ["out", "scales"]),
 }
 
 
 def _small_inputs(spec: OpSpec, tokens: int = 5, with_optional_residual: bool = False) -> dict[str, Any]:
-    kwargs = spec.make_inputs({"T": tokens, "H": 256}, torch.bfloat16, torch.device("cpu"))
+    kwargs = spec.make_inputs(problem_shape(spec, tokens, 256), torch.bfloat16, torch.device("cpu"))
     if with_optional_residual:
-        kwargs["residual"] = torch.randn(tokens, 256, dtype=torch.bfloat16)
+        kwargs["residual"] = torch.randn(tokens, 256, dtype=torch.bfloat16)  # (no GEMM has a residual)
     return kwargs
 
 

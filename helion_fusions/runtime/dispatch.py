@@ -395,8 +395,8 @@ def compiled_count() -> int:
 
 # --- warm-up -------------------------------------------------------------------------------------
 
-def warmup_token_counts(max_tokens: int = TOKEN_GRID[-1]) -> list[int]:
-    """Token counts that build every variant of every token bucket up to ``max_tokens``.
+def warmup_token_counts(max_tokens: int = TOKEN_GRID[-1], grid: Sequence[int] = TOKEN_GRID) -> list[int]:
+    """Token counts that build every variant of every token bucket of ``grid`` up to ``max_tokens``.
 
     One count per bucket builds its Helion kernel; Triton then specializes an integer argument (the
     token count) on divisibility by 16, so each bucket gets the largest multiple of 16 it holds and
@@ -406,7 +406,7 @@ def warmup_token_counts(max_tokens: int = TOKEN_GRID[-1]) -> list[int]:
         raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
     counts: set[int] = set()
     lower = 1
-    for upper in (*TOKEN_GRID, max(max_tokens, TOKEN_GRID[-1] + 1)):
+    for upper in (*grid, max(max_tokens, grid[-1] + 1)):
         top = min(upper, max_tokens)
         if top < lower:
             break
@@ -431,19 +431,20 @@ def warmup(
     not, group size, ue8m0, scale layout, ...) and token bucket, and Triton compiles a variant per
     divisibility of the token count by 16 (:func:`warmup_token_counts`). By default each op runs
     at those token counts on random inputs of its default flags, for each of ``shapes`` (its model
-    dims, e.g. ``{"H": 4096}``; ``hidden_sizes=[4096]`` is short for that). With ``forward``,
+    dims, e.g. ``{"H": 4096}``; ``hidden_sizes=[4096]`` is short for that; without ``ops``, each op
+    whose model dims a shape names). With ``forward``,
     ``forward(T)`` runs instead at each of those counts: pass the engine's own dummy forward pass,
     so that exactly the variants it calls are compiled; ``shapes``, ``dtypes`` and ``ops`` are then
     ignored.
     """
-    token_counts = warmup_token_counts(max_tokens)
     if forward is not None:
         if not callable(forward):
             raise TypeError(f"forward: expected a callable taking a token count, got {type(forward).__name__}")
-        for tokens in token_counts:
+        grids = {d.grid for spec in REGISTRY.values() for d in spec.problem if d.bucketed}
+        for tokens in sorted({t for grid in grids for t in warmup_token_counts(max_tokens, grid)}):
             forward(tokens)
         return compiled_count()
-    names = list(REGISTRY) if ops is None else list(ops)
+    names = list(REGISTRY) if ops is None else list(ops)  # all ops: those whose model dims the shapes name
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise ValueError(f"ops: unknown op names {unknown}; registered ops are {sorted(REGISTRY)}")
@@ -454,11 +455,15 @@ def warmup(
     for name in names:
         spec = REGISTRY[name]
         model_dims = [d.name for d in spec.problem if not d.bucketed]
+        (token_dim,) = [d for d in spec.problem if d.bucketed]
         for shape in model_shapes:
             missing = [d for d in model_dims if d not in shape]
+            if missing and ops is None:
+                continue
             if missing:
                 raise ValueError(f"shapes: {name} needs the model dims {model_dims}, got {shape}")
             for dtype in dtypes:
-                for tokens in token_counts:
-                    spec.op(**spec.make_inputs({**{d: shape[d] for d in model_dims}, "T": tokens}, dtype, device))
+                for tokens in warmup_token_counts(max_tokens, token_dim.grid):
+                    spec.op(**spec.make_inputs({**{d: shape[d] for d in model_dims}, token_dim.name: tokens}, dtype,
+                                               device))
     return compiled_count()

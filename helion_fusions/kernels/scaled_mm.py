@@ -1,0 +1,145 @@
+"""The scaled fp8 GEMM kernel and its epilogues (see :mod:`helion_fusions.ops.scaled_mm`).
+
+``y = a_scale * (b_scale * (a @ b)) (+ bias)``, accumulated in fp32, as ``cutlass_scaled_mm``'s epilogue
+computes it; ``a`` fp8 ``[M, K]`` row-major, ``b`` fp8 ``[K, N]`` column-major (the engine's weight layout),
+scales per tensor or per token (``a``) / per channel (``b``). With ``BLOCK_SCALED`` (DeepSeek-style block fp8)
+``a_scales`` is ``[M, K / 128]`` and ``b_scales`` ``[N / 128, K / 128]``: each 128-deep slice of the product is
+scaled before it is added, ``acc += dot * (a_s * b_s)``, as the engine's block-fp8 GEMM accumulates.
+
+With ``GATED`` the weight holds ``[gate | up]`` columns and the kernel keeps two accumulators per tile (the gate
+columns ``n`` and the up columns ``n + N``), then ``y = round(silu(round(gate))) * round(up)``, as the unfused
+GEMM + ``silu_and_mul`` computes it. The result, rounded to the unfused GEMM's output dtype, ends in
+:func:`helion_fusions.quant.epilogues.store_quantized`: no quant, static fp8, or dynamic per-group fp8.
+
+The output columns are tiled in groups of ``G`` (the quant group; 1 for the flavours without one), so a
+per-group scale is the amax of a group inside one tile: the second block size counts groups. K is walked 128
+deep in every variant (the depth of an fp8 tensor-core tile on Hopper, and of a block scale).
+
+What the generated code needs besides the arithmetic (tests/test_scaled_mm.py checks each in the Triton code):
+
+* every tensor a row tile indexes has its row count tied to ``M`` (``torch._check``). Helion gives each input
+  dim its own size symbol; one that is 1 when the kernel is bound (one token) but not provably as large as the
+  row tile is specialized to 1 and indexed as a broadcast dim: no row index and no mask, so all the tile's
+  rows (16 at least, for the dot) stored into row 0, racing with the padding rows' zeros;
+* with ``G == 1`` the columns are loaded as ``[.., groups]``, without the unit group dim: a ``[K, N, 1]`` tile
+  reshaped for the dot gets no usable shared-memory layout (Triton 3.9 rejects it; the H200's build ran the
+  dot 30x slower than cuBLAS);
+* a product that is then added is rounded on its own (:func:`mul_rn`): the block-scaled accumulation
+  ``acc + dot * s`` and ``a_s * y + bias`` would otherwise be contracted into a fused multiply-add, which
+  rounds once where the contract (eager PyTorch) rounds twice.
+"""
+
+from __future__ import annotations
+
+import helion
+import helion.language as hl
+import torch
+
+from helion_fusions.kernels.rope import mul_rn
+from helion_fusions.kernels.silu_mul import silu
+from helion_fusions.quant.epilogues import load_scale_in, store_quantized
+
+SCALE_BLOCK = 128  # the block of a block-scaled GEMM's scales along K (and N for b); the K tile of every path
+
+
+def columns(x: torch.Tensor, prefix: tuple, tile_g, G: int) -> torch.Tensor:
+    """``x[*prefix, tile_g, :]`` (the tile's groups of ``G`` columns) as ``[.., groups * G]``; with ``G == 1``
+    the unit group dim is indexed away, not loaded and reshaped (see the module doc)."""
+    if G == 1:
+        return hl.load(x, [*prefix, tile_g, 0])
+    return hl.load(x, [*prefix, tile_g, slice(None)]).flatten(-2)
+
+
+def zeros(tile_m, tile_g, G: int) -> torch.Tensor:
+    """An fp32 accumulator ``[tile_m, groups * G]``."""
+    if G == 1:
+        return hl.zeros([tile_m, tile_g], dtype=torch.float32)
+    return hl.zeros([tile_m, tile_g, G], dtype=torch.float32).flatten(1)
+
+
+def block_scales(b_scales: torch.Tensor, tile_g, tile_k, G: int, first: int, N: int) -> torch.Tensor:
+    """The b block scales ``[1, groups * G]`` of the tile's columns (``first`` the weight's first column of
+    this half) for the K slice ``tile_k``: gathered, so masked by hand."""
+    if G == 1:
+        index = tile_g.index
+    else:
+        index = (tile_g.index.unsqueeze(1) * G + hl.arange(G).unsqueeze(0)).flatten()
+    return hl.load(b_scales, [(index + first) // SCALE_BLOCK, tile_k.id], extra_mask=index < N).unsqueeze(0)
+
+
+@helion.kernel(static_shapes=False, autotune_effort="none")
+def scaled_mm_kernel(
+    a: torch.Tensor,  # [M, K] fp8
+    b: torch.Tensor,  # [K, HALVES, NG, G] fp8, column-major: [gate | up] when GATED (HALVES = 2)
+    a_scales: torch.Tensor,  # [M] (A_PER_TOKEN), [M, K / 128] (BLOCK_SCALED) or [1] fp32
+    b_scales: torch.Tensor,  # [HALVES, NG, G] (B_PER_CHANNEL), [HALVES * N / 128, K / 128] (BLOCK_SCALED) or [1]
+    bias: torch.Tensor,  # [HALVES, NG, G] (HAS_BIAS)
+    out: torch.Tensor,  # [M, NG, G]: bf16/fp16, or fp8 (a quant flavour)
+    scale_out: torch.Tensor,  # [M, NG] per-group scales (any strides; an [M, 1] placeholder otherwise); see
+                              # quant.store_quantized
+    scale_in: torch.Tensor,  # [1] fp32 dequant scale of a static fp8 out
+    amax_floor: float,
+    A_PER_TOKEN: hl.constexpr,
+    B_PER_CHANNEL: hl.constexpr,
+    BLOCK_SCALED: hl.constexpr,
+    HAS_BIAS: hl.constexpr,
+    GATED: hl.constexpr,
+    QUANT: hl.constexpr,  # quant.Quant: NONE, STATIC or PER_GROUP
+    UE8M0: hl.constexpr,
+    ROUND_DTYPE: hl.constexpr,  # the unfused GEMM's output dtype, rounded to before the activation and the quant
+    FP8_MAX: hl.constexpr,
+) -> None:
+    M, K = a.size()
+    _, _, NG, G = b.size()
+    NG = hl.specialize(NG)
+    G = hl.specialize(G)
+    N = NG * G
+    # the row counts of the tensors the row tile indexes are M's (see the module doc: one token)
+    # (their loads may broadcast a one-row dim: the rows past M are never stored)
+    torch._check(out.size(0) == M)
+    torch._check(scale_out.size(0) == M)
+    for tile_m, tile_g in hl.tile([M, NG]):
+        scale_value = load_scale_in(scale_in, tile_m, tile_g, QUANT)
+        acc = zeros(tile_m, tile_g, G)  # [tile_m, groups * G]
+        acc_up = zeros(tile_m, tile_g, G)  # GATED only
+        for tile_k in hl.tile(K, block_size=SCALE_BLOCK):
+            a_tile = a[tile_m, tile_k]
+            gate_tile = columns(b, (tile_k, 0), tile_g, G)
+            if BLOCK_SCALED:
+                a_s = a_scales[tile_m, tile_k.id].unsqueeze(1)
+                b_s = block_scales(b_scales, tile_g, tile_k, G, 0, N)
+                acc = acc + mul_rn(hl.dot(a_tile, gate_tile), a_s * b_s)
+                if GATED:
+                    up_tile = columns(b, (tile_k, 1), tile_g, G)
+                    b_s_up = block_scales(b_scales, tile_g, tile_k, G, N, N)
+                    acc_up = acc_up + mul_rn(hl.dot(a_tile, up_tile), a_s * b_s_up)
+            else:
+                acc = hl.dot(a_tile, gate_tile, acc=acc)
+                if GATED:
+                    up_tile = columns(b, (tile_k, 1), tile_g, G)
+                    acc_up = hl.dot(a_tile, up_tile, acc=acc_up)
+        y = acc
+        y_up = acc_up
+        if not BLOCK_SCALED:
+            if B_PER_CHANNEL:
+                y = columns(b_scales, (0,), tile_g, G).unsqueeze(0) * y
+                if GATED:
+                    y_up = columns(b_scales, (1,), tile_g, G).unsqueeze(0) * y_up
+            else:
+                y = b_scales[0] * y
+                y_up = b_scales[0] * y_up
+            if A_PER_TOKEN:
+                a_s = a_scales[tile_m].unsqueeze(1)
+            else:
+                a_s = a_scales[0]
+            y = mul_rn(y, a_s)  # rounded before the bias is added
+            y_up = mul_rn(y_up, a_s)
+        if HAS_BIAS:
+            y = y + columns(bias, (0,), tile_g, G).unsqueeze(0).to(torch.float32)
+            if GATED:
+                y_up = y_up + columns(bias, (1,), tile_g, G).unsqueeze(0).to(torch.float32)
+        rounded = y.to(ROUND_DTYPE)
+        if GATED:
+            rounded = silu(rounded.to(torch.float32)).to(ROUND_DTYPE) * y_up.to(ROUND_DTYPE)
+        store_quantized(rounded.reshape(rounded.size(0), -1, G), out, scale_out, scale_value,
+                        amax_floor, tile_m, tile_g, M, NG, G, QUANT, False, UE8M0, False, FP8_MAX)

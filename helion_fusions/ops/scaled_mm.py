@@ -1,0 +1,309 @@
+"""Scaled fp8 GEMMs: ``scaled_mm`` (vLLM's ``cutlass_scaled_mm``) and its fused epilogues, from one kernel.
+
+Contract (NUMERICS.md, "GEMM epilogues"): ``acc = sum_k f32(a) * f32(b)`` (the accumulation order is the
+kernel's), ``y = a_scales * (b_scales * acc) (+ f32(bias))``, rounded to ``out``'s dtype:
+
+* ``a`` fp8 ``[M, K]`` row-major; ``b`` fp8 ``[K, N]`` column-major (the transpose of the engine's
+  row-major ``[N, K]`` weight); K and N multiples of 16;
+* ``a_scales``: one element (0-dim too) or one per token (``[M, 1]`` or ``[M]``); ``b_scales``: one
+  element or one per column of ``b`` (``[N]``, ``[1, N]`` or ``[N, 1]``); both fp32 and contiguous;
+* block-scaled (DeepSeek-style block fp8): ``a_scales [M, ceil(K / 128)]`` and ``b_scales
+  [ceil(N / 128), ceil(K / 128)]``, any strides. Each 128-deep slice's product is scaled before it is
+  added: ``acc += (a[:, s] @ b[s, :]) * (a_s * b_s)``, as the engine's block-fp8 GEMM accumulates;
+* ``bias`` ``[N]`` (one per column of ``b``) in the dtype ``y`` is rounded to.
+
+The fp8 epilogues write what the unfused path leaves: ``y`` rounded to bf16 (the GEMM's output), then
+
+* ``scaled_mm_static_fp8_quant``: the static per-tensor ``scale``, ``fp8(clamp(y * (1 / scale)))``;
+* ``scaled_mm_per_group_fp8_quant``: ``per_token_group_fp8_quant`` of ``y`` with ``group_size`` 128 (N a
+  multiple of it) and its ``eps`` as the amax floor: ``s = max(amax, eps) / fp8_max`` per 128 columns of a
+  row (``scale_ue8m0``: rounded up to a power of two), ``q = fp8(clamp(y / s))``. ``scales`` is fp32
+  ``[M, N / 128]``; ``is_scale_transposed`` asks for a column-major one (given as that view, TMA-aligned
+  strides too, or as a row-major ``[N / 128, M]`` tensor). A group lies inside one N tile, so the kernel
+  quantizes it without another launch.
+
+gate_up (``scaled_mm_silu_mul_*``): ``b`` is ``[K, 2 I]``, gate columns ``0 .. I - 1`` and up columns
+``I .. 2 I - 1`` (per-channel scales and bias ``[2 I]``, block scales ``[ceil(2 I / 128), ...]``); ``out`` is
+``[M, I]``. ``g`` and ``u`` are ``y``'s two halves rounded to bf16, then ``round(silu(f32 g)) * u`` in bf16
+(``silu_and_mul``'s rule), then the static or per-group fp8 rule above. With ``eps = 1 / 512`` the per-group
+op writes ``silu_and_mul_per_block_quant``'s bytes.
+
+Not here yet: dynamic per-token fp8 output. A row's scale needs the amax over every N tile of the row: either
+one program per row band covering all of N (only small N), or two launches (the GEMM storing bf16 ``y`` and
+per-tile row amaxes, then a quant pass reading them back), which is the unfused path's traffic again.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import helion
+import torch
+
+from helion_fusions import quant
+from helion_fusions.kernels.scaled_mm import SCALE_BLOCK, scaled_mm_kernel
+from helion_fusions.ops.common import poisoned
+from helion_fusions.ops.silu_mul import silu_and_mul_reference
+from helion_fusions.quant import Quant
+from helion_fusions.runtime.checks import (
+    FP8_DTYPES,
+    check_group_scale,
+    check_group_size,
+    check_positive_float,
+    check_scalar_scale,
+    check_tensor,
+    group_scale_view,
+)
+from helion_fusions.runtime.device import fp8_dtype
+from helion_fusions.runtime.library import register
+from helion_fusions.runtime.registry import Dim, KernelLaunch, OpSpec, Shape
+
+M_GRID = (1, 16, 64, 128, 512, 2048, 8192)
+N_GRID = (4096, 6144, 14336, 28672)
+K_GRID = (4096, 14336)
+OUT_DTYPES = (torch.bfloat16, torch.float16)
+ROUND_DTYPE = torch.bfloat16  # the unfused path's GEMM output, which the activation and the quant flavours read
+GROUP_SIZES = (128,)  # per-group output quant: a group lies inside one N tile
+DEFAULT_EPS = 1e-10  # the per-group amax floor, per_token_group_fp8_quant's eps as engines pass it
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_operands(a: Any, b: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    a = check_tensor("a", a, dtypes=FP8_DTYPES)
+    if a.dim() != 2 or (a.size(1) > 1 and a.stride(1) != 1):
+        raise ValueError(f"a: expected a row-major [M, K] tensor, got shape {list(a.shape)} strides {list(a.stride())}")
+    b = check_tensor("b", b, dtypes=(a.dtype,), device=a.device)
+    if b.dim() != 2 or b.size(0) != a.size(1) or (b.size(0) > 1 and b.stride(0) != 1):
+        raise ValueError(f"b: expected a column-major [K, N] tensor with K = {a.size(1)} (the transpose of a row-major "
+                         f"[N, K] weight), got shape {list(b.shape)} strides {list(b.stride())}")
+    if a.size(1) % 16 or a.size(1) == 0:
+        raise ValueError(f"a: K = {a.size(1)} must be a positive multiple of 16")
+    if b.size(1) % 16 or b.size(1) == 0:
+        raise ValueError(f"b: N = {b.size(1)} must be a positive multiple of 16")
+    return a, b
+
+
+def _block_scaled(a_scales: torch.Tensor, b_scales: torch.Tensor, m: int, n: int, k: int) -> bool:
+    """Whether the scales are block-scaled: ``[M, K / 128]`` and ``[N / 128, K / 128]`` (not both one element)."""
+    blocks = _cdiv(k, SCALE_BLOCK)
+    return (tuple(a_scales.shape) == (m, blocks) and tuple(b_scales.shape) == (_cdiv(n, SCALE_BLOCK), blocks)
+            and a_scales.numel() * b_scales.numel() > 1)
+
+
+def _check_scales(a_scales: Any, b_scales: Any, m: int, n: int, k: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool, bool, bool]:
+    """The scales as the kernel reads them, and (a per token, b per channel, block-scaled)."""
+    a_scales = check_tensor("a_scales", a_scales, dtypes=(torch.float32,), device=device)
+    b_scales = check_tensor("b_scales", b_scales, dtypes=(torch.float32,), device=device)
+    if _block_scaled(a_scales, b_scales, m, n, k):
+        return a_scales, b_scales, False, False, True
+    a_block, b_block = (m, _cdiv(k, SCALE_BLOCK)), (_cdiv(n, SCALE_BLOCK), _cdiv(k, SCALE_BLOCK))
+    for name, scales, count, what in (("a_scales", a_scales, m, "M"), ("b_scales", b_scales, n, "N")):
+        if scales.numel() not in (1, count) or sum(size > 1 for size in scales.shape) > 1:
+            raise ValueError(f"{name}: expected one element, {what} = {count} elements (one per row of the product) "
+                             f"or, block-scaled, a_scales {list(a_block)} with b_scales {list(b_block)}; got shape "
+                             f"{list(scales.shape)}")
+        if not scales.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor, got strides {list(scales.stride())}")
+    return a_scales.view(-1), b_scales.view(-1), a_scales.numel() > 1, b_scales.numel() > 1, False
+
+
+@functools.cache
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """Stands in for the tensor arguments a variant never reads."""
+    return torch.zeros(1, dtype=torch.float32, device=device)
+
+
+def _check_weight(b: torch.Tensor, gated: bool) -> int:
+    """The output width: N, or I for a gate_up weight ``[K, 2 I]``."""
+    if not gated:
+        return b.size(1)
+    if b.size(1) % 32:
+        raise ValueError(f"b: a gate_up weight is [K, 2 * I] ([gate | up] columns) with I a multiple of 16, got "
+                         f"{b.size(1)} columns")
+    return b.size(1) // 2
+
+
+def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, *, flavour: Quant = Quant.NONE,
+             gated: bool = False, scale: Any = None, scales: Any = None, group_size: Any = None,
+             eps: Any = DEFAULT_EPS, is_scale_transposed: Any = False,
+             scale_ue8m0: Any = False) -> tuple[KernelLaunch, ...]:
+    a, b = _check_operands(a, b)
+    (m, k), n_b = a.shape, b.size(1)
+    n = _check_weight(b, gated)
+    quantized = flavour is not Quant.NONE
+    out = check_tensor("out", out, dtypes=(fp8_dtype(a.device),) if quantized else OUT_DTYPES, shape=(m, n),
+                       device=a.device)
+    if n > 1 and out.stride(1) != 1:
+        raise ValueError(f"out: expected a row-major [M, N] tensor, got strides {list(out.stride())}")
+    a_s, b_s, per_token, per_channel, block = _check_scales(a_scales, b_scales, m, n_b, k, a.device)
+    rounded = ROUND_DTYPE if quantized or gated else out.dtype
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(rounded,), shape=(n_b,), device=a.device, contiguous=True)
+    group = 1
+    scale_out = scale_in = _placeholder(a.device)  # where the flavour reads none
+    scale_out = scale_out.expand(m, 1)  # with M rows, as the kernel checks
+    amax_floor = DEFAULT_EPS
+    if flavour is Quant.STATIC:
+        scale_in = check_scalar_scale("scale", scale, a.device).reshape(1)
+    elif flavour is Quant.PER_GROUP:
+        group = check_group_size("group_size", group_size, n, GROUP_SIZES)
+        scale_out = check_group_scale("scales", scales, m, n // group, a.device, bool(is_scale_transposed))
+        amax_floor = check_positive_float("eps", eps)
+    if m == 0:
+        return ()
+    halves = 2 if gated else 1
+    shape = (halves, n // group, group)
+    flags = (per_token, per_channel, block, bias is not None, gated, int(flavour), bool(scale_ue8m0))
+    args = (a, b.view(k, *shape), a_s, b_s.view(shape) if per_channel else b_s,
+            scale_in if bias is None else bias.view(shape), out.view(m, n // group, group), scale_out, scale_in,
+            amax_floor, *flags, rounded, quant.fp8_max_for(out.dtype) if quantized else 448.0)
+    key = (a.dtype, out.dtype, rounded, n, k, group, *flags)
+    return (KernelLaunch(scaled_mm_kernel, args, key, {"M": m, "N": n, "K": k}, a.device, out.dtype),)
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, a_scales: torch.Tensor, b_scales: torch.Tensor) -> torch.Tensor:
+    """``a_scales * (b_scales * (a @ b))`` in fp32, block-scaled slice by slice where the scales say so."""
+    (m, k), n = a.shape, b.size(1)
+    if _block_scaled(a_scales, b_scales, m, n, k):
+        acc = torch.zeros(m, n, dtype=torch.float32, device=a.device)
+        columns = b_scales.repeat_interleave(SCALE_BLOCK, 0)[:n]  # [N, K / 128]
+        for index, start in enumerate(range(0, k, SCALE_BLOCK)):
+            part = a[:, start:start + SCALE_BLOCK].float() @ b[start:start + SCALE_BLOCK].float()
+            acc = acc + part * (a_scales[:, index, None] * columns[None, :, index])
+        return acc
+    return a_scales.reshape(-1, 1) * (b_scales.reshape(1, -1) * (a.float() @ b.float()))
+
+
+def _activation(a: torch.Tensor, b: torch.Tensor, a_scales: torch.Tensor, b_scales: torch.Tensor,
+                bias: torch.Tensor | None, dtype: torch.dtype, gated: bool) -> torch.Tensor:
+    """What the unfused path hands to its quant op: the GEMM's output in ``dtype``, then, gated, ``silu_and_mul``."""
+    y = _product(a, b, a_scales, b_scales)
+    if bias is not None:
+        y = y + bias.float()
+    y = y.to(dtype)
+    return silu_and_mul_reference(y) if gated else y
+
+
+def _reference(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_scales: torch.Tensor, b_scales: torch.Tensor,
+               bias: torch.Tensor | None = None, *, flavour: Quant = Quant.NONE, gated: bool = False,
+               scale: torch.Tensor | None = None, scales: torch.Tensor | None = None, group_size: int = 0,
+               eps: float = DEFAULT_EPS, is_scale_transposed: bool = False, scale_ue8m0: bool = False) -> None:
+    y = _activation(a, b, a_scales, b_scales, bias, ROUND_DTYPE if flavour is not Quant.NONE else out.dtype, gated)
+    if flavour is Quant.NONE:
+        out.copy_(y)
+    elif flavour is Quant.STATIC:
+        quant.quantize_static_reference(y, scale, out)
+    else:  # as per_token_group_fp8_quant quantizes the bf16 output (its eps is the amax floor)
+        scales = group_scale_view(scales, y.shape[0], y.shape[1] // group_size, is_scale_transposed)
+        quant.quantize_per_group_reference(y, out, scales, group_size, None, scale_ue8m0, eps)
+
+
+def _op(function, **bound):
+    """``function`` (the host glue or the reference) with the op's flavour bound; the runtime passes the schema's
+    arguments by name."""
+    def call(**kwargs: Any) -> Any:
+        return function(**kwargs, **bound)
+    return call
+
+
+def _inputs(flavour: Quant, gated: bool):
+    def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        """Random fp8 operands with per-token and per-channel scales (the engines' dynamic fp8 GEMM).
+
+        The operands are integers in [-8, 8]: every partial sum is exact in fp32 (for K up to 2^18), so any
+        accumulation order gives the contract's bytes and the tests compare them exactly."""
+        m, n, k = shape["M"], shape["N"], shape["K"]
+        n_b = 2 * n if gated else n
+        generator = torch.Generator(device="cpu").manual_seed(m * 7919 + n * 31 + k)
+        fp8 = fp8_dtype(device)
+
+        def operand(rows: int) -> torch.Tensor:
+            return torch.randint(-8, 9, (rows, k), generator=generator).float().to(fp8).to(device)
+
+        kwargs = {
+            "a": operand(m),
+            "b": operand(n_b).t(),
+            "a_scales": (0.5 + torch.rand(m, 1, generator=generator)).to(device) / 16,
+            "b_scales": (0.5 + torch.rand(n_b, generator=generator)).to(device) / (4 * k ** 0.5),
+            "bias": None,
+        }
+        if flavour is Quant.STATIC:
+            kwargs["scale"] = torch.tensor(0.05, device=device)
+        elif flavour is Quant.PER_GROUP:
+            group = GROUP_SIZES[0]
+            kwargs.update(scales=poisoned((m, n // group), torch.float32, device), group_size=group)
+        out_dtype = fp8 if flavour is not Quant.NONE else (dtype if dtype in OUT_DTYPES else torch.bfloat16)
+        return {"out": poisoned((m, n), out_dtype, device), **kwargs}
+    return make
+
+
+def _group_of(flavour: Quant) -> int:
+    """The output columns a flavour's kernel tiles as one unit (the second block size counts these)."""
+    return GROUP_SIZES[0] if flavour is Quant.PER_GROUP else 1
+
+
+def _tile(rows: int, columns: int, group: int, **settings: Any) -> helion.Config:
+    return helion.Config(block_sizes=[rows, columns // group], **settings)
+
+
+def _tuning(flavour: Quant, gated: bool):
+    group = _group_of(flavour)
+    # two accumulators (gate_up) hold twice the registers: at most half the tile
+    max_tile = 128 * 128 if gated else 128 * 256
+
+    def default_config(shape: Shape) -> helion.Config:
+        """M tiles of 16-128 rows by 128 columns, 3 stages: a 128-deep fp8 tile fits Hopper's wgmma."""
+        rows = 16 if shape["M"] <= 16 else 64 if shape["M"] <= 64 else 128
+        return _tile(rows, 128, group, num_warps=4 if rows < 128 else 8, num_stages=3)
+
+    def seed_configs(shape: Shape) -> list[helion.Config]:
+        seeds = [default_config(shape)]
+        if shape["M"] > 64:
+            seeds += [_tile(r, c, group, num_warps=w, num_stages=s)
+                      for r, c, w, s in ((128, 256, 8, 3), (64, 256, 4, 4)) if r * c <= max_tile]
+        return seeds
+
+    def search_configs(shape: Shape) -> list[helion.Config]:
+        """The two largest M tiles the bucket fills and N tiles of whole quant groups (64 columns only for small
+        M), warps by tile size, 3 stages (4 from M = 512); each also with TMA loads and as a persistent kernel.
+        About 9-12 candidates a shape, so the family tunes in minutes, not hours."""
+        m = shape["M"]
+        rows = [r for r in (16, 32, 64, 128) if r <= max(16, 2 * m)][-2:]
+        columns = (64, 128, 256) if m <= 64 else (128, 256)
+        tiles = [_tile(r, c, group, num_warps=4 if r * c <= 64 * 128 else 8, num_stages=4 if m >= 512 else 3)
+                 for r in rows for c in columns if c % group == 0 and r * c <= max_tile]
+        return [variant for tile in tiles for variant in (
+            tile, helion.Config(**tile.config, indexing="tensor_descriptor"),
+            helion.Config(**tile.config, pid_type="persistent_interleaved"))]
+
+    return default_config, seed_configs, search_configs
+
+
+def _declare(name: str, schema: str, flavour: Quant = Quant.NONE, gated: bool = False) -> OpSpec:
+    default_config, seed_configs, search_configs = _tuning(flavour, gated)
+    return register(OpSpec(
+        name=name, schema=schema, family="scaled_mm", kernel=scaled_mm_kernel,
+        prepare=_op(_prepare, flavour=flavour, gated=gated), reference=_op(_reference, flavour=flavour, gated=gated),
+        make_inputs=_inputs(flavour, gated),
+        problem=(Dim("M", M_GRID, bucketed=True), Dim("N", N_GRID), Dim("K", K_GRID)),
+        default_config=default_config, seed_configs=seed_configs, search_configs=search_configs,
+    ))
+
+
+_OPERANDS = "Tensor! out, Tensor a, Tensor b, Tensor a_scales, Tensor b_scales"
+_STATIC = f"({_OPERANDS}, Tensor scale, Tensor? bias=None) -> ()"
+_PER_GROUP = (f"({_OPERANDS}, Tensor! scales, int group_size, Tensor? bias=None, float eps=1e-10, "
+              "bool is_scale_transposed=False, bool scale_ue8m0=False) -> ()")
+
+SCALED_MM = _declare("scaled_mm", f"({_OPERANDS}, Tensor? bias=None) -> ()")
+SCALED_MM_STATIC_FP8_QUANT = _declare("scaled_mm_static_fp8_quant", _STATIC, Quant.STATIC)
+SCALED_MM_PER_GROUP_FP8_QUANT = _declare("scaled_mm_per_group_fp8_quant", _PER_GROUP, Quant.PER_GROUP)
+SCALED_MM_SILU_MUL_STATIC_FP8_QUANT = _declare("scaled_mm_silu_mul_static_fp8_quant", _STATIC, Quant.STATIC,
+                                               gated=True)
+SCALED_MM_SILU_MUL_PER_GROUP_FP8_QUANT = _declare("scaled_mm_silu_mul_per_group_fp8_quant", _PER_GROUP,
+                                                  Quant.PER_GROUP, gated=True)

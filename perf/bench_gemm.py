@@ -1,0 +1,251 @@
+"""``python -m perf.bench_gemm``: the scaled fp8 GEMM ops against cuBLAS, the unfused path and torch.compile.
+
+For each op, scale layout and shape ``(M, N, K)`` (the linear layers of Llama-3-8B, Llama-3-70B at TP=2,
+and DeepSeek-V3-style block fp8 with K = 7168), in one run:
+
+* ``cublas_us``: ``torch._scaled_mm`` with bf16 output (cuBLASLt; for the gate_up ops the whole ``[K, 2 I]``
+  weight);
+* ``cublas_fp8_out_us`` (per-tensor scales, static fp8 output): ``torch._scaled_mm`` writing fp8 itself, its
+  ``1 / out_scale`` folded into ``scale_a``: the one-call speed of light (cuBLAS rejects row-wise scales
+  with fp8 output on this stack: no such baseline there);
+* ``unfused_us``: the best unfused path: cuBLAS, then our quant op (``static_scaled_fp8_quant``,
+  ``per_token_group_fp8_quant``) or our activation + quant op (``silu_and_mul_quant``,
+  ``silu_and_mul_per_block_quant``);
+* ``compile_us``: ``torch.compile`` of the same composite (``torch._scaled_mm`` + the package's reference math);
+* ``ours_us``: ``torch.ops.helion_fusions.<op>``.
+
+Times are medians with L2 flushed: in CUDA graphs for M <= 512, else plain calls (``Timer``), the versions
+alternating. ``tflops = 2 M N K / ours_us`` (``N`` = ``2 I`` for gate_up); ``pct_cublas_peak`` compares it with the best cuBLAS fp8 TFLOP/s
+of the run; ``speedup_vs_unfused = unfused_us / ours_us``. Writes ``perf/results/<device>_gemm.csv`` and
+``.md``. Without a GPU it checks each variant's Helion kernel (interpret mode) against the contract.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tabulate import tabulate
+
+from helion_fusions import quant
+from helion_fusions.ops import scaled_mm
+from helion_fusions.ops.silu_mul import silu_and_mul_reference
+from helion_fusions.runtime import dispatch
+from helion_fusions.runtime.device import device_identity
+from helion_fusions.runtime.registry import REGISTRY
+from helion_fusions.tools.testing import Timer, clone_kwargs, compare_outputs, outputs_ok
+from perf.bench import RESULTS, geomean
+
+TOKENS = (1, 16, 64, 128, 512, 2048, 8192)
+LAYERS = {  # (N, K) of each linear layer
+    "llama3_8b": ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)),
+    "llama3_70b_tp2": ((5120, 8192), (4096, 8192), (28672, 8192), (8192, 14336)),
+    "deepseek_v3_block": ((2112, 7168), (24576, 1536), (7168, 2048)),
+}
+GATE_UP = {  # (I, K) of each model's gate_up projection, for the gate_up + silu-and-mul ops
+    "llama3_8b": ((14336, 4096),),
+    "llama3_70b_tp2": ((14336, 8192),),
+    "deepseek_v3_block": ((2048, 7168),),
+}
+GATED_OPS = ("scaled_mm_silu_mul_static_fp8_quant", "scaled_mm_silu_mul_per_group_fp8_quant")
+GRAPH_MAX_M = 512
+COLUMNS = ["device", "op", "model", "M", "N", "K", "scales", "out", "cublas_us", "cublas_fp8_out_us", "unfused_us",
+           "compile_us", "ours_us", "tflops", "pct_cublas_peak", "speedup_vs_unfused", "torch", "helion", "repro"]
+CPU_SHAPES = ((1, 256, 256), (7, 384, 512))  # N a multiple of the per-group ops' 128
+
+
+def variants(model: str) -> list[tuple[str, str]]:
+    """(op, scale layout) pairs benched for a model's layers: block scales for the block-fp8 model."""
+    layouts = ("block",) if model.endswith("block") else ("tensor", "row")
+    return [(op, layout) for layout in layouts for op in ("scaled_mm", "scaled_mm_static_fp8_quant",
+                                                          "scaled_mm_per_group_fp8_quant", *GATED_OPS)]
+
+
+def layer_shapes(op: str, model: str) -> tuple[tuple[int, int], ...]:
+    """(N, K) of the layers an op is benched on: the gate_up ops' N is the projection's I; a per-group op's N is a
+    multiple of its 128-column groups."""
+    shapes = GATE_UP[model] if op in GATED_OPS else LAYERS[model]
+    return tuple((n, k) for n, k in shapes if "per_group" not in op or n % 128 == 0)
+
+
+def flops(op: str, shape: dict[str, int]) -> float:
+    return 2 * shape["M"] * shape["N"] * shape["K"] * (2 if op in GATED_OPS else 1)
+
+
+def with_layout(kwargs: dict[str, Any], layout: str) -> dict[str, Any]:
+    """make_inputs' row-wise scales replaced by the layout's: one element each, or 128-blocks."""
+    (m, k), n = kwargs["a"].shape, kwargs["b"].shape[1]
+    device = kwargs["a"].device
+    if layout == "tensor":
+        return {**kwargs, "a_scales": torch.tensor(1 / 16, device=device),
+                "b_scales": torch.tensor(1 / (4 * k ** 0.5), device=device)}
+    if layout == "block":
+        blocks = -(-k // 128)
+        return {**kwargs, "a_scales": torch.full((m, blocks), 1 / 16, device=device),
+                "b_scales": torch.full((-(-n // 128), blocks), 1 / (4 * k ** 0.5), device=device)}
+    return kwargs
+
+
+def _baselines(op: str, kwargs: dict[str, Any], layout: str) -> dict[str, Callable[[], Any] | None]:
+    """The cuBLAS calls and the unfused composite for these arguments (None where cuBLAS has no such call)."""
+    a, b, a_s, b_s = kwargs["a"], kwargs["b"], kwargs["a_scales"], kwargs["b_scales"]
+    if layout == "block":
+        scale_a, scale_b = a_s, b_s  # torch's blockwise scaled_mm takes these where it has one
+    elif layout == "row":
+        scale_a, scale_b = a_s.reshape(-1, 1), b_s.reshape(1, -1)
+    else:
+        scale_a, scale_b = a_s.reshape(()), b_s.reshape(())
+
+    def cublas() -> torch.Tensor:
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16, bias=kwargs["bias"])
+
+    calls: dict[str, Callable[[], Any] | None] = {"cublas": cublas}
+    if op == "scaled_mm":
+        calls["unfused"] = cublas
+        calls["compile"] = torch.compile(cublas, dynamic=False)
+        calls["cublas_fp8_out"] = None
+        return calls
+    out = kwargs["out"]
+    fp8_max = quant.fp8_max_for(out.dtype)
+    helion_ops = torch.ops.helion_fusions
+    if op.endswith("static_fp8_quant"):
+        scale = kwargs["scale"]
+        if op in GATED_OPS:
+            def unfused() -> None:
+                helion_ops.silu_and_mul_quant(result=out, input=cublas(), scale=scale)
+        else:
+            def unfused() -> None:
+                helion_ops.static_scaled_fp8_quant(result=out, input=cublas(), scale=scale)
+
+        def composite() -> None:
+            y = cublas()
+            quant.quantize_static_reference(silu_and_mul_reference(y) if op in GATED_OPS else y, scale, out)
+
+        calls["cublas_fp8_out"] = (lambda: torch._scaled_mm(a, b, scale_a=scale_a / scale, scale_b=scale_b,
+                                                            out_dtype=out.dtype)) if layout == "tensor" and \
+            op not in GATED_OPS else None
+    else:  # per-group fp8 output
+        scales, eps = kwargs["scales"], kwargs.get("eps", scaled_mm.DEFAULT_EPS)
+        if op in GATED_OPS:
+            def unfused() -> None:
+                helion_ops.silu_and_mul_per_block_quant(out=out, input=cublas(), scales=scales, group_size=128)
+        else:
+            def unfused() -> None:
+                helion_ops.per_token_group_fp8_quant(input=cublas(), output_q=out, output_s=scales, group_size=128,
+                                                     eps=eps, fp8_min=-fp8_max, fp8_max=fp8_max, scale_ue8m0=False,
+                                                     dummy_is_scale_transposed=False, dummy_is_tma_aligned=False)
+
+        def composite() -> None:
+            y = cublas()
+            quant.quantize_per_group_reference(silu_and_mul_reference(y) if op in GATED_OPS else y, out, scales, 128,
+                                               None, False, eps)
+
+        calls["cublas_fp8_out"] = None
+    calls.update(unfused=unfused, compile=torch.compile(composite, dynamic=False))
+    return calls
+
+
+def measure(op: str, model: str, layout: str, shape: dict[str, int], timer: Timer) -> dict[str, Any]:
+    spec = REGISTRY[op]
+    kwargs = with_layout(spec.make_inputs(shape, torch.bfloat16, torch.device("cuda")), layout)
+    expected, ours = clone_kwargs(kwargs), clone_kwargs(kwargs)
+    spec.reference(**expected)
+    spec.op(**ours)
+    results = compare_outputs([name for name in spec.mutated_args if name in kwargs], ours, expected)
+    if not outputs_ok(results, max_flip_fraction=0):  # integer-valued operands: every sum is exact
+        raise AssertionError(f"{op} {layout} {shape}: ours differs from the contract: {results}")
+    row: dict[str, Any] = {"op": op, "model": model, **shape, "scales": layout, "out": str(kwargs["out"].dtype)[6:]}
+    calls: dict[str, Callable[[], Any]] = {}
+    for name, call in _baselines(op, clone_kwargs(kwargs), layout).items():
+        try:
+            if call is not None:
+                call()
+                calls[name] = call
+        except (RuntimeError, NotImplementedError) as error:  # no such cuBLAS call here: the column stays empty
+            print(f"{op} {layout} {shape}: no {name} baseline: {str(error).splitlines()[0][:120]}")
+    calls["ours"] = lambda: spec.op(**ours)
+    measure_each = timer.graph_each if shape["M"] <= GRAPH_MAX_M else timer.eager_each
+    row.update({f"{name}_us": t for name, t in zip(calls, measure_each(list(calls.values())))})
+    row["tflops"] = flops(op, shape) / row["ours_us"] / 1e6
+    if row.get("unfused_us"):
+        row["speedup_vs_unfused"] = row["unfused_us"] / row["ours_us"]
+    return row
+
+
+def write_results(rows: list[dict], out: Path) -> str:
+    identity, label = device_identity(), torch.cuda.get_device_name()
+    rates = [flops(r["op"], r) / r[c] / 1e6 for r in rows for c in ("cublas_us", "cublas_fp8_out_us") if r.get(c)]
+    peak = max(rates)
+    for row in rows:
+        row.update(device=identity.name, pct_cublas_peak=100 * row["tflops"] / peak, torch=version("torch"),
+                   helion=version("helion"),
+                   repro=f"python -m perf.bench_gemm --models {row['model']} --tokens {row['M']}")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{identity.name}_gemm.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    speedups = [r["speedup_vs_unfused"] for r in rows if r.get("speedup_vs_unfused")]
+    shown = COLUMNS[1:16]
+    text = "\n".join([
+        f"# Scaled fp8 GEMMs: ours vs cuBLAS and the unfused path, {label} ({identity.name})", "",
+        f"torch {version('torch')}, helion {version('helion')}; us, medians, L2 flushed; best cuBLAS "
+        f"{peak:.0f} TFLOP/s; written by `python -m perf.bench_gemm`.", "",
+        f"- speedup_vs_unfused: geomean {geomean(speedups):.2f}x over {len(speedups)} rows, min {min(speedups):.2f}x",
+        "", tabulate([[r.get(c) for c in shown] for r in rows], headers=shown, floatfmt=".1f", tablefmt="github"), ""])
+    (out / f"{identity.name}_gemm.md").write_text(text)
+    return text
+
+
+def cpu_check() -> int:
+    """No GPU: every op and scale layout's Helion kernel (interpret mode) against the contract, on small shapes."""
+    rows, failures = [], 0
+    for op, layout in {v for model in LAYERS for v in variants(model)}:
+        spec = REGISTRY[op]
+        for m, n, k in CPU_SHAPES:
+            kwargs = with_layout(spec.make_inputs({"M": m, "N": n, "K": k}, torch.bfloat16, torch.device("cpu")),
+                                 layout)
+            expected, ours = clone_kwargs(kwargs), clone_kwargs(kwargs)
+            spec.reference(**expected)
+            with dispatch.interpreting():
+                spec.op(**ours)
+            results = compare_outputs([name for name in spec.mutated_args if name in kwargs], ours, expected)
+            ok = outputs_ok(results, max_flip_fraction=0)
+            failures += not ok
+            rows.append([op, layout, f"M={m},N={n},K={k}", "; ".join(f"{name}: {r}" for name, r in results.items()),
+                         "ok" if ok else "MISMATCH"])
+    print("No CUDA device: the GEMM kernel (interpret mode) against the contract")
+    print(tabulate(sorted(rows, key=str), headers=["op", "scales", "shape", "comparison", "status"], tablefmt="github"))
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(LAYERS), help=f"comma-separated, of {list(LAYERS)}")
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated M values")
+    parser.add_argument("--reps", type=int, default=20, help="timed calls per measurement")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in LAYERS]
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {list(LAYERS)}")
+    if not torch.cuda.is_available():
+        return cpu_check()
+    from rich.progress import track
+
+    timer = Timer(args.reps)
+    jobs = [(op, model, layout, {"M": m, "N": n, "K": k}) for model in models for op, layout in variants(model)
+            for n, k in layer_shapes(op, model) for m in map(int, args.tokens.split(","))]
+    rows = [measure(*job, timer) for job in track(jobs, description="benchmarking")]
+    print(write_results(rows, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
