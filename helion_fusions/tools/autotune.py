@@ -60,6 +60,7 @@ MAX_FLIP_FRACTION = 1e-4
 GRAPH_TIMING_MAX_TOKENS = 256
 REVALIDATE_SLOWDOWN = 1.10
 PIPELINE_MIN_TOKENS = 4096
+PRECOMPILE_CHUNK = 4  # candidates a compile job takes
 
 
 def pipelined(config: helion.Config) -> helion.Config:
@@ -271,12 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
         log = progress.console.log
         if device.type == "cuda" and todo:
-            jobs = []  # one per shape that binds differently (size-1 dims specialize), with all its configs
+            # the first shape (size-1 dims specialize) binds apart from the rest, which share one binding, so the
+            # rest's candidates are compiled once, at the largest shape; a few configs a job keeps every worker busy
+            jobs = []
             for spec, _, ss in todo:
-                picked = [ss[0], ss[-1]] + [s for s in ss if _key(spec, args.dtype, s) in stale]
-                for shape in [s for i, s in enumerate(picked) if s not in picked[:i]]:
-                    configs, _ = shape_configs(spec, shape)
-                    jobs.append((spec.name, shape, args.dtype, [dict(c.config) for c in configs]))
+                for shape, members in ((ss[0], ss[:1]), (ss[-1], ss[1:])):
+                    configs = {repr(c): dict(c.config) for s in members for c in shape_configs(spec, s)[0]}
+                    chunks = list(configs.values())
+                    jobs += [(spec.name, shape, args.dtype, chunks[i:i + PRECOMPILE_CHUNK])
+                             for i in range(0, len(chunks), PRECOMPILE_CHUNK)]
             task = progress.add_task("compiling candidates", total=len(jobs))
             context = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
