@@ -269,14 +269,15 @@ def _tuning(flavour: Quant, gated: bool):
         return seeds
 
     def search_configs(shape: Shape) -> list[helion.Config]:
-        """The two largest M tiles the bucket fills and N tiles of whole quant groups (64 columns only for small
-        M), warps by tile size, 3 stages (4 from M = 512); each also with TMA loads and as a persistent kernel.
-        About 9-12 candidates a shape, so the family tunes in minutes, not hours."""
+        """The two largest M tiles the bucket fills and N tiles of whole quant groups, warps by tile size; each
+        also with TMA loads and as a persistent kernel. Up to M = 64 the product is a weight stream: narrow N
+        tiles (32 columns) spread it over more programs, and 5 stages keep more of it in flight. 6-36 candidates
+        a shape, so the family tunes in minutes, not hours."""
         m = shape["M"]
         rows = [r for r in (16, 32, 64, 128) if r <= max(16, 2 * m)][-2:]
-        columns = (64, 128, 256) if m <= 64 else (128, 256)
-        tiles = [_tile(r, c, group, num_warps=4 if r * c <= 64 * 128 else 8, num_stages=4 if m >= 512 else 3)
-                 for r in rows for c in columns if c % group == 0 and r * c <= max_tile]
+        columns, stages = ((32, 64, 128, 256), (3, 5)) if m <= 64 else ((128, 256), (4 if m >= 512 else 3,))
+        tiles = [_tile(r, c, group, num_warps=4 if r * c <= 64 * 128 else 8, num_stages=s)
+                 for r in rows for c in columns for s in stages if c % group == 0 and r * c <= max_tile]
         return [variant for tile in tiles for variant in (
             tile, helion.Config(**tile.config, indexing="tensor_descriptor"),
             helion.Config(**tile.config, pid_type="persistent_interleaved"))]
