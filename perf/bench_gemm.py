@@ -242,8 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer(args.reps)
     jobs = [(op, model, layout, {"M": m, "N": n, "K": k}) for model in models for op, layout in variants(model)
             for n, k in layer_shapes(op, model) for m in map(int, args.tokens.split(","))]
-    rows = [measure(*job, timer) for job in track(jobs, description="benchmarking")]
-    print(write_results(rows, args.out))
+    rows = []
+    for job in track(jobs, description="benchmarking"):
+        rows.append(measure(*job, timer))
+        text = write_results(rows, args.out)  # after every row: a stopped run keeps what it measured
+    print(text)
     return 0
 
 
