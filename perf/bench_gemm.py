@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer(args.reps)
     jobs = [(op, model, layout, {"M": m, "N": n, "K": k}) for model in models for op, layout in variants(model)
             for n, k in layer_shapes(op, model) for m in map(int, args.tokens.split(","))]
-    rows = []
+    rows, text = [], "no shapes selected"
     for job in track(jobs, description="benchmarking"):
         rows.append(measure(*job, timer))
         text = write_results(rows, args.out)  # after every row: a stopped run keeps what it measured
