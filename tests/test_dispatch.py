@@ -25,6 +25,7 @@ from helion_fusions.runtime.registry import REGISTRY, KernelLaunch, OpSpec
 from helion_fusions.tools.testing import poisoned
 
 SPEC = REGISTRY["rms_norm_static_fp8_quant"]
+LAST_T = next(d for d in SPEC.problem if d.bucketed).grid[-1]  # the token grid's end
 H100 = DeviceIdentity("nvidia_h100", "nvidia_sm90", torch.float8_e4m3fn)
 CONFIG = {"block_sizes": [1], "num_warps": 4, "reduction_loops": [None]}
 
@@ -114,9 +115,15 @@ def test_pick_nearest_hidden(tmp_path: Path) -> None:
 
 
 def test_pick_token_bucket(tmp_path: Path) -> None:
-    pick = _picker(tmp_path, [_entry(tokens=t, num_warps=w) for t, w in ((1, 1), (16, 2), (128, 4), (4096, 8))])
-    assert [pick(tokens=t).shape["T"] for t in (1, 2, 16, 17, 128, 129, 4096, 5000)] == [
-        1, 16, 16, 128, 128, 4096, 4096, 4096]
+    pick = _picker(tmp_path, [_entry(tokens=t, num_warps=w) for t, w in ((1, 1), (16, 2), (128, 4), (LAST_T, 8))])
+    assert [pick(tokens=t).shape["T"] for t in (1, 2, 16, 17, 128, 129, LAST_T, 10**6)] == [
+        1, 16, 16, 128, 128, LAST_T, LAST_T, LAST_T]
+
+
+def test_pick_past_a_partly_tuned_range_takes_the_default(tmp_path: Path) -> None:
+    """Tuned only for small token counts: a larger count gets the default config (None), not the small tile."""
+    pick = _picker(tmp_path, [_entry(tokens=t) for t in (1, 16)])
+    assert [getattr(pick(tokens=t), "shape", {}).get("T") for t in (1, 16, 17, 4096)] == [1, 16, None, None]
 
 
 def test_pick_batch_invariant_uses_the_largest_bucket(tmp_path: Path) -> None:

@@ -76,8 +76,9 @@ class ConfigFile:
         """The entry for this call: same dtype if tuned, the nearest model dims, then the bucket of each bucketed dim.
 
         In batch-invariant mode the bucketed dims are ignored: every call takes their largest
-        tuned value's config, so a row's reduction layout never depends on the batch. None where
-        no entry has the call's value of an exact dim.
+        tuned value's config, so a row's reduction layout never depends on the batch. None (the
+        default config) where no entry has the call's value of an exact dim, or where a bucketed value
+        lies above every tuned one and those stop short of the dim's grid (a partly tuned file).
         """
         dtype_name = str(dtype).removeprefix("torch.")
         candidates = [e for e in self.entries if all(e.shape[d.name] == shape[d.name] for d in problem if d.exact)]
@@ -93,6 +94,8 @@ class ConfigFile:
                 chosen = values[-1]
             else:
                 chosen = next((v for v in values if v >= value), values[-1])
+                if chosen < value and chosen < dim.grid[-1]:
+                    return None  # tuned below the grid's end only: a small bucket's tile would not fit this one
             candidates = [e for e in candidates if e.shape[dim.name] == chosen]
         return candidates[0]
 
