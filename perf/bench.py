@@ -361,12 +361,17 @@ def host_table(rows: list[dict]) -> list[str]:
                                      "host - launch"], floatfmt=".1f", tablefmt="github")]
 
 
-def write_results(rows: list[dict], copy_gbps: float, device_name: str, device_label: str, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{device_name}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """``rows`` as a CSV of ``columns`` (other keys left out), creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_results(rows: list[dict], copy_gbps: float, device_name: str, device_label: str, out: Path) -> None:
+    write_csv(out / f"{device_name}.csv", COLUMNS, rows)
     shown = ["op", "T", "H", "eager_us", "compile_us", "compile_dynamic_us", "ours_us", "ours_graph_us",
              "compile_graph_us", "gbps", "pct_copy_bw", "speedup_vs_compile", "flips", "launches"]
     table = tabulate([[r[c] for c in shown] for r in rows], headers=shown, floatfmt=".2f", tablefmt="github")

@@ -23,7 +23,6 @@ of the run; ``speedup_vs_unfused = unfused_us / ours_us``. Writes ``perf/results
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -39,7 +38,7 @@ from helion_fusions.runtime import dispatch
 from helion_fusions.runtime.device import device_identity
 from helion_fusions.runtime.registry import REGISTRY
 from helion_fusions.tools.testing import Timer, clone_kwargs, compare_outputs, outputs_ok
-from perf.bench import RESULTS, geomean
+from perf.bench import RESULTS, geomean, write_csv
 
 TOKENS = (1, 16, 64, 128, 512, 2048, 8192)
 LAYERS = {  # (N, K) of each linear layer
@@ -204,12 +203,8 @@ def write_results(rows: list[dict], out: Path) -> str:
     for row in rows:
         row.update(device=identity.name, pct_cublas_peak=100 * row["tflops"] / peak, torch=version("torch"),
                    helion=version("helion"),
-                   repro=f"python -m perf.bench_gemm --models {row['model']} --tokens {row['M']}")
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{identity.name}_gemm.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+                   repro=f"python -m perf.bench_gemm --models {row['model']} --ops {row['op']} --tokens {row['M']}")
+    write_csv(out / f"{identity.name}_gemm.csv", COLUMNS, rows)
     shown = COLUMNS[1:16]
     text = "\n".join([
         f"# Scaled fp8 GEMMs: ours vs cuBLAS and the unfused path, {label} ({identity.name})", "",
@@ -246,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(LAYERS), help=f"comma-separated, of {list(LAYERS)}")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated M values")
+    parser.add_argument("--ops", default=None, help="comma-separated, of the scaled_mm ops (default: all)")
     parser.add_argument("--reps", type=int, default=20, help="timed calls per measurement")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -253,13 +249,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in models if m not in LAYERS]
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from {list(LAYERS)}")
+    every_op = [op for op, _ in variants(models[0])]
+    ops = args.ops.split(",") if args.ops else every_op
+    unknown = [op for op in ops if op not in every_op]
+    if unknown:
+        parser.error(f"--ops: unknown {unknown}; choose from {list(dict.fromkeys(every_op))}")
     if not torch.cuda.is_available():
         return cpu_check()
     from rich.progress import track
 
     timer = Timer(args.reps)
     jobs = [(op, model, layout, {"M": m, "N": n, "K": k}) for model in models for op, layout in variants(model)
-            for n, k in layer_shapes(op, model) for m in map(int, args.tokens.split(","))]
+            if op in ops for n, k in layer_shapes(op, model) for m in map(int, args.tokens.split(","))]
     rows, text = [], "no shapes selected"
     for job in track(jobs, description="benchmarking"):
         rows.append(measure(*job, timer))

@@ -19,7 +19,6 @@ GPUs it runs the comparisons only, on two CPU processes over gloo, and prints th
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import functools
 import multiprocessing
@@ -41,7 +40,7 @@ from helion_fusions.runtime.device import device_identity
 from helion_fusions.runtime.registry import REGISTRY, shape_text
 from helion_fusions.tools.cli import parse_shape
 from helion_fusions.tools.testing import clone_kwargs, compare_outputs, graph_of, outputs_ok, rank_input, replay_us
-from perf.bench import RESULTS
+from perf.bench import RESULTS, write_csv
 
 GRID = {d.name: d.grid for d in all_reduce.PROBLEM}  # the grid make autotune-tp tunes
 TOKENS, HIDDEN = GRID["T"], GRID["H"]
@@ -176,11 +175,7 @@ def write_results(rows: list[dict], out: Path) -> str:
                    helion=version("helion"), repro=f"python -m perf.bench_tp --ops {row['op']} "
                                                    f"--shape T={row['T']},H={row['H']}")
         row["speedup_vs_best"] = row["best_baseline_us"] / row["ours_us"]
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{name}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / f"{name}.csv", COLUMNS, rows)
     shown = COLUMNS[1:13]
     table = tabulate([[r.get(c) for c in shown] for r in rows], headers=shown, floatfmt=".1f", tablefmt="github")
     text = (f"# all_reduce + rms_norm on {rows[0]['world_size']} x {label} ({name})\n\n"

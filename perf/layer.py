@@ -38,7 +38,6 @@ CPU) and checks that they agree.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import functools
 import statistics
@@ -59,7 +58,7 @@ from helion_fusions.ops.rms_norm import rms_norm_reference
 from helion_fusions.ops.silu_mul import silu_and_mul_reference
 from helion_fusions.runtime.device import device_identity, fp8_dtype
 from helion_fusions.tools.testing import Timer
-from perf.bench import GRAPH_MAX_TOKENS, RESULTS, geomean
+from perf.bench import GRAPH_MAX_TOKENS, RESULTS, geomean, write_csv
 
 TOKENS = (1, 16, 64, 256, 512, 2048, 8192)
 QUANTS = ("static", "dynamic")
@@ -347,11 +346,7 @@ def summary(rows: list[dict]) -> list[str]:
 
 def write_results(rows: list[dict], device_name: str, device_label: str, out: Path) -> None:
     """``<device>_layer.csv`` (every column) and ``<device>_layer.md`` (summary and table) in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{device_name}_layer.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / f"{device_name}_layer.csv", COLUMNS, rows)
     shown = ["model", "quant", "T", "graphs", "compile_us", "ours_us", "speedup", "ours_host_us", "compile_host_us",
              "rel_err"]
     formats = ("", "", "", "", ".1f", ".1f", ".2f", ".0f", ".0f", ".3f")

@@ -320,3 +320,18 @@ def test_bench_gemm_checks_every_variant_on_a_cpu(capsys: pytest.CaptureFixture[
     checked = {variant for model in bench_gemm.LAYERS for variant in bench_gemm.variants(model)}
     assert len(checked) == 15  # five ops, three scale layouts
     assert "MISMATCH" not in out and out.count("| ok") == len(checked) * len(bench_gemm.CPU_SHAPES)
+
+
+def test_bench_gemm_summary_and_op_filter(capsys: pytest.CaptureFixture[str]) -> None:
+    from perf import bench_gemm
+
+    rows = [{"op": "scaled_mm_static_fp8_quant", "scales": "tensor", "M": m, "speedup_vs_unfused": speedup,
+             "cublas_fp8_out_us": 10.0, "ours_us": ours} for m, speedup, ours in ((16, 0.5, 20.0), (2048, 2.0, 8.0))]
+    rows.append({"op": "scaled_mm", "scales": "row", "M": 1, "speedup_vs_unfused": 0.8, "ours_us": 1.0})
+    assert bench_gemm.summary(rows) == [
+        "- scaled_mm_static_fp8_quant, tensor scales: 1.00x the unfused path (geomean of 2), min 0.50x, 1 below 1.0; "
+        "vs cuBLAS fp8 output at M >= 1024: 1.25-1.25x; vs cuBLAS fp8 output at M <= 128: 0.50-0.50x",
+        "- scaled_mm, row scales: 0.80x the unfused path (geomean of 1), min 0.80x, 1 below 1.0"]
+    with pytest.raises(SystemExit):
+        bench_gemm.main(["--ops", "rms_norm"])
+    assert "--ops: unknown ['rms_norm']" in capsys.readouterr().err
