@@ -97,6 +97,23 @@ def test_autotune_candidates_add_pipelined_persistent_kernels_at_large_t() -> No
         assert config.config["num_sm_multiplier"] * config.config["num_warps"] * 32 == 1024  # half an SM's threads
 
 
+def test_autotune_times_like_make_bench(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA graph with L2 warm for small token counts, flushed for a GEMM (its weights are cold in a model),
+    the flushed eager timer for large ones; the GEMM's token count is its M."""
+    import types
+
+    import triton
+
+    warm_graph, flushed_graph, flushed_eager = 1.0, 2.0, 3.0
+    fake = types.SimpleNamespace(graph=lambda fn: flushed_graph, eager=lambda fn: flushed_eager)
+    monkeypatch.setattr(autotune, "_timer", lambda: fake)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, rep, return_mode: warm_graph / 1000.0)
+    norm, gemm = REGISTRY["rms_norm"], REGISTRY["scaled_mm"]
+    assert [autotune._time_us(None, norm, {"T": t, "H": 4096}) for t in (16, 4096)] == [warm_graph, flushed_eager]
+    assert [autotune._time_us(None, gemm, {"M": m, "N": 4096, "K": 4096}) for m in (16, 4096)] == [
+        flushed_graph, flushed_eager]
+
+
 def test_autotune_retune_replaces_only_the_selected_entries(tmp_path) -> None:
     op = "rms_norm_static_fp8_quant"
     assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op]) == 0

@@ -293,6 +293,7 @@ def _declare(name: str, schema: str, flavour: Quant = Quant.NONE, gated: bool = 
         make_inputs=_inputs(flavour, gated),
         problem=(Dim("M", M_GRID, bucketed=True), Dim("N", N_GRID), Dim("K", K_GRID)),
         default_config=default_config, seed_configs=seed_configs, search_configs=search_configs,
+        cold_operands=True,
     ))
 
 

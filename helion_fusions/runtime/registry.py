@@ -152,6 +152,9 @@ class OpSpec:
     # schema of the engine's functional default overload, which allocates ``outputs`` and returns them
     overload: str = ""
     functional_schema: str | None = None
+    # operands the engine's call finds outside L2 (a GEMM's weights): the autotuner then times small token
+    # counts with L2 flushed, as make bench does, where it otherwise replays with L2 warm
+    cold_operands: bool = False
 
     def bytes_moved(self, kwargs: dict[str, Any]) -> int:
         """Bytes the op must move: every tensor argument once (or its touched part), read-and-written ones twice."""

@@ -4,10 +4,11 @@ For each op and shape of its problem key's model dims it builds a small candidat
 neighbourhood of row-block sizes and warp counts, and compiles all of them in parallel
 worker processes (which fill Triton's on-disk cache). Then, per token bucket, it checks
 each candidate against the op's reference (byte equality, allowing only the documented
-rounding ties) and times it: as ``make bench`` does for T > 256 (L2 flushed, host time
-hidden), and for smaller T replayed in a CUDA graph with L2 warm
-(``triton.testing.do_bench_cudagraph`` does not flush). A searched config is kept only
-where it beats the best seed on that shape.
+rounding ties) and times it: as ``make bench`` does for T (a GEMM's M) > 256 (L2 flushed, host
+time hidden), and for smaller T replayed in a CUDA graph, with L2 warm
+(``triton.testing.do_bench_cudagraph`` does not flush) unless the op declares cold operands (a
+GEMM's weights: flushed, as ``make bench`` replays). A searched config is kept only where it
+beats the best seed on that shape.
 
 Results are written after every (op, model dims), so an interrupted run resumes where it
 stopped; ``--fresh`` starts over, and ``--retune`` searches the selected shapes again, replacing
@@ -123,12 +124,15 @@ def _timer() -> Timer:
     return Timer(reps=25)
 
 
-def _time_us(fn: Any, shape: Shape) -> float:
+def _time_us(fn: Any, spec: OpSpec, shape: Shape) -> float:
     import triton.testing
 
+    tokens = next((shape[d.name] for d in spec.problem if d.bucketed), 0)  # T, or a GEMM's M
     # medians, as make bench reports: Triton returns the mean by default, which a few slow samples can
     # dominate for a kernel of a few microseconds
-    if shape.get("T", 0) <= GRAPH_TIMING_MAX_TOKENS:
+    if tokens <= GRAPH_TIMING_MAX_TOKENS:
+        if spec.cold_operands:  # as make bench times it: L2 flushed before each replay
+            return _timer().graph(fn)
         return 1000.0 * triton.testing.do_bench_cudagraph(fn, rep=10, return_mode="median")
     # as make bench times it: the GPU is kept busy while the host enqueues fn, so host time (an op
     # of two launches, a CPU busy compiling) never shows as GPU time
@@ -170,7 +174,7 @@ def tune_shape(spec: OpSpec, shape: Shape, dtype: torch.dtype, device: torch.dev
             log(f"  {where}: candidate {index} rejected ({detail})")
             continue
         if device.type == "cuda":
-            elapsed = _time_us(fn, shape)
+            elapsed = _time_us(fn, spec, shape)
         else:
             start = time.perf_counter()
             fn()
