@@ -177,7 +177,7 @@ def measure(op: str, model: str, layout: str, shape: dict[str, int], timer: Time
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """The issue's figures per op and scale layout: speedup over the unfused path (geomean, min, rows below
+    """The headline figures per op and scale layout: speedup over the unfused path (geomean, min, rows below
     1.0), and with per-tensor scales and static fp8 output, ours against cuBLAS's one-call fp8 output."""
     lines = []
     for op, layout in dict.fromkeys((r["op"], r["scales"]) for r in rows):
