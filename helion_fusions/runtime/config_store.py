@@ -71,6 +71,10 @@ class ConfigFile:
     versions: dict[str, str]
     entries: tuple[Entry, ...]
 
+    def exact_matches(self, shape: dict[str, int], problem: Sequence[Dim]) -> list[Entry]:
+        """The entries tuned for the call's value of every exact dim (all of them where there is none)."""
+        return [e for e in self.entries if all(e.shape[d.name] == shape[d.name] for d in problem if d.exact)]
+
     def pick(self, dtype: torch.dtype, shape: dict[str, int], problem: Sequence[Dim],
              batch_invariant: bool) -> Entry | None:
         """The entry for this call: same dtype if tuned, the nearest model dims, then the bucket of each bucketed dim.
@@ -81,7 +85,7 @@ class ConfigFile:
         lies above every tuned one and those stop short of the dim's grid (a partly tuned file).
         """
         dtype_name = str(dtype).removeprefix("torch.")
-        candidates = [e for e in self.entries if all(e.shape[d.name] == shape[d.name] for d in problem if d.exact)]
+        candidates = self.exact_matches(shape, problem)
         candidates = [e for e in candidates if e.dtype == dtype_name] or candidates
         if not candidates:
             return None

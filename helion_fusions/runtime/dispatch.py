@@ -95,19 +95,20 @@ def choose_config(spec: OpSpec, launch: KernelLaunch, batch_invariant: bool) -> 
 def tuned_config(spec: OpSpec | TunedKernel, problem: dict[str, int], dtype: torch.dtype, index: int,
                  batch_invariant: bool) -> tuple[helion.Config, str]:
     """The config for ``problem`` on GPU ``index``, and where it comes from: a config file's entry, or the
-    architecture default (no usable file, or none of its entries has the call's value of an exact dim)."""
+    architecture default (no usable file, none of its entries has the call's value of an exact dim, or the call
+    lies past a partly tuned file's largest bucket)."""
     file = _config_files(spec, index)
     entry = None if file is None else file.pick(dtype, problem, spec.problem, batch_invariant)
     if entry is not None:
         return helion.Config(**entry.config), f"{file.path} ({shape_text(entry.shape)}, {entry.dtype})"
     if file is not None:
-        exact = {d.name: problem[d.name] for d in spec.problem if d.exact}
-        if any(all(e.shape[name] == value for name, value in exact.items()) for e in file.entries):
+        if file.exact_matches(problem, spec.problem):  # entries for this call, none of them this far
             bucketed = ", ".join(d.name for d in spec.problem if d.bucketed)
             _warn_once(spec.name, file.path.name, f"helion_fusions: {spec.name}: {file.path} is partly tuned: a call "
                        f"whose {bucketed} lies past the nearest tuned shape's largest bucket takes the architecture "
                        "default config")
         else:
+            exact = {d.name: problem[d.name] for d in spec.problem if d.exact}
             _warn_once(spec.name, file.path.name, shape_text(exact), f"helion_fusions: {spec.name}: {file.path} has "
                        f"no entry for {shape_text(exact)}; using the architecture default config")
     return spec.default_config(problem), "the architecture default"

@@ -32,9 +32,9 @@ class Dim:
     ``bucketed`` dimensions (the token count) take the config of the smallest tuned value at least
     as large (above them all: the largest where it ends the grid, else the default config), and
     compile one kernel per bucket of ``grid``; the others (model dimensions: fixed per model, one
-    compile each anyway) take the nearest tuned value on a log scale. ``exact`` dimensions (a collective's world size) take only entries tuned for their value,
-    and the default config where there are none. ``grid`` is what ``make autotune`` and ``make bench``
-    measure.
+    compile each anyway) take the nearest tuned value on a log scale. ``exact`` dimensions (a
+    collective's world size) take only entries tuned for their value, and the default config where
+    there are none. ``grid`` is what ``make autotune`` and ``make bench`` measure.
     """
 
     name: str
