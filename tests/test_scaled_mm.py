@@ -177,6 +177,39 @@ def test_epilogues_match_the_contract(spec, m: int, n: int, k: int, layout: str,
     _check(spec, _inputs(m, n, k, layout, bias, spec=spec))
 
 
+# --- split-K ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("m", "groups", "k", "group", "splits"), [
+    (1, 4096, 14336, 1, 4),  # Llama-3-8B down_proj at decode: 128 programs of 32 columns, 4 slices of 28 steps
+    (16, 6144, 4096, 1, 2),
+    (1, 32, 4096, 128, 8),  # group-128 output: 32 programs, 8 slices of 4 steps
+    (1, 14336, 4096, 1, 1),  # enough programs already
+    (17, 4096, 14336, 1, 1),  # past SPLIT_MAX_M rows
+    (1, 4096, 4096 + 16, 1, 1),  # K not a multiple of 128
+    (1, 4096, 640, 1, 1),  # 5 steps: no even split of 4 steps or more
+])
+def test_split_count(m: int, groups: int, k: int, group: int, splits: int) -> None:
+    assert scaled_mm.split_count(m, groups, k, group, torch.device("cpu")) == splits
+    dispatch.set_batch_invariant(True)
+    try:  # a row's summation order must not depend on M
+        assert scaled_mm.split_count(m, groups, k, group, torch.device("cpu")) == 1
+    finally:
+        dispatch.set_batch_invariant(False)
+
+
+@pytest.mark.parametrize("layout", ("tensor_0dim", "token_channel", "block"))
+@pytest.mark.parametrize("m", (1, 7, 16))
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.name)
+def test_split_k_matches_the_contract(spec, m: int, layout: str) -> None:
+    """K = 1024 at up to 16 rows splits: partial sums per K slice, then a launch adds them and runs the epilogue."""
+    kwargs = _inputs(m, 256, 1024, layout, bias=True, spec=spec)
+    partial, reduce = spec.prepare(**clone_kwargs(kwargs))
+    splits = partial.args[8].size(0)
+    assert splits > 1 and partial.args[8] is reduce.args[8] and partial.args[10] == splits
+    assert (partial.args[-1], reduce.args[-1]) == (scaled_mm.Phase.PARTIAL, scaled_mm.Phase.REDUCE)
+    _check(spec, kwargs)
+
+
 @pytest.mark.parametrize("scale_layout", ("row_major", "column_major", "tma_aligned"))
 @pytest.mark.parametrize("spec", (GROUP, SILU_GROUP), ids=lambda s: s.name)
 def test_group_scales_in_every_layout(spec, scale_layout: str) -> None:
@@ -270,28 +303,36 @@ def _without_scales(kwargs: dict[str, Any], groups: int) -> dict[str, Any]:
 def test_one_token_stores_index_and_mask_the_tile_rows(spec, layout: str) -> None:
     """At M = 1 Helion indexes a one-row dim it cannot tie to the row tile's extent as a broadcast dim: a store
     into it loses the row index and the row mask, and the tile's rows (16 at least, for the dot) all write row 0,
-    the padding rows' values among them (on an H200: nearly every output byte wrong)."""
-    (launch,) = spec.prepare(**_inputs(1, 256, 384, layout, bias=True, spec=spec))
-    bound = code_generator(launch.kernel).bind(launch.args)
+    the padding rows' values among them (on an H200: nearly every output byte wrong). Split-K's partial sums too
+    (K = 1024: two launches, the partial sums' stores, then the epilogue's)."""
     shape = {"M": 1, "N": 4096, "K": 4096}
-    for config in (spec.default_config(shape), spec.search_configs(shape)[-1]):  # the last one is persistent
-        stores = [line.strip() for line in bound.to_triton_code(config).splitlines()
-                  if line.strip().startswith("tl.store(")]
-        assert len(stores) == (2 if spec in (GROUP, SILU_GROUP) else 1), stores
-        for store in stores:  # the row tile is the first block: indices_0, mask_0
-            assert "indices_0[" in store and "mask_0[" in store, f"{dict(config)}: {store}"
+    halves = 2 if spec in (SILU_STATIC, SILU_GROUP) else 1
+    for k, launches in ((384, 1), (1024, 2)):
+        prepared = spec.prepare(**_inputs(1, 256, k, layout, bias=True, spec=spec))
+        assert len(prepared) == launches
+        for launch in prepared:
+            bound = code_generator(launch.kernel).bind(launch.args)
+            for config in (spec.default_config(shape), spec.search_configs(shape)[-1]):  # the last: persistent
+                stores = [line.strip() for line in bound.to_triton_code(config).splitlines()
+                          if line.strip().startswith("tl.store(")]
+                epilogue = 2 if spec in (GROUP, SILU_GROUP) else 1
+                assert len(stores) == (halves if launch.args[-1] == scaled_mm.Phase.PARTIAL else epilogue), stores
+                for store in stores:  # the row tile is the first block: indices_0, mask_0
+                    assert "indices_0[" in store and "mask_0[" in store, f"{dict(config)}: {store}"
 
 
-def _ptx(spec, layout: str, bias: bool) -> str:
-    """The op's kernel at M = 2048 under its default config, compiled for sm_90 by Triton on the CPU."""
-    shape = {"M": 2048, "N": 512, "K": 384}
+def _ptx(spec, layout: str, bias: bool, m: int = 2048, k: int = 384) -> list[str]:
+    """The op's launches at ``M = m`` (N = 512) under its default config, compiled for sm_90 by Triton on the CPU."""
+    shape = {"M": m, "N": 512, "K": k}
     kwargs = _inputs(shape["M"], shape["N"], shape["K"], layout, bias=bias, spec=spec)
-    (launch,) = spec.prepare(**kwargs)
-    bound = code_generator(launch.kernel).bind(launch.args)
-    kernel, _, args, options = captured_launch(bound.compile_config(spec.default_config(shape)), launch.args)
-    compiled = triton.compile(sass._ast_source(kernel, args), target=GPUTarget("cuda", 90, 32),
-                              options={name: options[name] for name in ("num_warps", "num_stages")})
-    return compiled.asm["ptx"]
+    ptx = []
+    for launch in spec.prepare(**kwargs):
+        bound = code_generator(launch.kernel).bind(launch.args)
+        kernel, _, args, options = captured_launch(bound.compile_config(spec.default_config(shape)), launch.args)
+        compiled = triton.compile(sass._ast_source(kernel, args), target=GPUTarget("cuda", 90, 32),
+                                  options={name: options[name] for name in ("num_warps", "num_stages")})
+        ptx.append(compiled.asm["ptx"])
+    return ptx
 
 
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.name)
@@ -299,8 +340,16 @@ def test_every_flavour_compiles_to_a_pipelined_wgmma_loop_for_sm90(spec) -> None
     """The flavours without a quant group (G = 1) once loaded ``[K, N, 1]`` weight tiles and reshaped them for the
     dot: Triton 3.9 finds no shared-memory layout for them (``Illegal shared layout``), and the H200's build ran
     them 30x slower than cuBLAS. Every flavour's main loop is wgmma fed by asynchronous copies."""
-    ptx = _ptx(spec, "token_channel", True)
+    (ptx,) = _ptx(spec, "token_channel", True)
     assert "wgmma.mma_async" in ptx and "cp.async" in ptx
+
+
+@pytest.mark.parametrize("layout", ("token_channel", "block"))
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.name)
+def test_split_k_launches_compile_for_sm90(spec, layout: str) -> None:
+    """Split-K at M = 16: the partial sums' K loop is fed by asynchronous copies; the reduction has no K loop."""
+    partial, reduce = _ptx(spec, layout, True, m=16, k=1024)
+    assert "cp.async" in partial and "mma" in partial and "mma" not in reduce
 
 
 def _fmas(ptx: str) -> int:
@@ -313,6 +362,6 @@ def test_products_that_are_added_are_rounded_on_their_own(spec, layout: str) -> 
     """``acc + dot * s`` (block scales) and ``a_s * y + bias`` contracted into fused multiply-adds round once where
     the contract rounds twice: on an H200 a few elements in 10^4 to 10^6 landed on the other side of a rounding
     tie. The only multiply-adds are the epilogue's own (the per-group quant's division), as without either."""
-    own = _fmas(_ptx(spec, "token_channel", False))
-    ptx = _ptx(spec, "block" if layout == "block" else "token_channel", layout == "bias")
+    own = _fmas(_ptx(spec, "token_channel", False)[0])
+    (ptx,) = _ptx(spec, "block" if layout == "block" else "token_channel", layout == "bias")
     assert re.search(r"\bmul\.rn\.(?:ftz\.)?f32\b", ptx) and _fmas(ptx) == own, (_fmas(ptx), own)

@@ -31,6 +31,8 @@ What the generated code needs besides the arithmetic (tests/test_scaled_mm.py ch
 
 from __future__ import annotations
 
+import enum
+
 import helion
 import helion.language as hl
 import torch
@@ -67,6 +69,29 @@ def block_scales(b_scales: torch.Tensor, tile_g, tile_k, G: int, first: int, N: 
     return hl.load(b_scales, [(index + first) // SCALE_BLOCK, tile_k.id], extra_mask=index < N).unsqueeze(0)
 
 
+class Phase(enum.IntEnum):
+    """What a launch of the kernel computes."""
+
+    WHOLE = 0  # the whole K depth, then the epilogue
+    PARTIAL = 1  # split-K: one program per (tile, split) sums its K slice into ``partials``
+    REDUCE = 2  # split-K: a program per tile adds the splits' sums, then the epilogue
+
+
+def partial_sum(partials: torch.Tensor, half: int, tile_m, tile_g, G: int) -> torch.Tensor:
+    """The sum over the splits of ``partials[:, half]``'s tile, ``[tile_m, groups * G]``."""
+    if G == 1:
+        return hl.load(partials, [slice(None), half, tile_m, tile_g, 0]).sum(0)
+    return hl.load(partials, [slice(None), half, tile_m, tile_g, slice(None)]).sum(0).flatten(-2)
+
+
+def store_partial(partials: torch.Tensor, split, half: int, tile_m, tile_g, G: int, acc: torch.Tensor) -> None:
+    """``acc`` (``[tile_m, groups * G]``) into ``partials[split, half]``'s tile."""
+    if G == 1:
+        hl.store(partials, [split, half, tile_m, tile_g, 0], acc)
+    else:
+        hl.store(partials, [split, half, tile_m, tile_g, slice(None)], acc.reshape(acc.size(0), -1, G))
+
+
 @helion.kernel(static_shapes=False, autotune_effort="none")
 def scaled_mm_kernel(
     a: torch.Tensor,  # [M, K] fp8
@@ -78,6 +103,9 @@ def scaled_mm_kernel(
     scale_out: torch.Tensor,  # [M, NG] per-group scales (any strides; an [M, 1] placeholder otherwise); see
                               # quant.store_quantized
     scale_in: torch.Tensor,  # [1] fp32 dequant scale of a static fp8 out
+    partials: torch.Tensor,  # [S, HALVES, M, NG, G] fp32 split-K sums (PARTIAL, REDUCE); a placeholder otherwise
+    chunk: int,  # the K depth of a split: K / S, a multiple of 128 (PARTIAL); K otherwise
+    grid_split: int,  # S (PARTIAL), 1 otherwise
     amax_floor: float,
     A_PER_TOKEN: hl.constexpr,
     B_PER_CHANNEL: hl.constexpr,
@@ -88,6 +116,7 @@ def scaled_mm_kernel(
     UE8M0: hl.constexpr,
     ROUND_DTYPE: hl.constexpr,  # the unfused GEMM's output dtype, rounded to before the activation and the quant
     FP8_MAX: hl.constexpr,
+    PHASE: hl.constexpr,  # Phase: WHOLE, or split-K's PARTIAL then REDUCE
 ) -> None:
     M, K = a.size()
     _, _, NG, G = b.size()
@@ -98,48 +127,60 @@ def scaled_mm_kernel(
     # (their loads may broadcast a one-row dim: the rows past M are never stored)
     torch._check(out.size(0) == M)
     torch._check(scale_out.size(0) == M)
-    for tile_m, tile_g in hl.tile([M, NG]):
+    torch._check(partials.size(2) == M)
+    for tile_m, tile_g, tile_s in hl.tile([M, NG, grid_split], block_size=[None, None, 1]):
         scale_value = load_scale_in(scale_in, tile_m, tile_g, QUANT)
         acc = zeros(tile_m, tile_g, G)  # [tile_m, groups * G]
         acc_up = zeros(tile_m, tile_g, G)  # GATED only
-        for tile_k in hl.tile(K, block_size=SCALE_BLOCK):
-            a_tile = a[tile_m, tile_k]
-            gate_tile = columns(b, (tile_k, 0), tile_g, G)
-            if BLOCK_SCALED:
-                a_s = a_scales[tile_m, tile_k.id].unsqueeze(1)
-                b_s = block_scales(b_scales, tile_g, tile_k, G, 0, N)
-                acc = acc + mul_rn(hl.dot(a_tile, gate_tile), a_s * b_s)
-                if GATED:
-                    up_tile = columns(b, (tile_k, 1), tile_g, G)
-                    b_s_up = block_scales(b_scales, tile_g, tile_k, G, N, N)
-                    acc_up = acc_up + mul_rn(hl.dot(a_tile, up_tile), a_s * b_s_up)
-            else:
-                acc = hl.dot(a_tile, gate_tile, acc=acc)
-                if GATED:
-                    up_tile = columns(b, (tile_k, 1), tile_g, G)
-                    acc_up = hl.dot(a_tile, up_tile, acc=acc_up)
-        y = acc
-        y_up = acc_up
-        if not BLOCK_SCALED:
-            if B_PER_CHANNEL:
-                y = columns(b_scales, (0,), tile_g, G).unsqueeze(0) * y
-                if GATED:
-                    y_up = columns(b_scales, (1,), tile_g, G).unsqueeze(0) * y_up
-            else:
-                y = b_scales[0] * y
-                y_up = b_scales[0] * y_up
-            if A_PER_TOKEN:
-                a_s = a_scales[tile_m].unsqueeze(1)
-            else:
-                a_s = a_scales[0]
-            y = mul_rn(y, a_s)  # rounded before the bias is added
-            y_up = mul_rn(y_up, a_s)
-        if HAS_BIAS:
-            y = y + columns(bias, (0,), tile_g, G).unsqueeze(0).to(torch.float32)
+        if PHASE == 2:  # Phase.REDUCE (a literal: Helion folds it, not a name of this module): the splits' sums
+            acc = partial_sum(partials, 0, tile_m, tile_g, G)
             if GATED:
-                y_up = y_up + columns(bias, (1,), tile_g, G).unsqueeze(0).to(torch.float32)
-        rounded = y.to(ROUND_DTYPE)
-        if GATED:
-            rounded = silu(rounded.to(torch.float32)).to(ROUND_DTYPE) * y_up.to(ROUND_DTYPE)
-        store_quantized(rounded.reshape(rounded.size(0), -1, G), out, scale_out, scale_value,
-                        amax_floor, tile_m, tile_g, M, NG, G, QUANT, False, UE8M0, False, FP8_MAX)
+                acc_up = partial_sum(partials, 1, tile_m, tile_g, G)
+        else:
+            begin = tile_s.begin * chunk
+            for tile_k in hl.tile(begin, begin + chunk, block_size=SCALE_BLOCK):
+                a_tile = a[tile_m, tile_k]
+                gate_tile = columns(b, (tile_k, 0), tile_g, G)
+                if BLOCK_SCALED:
+                    a_s = a_scales[tile_m, tile_k.id].unsqueeze(1)
+                    b_s = block_scales(b_scales, tile_g, tile_k, G, 0, N)
+                    acc = acc + mul_rn(hl.dot(a_tile, gate_tile), a_s * b_s)
+                    if GATED:
+                        up_tile = columns(b, (tile_k, 1), tile_g, G)
+                        b_s_up = block_scales(b_scales, tile_g, tile_k, G, N, N)
+                        acc_up = acc_up + mul_rn(hl.dot(a_tile, up_tile), a_s * b_s_up)
+                else:
+                    acc = hl.dot(a_tile, gate_tile, acc=acc)
+                    if GATED:
+                        up_tile = columns(b, (tile_k, 1), tile_g, G)
+                        acc_up = hl.dot(a_tile, up_tile, acc=acc_up)
+        if PHASE == 1:  # Phase.PARTIAL
+            store_partial(partials, tile_s.begin, 0, tile_m, tile_g, G, acc)
+            if GATED:
+                store_partial(partials, tile_s.begin, 1, tile_m, tile_g, G, acc_up)
+        else:
+            y = acc
+            y_up = acc_up
+            if not BLOCK_SCALED:
+                if B_PER_CHANNEL:
+                    y = columns(b_scales, (0,), tile_g, G).unsqueeze(0) * y
+                    if GATED:
+                        y_up = columns(b_scales, (1,), tile_g, G).unsqueeze(0) * y_up
+                else:
+                    y = b_scales[0] * y
+                    y_up = b_scales[0] * y_up
+                if A_PER_TOKEN:
+                    a_s = a_scales[tile_m].unsqueeze(1)
+                else:
+                    a_s = a_scales[0]
+                y = mul_rn(y, a_s)  # rounded before the bias is added
+                y_up = mul_rn(y_up, a_s)
+            if HAS_BIAS:
+                y = y + columns(bias, (0,), tile_g, G).unsqueeze(0).to(torch.float32)
+                if GATED:
+                    y_up = y_up + columns(bias, (1,), tile_g, G).unsqueeze(0).to(torch.float32)
+            rounded = y.to(ROUND_DTYPE)
+            if GATED:
+                rounded = silu(rounded.to(torch.float32)).to(ROUND_DTYPE) * y_up.to(ROUND_DTYPE)
+            store_quantized(rounded.reshape(rounded.size(0), -1, G), out, scale_out, scale_value,
+                            amax_floor, tile_m, tile_g, M, NG, G, QUANT, False, UE8M0, False, FP8_MAX)

@@ -28,6 +28,12 @@ gate_up (``scaled_mm_silu_mul_*``): ``b`` is ``[K, 2 I]``, gate columns ``0 .. I
 (``silu_and_mul``'s rule), then the static or per-group fp8 rule above. With ``eps = 1 / 512`` the per-group
 op writes ``silu_and_mul_per_block_quant``'s bytes.
 
+Split-K: up to ``SPLIT_MAX_M`` rows a program per output tile leaves most SMs idle, so the K depth is split
+(:func:`split_count`): one launch writes each slice's fp32 sum of products into a scratch ``[S, .., M, N]``,
+a second adds the slices in order and runs the epilogue. The sums are the same products added in another
+order (block scales: the scaled slices); the scratch is written whole before it is read, and a launch plan
+keeps it for its calls (two streams must not run one plan at once). Batch-invariant mode never splits.
+
 Not here yet: dynamic per-token fp8 output. A row's scale needs the amax over every N tile of the row: either
 one program per row band covering all of N (only small N), or two launches (the GEMM storing bf16 ``y`` and
 per-tile row amaxes, then a quant pass reading them back), which is the unfused path's traffic again.
@@ -42,7 +48,7 @@ import helion
 import torch
 
 from helion_fusions import quant
-from helion_fusions.kernels.scaled_mm import SCALE_BLOCK, scaled_mm_kernel
+from helion_fusions.kernels.scaled_mm import SCALE_BLOCK, Phase, scaled_mm_kernel
 from helion_fusions.ops.common import poisoned
 from helion_fusions.ops.silu_mul import silu_and_mul_reference
 from helion_fusions.quant import Quant
@@ -55,6 +61,7 @@ from helion_fusions.runtime.checks import (
     check_tensor,
     group_scale_view,
 )
+from helion_fusions.runtime import dispatch
 from helion_fusions.runtime.device import fp8_dtype
 from helion_fusions.runtime.library import register
 from helion_fusions.runtime.registry import Dim, KernelLaunch, OpSpec, Shape
@@ -66,6 +73,10 @@ OUT_DTYPES = (torch.bfloat16, torch.float16)
 ROUND_DTYPE = torch.bfloat16  # the unfused path's GEMM output, which the activation and the quant flavours read
 GROUP_SIZES = (128,)  # per-group output quant: a group lies inside one N tile
 DEFAULT_EPS = 1e-10  # the per-group amax floor, per_token_group_fp8_quant's eps as engines pass it
+SPLIT_MAX_M = 16  # split-K for at most this many rows (see split_count)
+SPLIT_MAX = 8
+SPLIT_MIN_STEPS = 4
+SPLIT_MIN_TILE = 32  # the narrowest N tile of the search
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -158,12 +169,50 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
         return ()
     halves = 2 if gated else 1
     shape = (halves, n // group, group)
+    splits = split_count(m, n // group, k, group, a.device)
     flags = (per_token, per_channel, block, bias is not None, gated, int(flavour), bool(scale_ue8m0))
-    args = (a, b.view(k, *shape), a_s, b_s.view(shape) if per_channel else b_s,
-            scale_in if bias is None else bias.view(shape), out.view(m, n // group, group), scale_out, scale_in,
-            amax_floor, *flags, rounded, quant.fp8_max_for(out.dtype) if quantized else 448.0)
+    operands = (a, b.view(k, *shape), a_s, b_s.view(shape) if per_channel else b_s,
+                scale_in if bias is None else bias.view(shape), out.view(m, n // group, group), scale_out, scale_in)
+    constants = (*flags, rounded, quant.fp8_max_for(out.dtype) if quantized else 448.0)
     key = (a.dtype, out.dtype, rounded, n, k, group, *flags)
-    return (KernelLaunch(scaled_mm_kernel, args, key, {"M": m, "N": n, "K": k}, a.device, out.dtype),)
+
+    def launch(phase: Phase, partials: torch.Tensor, chunk: int, grid_split: int) -> KernelLaunch:
+        return KernelLaunch(scaled_mm_kernel, (*operands, partials, chunk, grid_split, amax_floor, *constants,
+                                               int(phase)), (*key, int(phase)), {"M": m, "N": n, "K": k},
+                            a.device, out.dtype)
+
+    if splits == 1:
+        return (launch(Phase.WHOLE, _placeholder(a.device).view(1, 1, 1, 1, 1).expand(1, halves, m, *shape[1:]),
+                       k, 1),)
+    # written whole by the first launch before the second reads it; a launch plan keeps it for its calls
+    partials = torch.empty(splits, halves, m, *shape[1:], dtype=torch.float32, device=a.device)
+    return (launch(Phase.PARTIAL, partials, k // splits, splits), launch(Phase.REDUCE, partials, k, 1))
+
+
+def split_count(m: int, groups: int, k: int, group: int, device: torch.device) -> int:
+    """How many K slices (split-K) a product of ``m`` rows takes: 1 (no split) from ``SPLIT_MAX_M`` rows on.
+
+    Below, the narrowest N tiles the search tries (32 columns, or one quant group) over the ``groups``
+    groups of ``group`` output columns give one row tile's programs, too few to stream the weight from
+    every SM: the K depth is split in two, four or eight (each slice at least
+    ``SPLIT_MIN_STEPS`` 128-deep steps, ``K`` a multiple of 128) until twice the SM count is reached."""
+    if m > SPLIT_MAX_M or k % SCALE_BLOCK or dispatch.batch_invariant():  # a row's sum order would follow M
+        return 1
+    programs = groups // max(1, SPLIT_MIN_TILE // group)
+    target = 2 * _sm_count(device)
+    steps, splits = k // SCALE_BLOCK, 1
+    while (programs * splits < target and 2 * splits <= SPLIT_MAX and steps % (2 * splits) == 0
+           and steps // (2 * splits) >= SPLIT_MIN_STEPS):
+        splits *= 2
+    return splits
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """The device's multiprocessors (a CPU, which runs the kernel interpreted, counts as an H100/H200's 132)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _product(a: torch.Tensor, b: torch.Tensor, a_scales: torch.Tensor, b_scales: torch.Tensor) -> torch.Tensor:
