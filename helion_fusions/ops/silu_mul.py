@@ -44,10 +44,13 @@ HIDDEN_GRID = (2048, 4096, 8192, 14336)
 GROUP_SIZES = (64, 128)
 TOKEN_GROUP_SIZES = (32, 64, 128)  # per_token_group_fp8_quant takes smaller groups too
 POINTWISE_GROUP = 128  # groups of a row for the flavours that need no row reduction
-# Per-token quant of at most this many rows splits each row over programs of POINTWISE_GROUP groups: one
-# launch stores every group's amax, a second quantizes with the max of its row's. A whole row per program
-# leaves a decode-sized call on a few SMs: on an H200, one 18944-wide row took 6.4 us that way.
+# Gated per-token quant of at most this many rows, SPLIT_ROW_MIN_HIDDEN wide or more, splits each row over
+# programs of POINTWISE_GROUP groups: one launch stores every group's amax, a second quantizes with the max of
+# its row's. On an H200 a whole gated row per program took 5.4-6.4 us at H = 14336-18944 (T <= 16), the op
+# behind a model layer's deficit at T = 1; the same split of an ungated row was slower than one launch
+# (2.3-3.0 us against 1.4-2.4 us at H = 2048-14336): the second launch costs about 1 us in a graph.
 SPLIT_ROW_TOKENS = 16
+SPLIT_ROW_MIN_HIDDEN = 8192
 
 
 # --- reference ------------------------------------------------------------------------------
@@ -148,9 +151,9 @@ def _activation(input: torch.Tensor, gated: bool) -> torch.Tensor:
     return silu_and_mul_reference(input) if gated else input
 
 
-def split_rows(tokens: int, hidden: int) -> bool:
+def split_rows(tokens: int, hidden: int, gated: bool) -> bool:
     """Whether per-token quant of ``[tokens, hidden]`` splits its rows over programs (see SPLIT_ROW_TOKENS)."""
-    return tokens <= SPLIT_ROW_TOKENS and hidden % POINTWISE_GROUP == 0 and hidden > POINTWISE_GROUP
+    return gated and tokens <= SPLIT_ROW_TOKENS and hidden % POINTWISE_GROUP == 0 and hidden >= SPLIT_ROW_MIN_HIDDEN
 
 
 def _per_token_launches(input: torch.Tensor, result: torch.Tensor, scale_out: torch.Tensor,
@@ -158,7 +161,7 @@ def _per_token_launches(input: torch.Tensor, result: torch.Tensor, scale_out: to
                         hidden: int) -> tuple[KernelLaunch, ...]:
     """Per-token quant: a row per program, or split over programs in two launches (:func:`split_rows`)."""
     has_ub = scale_ub is not None
-    if not split_rows(tokens, hidden):
+    if not split_rows(tokens, hidden, gated):
         return (_launch(input, result, Quant.PER_TOKEN, gated=gated, scale_out=scale_out, scale_in=scale_ub,
                         group=hidden, has_scale_ub=has_ub),)
     # written whole by the first launch before the second reads it; a launch plan keeps it for its calls
@@ -355,13 +358,13 @@ def _reference_group_quant(input, output_q, output_s, group_size, eps, fp8_min, 
 
 # --- tuning grid, seeds and bench inputs -----------------------------------------------------
 
-def _group_of(flavour: Quant) -> Callable[[Shape], int]:
+def _group_of(flavour: Quant, gated: bool) -> Callable[[Shape], int]:
     """The group a flavour's kernel sees for a shape (bench and tuning use the default group 128)."""
     if flavour is Quant.NVFP4:
         return lambda shape: quant.NVFP4_BLOCK
     pointwise = lambda shape: POINTWISE_GROUP if shape["H"] % POINTWISE_GROUP == 0 else shape["H"]  # noqa: E731
     if flavour is Quant.PER_TOKEN:
-        return lambda shape: pointwise(shape) if split_rows(shape["T"], shape["H"]) else shape["H"]
+        return lambda shape: pointwise(shape) if split_rows(shape["T"], shape["H"], gated) else shape["H"]
     return pointwise
 
 
@@ -377,8 +380,8 @@ def _tile(hidden: int, group: int, rows: int, elements: int, warps: int) -> heli
     return helion.Config(block_sizes=[rows, group_block], num_warps=warps)
 
 
-def _tuning(flavour: Quant):
-    group_of = _group_of(flavour)
+def _tuning(flavour: Quant, gated: bool):
+    group_of = _group_of(flavour, gated)
 
     def default_config(shape: Shape) -> helion.Config:
         hidden = shape["H"]
@@ -457,7 +460,7 @@ def _inputs(flavour: Quant, gated: bool, names: dict[str, str], allocated: Outpu
 
 def _declare(name: str, schema: str, prepare, reference, flavour: Quant, gated: bool, names: dict[str, str],
              overload: str = "", functional_schema: str | None = None, **fixed: Any) -> OpSpec:
-    default_config, seed_configs, search_configs = _tuning(flavour)
+    default_config, seed_configs, search_configs = _tuning(flavour, gated)
     allocated = _outputs(flavour, gated, names)
     return register(OpSpec(
         name=name, schema=schema, family="silu_mul" if gated else "quant", kernel=silu_mul_kernel,
