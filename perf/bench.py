@@ -51,8 +51,8 @@ from helion_fusions.tools.testing import (
     compare_outputs,
     outputs_ok,
 )
+from perf.tables import RESULTS, geomean, write_csv
 
-RESULTS = Path(__file__).resolve().parent / "results"
 GRAPH_MAX_TOKENS = 256
 ROW_DIMS = ("T", "H")  # the ops this bench measures: tokens by hidden size (GEMMs have their own problem dims)
 COLUMNS = ["device", "op", "dtype", "shape", "T", "H", "bytes", "eager_us", "compile_us", "compile_dynamic_us", "ours_us",
@@ -298,11 +298,6 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def geomean(values: list[float]) -> float:
-    values = [v for v in values if v > 0 and math.isfinite(v)]
-    return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
-
-
 def summary(rows: list[dict], copy_gbps: float) -> list[str]:
     runs = sorted({round(r["copy_gbps"]) for r in rows} | {round(copy_gbps)})
     lines = [f"copy bandwidth {', '.join(map(str, runs))} GB/s (read + write; each row uses the copy measured "
@@ -359,15 +354,6 @@ def host_table(rows: list[dict]) -> list[str]:
             f"kernel(s). Largest host_us - launch_us: {over:.1f} us.", "",
             tabulate(shown, headers=["op", "shape", "launches", "host_us", "host_kw_us", "launch_us",
                                      "host - launch"], floatfmt=".1f", tablefmt="github")]
-
-
-def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    """``rows`` as a CSV of ``columns`` (other keys left out), creating the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def write_results(rows: list[dict], copy_gbps: float, device_name: str, device_label: str, out: Path) -> None:

@@ -38,7 +38,7 @@ from helion_fusions.runtime import dispatch
 from helion_fusions.runtime.device import device_identity
 from helion_fusions.runtime.registry import REGISTRY
 from helion_fusions.tools.testing import Timer, clone_kwargs, compare_outputs, outputs_ok
-from perf.bench import RESULTS, geomean, write_csv
+from perf.tables import RESULTS, geomean, write_csv
 
 TOKENS = (1, 16, 64, 128, 512, 2048, 8192)
 LAYERS = {  # (N, K) of each linear layer

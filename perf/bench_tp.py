@@ -40,7 +40,7 @@ from helion_fusions.runtime.device import device_identity
 from helion_fusions.runtime.registry import REGISTRY, shape_text
 from helion_fusions.tools.cli import parse_shape
 from helion_fusions.tools.testing import clone_kwargs, compare_outputs, graph_of, outputs_ok, rank_input, replay_us
-from perf.bench import RESULTS, write_csv
+from perf.tables import RESULTS, write_csv
 
 GRID = {d.name: d.grid for d in all_reduce.PROBLEM}  # the grid make autotune-tp tunes
 TOKENS, HIDDEN = GRID["T"], GRID["H"]

@@ -58,7 +58,8 @@ from helion_fusions.ops.rms_norm import rms_norm_reference
 from helion_fusions.ops.silu_mul import silu_and_mul_reference
 from helion_fusions.runtime.device import device_identity, fp8_dtype
 from helion_fusions.tools.testing import Timer
-from perf.bench import GRAPH_MAX_TOKENS, RESULTS, geomean, write_csv
+from perf.bench import GRAPH_MAX_TOKENS
+from perf.tables import RESULTS, geomean, write_csv
 
 TOKENS = (1, 16, 64, 256, 512, 2048, 8192)
 QUANTS = ("static", "dynamic")
