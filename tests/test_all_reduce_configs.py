@@ -51,11 +51,20 @@ def test_the_entry_of_the_token_bucket_and_the_nearest_hidden_size(h200: Path) -
     path = save_config(h200, NAME, [({"W": 2, "T": t, "H": h}, _config(r, w))
                                     for t, r in ((1, 1), (32, 2), (512, 4)) for h, w in ((4096, 8), (8192, 16))])
     for tokens, hidden, expected in ((1, 4096, _config(1, 8)), (2, 4096, _config(2, 8)), (32, 5000, _config(2, 8)),
-                                     (33, 7000, _config(4, 16)), (9999, 8192, _config(4, 16))):
+                                     (33, 7000, _config(4, 16)), (512, 8192, _config(4, 16))):
         config, source, messages = _lookup(tokens, hidden)
         assert config == expected and messages == [], (tokens, hidden, config, messages)
         assert source.startswith(f"{path} (W=2,T="), source
-    assert _lookup(3000)[1] == f"{path} (W=2,T=512,H=4096, bfloat16)"  # past the largest bucket: the largest
+    # past the largest tuned bucket, short of the grid's end (a partly tuned file): the default, with one warning
+    config, source, messages = _lookup(3000)
+    assert config == _default(3000) and source == "the architecture default"
+    assert len(messages) == 1 and "is tuned up to T=512 only" in messages[0], messages
+    assert _lookup(9999, 8192)[2] == []  # once
+
+
+def test_past_a_fully_tuned_grid_the_largest_bucket(h200: Path) -> None:
+    path = save_config(h200, NAME, [({"W": 2, "T": t, "H": 4096}, _config(r, 8)) for t, r in ((1, 1), (8192, 4))])
+    assert _lookup(9999)[:2] == (_config(4, 8), f"{path} (W=2,T=8192,H=4096, bfloat16)")
 
 
 def test_no_entry_for_this_world_size_means_the_default_with_a_warning(h200: Path) -> None:
