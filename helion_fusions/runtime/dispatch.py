@@ -103,9 +103,10 @@ def tuned_config(spec: OpSpec | TunedKernel, problem: dict[str, int], dtype: tor
     if file is not None:
         exact = {d.name: problem[d.name] for d in spec.problem if d.exact}
         if any(all(e.shape[name] == value for name, value in exact.items()) for e in file.entries):
-            tuned = {d.name: max(e.shape[d.name] for e in file.entries) for d in spec.problem if d.bucketed}
-            _warn_once(spec.name, file.path.name, "partly tuned", f"helion_fusions: {spec.name}: {file.path} is "
-                       f"tuned up to {shape_text(tuned)} only; larger calls take the architecture default config")
+            bucketed = ", ".join(d.name for d in spec.problem if d.bucketed)
+            _warn_once(spec.name, file.path.name, f"helion_fusions: {spec.name}: {file.path} is partly tuned: a call "
+                       f"whose {bucketed} lies past the nearest tuned shape's largest bucket takes the architecture "
+                       "default config")
         else:
             _warn_once(spec.name, file.path.name, shape_text(exact), f"helion_fusions: {spec.name}: {file.path} has "
                        f"no entry for {shape_text(exact)}; using the architecture default config")
