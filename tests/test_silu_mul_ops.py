@@ -24,6 +24,8 @@ pytestmark = pytest.mark.usefixtures("interpret")
 
 STATIC = REGISTRY["static_scaled_fp8_quant"]
 DYNAMIC = REGISTRY["dynamic_scaled_fp8_quant"]
+PER_TOKEN_OPS = [REGISTRY[name] for name in ("silu_and_mul_dynamic_per_token_quant",
+                                             "dynamic_per_token_scaled_fp8_quant")]
 CPU = torch.device("cpu")
 
 
@@ -57,11 +59,13 @@ def test_static_quant_per_channel_scales_each_column() -> None:
     assert bool((values[:, 3] == 32).all()) and bool((values[:, 4] == 64).all())
 
 
-@pytest.mark.parametrize(("tokens", "launches"), [(0, 0), (1, 1), (2, 2), (7, 2), (300, 2)])
+@pytest.mark.parametrize("tokens", (0, 1, 2, 7, 300))
 @pytest.mark.parametrize("hidden", (17, 1024, 5137))
 @pytest.mark.parametrize("fp8", FP8_DTYPES, ids=str)
-def test_dynamic_per_tensor_quant_one_or_two_launches(tokens: int, launches: int, hidden: int, fp8) -> None:
+def test_dynamic_per_tensor_quant_one_or_two_launches(tokens: int, hidden: int, fp8) -> None:
+    """Two launches (the amax, then the quant); one row is per-token quant: one launch."""
     kwargs = with_fp8_result(DYNAMIC, DYNAMIC.make_inputs({"T": tokens, "H": hidden}, torch.bfloat16, torch.device("cpu")), fp8)
+    launches = 0 if tokens == 0 else 1 if tokens == 1 else 2
     assert helion_fusions.launch_count(DYNAMIC, kwargs) == launches
     expected = run_against_reference(DYNAMIC, kwargs)
     amax = float(kwargs["input"].float().abs().max()) if tokens else 0.0
@@ -119,3 +123,26 @@ def test_group_quant_eps_floors_the_amax(scale_ue8m0: bool, group: int) -> None:
     if scale_ue8m0:
         floor = quant.ue8m0(floor)
     assert float(expected["output_s"][1, 0]) == float(floor)
+
+
+@pytest.mark.parametrize("spec", PER_TOKEN_OPS, ids=lambda spec: spec.name)
+@pytest.mark.parametrize(("tokens", "hidden", "split"),
+                         [(1, 8192, True), (7, 8320, True), (16, 8192, True), (1, 4096, False), (3, 8200, False),
+                          (17, 8192, False)])
+@pytest.mark.parametrize("with_ub", (False, True), ids=("no_ub", "scale_ub"))
+def test_per_token_quant_splits_wide_gated_decode_rows_over_programs(spec, tokens: int, hidden: int, split: bool,
+                                                                     with_ub: bool) -> None:
+    """Up to SPLIT_ROW_TOKENS gated rows at least SPLIT_ROW_MIN_HIDDEN wide, a multiple of 128, are split over
+    programs: the group amaxes, then the quant with their max (an ungated row is one program's). Same bytes as
+    a row per program, scale_ub clamping included (a bound below most rows' amax, so it decides most scales)."""
+    launches = 2 if split and spec is REGISTRY["silu_and_mul_dynamic_per_token_quant"] else 1
+    kwargs = spec.make_inputs({"T": tokens, "H": hidden}, torch.bfloat16, CPU)
+    kwargs["input"][0, 5] = 30.0  # one row's amax far above the others' (and above scale_ub)
+    if kwargs["input"].shape[1] == 2 * hidden:  # [gate | up]: its up too
+        kwargs["input"][0, hidden + 5] = 1.0
+    if with_ub:
+        kwargs["scale_ub"] = torch.tensor([2.5])
+    assert helion_fusions.launch_count(spec, kwargs) == launches
+    expected = run_against_reference(spec, kwargs)
+    if with_ub:
+        assert float(expected["scale"].max()) == pytest.approx(2.5 / 448.0)

@@ -44,6 +44,13 @@ HIDDEN_GRID = (2048, 4096, 8192, 14336)
 GROUP_SIZES = (64, 128)
 TOKEN_GROUP_SIZES = (32, 64, 128)  # per_token_group_fp8_quant takes smaller groups too
 POINTWISE_GROUP = 128  # groups of a row for the flavours that need no row reduction
+# Gated per-token quant of at most this many rows, SPLIT_ROW_MIN_HIDDEN wide or more, splits each row over
+# programs of POINTWISE_GROUP groups: one launch stores every group's amax, a second quantizes with the max of
+# its row's. On an H200 a whole gated row per program took 5.4-6.4 us at H = 14336-18944 (T <= 16), the op
+# behind a model layer's deficit at T = 1; the same split of an ungated row was slower than one launch
+# (2.3-3.0 us against 1.4-2.4 us at H = 2048-14336): the second launch costs about 1 us in a graph.
+SPLIT_ROW_TOKENS = 16
+SPLIT_ROW_MIN_HIDDEN = 8192
 
 
 # --- reference ------------------------------------------------------------------------------
@@ -83,7 +90,8 @@ def _launch(
     if scale_in is not None and static_layout is StaticScale.CHANNEL:  # as the kernel's [NG, G], a view
         step = scale_in.stride(0)
         scale_in = scale_in.as_strided((groups, group), (group * step, step))
-    elif scale_in is not None and static_layout is not StaticScale.GROUP:  # a 0-dim scale as [1]
+    elif scale_in is not None and static_layout is not StaticScale.GROUP and flavour is not Quant.PER_TOKEN_OF_GROUPS:
+        # a 0-dim scale as [1]
         scale_in = scale_in.reshape(-1)
     dummy = _placeholder(input.device)  # stands in for unused tensor arguments; never read
     flags = (gated, int(flavour), has_scale_ub, use_ue8m0, swizzled, int(static_layout), float(fp8_max))
@@ -143,12 +151,32 @@ def _activation(input: torch.Tensor, gated: bool) -> torch.Tensor:
     return silu_and_mul_reference(input) if gated else input
 
 
+def split_rows(tokens: int, hidden: int, gated: bool) -> bool:
+    """Whether per-token quant of ``[tokens, hidden]`` splits its rows over programs (see SPLIT_ROW_TOKENS)."""
+    return gated and tokens <= SPLIT_ROW_TOKENS and hidden % POINTWISE_GROUP == 0 and hidden >= SPLIT_ROW_MIN_HIDDEN
+
+
+def _per_token_launches(input: torch.Tensor, result: torch.Tensor, scale_out: torch.Tensor,
+                        scale_ub: torch.Tensor | None, *, gated: bool, tokens: int,
+                        hidden: int) -> tuple[KernelLaunch, ...]:
+    """Per-token quant: a row per program, or split over programs in two launches (:func:`split_rows`)."""
+    has_ub = scale_ub is not None
+    if not split_rows(tokens, hidden, gated):
+        return (_launch(input, result, Quant.PER_TOKEN, gated=gated, scale_out=scale_out, scale_in=scale_ub,
+                        group=hidden, has_scale_ub=has_ub),)
+    # written whole by the first launch before the second reads it; a launch plan keeps it for its calls
+    amaxes = torch.empty(tokens, hidden // POINTWISE_GROUP, dtype=torch.float32, device=input.device)
+    return (_launch(input, result, Quant.GROUP_AMAX, gated=gated, scale_out=amaxes, scale_in=scale_ub,
+                    has_scale_ub=has_ub),
+            _launch(input, result, Quant.PER_TOKEN_OF_GROUPS, gated=gated, scale_out=scale_out, scale_in=amaxes,
+                    has_scale_ub=has_ub))
+
+
 def _prepare_per_token(result, input, scale, scale_ub=None, *, gated, tokens, hidden):
     _check_fp8("result", result, input, tokens, hidden)
     _check_token_scale("scale", scale, input, tokens)
-    has_ub = checks.check_scale_ub("scale_ub", scale_ub, input.device)
-    return (_launch(input, result, Quant.PER_TOKEN, gated=gated, scale_out=scale.view(-1), scale_in=scale_ub,
-                    group=hidden, has_scale_ub=has_ub),)
+    checks.check_scale_ub("scale_ub", scale_ub, input.device)
+    return _per_token_launches(input, result, scale.view(-1), scale_ub, gated=gated, tokens=tokens, hidden=hidden)
 
 
 def _reference_per_token(result, input, scale, scale_ub=None, *, gated):
@@ -286,8 +314,8 @@ def _tensor_scale(scale: Any, device: torch.device) -> torch.Tensor:
 def _prepare_dynamic_quant(result, input, scale, *, tokens, hidden):
     _check_fp8("result", result, input, tokens, hidden)
     scale = _tensor_scale(scale, input.device)
-    if tokens == 1:  # the row's amax is the tensor's: one launch
-        return (_launch(input, result, Quant.PER_TOKEN, gated=False, scale_out=scale, group=hidden),)
+    if tokens == 1:  # the row's amax is the tensor's: per-token quant
+        return _per_token_launches(input, result, scale, None, gated=False, tokens=tokens, hidden=hidden)
     # an empty input launches nothing (the reference writes the floor scale); otherwise the first launch
     # leaves the scale in the scratch, and the second quantizes with it and copies it to ``scale``
     scratch = _amax_scratch(input.device)
@@ -330,13 +358,14 @@ def _reference_group_quant(input, output_q, output_s, group_size, eps, fp8_min, 
 
 # --- tuning grid, seeds and bench inputs -----------------------------------------------------
 
-def _group_of(flavour: Quant) -> Callable[[int], int]:
-    """The group a flavour's kernel sees for hidden size ``d`` (bench and tuning use the default group 128)."""
-    if flavour is Quant.PER_TOKEN:
-        return lambda d: d
+def _group_of(flavour: Quant, gated: bool) -> Callable[[Shape], int]:
+    """The group a flavour's kernel sees for a shape (bench and tuning use the default group 128)."""
     if flavour is Quant.NVFP4:
-        return lambda d: quant.NVFP4_BLOCK
-    return lambda d: POINTWISE_GROUP if d % POINTWISE_GROUP == 0 else d
+        return lambda shape: quant.NVFP4_BLOCK
+    pointwise = lambda shape: POINTWISE_GROUP if shape["H"] % POINTWISE_GROUP == 0 else shape["H"]  # noqa: E731
+    if flavour is Quant.PER_TOKEN:
+        return lambda shape: pointwise(shape) if split_rows(shape["T"], shape["H"], gated) else shape["H"]
+    return pointwise
 
 
 def _pow2_at_most(value: int) -> int:
@@ -351,18 +380,18 @@ def _tile(hidden: int, group: int, rows: int, elements: int, warps: int) -> heli
     return helion.Config(block_sizes=[rows, group_block], num_warps=warps)
 
 
-def _tuning(flavour: Quant):
-    group_of = _group_of(flavour)
+def _tuning(flavour: Quant, gated: bool):
+    group_of = _group_of(flavour, gated)
 
     def default_config(shape: Shape) -> helion.Config:
         hidden = shape["H"]
-        if hidden // group_of(hidden) == 1:  # a whole row per program
+        if hidden // group_of(shape) == 1:  # a whole row per program
             return _tile(hidden, hidden, 1, hidden, 4 if hidden <= 4096 else 8)
-        return _tile(hidden, group_of(hidden), 1, 2048, 4)
+        return _tile(hidden, group_of(shape), 1, 2048, 4)
 
     def seed_configs(shape: Shape) -> list[helion.Config]:
         hidden, tokens = shape["H"], shape["T"]
-        group = group_of(hidden)
+        group = group_of(shape)
         if hidden // group == 1:
             # whole rows: on an H100 80GB HBM3, 8-16 warps reached only 34-67 % of copy bandwidth at
             # H=8192-14336 (per-token quant), so 32 warps is a seed there too
@@ -376,7 +405,7 @@ def _tuning(flavour: Quant):
 
     def search_configs(shape: Shape) -> list[helion.Config]:
         hidden, tokens = shape["H"], shape["T"]
-        group = group_of(hidden)
+        group = group_of(shape)
         if hidden // group == 1:
             whole = [_tile(hidden, group, 1, hidden, 4 if hidden > 4096 else 16)]
             if hidden <= 4096:
@@ -431,7 +460,7 @@ def _inputs(flavour: Quant, gated: bool, names: dict[str, str], allocated: Outpu
 
 def _declare(name: str, schema: str, prepare, reference, flavour: Quant, gated: bool, names: dict[str, str],
              overload: str = "", functional_schema: str | None = None, **fixed: Any) -> OpSpec:
-    default_config, seed_configs, search_configs = _tuning(flavour)
+    default_config, seed_configs, search_configs = _tuning(flavour, gated)
     allocated = _outputs(flavour, gated, names)
     return register(OpSpec(
         name=name, schema=schema, family="silu_mul" if gated else "quant", kernel=silu_mul_kernel,

@@ -41,6 +41,9 @@ class Quant(enum.IntEnum):
     NVFP4 = 4  # e2m1 codes with fp8 block scales
     PER_TENSOR = 5  # dynamic fp8 with the one scale a previous AMAX launch left in scale_in, copied to scale_out
     AMAX = 6  # no output: the tensor's amax, then its scale (finish_amax), in an int32 scratch (the first of two launches)
+    # per-token quantization split across the programs of a row (a decode-sized call: too few rows to fill the GPU)
+    GROUP_AMAX = 7  # no output: each group's amax, at most scale_ub, into an fp32 [T, NG] scratch (the first launch)
+    PER_TOKEN_OF_GROUPS = 8  # dynamic fp8, one scale per row: the max of the row's GROUP_AMAX values in scale_in
 
 
 # for kernel bodies, which compare constexprs with ints, not enum members
@@ -284,6 +287,8 @@ def load_scale_in(scale_in: torch.Tensor, tile_t: Any, tile_g: Any, QUANT: int,
         return hl.load(scale_in, [slice(None) if tile_g is None else tile_g, slice(None)]).unsqueeze(0)
     if QUANT == Quant.STATIC and STATIC_LAYOUT == StaticScale.GROUP:
         return hl.load(scale_in, [tile_t.index // group_m, tile_g]).unsqueeze(-1)
+    if QUANT == Quant.PER_TOKEN_OF_GROUPS:  # every group amax of the tile's rows
+        return hl.load(scale_in, [tile_t, slice(None)])
     return hl.load(scale_in, [0])
 
 
@@ -308,16 +313,17 @@ def store_quantized(
 
     ``y`` is ``[tile_t, groups, G]`` in the activation dtype: rows ``tile_t`` of an output
     viewed as ``[T, NG, G]``, and either all ``NG`` groups (``tile_g`` None) or the groups
-    ``tile_g``. Per-token and per-tensor flavours need whole rows (``NG == 1``, or all
-    groups). ``out`` is ``[T, NG, G]`` (fp8 or the activation dtype), or for nvfp4 the packed
+    ``tile_g``. The per-token flavour needs whole rows (``NG == 1``, or all groups); the
+    per-token flavour split in two launches (``GROUP_AMAX``, then ``PER_TOKEN_OF_GROUPS``) does
+    not. ``out`` is ``[T, NG, G]`` (fp8 or the activation dtype), or for nvfp4 the packed
     bytes viewed as int64 ``[T, NG]``, one word per block (see :func:`e2m1_words`).
-    ``scale_out``: ``[T]`` per-token, ``[T, NG]`` per-group (any strides), flat uint8 block
+    ``scale_out``: ``[T]`` per-token, ``[T, NG]`` per-group (any strides) and for the group amaxes, flat uint8 block
     scales (nvfp4; a swizzled layout's padding is zeroed too, see :func:`zero_swizzled_rows`),
     ``[1]`` per-tensor, and for the amax the int32 scratch words ``AMAX_WORD``, ``COUNT_WORD``
     (zero between calls: the last tile to arrive resets them) and ``SCALE_WORD`` (the scale it
     leaves for the per-tensor launch). ``scale_value`` is :func:`load_scale_in` of ``scale_in``:
-    the static scale (``[1]``, ``[T]``, ``[NG, G]`` or ``[T / group_m, NG]``), ``scale_ub``, the nvfp4 global scale, or
-    the per-tensor scale.
+    the static scale (``[1]``, ``[T]``, ``[NG, G]`` or ``[T / group_m, NG]``), ``scale_ub``, the nvfp4 global scale,
+    the per-tensor scale, or the tile's rows of the group amaxes (``[tile_t, NG]``).
     """
     groups = slice(None) if tile_g is None else tile_g
     yf = y.to(torch.float32)
@@ -339,18 +345,27 @@ def store_quantized(
         out[tile_t, groups, :] = fp8_quantize(yf, scale_value, FP8_MAX, out.dtype, bounded=True)
         first_row = tile_t.index == 0
         hl.store(scale_out, [tile_t.index * 0], first_row.to(torch.float32) * scale_value, extra_mask=first_row)
-    elif QUANT == Quant.PER_TOKEN or QUANT == Quant.PER_GROUP:
+    elif QUANT == Quant.GROUP_AMAX:
+        # min(max_g a_g, ub) == max_g min(a_g, ub): the second launch's max of these is the clamped row amax
         amax = torch.amax(torch.abs(yf), dim=-1)
-        if QUANT == Quant.PER_TOKEN:
-            amax = torch.amax(amax, dim=-1, keepdim=True)
-        s = fp8_dynamic_scale(amax, FP8_MAX, amax_floor, scale_value if HAS_SCALE_UB else None)
+        if HAS_SCALE_UB:
+            amax = torch.minimum(amax, scale_value)
+        scale_out[tile_t, groups] = amax
+    elif QUANT == Quant.PER_TOKEN or QUANT == Quant.PER_GROUP or QUANT == Quant.PER_TOKEN_OF_GROUPS:
+        if QUANT == Quant.PER_TOKEN_OF_GROUPS:  # scale_ub is in the group amaxes already
+            s = fp8_dynamic_scale(torch.amax(scale_value, dim=-1, keepdim=True), FP8_MAX, amax_floor)
+        else:
+            amax = torch.amax(torch.abs(yf), dim=-1)
+            if QUANT == Quant.PER_TOKEN:
+                amax = torch.amax(amax, dim=-1, keepdim=True)
+            s = fp8_dynamic_scale(amax, FP8_MAX, amax_floor, scale_value if HAS_SCALE_UB else None)
         if UE8M0:
             s = ue8m0(s)
         out[tile_t, groups, :] = fp8_quantize(yf, s.unsqueeze(-1), FP8_MAX, out.dtype, bounded=not HAS_SCALE_UB)
-        if QUANT == Quant.PER_TOKEN:
-            scale_out[tile_t] = s.squeeze(-1)
-        else:
+        if QUANT == Quant.PER_GROUP:
             scale_out[tile_t, groups] = s
+        else:  # every program of a row stores the row's one scale
+            scale_out[tile_t] = s.squeeze(-1)
     else:
         sf = nvfp4_block_scale(torch.amax(torch.abs(yf), dim=-1), scale_value)
         codes = nvfp4_quantize(yf, sf, scale_value)
