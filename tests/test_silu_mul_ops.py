@@ -127,8 +127,8 @@ def test_group_quant_eps_floors_the_amax(scale_ue8m0: bool, group: int) -> None:
 
 @pytest.mark.parametrize("spec", PER_TOKEN_OPS, ids=lambda spec: spec.name)
 @pytest.mark.parametrize(("tokens", "hidden", "split"),
-                         [(1, 8192, True), (7, 8320, True), (16, 8192, True), (1, 4096, False), (3, 8200, False),
-                          (17, 8192, False)])
+                         [(1, 12288, True), (7, 12416, True), (16, 12288, True), (1, 8192, False), (3, 12296, False),
+                          (17, 12288, False)])
 @pytest.mark.parametrize("with_ub", (False, True), ids=("no_ub", "scale_ub"))
 def test_per_token_quant_splits_wide_gated_decode_rows_over_programs(spec, tokens: int, hidden: int, split: bool,
                                                                      with_ub: bool) -> None:

@@ -46,11 +46,12 @@ TOKEN_GROUP_SIZES = (32, 64, 128)  # per_token_group_fp8_quant takes smaller gro
 POINTWISE_GROUP = 128  # groups of a row for the flavours that need no row reduction
 # Gated per-token quant of at most this many rows, SPLIT_ROW_MIN_HIDDEN wide or more, splits each row over
 # programs of POINTWISE_GROUP groups: one launch stores every group's amax, a second quantizes with the max of
-# its row's. On an H200 a whole gated row per program took 5.4-6.4 us at H = 14336-18944 (T <= 16), the op
-# behind a model layer's deficit at T = 1; the same split of an ungated row was slower than one launch
-# (2.3-3.0 us against 1.4-2.4 us at H = 2048-14336): the second launch costs about 1 us in a graph.
+# its row's. On an H200 (CUDA graph, L2 warm) a whole gated row per program took 5.4-5.9 us at H = 14336
+# (T = 1, 16) and the split 3.6 us; at H = 8192 the split was slower (3.0-3.4 us against 2.8-3.1 us), as was
+# the split of an ungated row at every width (2.3-3.0 us against 1.4-2.4 us at H = 2048-14336): the second
+# launch costs about 1 us. Between 8192 and 14336 nothing was measured.
 SPLIT_ROW_TOKENS = 16
-SPLIT_ROW_MIN_HIDDEN = 8192
+SPLIT_ROW_MIN_HIDDEN = 12288
 
 
 # --- reference ------------------------------------------------------------------------------
