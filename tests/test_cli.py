@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
+import types
 from typing import Any
 
 import pytest
@@ -83,6 +86,35 @@ def test_autotune_revalidate_stopped_midway_keeps_the_stale_file_whole(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, "--revalidate", *shapes])
     assert json.loads(path.read_text()) == raw
+
+
+def test_autotune_revalidate_stopped_by_the_budget_saves_what_it_revalidated(tmp_path, monkeypatch, capsys) -> None:
+    """A revalidation the budget stops after the first model shape saves that shape's entries under the current
+    source (the stale entries it did not reach are dropped and named), and reports the rest as not tuned."""
+    op = "rms_norm_static_fp8_quant"
+    shapes = ["--shape", "T=1,H=256", "--shape", "T=1,H=512"]
+    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, *shapes]) == 0
+    path = tmp_path / "cpu_smoke" / f"{op}.json"
+    raw = json.loads(path.read_text())
+    raw["kernel_hash"] = "0" * 16
+    for item in raw["entries"]:
+        item["time_us"] = 1e9  # never slower than recorded: revalidated, not searched again
+    path.write_text(json.dumps(raw))
+    tune_shape, clock = autotune.tune_shape, {"now": 0.0}
+
+    def tune_then_spend_the_budget(*args, **kwargs):
+        clock["now"] = 1e9
+        return tune_shape(*args, **kwargs)
+    monkeypatch.setattr(autotune, "tune_shape", tune_then_spend_the_budget)
+    monkeypatch.setattr(autotune, "time", types.SimpleNamespace(monotonic=lambda: clock["now"],
+                                                                 perf_counter=time.perf_counter))
+    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, "--revalidate", *shapes]) == 1
+    loaded = config_store.load(path, op, REGISTRY[op].dim_names, dispatch.spec_hash(REGISTRY[op]))
+    assert [(e.shape, e.source) for e in loaded.entries] == [({"T": 1, "H": 256}, "revalidated")]
+    captured = capsys.readouterr()
+    text = " ".join(re.sub(r"\S+\.py:\d+", "", captured.out + captured.err).split())  # rich log: no source column
+    assert "budget reached; saving its 1 revalidated entries, the stale ones not reached are dropped" in text
+    assert f"not tuned (re-run to resume): {op} H=512" in text
 
 
 def test_autotune_candidates_add_pipelined_persistent_kernels_at_large_t() -> None:

@@ -20,6 +20,8 @@ against the reference and timed again on this GPU, and saved under the current s
 (source "revalidated"), instead of searching the shape again. An entry whose config now
 fails, or runs more than ``REVALIDATE_SLOWDOWN`` times its recorded time, is searched
 again, its old config among the seeds: a source change can move a shape's best config.
+A stale file is replaced once its selected shapes are done; a run the budget stops saves
+the entries it revalidated and drops the stale ones it did not reach.
 """
 
 from __future__ import annotations
@@ -273,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tuning {sum(len(ss) for _, _, ss in todo)} shapes of {len(grid)} ops on {identity.name} "
           f"({identity.family}), budget {args.budget_minutes:g} min, results in {root / identity.name}")
 
+    def save(spec: OpSpec, entries: list[config_store.Entry]) -> None:
+        config_store.save(root / identity.name / f"{spec.name}.json", spec.name, identity.name, identity.family,
+                          dispatch.spec_hash(spec), spec.dim_names, entries)
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
         log = progress.console.log
         if device.type == "cuda" and todo:
@@ -295,11 +301,18 @@ def main(argv: list[str] | None = None) -> int:
         task = progress.add_task("tuning shapes", total=sum(len(ss) for _, _, ss in todo))
         skipped = []
         for position, (spec, model, ss) in enumerate(todo):
+            entries = existing.setdefault(spec.name, [])
+            # a stale file is replaced once all its selected shapes are revalidated or the budget stops the run:
+            # saved earlier under the new hash, a run stopped from outside would drop the entries not reached yet
+            last_unit = all(other is not spec for other, _, _ in todo[position + 1:])
             if time.monotonic() > deadline:
                 skipped.append(f"{spec.name} {shape_text(model)}")
                 progress.advance(task, len(ss))
+                if entries and last_unit and spec.name in revalidating:
+                    log(f"{spec.name}: budget reached; saving its {len(entries)} revalidated entries, the stale "
+                        "ones not reached are dropped (tune those shapes again)")
+                    save(spec, entries)
                 continue
-            entries = existing.setdefault(spec.name, [])
             for shape in ss:
                 where = f"{spec.name} {shape_text(shape)}"
                 progress.update(task, description=where)
@@ -321,12 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                     entries.append(entry)
                     log(f"{where}: {entry.time_us:.2f} us ({entry.source}; best seed {entry.seed_time_us} us)")
                 progress.advance(task)
-            # a stale file is replaced once all its shapes are revalidated: saved earlier under the new
-            # hash, a stopped run would drop the entries it had not reached yet
-            last_unit = all(other is not spec for other, _, _ in todo[position + 1:])
             if entries and (last_unit or spec.name not in revalidating):
-                config_store.save(root / identity.name / f"{spec.name}.json", spec.name, identity.name,
-                                  identity.family, dispatch.spec_hash(spec), spec.dim_names, entries)
+                save(spec, entries)
     if skipped:
         print(f"budget reached; not tuned (re-run to resume): {', '.join(skipped)}")
         return 1
