@@ -29,7 +29,10 @@ from helion_fusions.ops import scaled_mm
 from helion_fusions.runtime.registry import REGISTRY, OpSpec
 from helion_fusions.tools.testing import poisoned
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+# a kernel that does not build falls back to its eager reference with a warning: here that is a failure, since
+# the reference's bytes would pass every check below
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.filterwarnings("error:helion_fusions.*no kernel builds")]
 
 CUDA = torch.device("cuda")
 TOKENS = (1, 7, 300, 4096)
@@ -464,11 +467,16 @@ def test_dynamic_per_tensor_quant_with_a_token_shaped_scale(tokens: int) -> None
 @pytest.mark.parametrize("tokens", [1, 7, 300])
 @pytest.mark.parametrize("spec", [REGISTRY["concat_and_cache_mla"], REGISTRY["concat_and_cache_mla_rope"]],
                          ids=lambda s: s.name)
+@pytest.mark.xfail(strict=True, reason="the fp8_ds_mla value write does not compile on an H200: rope.ds_mla_store's "
+                   "hl.arange(value.size(3)) is a tl.arange over an unspecialized size; until fixed, the op runs "
+                   "its eager reference there")
 def test_ds_mla_cache(spec: OpSpec, tokens: int) -> None:
     kwargs = _inputs(spec, tokens, 256)
     blocks = kwargs["kv_cache"].shape[0]
     kwargs.update(kv_cache=poisoned((blocks, 16, 656), torch.uint8, CUDA), kv_cache_dtype="fp8_ds_mla")
     kwargs["slot_mapping"][0] = -1
+    for launch in spec.prepare(**clone_kwargs(kwargs)):  # the compiled kernel, not the eager fallback
+        assert dispatch.compiled_kernel(spec, launch) is not dispatch._USE_REFERENCE
     run_against_reference(spec, kwargs, max_flip_fraction=0)
     rows, kept = kwargs["kv_cache"].flatten(0, 1), kwargs["slot_mapping"][1:]
     untouched = torch.ones(rows.shape[0], dtype=torch.bool, device=CUDA)
