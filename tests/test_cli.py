@@ -33,9 +33,10 @@ def test_autotune_smoke_writes_valid_configs(tmp_path) -> None:
     assert json.loads(path.read_text()) == before
 
 
-def _stale_smoke_file(tmp_path, op: str, recorded_us: float) -> tuple[object, dict]:
-    """A smoke-tuned config file for ``op``, made stale, with every entry's recorded time set."""
-    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op]) == 0
+def _stale_smoke_file(tmp_path, op: str, recorded_us: float, shapes: tuple[str, ...] = ()) -> tuple[object, dict]:
+    """A smoke-tuned config file for ``op`` (its ``--shape`` arguments), made stale, with every entry's recorded
+    time set."""
+    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, *shapes]) == 0
     path = tmp_path / "cpu_smoke" / f"{op}.json"
     raw = json.loads(path.read_text())
     raw["kernel_hash"] = "0" * 16
@@ -70,12 +71,8 @@ def test_autotune_revalidate_searches_a_shape_that_got_slower(tmp_path, capsys) 
 def test_autotune_revalidate_stopped_midway_keeps_the_stale_file_whole(tmp_path, monkeypatch) -> None:
     """A revalidation stopped after some model shapes leaves the stale file as it was, every entry in it."""
     op = "rms_norm_static_fp8_quant"
-    shapes = ["--shape", "T=1,H=256", "--shape", "T=1,H=512"]
-    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, *shapes]) == 0
-    path = tmp_path / "cpu_smoke" / f"{op}.json"
-    raw = json.loads(path.read_text())
-    raw["kernel_hash"] = "0" * 16
-    path.write_text(json.dumps(raw))
+    shapes = ("--shape", "T=1,H=256", "--shape", "T=1,H=512")
+    path, raw = _stale_smoke_file(tmp_path, op, recorded_us=1e9, shapes=shapes)
     tune_shape = autotune.tune_shape
 
     def stop_at_the_second_model_shape(spec, shape, *args, **kwargs):
@@ -92,14 +89,8 @@ def test_autotune_revalidate_stopped_by_the_budget_saves_what_it_revalidated(tmp
     """A revalidation the budget stops after the first model shape saves that shape's entries under the current
     source (the stale entries it did not reach are dropped and named), and reports the rest as not tuned."""
     op = "rms_norm_static_fp8_quant"
-    shapes = ["--shape", "T=1,H=256", "--shape", "T=1,H=512"]
-    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, *shapes]) == 0
-    path = tmp_path / "cpu_smoke" / f"{op}.json"
-    raw = json.loads(path.read_text())
-    raw["kernel_hash"] = "0" * 16
-    for item in raw["entries"]:
-        item["time_us"] = 1e9  # never slower than recorded: revalidated, not searched again
-    path.write_text(json.dumps(raw))
+    shapes = ("--shape", "T=1,H=256", "--shape", "T=1,H=512")
+    path, _ = _stale_smoke_file(tmp_path, op, recorded_us=1e9, shapes=shapes)  # never slower: not searched again
     tune_shape, clock = autotune.tune_shape, {"now": 0.0}
 
     def tune_then_spend_the_budget(*args, **kwargs):
