@@ -242,50 +242,9 @@ def _reference_silu_per_block(out, input, scales, group_size, scale_ub=None, is_
 
 # Standalone quant ops ([T, H] input).
 
-def _static_scale(scale: Any, group_shape: Any, tokens: int, hidden: int,
-                  device: torch.device) -> tuple[StaticScale, torch.Tensor, int, int]:
-    """(layout, scale as the kernel reads it, group_m, group_n), read as the engine op reads them: one element is
-    per tensor; a 2-D ``[T / group_m, H / group_n]`` scale (any strides) gives the groups, which a
-    ``group_shape`` (-1: the whole dim) must then match; a 1-D scale needs ``group_shape`` and one scale row or
-    column. Per-token ``(1, H)`` and per-channel ``(T, 1)`` groups take their own fast layouts."""
-    checks.check_tensor("scale", scale, dtypes=(torch.float32,), device=device)
-    if group_shape is not None and (len(group_shape) != 2 or any(
-            isinstance(g, bool) or not isinstance(g, int) or not (g == -1 or g > 0) for g in group_shape)):
-        raise ValueError(f"group_shape: expected two ints (group_m, group_n), each positive or -1, "
-                         f"got {list(group_shape)}")
-    wanted = None if group_shape is None else (
-        tokens if group_shape[0] == -1 else group_shape[0], hidden if group_shape[1] == -1 else group_shape[1])
-    if scale.numel() == 1:
-        return StaticScale.TENSOR, scale.reshape(1), max(tokens, 1), hidden
-    if scale.dim() == 1:
-        if wanted is None:
-            raise ValueError(f"scale: a 1-D scale of {scale.numel()} elements needs group_shape")
-        if scale.numel() == hidden // wanted[1] and tokens // wanted[0] == 1:
-            scale = scale.view(1, -1)  # one row of column groups
-        elif scale.numel() == tokens // wanted[0] and hidden // wanted[1] == 1:
-            scale = scale.view(-1, 1)  # one column of token groups
-        else:
-            raise ValueError(f"scale: a 1-D scale must hold one row or one column of group_shape "
-                             f"{list(group_shape)} groups of a [{tokens}, {hidden}] input, got {scale.numel()} "
-                             "elements")
-    if scale.dim() != 2 or tokens % scale.shape[0] or hidden % scale.shape[1]:
-        raise ValueError(f"scale: expected one element, or [T / group_m, H / group_n] dividing the input "
-                         f"[{tokens}, {hidden}], got shape {list(scale.shape)}")
-    group_m, group_n = max(tokens // scale.shape[0], 1), hidden // scale.shape[1]
-    if wanted is not None and wanted != (group_m, group_n) and tokens:
-        raise ValueError(f"group_shape: {list(group_shape)} does not match the scale's groups "
-                         f"({group_m}, {group_n}) of a [{tokens}, {hidden}] input")
-    # views, never copies: a launch plan reads the scale's storage again on every call
-    if group_n == hidden and group_m == 1:
-        return StaticScale.TOKEN, scale.as_strided((tokens,), (scale.stride(0),)), group_m, group_n
-    if group_n == 1 and scale.shape[0] == 1:
-        return StaticScale.CHANNEL, scale.as_strided((hidden,), (scale.stride(1),)), group_m, group_n
-    return StaticScale.GROUP, scale, group_m, group_n
-
-
 def _prepare_static_quant(result, input, scale, group_shape=None, *, tokens, hidden):
     _check_fp8("result", result, input, tokens, hidden)
-    layout, scale, group_m, group_n = _static_scale(scale, group_shape, tokens, hidden, input.device)
+    layout, scale, group_m, group_n = common.static_scale(scale, group_shape, tokens, hidden, input.device)
     group = group_n if layout is StaticScale.GROUP else None
     return (_launch(input, result, Quant.STATIC, gated=False, scale_in=scale, static_layout=layout, group=group,
                     scale_group_m=group_m),)
@@ -293,7 +252,7 @@ def _prepare_static_quant(result, input, scale, group_shape=None, *, tokens, hid
 
 def _reference_static_quant(result, input, scale, group_shape=None):
     tokens, hidden = input.shape
-    layout, scale, group_m, group_n = _static_scale(scale, group_shape, tokens, hidden, input.device)
+    layout, scale, group_m, group_n = common.static_scale(scale, group_shape, tokens, hidden, input.device)
     if tokens == 0:
         return
     if layout is StaticScale.GROUP:  # one scale per element
