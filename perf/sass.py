@@ -35,11 +35,8 @@ from helion_fusions.runtime.device import DeviceIdentity
 from helion_fusions.runtime.launcher import captured_launch
 from helion_fusions.runtime.registry import OpSpec, Shape, shape_text
 from helion_fusions.tools.cli import add_grid_arguments, selected_grid
-from helion_fusions.tools.testing import code_generator
+from helion_fusions.tools.testing import ast_source, code_generator
 
-_TRITON_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64",
-                 torch.uint8: "*u8", torch.int8: "*i8", torch.int32: "*i32", torch.int64: "*i64",
-                 torch.float8_e4m3fn: "*fp8e4nv", torch.float8_e4m3fnuz: "*fp8e4b8"}
 _INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
@@ -54,31 +51,6 @@ class Report:
     instructions: int
     calls: int
     mix: list[tuple[str, int]]
-
-
-def _ast_source(kernel: Any, args: tuple[Any, ...]) -> Any:
-    """Triton's specialization of these argument values: 16-byte aligned pointers and ints, 1 as a constant."""
-    signature, constants, attributes = {}, {}, {}
-    for index, (param, value) in enumerate(zip(kernel.params, args, strict=True)):
-        if param.is_constexpr:
-            signature[param.name], constants[(index,)] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = _TRITON_TYPES[value.dtype]
-            attributes[(index,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            if value == 1:
-                signature[param.name], constants[(index,)] = "constexpr", 1
-            else:
-                signature[param.name] = "i64" if abs(value) >= 2**31 else "i32"
-                if value % 16 == 0:
-                    attributes[(index,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            signature[param.name] = "fp32"
-        else:
-            raise TypeError(f"{kernel.__name__}: argument {param.name} of type {type(value).__name__}")
-    return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes)
 
 
 def _cuobjdump(*args: str) -> str:
@@ -96,7 +68,7 @@ def compile_report(spec: OpSpec, shape: Shape, dtype: torch.dtype, config: helio
     bound = code_generator(launch.kernel).bind(launch.args)
     with mock.patch.object(helion.runtime, "get_num_sm", lambda device, **_: num_sm):
         kernel, _, args, options = captured_launch(bound.compile_config(config), launch.args)
-    compiled = triton.compile(_ast_source(kernel, args), target=GPUTarget("cuda", arch, 32),
+    compiled = triton.compile(ast_source(kernel, args), target=GPUTarget("cuda", arch, 32),
                               options={k: options[k] for k in ("num_warps", "num_stages") if k in options})
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{spec.name}_{'_'.join(f'{k}{v}' for k, v in shape.items())}_sm{arch}"

@@ -41,9 +41,10 @@ def code_generator(kernel: helion.Kernel) -> helion.Kernel:
 
 
 # Triton signature types of the tensors a generated kernel takes
-_POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64",
-                  torch.int8: "*i8", torch.int16: "*i16", torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8",
-                  torch.bool: "*i1", torch.float8_e4m3fn: "*fp8e4nv", torch.float8_e5m2: "*fp8e5"}
+TRITON_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64",
+                torch.int8: "*i8", torch.int16: "*i16", torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8",
+                torch.bool: "*i1", torch.float8_e4m3fn: "*fp8e4nv", torch.float8_e4m3fnuz: "*fp8e4b8",
+                torch.float8_e5m2: "*fp8e5"}
 FRONT_END_TARGET = ("cuda", 90, 32)  # Hopper: the front end's checks hardly depend on the target
 FRONT_END_SMS = 132  # what a persistent kernel's host code asks of a CPU device
 
@@ -60,44 +61,55 @@ def triton_code(bound: Any, args: Sequence[Any], config: helion.Config) -> str:
         spec = importlib.util.spec_from_file_location("helion_fusions_generated_kernel", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        launches: list[tuple[Any, tuple[Any, ...]]] = []
         with unittest.mock.patch.object(helion.runtime, "get_num_sm", lambda *_, **__: FRONT_END_SMS):  # persistent
-            getattr(module, bound.kernel.fn.__name__)(*args, _launcher=lambda fn, grid, *a, **_: launches.append((fn, a)))
-        assert launches, "the generated host function launched nothing"
-        for fn, values in launches:
-            _front_end(fn, values)
+            captured = captured_launch(getattr(module, bound.kernel.fn.__name__), args)
+        assert captured is not None, "the generated host function did not make exactly one launch"
+        kernel, _, kernel_args, _ = captured
+        _front_end(kernel, kernel_args)
     return code
 
 
 def _front_end(fn: Any, values: Sequence[Any]) -> None:
     from triton._C.libtriton import ir
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
 
-    signature, constexprs = {}, {}
-    for index, (param, value) in enumerate(zip(fn.params, values)):
-        if param.is_constexpr:
-            signature[param.name], constexprs[(index,)] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = _POINTER_TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            signature[param.name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: argument {param.name} is a {type(value).__name__}")
     target = GPUTarget(*FRONT_END_TARGET)
     backend = make_backend(target)
     options = backend.parse_options({})
     context = ir.context()
     ir.load_dialects(context)
     backend.load_dialects(context)
-    source = ASTSource(fn, signature, constexprs=constexprs)
+    source = ast_source(fn, values)
     lead = (target,) if "target" in inspect.signature(source.make_ir).parameters else ()
     source.make_ir(*lead, options, backend.get_codegen_implementation(options), backend.get_module_map(), context)
+
+
+def ast_source(kernel: Any, args: Sequence[Any]) -> Any:
+    """Triton's specialization of these argument values: 16-byte aligned pointers and ints, 1 as a constant."""
+    import triton
+
+    signature, constants, attributes = {}, {}, {}
+    for index, (param, value) in enumerate(zip(kernel.params, args, strict=True)):
+        if param.is_constexpr:
+            signature[param.name], constants[(index,)] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = TRITON_TYPES[value.dtype]
+            attributes[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:
+                signature[param.name], constants[(index,)] = "constexpr", 1
+            else:
+                signature[param.name] = "i64" if abs(value) >= 2**31 else "i32"
+                if value % 16 == 0:
+                    attributes[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.__name__}: argument {param.name} of type {type(value).__name__}")
+    return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes)
 
 
 def clone_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
