@@ -40,17 +40,8 @@ from helion_fusions.runtime.registry import REGISTRY
 from helion_fusions.tools.testing import Timer, clone_kwargs, compare_outputs, outputs_ok
 from perf.tables import RESULTS, geomean, write_csv
 
-TOKENS = (1, 16, 64, 128, 512, 2048, 8192)
-LAYERS = {  # (N, K) of each linear layer
-    "llama3_8b": ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)),
-    "llama3_70b_tp2": ((5120, 8192), (4096, 8192), (28672, 8192), (8192, 14336)),
-    "deepseek_v3_block": ((2112, 7168), (24576, 1536), (7168, 2048)),
-}
-GATE_UP = {  # (I, K) of each model's gate_up projection, for the gate_up + silu-and-mul ops
-    "llama3_8b": ((14336, 4096),),
-    "llama3_70b_tp2": ((14336, 8192),),
-    "deepseek_v3_block": ((2048, 7168),),
-}
+TOKENS = scaled_mm.M_GRID
+LAYERS, GATE_UP = scaled_mm.LAYERS, scaled_mm.GATE_UP
 GATED_OPS = ("scaled_mm_silu_mul_static_fp8_quant", "scaled_mm_silu_mul_per_group_fp8_quant")
 GRAPH_MAX_M = 512
 COLUMNS = ["device", "op", "model", "M", "N", "K", "scales", "out", "cublas_us", "cublas_fp8_out_us", "unfused_us",

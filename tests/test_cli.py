@@ -185,6 +185,65 @@ def test_shape_selection_takes_the_grid_for_dims_left_out() -> None:
     assert [list(s) for s in shapes] == [["T", "H"]] * len(shapes)  # the problem key's order, as tables print it
 
 
+def _grid(*argv: str) -> list[tuple[Any, list[dict[str, int]]]]:
+    import argparse
+
+    from helion_fusions.tools import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_grid_arguments(parser)
+    return cli.selected_grid(parser, parser.parse_args(list(argv)))
+
+
+def test_a_gemm_grid_is_the_layers_of_a_model() -> None:
+    """A GEMM's (N, K) pairs are the layers of the tuned model, not the product of every N with every K; a
+    selection naming some model dims takes the layers that have them, one naming all of them that shape."""
+    from helion_fusions.ops import scaled_mm
+
+    def pairs(*argv: str) -> list[tuple[str, list[tuple[int, int]]]]:
+        return [(spec.name, sorted({(s["N"], s["K"]) for s in shapes})) for spec, shapes in _grid(*argv)]
+
+    ops = "scaled_mm,scaled_mm_silu_mul_static_fp8_quant"
+    layers, gate_up = (sorted(table[scaled_mm.TUNED_MODEL]) for table in (scaled_mm.LAYERS, scaled_mm.GATE_UP))
+    assert pairs("--ops", ops) == [("scaled_mm", layers), ("scaled_mm_silu_mul_static_fp8_quant", gate_up)]
+    assert pairs("--ops", "scaled_mm", "--shape", "K=14336") == [("scaled_mm", [(4096, 14336)])]
+    assert pairs("--ops", "scaled_mm", "--shape", "N=5120,K=8192") == [("scaled_mm", [(5120, 8192)])]
+    assert pairs("--ops", "scaled_mm", "--shape", "N=5120") == [("scaled_mm", [(5120, k) for k in (4096, 14336)])]
+    [(_, shapes)] = _grid("--ops", "scaled_mm", "--shape", "M=1/16,N=4096,K=4096")
+    assert shapes == [{"M": 1, "N": 4096, "K": 4096}, {"M": 16, "N": 4096, "K": 4096}]
+
+
+def test_autotune_compiles_every_shape_on_its_own_launches() -> None:
+    """Each shape's candidates are compiled on that shape: a GEMM of 16 rows splits K (two launches), one of 1 row
+    too but specialized, one of 64 rows does not."""
+    spec = REGISTRY["scaled_mm_static_fp8_quant"]
+    shapes = [{"M": m, "N": 4096, "K": 4096} for m in (1, 16, 64)]
+    configs = {repr(shape): autotune.candidates(spec, shape)[0] for shape in shapes}
+    jobs = autotune.precompile_jobs([(spec, shape, configs[repr(shape)]) for shape in shapes], "bfloat16")
+    for shape in shapes:
+        mine = [job for job in jobs if job[1] == shape]
+        assert all(name == spec.name and dtype == "bfloat16" and 0 < len(chunk) <= autotune.PRECOMPILE_CHUNK
+                   for name, _, dtype, chunk in mine)
+        assert [c for job in mine for c in job[3]] == [dict(c.config) for c in configs[repr(shape)]]
+
+
+def test_autotune_loads_the_code_a_compile_worker_generated(tmp_path) -> None:
+    """The tuning process takes a worker's generated module (the same function Helion's compile gives), and
+    compiles the kernel itself where the file is gone."""
+    from helion_fusions.tools.testing import code_generator
+
+    spec = REGISTRY["scaled_mm_static_fp8_quant"]
+    shape = {"M": 16, "N": 256, "K": 1024}
+    launch = spec.prepare(**spec.make_inputs(shape, torch.bfloat16, torch.device("cpu")))[0]
+    launch = launch._replace(kernel=code_generator(launch.kernel))
+    config = spec.search_configs({"M": 16, "N": 4096, "K": 4096})[-1]
+    compiled = launch.kernel.bind(launch.args).compile_config(config)
+    file = compiled.__code__.co_filename
+    assert autotune.compiled_launch(launch, config, file) is compiled
+    assert autotune.compiled_launch(launch, config, str(tmp_path / "gone.py")) is compiled
+    assert autotune.compiled_launch(launch, config, None) is compiled
+
+
 def test_autotune_without_gpu_needs_smoke(capsys) -> None:
     with pytest.raises(SystemExit):
         autotune.main(["--ops", "rms_norm"])

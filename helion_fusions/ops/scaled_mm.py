@@ -67,8 +67,17 @@ from helion_fusions.runtime.library import register
 from helion_fusions.runtime.registry import Dim, KernelLaunch, OpSpec, Shape
 
 M_GRID = (1, 16, 64, 128, 512, 2048, 8192)
-N_GRID = (4096, 6144, 14336, 28672)
-K_GRID = (4096, 14336)
+LAYERS = {  # (N, K) of each fp8 linear layer
+    "llama3_8b": ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)),
+    "llama3_70b_tp2": ((5120, 8192), (4096, 8192), (28672, 8192), (8192, 14336)),
+    "deepseek_v3_block": ((2112, 7168), (24576, 1536), (7168, 2048)),
+}
+GATE_UP = {  # (I, K) of each model's gate_up projection, for the gate_up + silu-and-mul ops
+    "llama3_8b": ((14336, 4096),),
+    "llama3_70b_tp2": ((14336, 8192),),
+    "deepseek_v3_block": ((2048, 7168),),
+}
+TUNED_MODEL = "llama3_8b"  # the layers make autotune tunes (others: --shape N=..,K=..); the rest take the nearest
 OUT_DTYPES = (torch.bfloat16, torch.float16)
 ROUND_DTYPE = torch.bfloat16  # the unfused path's GEMM output, which the activation and the quant flavours read
 GROUP_SIZES = (128,)  # per-group output quant: a group lies inside one N tile
@@ -336,11 +345,14 @@ def _tuning(flavour: Quant, gated: bool):
 
 def _declare(name: str, schema: str, flavour: Quant = Quant.NONE, gated: bool = False) -> OpSpec:
     default_config, seed_configs, search_configs = _tuning(flavour, gated)
+    layers = (GATE_UP if gated else LAYERS)[TUNED_MODEL]
     return register(OpSpec(
         name=name, schema=schema, family="scaled_mm", kernel=scaled_mm_kernel,
         prepare=_op(_prepare, flavour=flavour, gated=gated), reference=_op(_reference, flavour=flavour, gated=gated),
         make_inputs=_inputs(flavour, gated),
-        problem=(Dim("M", M_GRID, bucketed=True), Dim("N", N_GRID), Dim("K", K_GRID)),
+        problem=(Dim("M", M_GRID, bucketed=True), Dim("N", tuple(sorted({n for n, _ in layers}))),
+                 Dim("K", tuple(sorted({k for _, k in layers})))),
+        models=tuple({"N": n, "K": k} for n, k in layers),
         default_config=default_config, seed_configs=seed_configs, search_configs=search_configs,
         cold_operands=True,
     ))

@@ -55,14 +55,24 @@ def tokens_dim(grid: tuple[int, ...] = TOKEN_GRID) -> Dim:
     return Dim("T", grid, bucketed=True)
 
 
-def shapes(problem: Sequence[Dim], overrides: Mapping[str, Sequence[int]] | None = None) -> Iterator[dict[str, int]]:
-    """Every shape of a problem's grid (``overrides`` replaces a dimension's grid), the bucketed dims fastest."""
+def shapes(problem: Sequence[Dim], overrides: Mapping[str, Sequence[int]] | None = None,
+           models: Sequence[Shape] = ()) -> Iterator[dict[str, int]]:
+    """Every shape of a problem's grid (``overrides`` replaces a dimension's grid), the bucketed dims fastest.
+
+    The model dims take the product of their grids, or, given ``models`` (their combinations in real models),
+    those of the combinations that have the overridden values; overriding every model dim names the product."""
     overrides = overrides or {}
-    ordered = sorted(problem, key=lambda d: d.bucketed)
-    grids = [tuple(overrides.get(d.name, d.grid)) for d in ordered]
-    for values in itertools.product(*grids):
-        named = dict(zip((d.name for d in ordered), values))
-        yield {d.name: named[d.name] for d in problem}  # in the problem key's order
+    model_dims = [d.name for d in problem if not d.bucketed]
+    named = [name for name in model_dims if name in overrides]
+    combos = [m for m in models if all(m[name] in overrides[name] for name in named)]
+    if not combos or len(named) == len(model_dims):
+        grids = [tuple(overrides.get(d.name, d.grid)) for d in problem if not d.bucketed]
+        combos = [dict(zip(model_dims, values)) for values in itertools.product(*grids)]
+    bucketed = [d for d in problem if d.bucketed]
+    for combo in combos:
+        for values in itertools.product(*(tuple(overrides.get(d.name, d.grid)) for d in bucketed)):
+            named_values = {**combo, **dict(zip((d.name for d in bucketed), values))}
+            yield {d.name: named_values[d.name] for d in problem}  # in the problem key's order
 
 
 def shape_text(shape: Shape) -> str:
@@ -154,6 +164,9 @@ class OpSpec:
     # operands the engine's call finds outside L2 (a GEMM's weights): the autotuner then times small token
     # counts with L2 flushed, as make bench does, where it otherwise replays with L2 warm
     cold_operands: bool = False
+    # the model dims' combinations that make autotune and make bench tune and measure (the layers of real
+    # models: a GEMM's (N, K)); empty: the product of the dims' grids
+    models: tuple[Shape, ...] = ()
 
     def bytes_moved(self, kwargs: dict[str, Any]) -> int:
         """Bytes the op must move: every tensor argument once (or its touched part), read-and-written ones twice."""

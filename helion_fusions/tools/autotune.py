@@ -1,9 +1,10 @@
 """``python -m helion_fusions.tools.autotune`` (``make autotune``): tune every op for the GPU it runs on.
 
-For each op and shape of its problem key's model dims it builds a small candidate set, curated seeds first, then a
-neighbourhood of row-block sizes and warp counts, and compiles all of them in parallel
-worker processes (which fill Triton's on-disk cache). Then, per token bucket, it checks
-each candidate against the op's reference (byte equality, allowing only the documented
+For each op and shape of its grid (a GEMM's: the layers of a real model) it builds a small candidate set, curated
+seeds first, then a neighbourhood of block sizes and warp counts. An op's shapes that share model dims are a unit:
+parallel worker processes compile every candidate on each of the unit's shapes (its own launches), filling
+Triton's on-disk cache, and hand back the files of the code Helion generated, which the tuning process loads
+instead of generating it again. Then, shape by shape, it checks each candidate against the op's reference (byte equality, allowing only the documented
 rounding ties) and times it: as ``make bench`` does for T (a GEMM's M) > 256 (L2 flushed, host
 time hidden), and for smaller T replayed in a CUDA graph, with L2 warm
 (``triton.testing.do_bench_cudagraph`` does not flush) unless the op declares cold operands (a
@@ -28,17 +29,20 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import helion
 import torch
+from helion.autotuner.local_cache import helion_triton_cache_dir
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -50,7 +54,7 @@ from rich.progress import (
 import helion_fusions.ops  # noqa: F401  (registers the ops)
 from helion_fusions.runtime import config_store, dispatch
 from helion_fusions.runtime.device import DeviceIdentity, device_identity
-from helion_fusions.runtime.registry import REGISTRY, OpSpec, Shape, shape_text
+from helion_fusions.runtime.registry import REGISTRY, KernelLaunch, OpSpec, Shape, shape_text
 from helion_fusions.tools.cli import add_grid_arguments, selected_grid
 from helion_fusions.tools.testing import (
     Timer,
@@ -63,7 +67,7 @@ MAX_FLIP_FRACTION = 1e-4
 GRAPH_TIMING_MAX_TOKENS = 256
 REVALIDATE_SLOWDOWN = 1.10
 PIPELINE_MIN_TOKENS = 4096
-PRECOMPILE_CHUNK = 4  # candidates a compile job takes
+PRECOMPILE_CHUNK = 8  # candidates a compile job takes (it makes the shape's inputs once)
 
 
 def pipelined(config: helion.Config) -> helion.Config:
@@ -97,28 +101,59 @@ def candidates(spec: OpSpec, shape: Shape, first: helion.Config | None = None) -
     return seeds + extra, len(seeds)
 
 
-def _precompile(job: tuple[str, dict[str, int], str, list[dict[str, Any]]]) -> list[str]:
-    """Worker: bind one shape once, then compile and launch each config (filling Triton's on-disk cache).
+@functools.lru_cache(maxsize=1)
+def _job_launches(name: str, shape: tuple[tuple[str, int], ...], dtype_name: str) -> tuple[Any, ...]:
+    """A worker's launches of one shape, each with its bound kernel (a worker's next job is often the same shape)."""
+    spec = REGISTRY[name]
+    launches = spec.prepare(**spec.make_inputs(dict(shape), getattr(torch, dtype_name), torch.device("cuda")))
+    return tuple((launch, launch.kernel.bind(launch.args)) for launch in launches)
 
-    Returns the errors of the configs that failed."""
+
+PrecompileJob = tuple[str, dict[str, int], str, list[dict[str, Any]]]
+
+
+def _precompile(job: PrecompileJob) -> tuple[list[str], dict[tuple[int, int], str]]:
+    """Worker: compile and launch each config on the shape's launches (filling Triton's on-disk cache).
+
+    Returns the errors of the configs that failed, and the file of the code Helion generated for each
+    (config, launch) by their positions."""
     name, shape, dtype_name, configs = job
     where = f"{name} {shape_text(shape)}"
-    errors = []
+    errors, files = [], {}
     try:
-        spec = REGISTRY[name]
-        kwargs = spec.make_inputs(shape, getattr(torch, dtype_name), torch.device("cuda"))
-        launches = spec.prepare(**kwargs)
-        binds = [launch.kernel.bind(launch.args) for launch in launches]
+        launches = _job_launches(name, tuple(shape.items()), dtype_name)
     except Exception as error:  # reported; the shape is then tuned without a warm cache
-        return [f"{where}: {type(error).__name__}: {error}"]
-    for config in configs:
+        return [f"{where}: {type(error).__name__}: {error}"], files
+    for index, config in enumerate(configs):
         try:
-            for bound, launch in zip(binds, launches):
-                bound.compile_config(helion.Config(**config))(*launch.args)
+            for position, (launch, bound) in enumerate(launches):
+                compiled = bound.compile_config(helion.Config(**config))
+                compiled(*launch.args)
+                files[index, position] = compiled.__code__.co_filename  # Helion's generated module
             torch.cuda.synchronize()
         except Exception as error:  # a candidate that does not compile is reported and skipped
             errors.append(f"{where} {config}: {type(error).__name__}: {error}")
-    return errors
+    return errors, files
+
+
+def precompile_jobs(candidates_of: list[tuple[OpSpec, Shape, list[helion.Config]]],
+                    dtype_name: str) -> list[PrecompileJob]:
+    """Each shape's candidates, ``PRECOMPILE_CHUNK`` to a job, compiled on that shape: a shape's launches (how
+    many, which flavour, what Helion specializes: a dim of size 1) may differ from its neighbours'."""
+    return [(spec.name, dict(shape), dtype_name, [dict(c.config) for c in configs[i:i + PRECOMPILE_CHUNK]])
+            for spec, shape, configs in candidates_of for i in range(0, len(configs), PRECOMPILE_CHUNK)]
+
+
+def compiled_launch(launch: KernelLaunch, config: helion.Config, file: str | None) -> Callable[..., Any]:
+    """``launch``'s kernel under ``config``: from the file of a worker's generated code, else compiled here."""
+    if file is not None:
+        from torch._inductor.codecache import PyCodeCache
+
+        try:
+            return getattr(PyCodeCache.load(Path(file).read_text()), launch.kernel.name)
+        except OSError:  # removed since: generate it again
+            pass
+    return launch.kernel.bind(launch.args).compile_config(config)
 
 
 @functools.cache
@@ -142,12 +177,14 @@ def _time_us(fn: Any, spec: OpSpec, shape: Shape) -> float:
 
 
 def tune_shape(spec: OpSpec, shape: Shape, dtype: torch.dtype, device: torch.device,
-               configs: list[helion.Config], num_seeds: int, log: Any) -> config_store.Entry | None:
+               configs: list[helion.Config], num_seeds: int, log: Any,
+               generated: Mapping[tuple[str, int], str] | None = None) -> config_store.Entry | None:
     """Check and time every candidate on one shape.
 
-    An op of several launches runs them all with the candidate config. Each candidate binds the launches
-    this shape prepares (Helion caches bound kernels): the launches may differ between shapes that bind
-    alike otherwise, in number or flavour."""
+    An op of several launches runs them all with the candidate config. ``generated`` holds the files of the
+    code generated for this shape by ``(repr(config), launch position)`` (:func:`_precompile`); a launch
+    without one is compiled here (Helion caches bound kernels)."""
+    generated = generated or {}
     kwargs = spec.make_inputs(shape, dtype, device)
     where = f"{spec.name} {shape_text(shape)}"
     expected = clone_kwargs(kwargs)
@@ -158,7 +195,8 @@ def tune_shape(spec: OpSpec, shape: Shape, dtype: torch.dtype, device: torch.dev
         launches = spec.prepare(**trial)
         try:
             # on the CPU smoke path the kernel runs in interpret mode, where configs do not apply
-            kernels = ([launch.kernel.bind(launch.args).compile_config(config) for launch in launches]
+            kernels = ([compiled_launch(launch, config, generated.get((repr(config), position)))
+                        for position, launch in enumerate(launches)]
                        if device.type == "cuda"
                        else [dispatch.interpreted(launch.kernel) for launch in launches])
 
@@ -279,25 +317,33 @@ def main(argv: list[str] | None = None) -> int:
         config_store.save(root / identity.name / f"{spec.name}.json", spec.name, identity.name, identity.family,
                           dispatch.spec_hash(spec), spec.dim_names, entries)
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
+    if device.type == "cuda" and todo:
+        # one Triton cache for this process and the compile workers, which find it in their environment
+        os.environ.setdefault("TRITON_CACHE_DIR", helion_triton_cache_dir(device.index or 0))
+        pool = concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
+    else:
+        pool = None  # on the CPU smoke path the kernel runs in interpret mode: nothing to compile
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns) as progress, pool or contextlib.nullcontext():
         log = progress.console.log
-        if device.type == "cuda" and todo:
-            # the first shape (size-1 dims specialize) binds apart from the rest, which share one binding, so the
-            # rest's candidates are compiled once, at the largest shape; a few configs a job keeps every worker busy
-            jobs = []
-            for spec, _, ss in todo:
-                for shape, members in ((ss[0], ss[:1]), (ss[-1], ss[1:])):
-                    configs = {repr(c): dict(c.config) for s in members for c in shape_configs(spec, s)[0]}
-                    chunks = list(configs.values())
-                    jobs += [(spec.name, shape, args.dtype, chunks[i:i + PRECOMPILE_CHUNK])
-                             for i in range(0, len(chunks), PRECOMPILE_CHUNK)]
-            task = progress.add_task("compiling candidates", total=len(jobs))
-            context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-                for errors in pool.map(_precompile, jobs):
-                    for error in errors:
-                        log(f"  precompile: {error.splitlines()[0][:200]}")
-                    progress.advance(task)
+
+        Files = dict[tuple[str, int], str]  # a shape's generated code: (repr(config), launch position) -> file
+
+        def precompiled(spec: OpSpec, shapes: list[tuple[Shape, list[helion.Config]]]) -> dict[str, Files]:
+            """Each shape's candidates compiled by the workers (a unit's shapes at once, before any is timed, so
+            that no compile runs beside a timing): the files of their code by shape, as tune_shape takes them."""
+            if pool is None:
+                return {}
+            progress.update(task, description=f"{spec.name}: compiling the candidates of {len(shapes)} shapes")
+            jobs = precompile_jobs([(spec, shape, configs) for shape, configs in shapes], args.dtype)
+            generated: dict[str, Files] = {}
+            for (_, shape, _, configs), (errors, files) in zip(jobs, pool.map(_precompile, jobs)):
+                for error in errors:
+                    log(f"  precompile: {error.splitlines()[0][:200]}")
+                generated.setdefault(shape_text(shape), {}).update(
+                    {(repr(helion.Config(**configs[i])), position): file for (i, position), file in files.items()})
+            return generated
+
         task = progress.add_task("tuning shapes", total=sum(len(ss) for _, _, ss in todo))
         skipped = []
         for position, (spec, model, ss) in enumerate(todo):
@@ -313,18 +359,21 @@ def main(argv: list[str] | None = None) -> int:
                         "ones not reached are dropped (tune those shapes again)")
                     save(spec, entries)
                 continue
+            generated = precompiled(spec, [(shape, shape_configs(spec, shape)[0]) for shape in ss])
             for shape in ss:
                 where = f"{spec.name} {shape_text(shape)}"
                 progress.update(task, description=where)
                 configs, num_seeds = shape_configs(spec, shape)
-                entry = tune_shape(spec, shape, dtype, device, configs, num_seeds, log)
+                entry = tune_shape(spec, shape, dtype, device, configs, num_seeds, log,
+                                   generated.get(shape_text(shape)))
                 old = stale.get(_key(spec, args.dtype, shape))
                 if old is not None and (entry is None or entry.time_us > REVALIDATE_SLOWDOWN * old.time_us):
                     now = "fails" if entry is None else f"takes {entry.time_us:.2f} us"
                     log(f"  {where}: the revalidated config {now} (recorded {old.time_us:.2f} us); "
                         "searching the shape again")
                     configs, num_seeds = candidates(spec, shape, helion.Config(**old.config))
-                    entry = tune_shape(spec, shape, dtype, device, configs, num_seeds, log)
+                    files = precompiled(spec, [(shape, configs)]).get(shape_text(shape))
+                    entry = tune_shape(spec, shape, dtype, device, configs, num_seeds, log, files)
                 elif entry is not None and old is not None:
                     entry = dataclasses.replace(entry, source="revalidated", seed_time_us=None)
                 if entry is None:

@@ -7,7 +7,8 @@ import argparse
 from helion_fusions.runtime.registry import REGISTRY, OpSpec, shapes
 
 SHAPE_HELP = ("problem shapes by the op's named dims, e.g. T=16,H=4096; a dim may list values (T=1/16/128); "
-              "dims left out take the op's grid; repeatable (default: each op's whole grid)")
+              "dims left out take the op's grid (a GEMM's N and K: the tuned model's layers that have the values "
+              "named); repeatable (default: each op's whole grid)")
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +48,6 @@ def selected_grid(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             extra = set(selection) - set(spec.dim_names)
             if extra:
                 parser.error(f"--shape: {name} has the dims {list(spec.dim_names)}, not {sorted(extra)}")
-            selected += [s for s in shapes(spec.problem, selection) if s not in selected]
+            selected += [s for s in shapes(spec.problem, selection, spec.models) if s not in selected]
         grid.append((spec, selected))
     return grid
