@@ -2,7 +2,9 @@
 
 A fake process group (``torch.distributed`` backend "fake") gives ``symm_mem.get_remote_tensors`` a group size
 to trace with; the workspace and signal pads are CPU stand-ins, which only their shapes and dtypes matter for.
-Nothing runs: the GPU tests (tests/test_all_reduce_gpu.py) run the kernel.
+For every accepted call on 2 ranks, one-shot and two-shot, Triton's front end also runs on the generated code
+(the host function's peer tensors stood in by the rank's own), as a GPU's compile would. Nothing runs: the GPU
+tests (tests/test_all_reduce_gpu.py) run the kernel.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import helion
 import pytest
@@ -25,7 +28,7 @@ from helion_fusions.ops import all_reduce
 from helion_fusions.runtime import config_store
 from helion_fusions.runtime import symmetric
 from helion_fusions.runtime.registry import REGISTRY, shapes
-from helion_fusions.tools.testing import code_generator
+from helion_fusions.tools.testing import code_generator, triton_code
 
 CPU = torch.device("cpu")
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
@@ -50,7 +53,7 @@ def world(request: pytest.FixtureRequest) -> Iterator[int]:
 
 
 def _code(base, shape: tuple[int, int], dtype: torch.dtype, world: int, copy_in: bool = True,
-          config: helion.Config | None = None) -> str:
+          config: helion.Config | None = None, front_end: bool = False) -> str:
     kwargs = workers.call_kwargs(base, shape, dtype, 0)
     (launch,) = base.prepare(**kwargs)
     tokens, hidden = shape
@@ -61,7 +64,10 @@ def _code(base, shape: tuple[int, int], dtype: torch.dtype, world: int, copy_in:
     staged = tuple(torch.empty(s, dtype=d) for s, d in all_reduce.stage_shapes(launch, world, two_shot))
     args = all_reduce._kernel_args(launch, space, dist.group.WORLD.group_name, copy_in, staged, two_shot)
     bound = code_generator(all_reduce_rms_norm_kernel).bind(args)
-    return bound.to_triton_code(all_reduce.helion_config(config))
+    if not front_end:
+        return bound.to_triton_code(all_reduce.helion_config(config))
+    with mock.patch.object(torch.ops.symm_mem, "get_remote_tensors", lambda tensor, group: [tensor] * world):
+        return triton_code(bound, args, all_reduce.helion_config(config))
 
 
 def _device_code(code: str) -> str:
@@ -76,7 +82,7 @@ def test_every_accepted_call_generates_code(world: int) -> None:
         cases = [c for c in cases if c[2] == torch.bfloat16]
     assert {base.name for base, _, _ in cases} == {b.name for b in all_reduce.BASES}
     for base, shape, dtype in cases:
-        code = _code(base, shape, dtype, world)
+        code = _code(base, shape, dtype, world, front_end=world == 2)
         body = _device_code(code)
         where = f"{base.name} {shape} {dtype} W={world}"
         # every rank's workspace is read, rank 0 first, and nothing is multicast
@@ -164,7 +170,8 @@ def test_every_accepted_call_generates_two_shot_code(world: int) -> None:
     cases = [c for c in workers.cases() if c[1][0] > 0 and (world == 2 or c[2] == torch.bfloat16)]
     assert {base.name for base, _, _ in cases} == {b.name for b in all_reduce.BASES}
     for base, shape, dtype in cases:
-        code = _code(base, shape, dtype, world, config=_two_shot())
+        # below W tokens only the GPU tests force two-shot, with one row per tile (the default config's)
+        code = _code(base, shape, dtype, world, config=_two_shot(1 if shape[0] < world else 2), front_end=world == 2)
         body = _device_code(code)
         where = f"{base.name} {shape} {dtype} W={world}"
         assert "multimem" not in code and "multicast" not in code, where

@@ -11,6 +11,7 @@ import json
 import warnings
 from pathlib import Path
 
+import helion
 import pytest
 import torch
 
@@ -173,6 +174,20 @@ def test_two_shot_candidates_only_where_every_rank_owns_a_row() -> None:
             assert all(all_reduce.config_problem(dict(c)) is None for c in two), shape
     assert len([c for c in all_reduce.candidate_configs({"W": 2, "T": 2048, "H": 4096})
                 if all_reduce.algorithm(c) == all_reduce.TWO_SHOT]) >= 8
+
+
+def test_fewer_tokens_than_ranks_run_one_shot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A two-shot config that a call with fewer tokens than ranks finds (tuned for more tokens) runs one-shot, with
+    its rows and warps: a rank would own no row, and a tile of several rows over one token does not compile."""
+    two_shot = {"block_sizes": [8], "num_warps": 8, "pid_type": "persistent_blocked",
+                all_reduce.ALGORITHM: all_reduce.TWO_SHOT}
+    monkeypatch.setattr(all_reduce, "default_config", lambda shape: helion.Config(**two_shot))
+    for tokens, world, expected in ((1, 2, all_reduce.ONE_SHOT), (3, 4, all_reduce.ONE_SHOT),
+                                    (2, 2, all_reduce.TWO_SHOT)):
+        (launch,) = BASE.prepare(**call_kwargs(BASE, (tokens, 4096), torch.bfloat16, 0))
+        config, source = all_reduce.fused_config(NAME, launch, world)
+        assert all_reduce.algorithm(config) == expected and config["block_sizes"] == [8], (tokens, world)
+        assert source.endswith("one-shot for fewer tokens than ranks") == (expected == all_reduce.ONE_SHOT)
 
 
 def test_a_forced_algorithm_keeps_the_config(monkeypatch: pytest.MonkeyPatch) -> None:

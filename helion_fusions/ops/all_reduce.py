@@ -18,7 +18,8 @@ Two paths, the same bytes:
   normalizes and quantizes. The op copies ``input`` into the workspace inside the kernel, unless ``input``
   is the workspace: a producer that writes its output into :func:`workspace` saves that copy. Its config names
   the algorithm (:data:`ALGORITHM`): one-shot, every rank reducing every row (the default), or two-shot, each
-  rank reducing its share of the rows and the ranks gathering the quantized results.
+  rank reducing its share of the rows and the ranks gathering the quantized results (from ``W`` tokens on;
+  fewer run one-shot).
 * **fallback** (anything else, one warning per op names why): ``torch.distributed.all_gather`` of the
   inputs, the ordered fp32 sum, and ``<op>``.
 
@@ -258,6 +259,10 @@ def fused_config(name: str, launch: KernelLaunch, world: int) -> tuple[helion.Co
     else:
         config, source = dispatch.tuned_config(TUNED[name], problem, launch.dtype, launch.device.index or 0,
                                                dispatch.batch_invariant())
+    if algorithm(config) == TWO_SHOT and problem["T"] < world:
+        # a config tuned for more tokens (the tuner tries two-shot from W tokens on): here a rank would own no
+        # row, and at one token a two-shot tile of several rows does not compile (a size-1 dim)
+        config, source = helion_config(config), source + ", one-shot for fewer tokens than ranks"
     if _forced_algorithm is not None:
         config = helion.Config(**{**config.config, ALGORITHM: _forced_algorithm})
         source += f", {ALGORITHM} forced to {_forced_algorithm}"
