@@ -120,8 +120,8 @@ def _binding_tokens(tokens: int) -> int:
 
 
 def test_every_candidate_of_the_tuner_generates_code() -> None:
-    """Every config ``make autotune-tp`` tries on the grid, for the op with the most code; each rows per tile
-    it tries, for every op."""
+    """Every config ``make autotune-tp`` tries on the grid, for the op with the most code (through Triton's front
+    end too); each rows per tile it tries, for every op."""
     with _fake_group(2):
         tried: dict[tuple[object, ...], helion.Config] = {}
         for shape in shapes(all_reduce.PROBLEM):
@@ -130,7 +130,7 @@ def test_every_candidate_of_the_tuner_generates_code() -> None:
                 tried.setdefault(key, config)
         assert len(tried) >= 20
         for (tokens, hidden, _), config in tried.items():
-            body = _device_code(_code(LARGEST, (tokens, hidden), torch.bfloat16, 2, config=config))
+            body = _device_code(_code(LARGEST, (tokens, hidden), torch.bfloat16, 2, config=config, front_end=True))
             assert body.count("_symm_mem_sync_cuda(") == 2, (tokens, hidden, dict(config))
         rows = {c["block_sizes"][0]: c for (t, h, _), c in tried.items() if (t, h) == (7, 4096)}
         assert sorted(rows) == list(all_reduce.ROWS_PER_TILE)
