@@ -4,12 +4,11 @@ For each op and shape of its grid (a GEMM's: the layers of a real model) it buil
 seeds first, then a neighbourhood of block sizes and warp counts. An op's shapes that share model dims are a unit:
 parallel worker processes compile every candidate on each of the unit's shapes (its own launches), filling
 Triton's on-disk cache, and hand back the files of the code Helion generated, which the tuning process loads
-instead of generating it again. Then, shape by shape, it checks each candidate against the op's reference (byte equality, allowing only the documented
-rounding ties) and times it: as ``make bench`` does for T (a GEMM's M) > 256 (L2 flushed, host
-time hidden), and for smaller T replayed in a CUDA graph, with L2 warm
-(``triton.testing.do_bench_cudagraph`` does not flush) unless the op declares cold operands (a
-GEMM's weights: flushed, as ``make bench`` replays). A searched config is kept only where it
-beats the best seed on that shape.
+instead of generating it again. Then, shape by shape, it checks each candidate against the op's reference
+(byte equality, allowing only the documented rounding ties) and times it: as ``make bench`` does for T (a
+GEMM's M) > 256 (L2 flushed, host time hidden), and for smaller T replayed in a CUDA graph, with L2 warm
+(``triton.testing.do_bench_cudagraph`` does not flush) unless the op declares cold operands (a GEMM's weights:
+flushed, as ``make bench`` replays). A searched config is kept only where it beats the best seed on that shape.
 
 Results are written after every (op, model dims), so an interrupted run resumes where it
 stopped; ``--fresh`` starts over, and ``--retune`` searches the selected shapes again, replacing
@@ -36,7 +35,7 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +108,8 @@ def _job_launches(name: str, shape: tuple[tuple[str, int], ...], dtype_name: str
     return tuple((launch, launch.kernel.bind(launch.args)) for launch in launches)
 
 
-PrecompileJob = tuple[str, dict[str, int], str, list[dict[str, Any]]]
+PrecompileJob = tuple[str, dict[str, int], str, list[dict[str, Any]]]  # op, shape, dtype, configs
+GeneratedFiles = dict[tuple[str, int], str]  # a shape's generated code: (repr(config), launch position) -> file
 
 
 def _precompile(job: PrecompileJob) -> tuple[list[str], dict[tuple[int, int], str]]:
@@ -178,7 +178,7 @@ def _time_us(fn: Any, spec: OpSpec, shape: Shape) -> float:
 
 def tune_shape(spec: OpSpec, shape: Shape, dtype: torch.dtype, device: torch.device,
                configs: list[helion.Config], num_seeds: int, log: Any,
-               generated: Mapping[tuple[str, int], str] | None = None) -> config_store.Entry | None:
+               generated: GeneratedFiles | None = None) -> config_store.Entry | None:
     """Check and time every candidate on one shape.
 
     An op of several launches runs them all with the candidate config. ``generated`` holds the files of the
@@ -327,16 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     with Progress(*columns) as progress, pool or contextlib.nullcontext():
         log = progress.console.log
 
-        Files = dict[tuple[str, int], str]  # a shape's generated code: (repr(config), launch position) -> file
-
-        def precompiled(spec: OpSpec, shapes: list[tuple[Shape, list[helion.Config]]]) -> dict[str, Files]:
+        def precompiled(spec: OpSpec, shapes: list[tuple[Shape, list[helion.Config]]]) -> dict[str, GeneratedFiles]:
             """Each shape's candidates compiled by the workers (a unit's shapes at once, before any is timed, so
             that no compile runs beside a timing): the files of their code by shape, as tune_shape takes them."""
             if pool is None:
                 return {}
             progress.update(task, description=f"{spec.name}: compiling the candidates of {len(shapes)} shapes")
             jobs = precompile_jobs([(spec, shape, configs) for shape, configs in shapes], args.dtype)
-            generated: dict[str, Files] = {}
+            generated: dict[str, GeneratedFiles] = {}
             for (_, shape, _, configs), (errors, files) in zip(jobs, pool.map(_precompile, jobs)):
                 for error in errors:
                     log(f"  precompile: {error.splitlines()[0][:200]}")
