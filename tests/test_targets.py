@@ -56,11 +56,11 @@ def test_default_config_compiles_for(spec, target: str) -> None:
     cuda_only = any("libdevice.mul_rn" in code for *_, code in launches)
     if target == "sm80" and fp8:
         # e4m3 needs sm89 or later: on an A100 the fp8 and nvfp4 ops run their reference
-        with pytest.raises(Exception, match="fp8e4nv not supported in this architecture"):
+        with pytest.raises(Exception, match="fp8e4nv"):
             _compile(launches, backend, arch, warp)
         return
     if backend == "hip" and cuda_only:
-        with pytest.raises(Exception, match="has no attribute 'mul_rn'"):
+        with pytest.raises(Exception, match="mul_rn"):
             _compile(launches, backend, arch, warp)
         pytest.xfail("mul_rn is CUDA's libdevice: the op's kernel does not build for AMD GPUs yet")
     _compile(launches, backend, arch, warp)
