@@ -19,23 +19,19 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
-from unittest import mock
 
 import helion
 import torch
 import triton
 from rich.progress import track
 from tabulate import tabulate
-from triton.backends.compiler import GPUTarget
 
 import helion_fusions.ops  # noqa: F401  (registers the ops)
 from helion_fusions.runtime import config_store, dispatch
 from helion_fusions.runtime.device import DeviceIdentity
-from helion_fusions.runtime.launcher import captured_launch
 from helion_fusions.runtime.registry import OpSpec, Shape, shape_text
 from helion_fusions.tools.cli import add_grid_arguments, selected_grid
-from helion_fusions.tools.testing import ast_source, code_generator
+from helion_fusions.tools.testing import machine_code
 
 _INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -65,11 +61,7 @@ def compile_report(spec: OpSpec, shape: Shape, dtype: torch.dtype, config: helio
     A persistent config's host code asks for the GPU's multiprocessor count, which CPU tensors
     do not have: ``num_sm`` stands in (132 on an H100 SXM and an H200)."""
     launch = spec.prepare(**spec.make_inputs(shape, dtype, torch.device("cpu")))[-1]
-    bound = code_generator(launch.kernel).bind(launch.args)
-    with mock.patch.object(helion.runtime, "get_num_sm", lambda device, **_: num_sm):
-        kernel, _, args, options = captured_launch(bound.compile_config(config), launch.args)
-    compiled = triton.compile(ast_source(kernel, args), target=GPUTarget("cuda", arch, 32),
-                              options={k: options[k] for k in ("num_warps", "num_stages") if k in options})
+    compiled = machine_code(launch.kernel, launch.args, config, ("cuda", arch, 32), num_sm)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{spec.name}_{'_'.join(f'{k}{v}' for k, v in shape.items())}_sm{arch}"
     stem.with_suffix(".cubin").write_bytes(compiled.asm["cubin"])

@@ -172,14 +172,7 @@ def test_autotune_rejects_bad_shapes(capsys, shape: str, message: str) -> None:
 
 
 def test_shape_selection_takes_the_grid_for_dims_left_out() -> None:
-    import argparse
-
-    from helion_fusions.tools import cli
-
-    parser = argparse.ArgumentParser()
-    cli.add_grid_arguments(parser)
-    args = parser.parse_args(["--ops", "rms_norm", "--shape", "T=1/16", "--shape", "T=16,H=4096"])
-    [(spec, shapes)] = cli.selected_grid(parser, args)
+    [(spec, shapes)] = _grid("--ops", "rms_norm", "--shape", "T=1/16", "--shape", "T=16,H=4096")
     hidden = [d for d in spec.problem if d.name == "H"][0].grid
     assert shapes == [{"T": t, "H": h} for h in hidden for t in (1, 16)]
     assert [list(s) for s in shapes] == [["T", "H"]] * len(shapes)  # the problem key's order, as tables print it

@@ -9,14 +9,11 @@ from typing import Any
 
 import pytest
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
 
 from helion_fusions.ops import scaled_mm
 from helion_fusions.runtime import dispatch
-from helion_fusions.runtime.launcher import captured_launch
 from helion_fusions.runtime.registry import REGISTRY
-from helion_fusions.tools.testing import (ast_source, clone_kwargs, code_generator, compare_outputs, outputs_ok,
+from helion_fusions.tools.testing import (clone_kwargs, code_generator, compare_outputs, machine_code, outputs_ok,
                                           poisoned, triton_code)
 
 FP8 = torch.float8_e4m3fn
@@ -327,11 +324,7 @@ def _ptx(spec, layout: str, bias: bool, m: int = 2048, k: int = 384) -> list[str
     kwargs = _inputs(shape["M"], shape["N"], shape["K"], layout, bias=bias, spec=spec)
     ptx = []
     for launch in spec.prepare(**kwargs):
-        bound = code_generator(launch.kernel).bind(launch.args)
-        kernel, _, args, options = captured_launch(bound.compile_config(spec.default_config(shape)), launch.args)
-        compiled = triton.compile(ast_source(kernel, args), target=GPUTarget("cuda", 90, 32),
-                                  options={name: options[name] for name in ("num_warps", "num_stages")})
-        ptx.append(compiled.asm["ptx"])
+        ptx.append(machine_code(launch.kernel, launch.args, spec.default_config(shape)).asm["ptx"])
     return ptx
 
 

@@ -12,43 +12,34 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import helion
 import pytest
 import torch
-import triton
 from conftest import problem_shape, spec_params
-from triton.backends.compiler import GPUTarget
 
-from helion_fusions.runtime.launcher import captured_launch
 from helion_fusions.runtime.registry import REGISTRY
-from helion_fusions.tools.testing import ast_source, code_generator
+from helion_fusions.tools.testing import code_generator, machine_code
 
 TARGETS = {"sm80": ("cuda", 80, 32), "sm89": ("cuda", 89, 32), "sm90": ("cuda", 90, 32), "sm100": ("cuda", 100, 32),
            "gfx942": ("hip", "gfx942", 64)}  # (backend, arch, warp size)
 BINARY = {"cuda": "cubin", "hip": "hsaco"}
-SMS = 132  # what a persistent kernel's host code asks a CPU device for
 
 
 @functools.cache
-def _launches(op: str) -> tuple[tuple[Any, tuple[Any, ...], dict[str, Any], str], ...]:
-    """The op's launches (default flags, T = 7) under the default config: (Triton kernel, arguments, options,
-    generated code)."""
+def _launches(op: str) -> tuple[tuple[Any, tuple[Any, ...], Any, str], ...]:
+    """The op's launches (default flags, T = 7) under the default config: (kernel, arguments, config, generated
+    code)."""
     spec = REGISTRY[op]
     launches = []
     for launch in spec.prepare(**spec.make_inputs(problem_shape(spec, 7, 4096), torch.bfloat16, torch.device("cpu"))):
-        bound = code_generator(launch.kernel).bind(launch.args)
         config = spec.default_config(launch.problem)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(helion.runtime, "get_num_sm", lambda *_, **__: SMS)
-            kernel, _, args, options = captured_launch(bound.compile_config(config), launch.args)
-        launches.append((kernel, args, options, bound.to_triton_code(config)))
+        code = code_generator(launch.kernel).bind(launch.args).to_triton_code(config)
+        launches.append((launch.kernel, launch.args, config, code))
     return tuple(launches)
 
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("spec", spec_params())
 def test_default_config_compiles_for(spec, target: str) -> None:
-    backend, arch, warp = TARGETS[target]
     launches = _launches(spec.name)
     fp8 = any("tl.float8e4nv" in code for *_, code in launches)
     # products rounded with CUDA's mul.rn.f32 (libdevice mul_rn, which Triton's HIP libdevice lacks): RoPE's
@@ -57,17 +48,15 @@ def test_default_config_compiles_for(spec, target: str) -> None:
     if target == "sm80" and fp8:
         # e4m3 needs sm89 or later: on an A100 the fp8 and nvfp4 ops run their reference
         with pytest.raises(Exception, match="fp8e4nv"):
-            _compile(launches, backend, arch, warp)
+            _compile(launches, TARGETS[target])
         return
-    if backend == "hip" and cuda_only:
+    if TARGETS[target][0] == "hip" and cuda_only:
         with pytest.raises(Exception, match="mul_rn"):
-            _compile(launches, backend, arch, warp)
+            _compile(launches, TARGETS[target])
         pytest.xfail("mul_rn is CUDA's libdevice: the op's kernel does not build for AMD GPUs yet")
-    _compile(launches, backend, arch, warp)
+    _compile(launches, TARGETS[target])
 
 
-def _compile(launches, backend: str, arch: Any, warp: int) -> None:
-    for kernel, args, options, _ in launches:
-        compiled = triton.compile(ast_source(kernel, args), target=GPUTarget(backend, arch, warp),
-                                  options={k: options[k] for k in ("num_warps", "num_stages") if k in options})
-        assert compiled.asm[BINARY[backend]], (kernel, backend, arch)
+def _compile(launches, target: tuple[Any, ...]) -> None:
+    for kernel, args, config, _ in launches:
+        assert machine_code(kernel, args, config, target).asm[BINARY[target[0]]], (kernel.name, target)

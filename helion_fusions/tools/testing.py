@@ -112,6 +112,23 @@ def ast_source(kernel: Any, args: Sequence[Any]) -> Any:
     return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes)
 
 
+def machine_code(kernel: helion.Kernel, args: Sequence[Any], config: helion.Config,
+                 target: tuple[Any, ...] = FRONT_END_TARGET, num_sm: int = FRONT_END_SMS) -> Any:
+    """``kernel`` bound to ``args`` (CPU tensors) under ``config``, compiled by Triton on the CPU for ``target``
+    (backend, arch, warp size) as that GPU would compile it: Triton's compiled kernel, whose ``asm`` holds the
+    PTX and cubin (or AMDGCN and hsaco), and whose ``src`` is the Triton kernel. ``num_sm`` stands in for the
+    GPU's multiprocessors, which a persistent config's host code asks for."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    with unittest.mock.patch.object(helion.runtime, "get_num_sm", lambda *_, **__: num_sm):
+        launch = captured_launch(code_generator(kernel).bind(args).compile_config(config), args)
+    assert launch is not None, "the generated host function did not make exactly one launch"
+    jit, _, jit_args, options = launch
+    return triton.compile(ast_source(jit, jit_args), target=GPUTarget(*target),
+                          options={k: options[k] for k in ("num_warps", "num_stages") if k in options})
+
+
 def clone_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """A copy of an op call's arguments with every tensor cloned (outputs and in-place inputs included)."""
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
