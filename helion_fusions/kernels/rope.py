@@ -76,6 +76,7 @@ def rope_kernel(
     half = hl.specialize(half)
     tail = hl.specialize(key_tail.size(2))
     head_v = hl.specialize(value.size(2))
+    value_last = hl.specialize(value.size(-1))  # DS_MLA: a tile's width, an hl.arange bound (head_v otherwise)
     width = 2 * half + tail if TAIL else 2 * half  # head_size, for the norm's mean
     for tile_t, tile_h in hl.tile([T, HK]):
         if HAS_KEY:
@@ -110,7 +111,8 @@ def rope_kernel(
                     dims = 2 * half + hl.arange(tail)
                     cache_store(key_cache, k_base + dims[None, None, :] * ks3, rest, mask, ksc, FP8_CACHE, FP8_MAX)
                 if DS_MLA:
-                    ds_mla_store(value_cache, scale_cache, value, v_row, tile_t, tile_h, valid, vs2, FP8_MAX)
+                    ds_mla_store(value_cache, scale_cache, value, v_row, tile_t, tile_h, valid, vs2, value_last,
+                                 FP8_MAX)
                 else:
                     v_base = v_row[:, None, None] + tile_h.index[None, :, None] * vs2
                     v_offsets = v_base + hl.arange(head_v)[None, None, :] * vs3
@@ -226,13 +228,13 @@ FLT_MIN = 1.1754943508222875e-38  # the smallest normal fp32: the floor of an fp
 
 
 def ds_mla_store(cache: torch.Tensor, scales: torch.Tensor, value: torch.Tensor, row: torch.Tensor, tile_t: Any,
-                 tile_h: Any, valid: torch.Tensor, head_stride: int, fp8_max: float) -> None:
+                 tile_h: Any, valid: torch.Tensor, head_stride: int, width: int, fp8_max: float) -> None:
     """The fp8_ds_mla value write (a kernel helper): each tile of ``value`` [T, H, tiles, tile] is quantized
     with its own fp32 scale ``max(amax / fp8_max, FLT_MIN)`` (an IEEE division; a NaN amax gives the floor),
     its codes stored at byte ``row + head * head_stride + tile index * tile + i`` of ``cache`` (flat fp8),
     and the scales after all the codes, in ``scales`` (the same storage as flat fp32 words)."""
     rows = hl.load(value, [tile_t, tile_h, slice(None), slice(None)]).to(torch.float32)
-    tiles, width = value.size(2), value.size(3)
+    tiles = value.size(2)  # (it and ``width``, value.size(3), specialized by the kernel: hl.arange bounds)
     scale = div_rn(torch.amax(torch.abs(rows), dim=-1), fp8_max)
     scale = torch.where(scale > FLT_MIN, scale, FLT_MIN)
     # (a helper is traced: views unsqueeze, since Helion lowers no slicing of device values)
