@@ -467,9 +467,6 @@ def test_dynamic_per_tensor_quant_with_a_token_shaped_scale(tokens: int) -> None
 @pytest.mark.parametrize("tokens", [1, 7, 300])
 @pytest.mark.parametrize("spec", [REGISTRY["concat_and_cache_mla"], REGISTRY["concat_and_cache_mla_rope"]],
                          ids=lambda s: s.name)
-@pytest.mark.xfail(strict=True, reason="the fp8_ds_mla value write does not compile on an H200: rope.ds_mla_store's "
-                   "hl.arange(value.size(3)) is a tl.arange over an unspecialized size; until fixed, the op runs "
-                   "its eager reference there")
 def test_ds_mla_cache(spec: OpSpec, tokens: int) -> None:
     kwargs = _inputs(spec, tokens, 256)
     blocks = kwargs["kv_cache"].shape[0]

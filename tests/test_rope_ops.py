@@ -497,8 +497,6 @@ def test_ds_mla_bad_arguments(change: dict[str, Any], error: type[Exception], me
 
 
 @pytest.mark.parametrize("spec", MLA_OPS, ids=lambda s: s.name)
-@pytest.mark.xfail(strict=True, raises=Exception, reason="ds_mla_store's hl.arange(value.size(3)) is a tl.arange over "
-                   "an unspecialized size, which Triton's front end rejects: the write runs its eager reference on a GPU")
 def test_ds_mla_generates_code_with_every_shipped_config(spec) -> None:
     from helion_fusions.runtime import config_store
 
