@@ -27,9 +27,7 @@ SHIPPED = sorted(p for p in CONFIG_ROOT.glob("*/*.json") if p.stem not in all_re
 NO_CONFIGS = pytest.mark.skip(reason=f"no config files under {CONFIG_ROOT} yet")
 # Ops that no device has been tuned for yet (configs only ever come from `make autotune` on a GPU): they run the
 # architecture default config everywhere. Tuning one on any device removes it from this list.
-# the GEMM source changed (split-K) after these were tuned on an H200, and no run has tuned them again yet
-UNTUNED_OPS: frozenset[str] = frozenset({"scaled_mm_per_group_fp8_quant", "scaled_mm_silu_mul_static_fp8_quant",
-                                         "scaled_mm_silu_mul_per_group_fp8_quant"})
+UNTUNED_OPS: frozenset[str] = frozenset()
 TUNED_OPS = [name for name in REGISTRY if name not in UNTUNED_OPS]
 
 

@@ -208,7 +208,7 @@ def _write_mla_reference(k: torch.Tensor, v: torch.Tensor, pe_cache: torch.Tenso
         write_cache_reference(v, c_cache, slot_mapping, scale, fp8_max)
         return
     tiles = v.float().flatten(1, 2)  # [T, tiles, 128]
-    tile_scale = tiles.abs().amax(dim=-1) / fp8_max
+    tile_scale = quant.div_rn(tiles.abs().amax(dim=-1), fp8_max)  # IEEE on every device, as the engine's kernel
     tile_scale = torch.where(tile_scale > FLT_MIN, tile_scale, FLT_MIN)
     codes = quant.fp8_quantize(tiles, tile_scale.unsqueeze(-1), fp8_max, c_cache.dtype)
     entries = torch.cat([codes.flatten(1).view(torch.uint8), tile_scale.view(torch.uint8),
