@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import traceback
 from fractions import Fraction
 
 import pytest
@@ -400,8 +401,6 @@ class _ScalarDivisions(torch.overrides.TorchFunctionMode):
         divisor = args[1] if len(args) > 1 else None
         if (func in self.DIVISIONS and isinstance(divisor, (int, float)) and not isinstance(divisor, bool)
                 and divisor != 0 and math.frexp(abs(divisor))[0] != 0.5):
-            import traceback
-
             frame = [f for f in traceback.extract_stack()[:-1] if "helion_fusions" in f.filename][-1]
             self.sites.add(f"{frame.filename.split('helion_fusions/')[-1]}:{frame.lineno}: {frame.line}")
         return func(*args, **(kwargs or {}))
