@@ -65,7 +65,8 @@ from helion_fusions.tools.testing import (
 MAX_FLIP_FRACTION = 1e-4
 GRAPH_TIMING_MAX_TOKENS = 256
 REVALIDATE_SLOWDOWN = 1.10
-PIPELINE_MIN_TOKENS = 4096
+# from here a program has several rows to walk (T = 1024 is 7-8 rows per multiprocessor on an H200)
+PIPELINE_MIN_TOKENS = 1024
 PRECOMPILE_CHUNK = 8  # candidates a compile job takes (it makes the shape's inputs once)
 
 
