@@ -220,6 +220,14 @@ def split_count(m: int, groups: int, k: int, group: int, device: torch.device) -
 
 
 @functools.cache
+def _shared_memory_bytes() -> int:
+    """The shared memory a program may take on this process's GPU (a CPU counts as an H100/H200's 227 KiB)."""
+    if not torch.cuda.is_available():
+        return 232_448
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+
+
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     """The device's multiprocessors (a CPU, which runs the kernel interpreted, counts as an H100/H200's 132)."""
     if device.type != "cuda":
@@ -317,6 +325,15 @@ def _tuning(flavour: Quant, gated: bool):
     # two accumulators (gate_up) hold twice the registers: at most half the tile
     max_tile = 128 * 128 if gated else 128 * 256
 
+    def fits(config: helion.Config) -> bool:
+        """Whether the tile's pipelined fp8 operands (``num_stages`` K steps of ``a`` and of each ``b`` half) fit
+        in shared memory: on an H200 the tuner compiled candidates of up to 294,912 bytes against 232,448, each
+        failing only when loaded (86 in one tuning of the family)."""
+        rows, groups = config.config["block_sizes"]
+        halves = 2 if gated else 1
+        stages = int(config.config.get("num_stages", 3))
+        return stages * SCALE_BLOCK * (rows + halves * groups * group) <= _shared_memory_bytes()
+
     def default_config(shape: Shape) -> helion.Config:
         """M tiles of 16-128 rows by 128 columns, 3 stages: a 128-deep fp8 tile fits Hopper's wgmma."""
         rows = 16 if shape["M"] <= 16 else 64 if shape["M"] <= 64 else 128
@@ -327,7 +344,7 @@ def _tuning(flavour: Quant, gated: bool):
         if shape["M"] > 64:
             seeds += [_tile(r, c, group, num_warps=w, num_stages=s)
                       for r, c, w, s in ((128, 256, 8, 3), (64, 256, 4, 4)) if r * c <= max_tile]
-        return seeds
+        return [seed for seed in seeds if fits(seed)]
 
     def search_configs(shape: Shape) -> list[helion.Config]:
         """The two largest M tiles the bucket fills and N tiles of whole quant groups, warps by tile size; each
@@ -340,6 +357,7 @@ def _tuning(flavour: Quant, gated: bool):
         columns, stages = ((32, 64, 128, 256), (3, 5)) if m <= 128 else ((128, 256), (4 if m >= 512 else 3,))
         tiles = [_tile(r, c, group, num_warps=4 if r * c <= 64 * 128 else 8, num_stages=s)
                  for r in rows for c in columns for s in stages if c % group == 0 and r * c <= max_tile]
+        tiles = [tile for tile in tiles if fits(tile)]
         return [variant for tile in tiles for variant in (
             tile, helion.Config(**tile.config, indexing="tensor_descriptor"),
             helion.Config(**tile.config, pid_type="persistent_interleaved"))]
