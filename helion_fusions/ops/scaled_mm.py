@@ -351,7 +351,7 @@ def _tuning(flavour: Quant, gated: bool):
         also with TMA loads and as a persistent kernel. Up to M = 128 the product is a weight stream: narrow N
         tiles (32 columns) spread it over more programs, and 5 stages keep more of it in flight (at M = 128,
         N = 4096, K = 14336 on an H200, tiles of 128 columns or more gave at most 64 programs and took 50 us
-        against cuBLAS's 24). 6-45 candidates a shape, so the family tunes in minutes, not hours."""
+        against cuBLAS's 24). 6-48 candidates a shape, so the family tunes in minutes, not hours."""
         m = shape["M"]
         rows = [r for r in (16, 32, 64, 128) if r <= max(16, 2 * m)][-2:]
         columns, stages = ((32, 64, 128, 256), (3, 5)) if m <= 128 else ((128, 256), (4 if m >= 512 else 3,))
