@@ -331,8 +331,7 @@ def _tuning(flavour: Quant, gated: bool):
         failing only when loaded (86 when the family was last tuned)."""
         rows, groups = config.config["block_sizes"]
         halves = 2 if gated else 1
-        stages = int(config.config.get("num_stages", 3))
-        return stages * SCALE_BLOCK * (rows + halves * groups * group) <= _shared_memory_bytes()
+        return config.config["num_stages"] * SCALE_BLOCK * (rows + halves * groups * group) <= _shared_memory_bytes()
 
     def default_config(shape: Shape) -> helion.Config:
         """M tiles of 16-128 rows by 128 columns, 3 stages: a 128-deep fp8 tile fits Hopper's wgmma."""
