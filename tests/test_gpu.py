@@ -25,7 +25,6 @@ from helion.runtime.ref_mode import RefMode
 import helion_fusions
 from helion_fusions.runtime import dispatch
 from helion_fusions import quant
-from helion_fusions.ops import scaled_mm
 from helion_fusions.runtime.registry import REGISTRY, OpSpec
 from helion_fusions.tools.testing import poisoned
 
@@ -504,10 +503,30 @@ def test_scaled_mm_matches_the_contract(m: int, layout: str, op: str) -> None:
                       b_scales=(torch.rand(-(-n_b // 128), k // 128, generator=generator) / 256).to(CUDA))
     elif layout == "bias":
         kwargs["bias"] = torch.randn(n_b, generator=generator).to(device=CUDA, dtype=torch.bfloat16)
-    # block scales make the slices' sums inexact: split-K (m <= 16 here) adds them in another order than the
+    _check_scaled_mm(spec, kwargs, layout)
+
+
+def _check_scaled_mm(spec: OpSpec, kwargs: dict[str, Any], layout: str) -> None:
+    # block scales make the slices' sums inexact: split-K (two launches) adds them in another order than the
     # contract's sequence, which may move a result across a rounding tie
-    split = layout == "block" and m <= scaled_mm.SPLIT_MAX_M
+    split = layout == "block" and len(spec.prepare(**clone_kwargs(kwargs))) == 2
     run_against_reference(spec, kwargs, max_flip_fraction=1e-4 if split else 0)
+
+
+@pytest.mark.parametrize("op", SCALED_MM_OPS)
+@pytest.mark.parametrize("layout", ("token_channel", "block"))
+@pytest.mark.parametrize("m", (40, 100))
+def test_scaled_mm_splits_a_deep_k_up_to_128_rows(m: int, layout: str, op: str) -> None:
+    """K = 14336 at 40 and 100 rows (the M = 64 and 128 buckets) splits K in two launches."""
+    spec = REGISTRY[op]
+    kwargs = spec.make_inputs({"M": m, "N": 4096 + 128 * 3, "K": 14336}, torch.bfloat16, CUDA)
+    if layout == "block":
+        generator = torch.Generator(device="cpu").manual_seed(m)
+        kwargs.update(a_scales=(torch.rand(m, 14336 // 128, generator=generator) / 16).to(CUDA),
+                      b_scales=(torch.rand(-(-kwargs["b"].shape[1] // 128), 14336 // 128,
+                                           generator=generator) / 256).to(CUDA))
+    assert len(spec.prepare(**clone_kwargs(kwargs))) == 2
+    _check_scaled_mm(spec, kwargs, layout)
 
 
 @pytest.mark.parametrize("scale_layout", ("row_major", "transposed", "tma_aligned"))

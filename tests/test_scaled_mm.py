@@ -206,7 +206,11 @@ def test_epilogues_match_the_contract(spec, m: int, n: int, k: int, layout: str,
     (16, 6144, 4096, 1, 2),
     (1, 32, 4096, 128, 8),  # group-128 output: 32 programs, 8 slices of 4 steps
     (1, 14336, 4096, 1, 1),  # enough programs already
-    (17, 4096, 14336, 1, 1),  # past SPLIT_MAX_M rows
+    (64, 4096, 14336, 1, 4),  # a quarter of the weight's bytes allows 7 slices of 64 rows' partial sums
+    (128, 4096, 14336, 1, 2),
+    (64, 4096, 4096, 1, 2),
+    (128, 4096, 4096, 1, 1),  # 2 slices would round-trip half the weight's bytes
+    (129, 4096, 14336, 1, 1),  # past SPLIT_MAX_M rows
     (1, 4096, 4096 + 16, 1, 1),  # K not a multiple of 128
     (1, 4096, 640, 1, 1),  # 5 steps: no even split of 4 steps or more
 ])
@@ -223,8 +227,8 @@ def test_split_count(m: int, groups: int, k: int, group: int, splits: int) -> No
 @pytest.mark.parametrize("m", (1, 7, 16))
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.name)
 def test_split_k_matches_the_contract(spec, m: int, layout: str) -> None:
-    """K = 1024 at up to 16 rows splits: partial sums per K slice, then a launch adds them and runs the epilogue."""
-    kwargs = _inputs(m, 256, 1024, layout, bias=True, spec=spec)
+    """K = 2048 at up to 16 rows splits: partial sums per K slice, then a launch adds them and runs the epilogue."""
+    kwargs = _inputs(m, 256, 2048, layout, bias=True, spec=spec)
     partial, reduce = spec.prepare(**clone_kwargs(kwargs))
     splits = partial.args[8].size(0)
     assert splits > 1 and partial.args[8] is reduce.args[8] and partial.args[10] == splits
