@@ -211,11 +211,14 @@ def test_epilogues_match_the_contract(spec, m: int, n: int, k: int, layout: str,
     (64, 4096, 4096, 1, 2),
     (128, 4096, 4096, 1, 1),  # 2 slices would round-trip half the weight's bytes
     (129, 4096, 14336, 1, 1),  # past SPLIT_MAX_M rows
+    (17, 32, 14336, 128, 1),  # per-group output: past SPLIT_MAX_M_GROUPED rows
     (1, 4096, 4096 + 16, 1, 1),  # K not a multiple of 128
     (1, 4096, 640, 1, 1),  # 5 steps: no even split of 4 steps or more
 ])
 def test_split_count(m: int, groups: int, k: int, group: int, splits: int) -> None:
     assert scaled_mm.split_count(m, groups, k, group, torch.device("cpu")) == splits
+    gated = scaled_mm.split_count(m, groups, k, group, torch.device("cpu"), gated=True)
+    assert gated == (splits if m <= scaled_mm.SPLIT_MAX_M_GROUPED else 1)  # gate_up: up to 16 rows
     dispatch.set_batch_invariant(True)
     try:  # a row's summation order must not depend on M
         assert scaled_mm.split_count(m, groups, k, group, torch.device("cpu")) == 1

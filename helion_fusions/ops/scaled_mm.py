@@ -83,6 +83,7 @@ ROUND_DTYPE = torch.bfloat16  # the unfused path's GEMM output, which the activa
 GROUP_SIZES = (128,)  # per-group output quant: a group lies inside one N tile
 DEFAULT_EPS = 1e-10  # the per-group amax floor, per_token_group_fp8_quant's eps as engines pass it
 SPLIT_MAX_M = 128  # split-K for at most this many rows (see split_count)
+SPLIT_MAX_M_GROUPED = 16  # the same for per-group quantized outputs and gate_up
 SPLIT_MAX = 8
 SPLIT_SCRATCH_SHARE = 4  # the partial sums' round trip moves at most a quarter of the weight's bytes
 SPLIT_MIN_STEPS = 4
@@ -182,7 +183,7 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
         return ()
     halves = 2 if gated else 1
     shape = (halves, n // group, group)
-    splits = split_count(m, n // group, k, group, a.device)
+    splits = split_count(m, n // group, k, group, a.device, gated)
     flags = (per_token, per_channel, block, bias is not None, gated, int(flavour), bool(scale_ue8m0))
     operands = (a, b.view(k, *shape), a_s, b_s.view(shape) if per_channel else b_s,
                 scale_in if bias is None else bias.view(shape), out.view(m, n // group, group), scale_out, scale_in)
@@ -202,8 +203,9 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
     return (launch(Phase.PARTIAL, partials, k // splits, splits), launch(Phase.REDUCE, partials, k, 1))
 
 
-def split_count(m: int, groups: int, k: int, group: int, device: torch.device) -> int:
-    """How many K slices (split-K) a product of ``m`` rows takes: 1 (no split) from ``SPLIT_MAX_M`` rows on.
+def split_count(m: int, groups: int, k: int, group: int, device: torch.device, gated: bool = False) -> int:
+    """How many K slices (split-K) a product of ``m`` rows takes: 1 (no split) from ``SPLIT_MAX_M`` rows on,
+    from ``SPLIT_MAX_M_GROUPED`` for per-group outputs (``group > 1``) and gate_up (``gated``).
 
     Below, the narrowest N tiles the search tries (32 columns, or one quant group) over the ``groups``
     groups of ``group`` output columns give one row tile's programs, too few to stream the weight from
@@ -213,8 +215,11 @@ def split_count(m: int, groups: int, k: int, group: int, device: torch.device) -
     ``K`` bytes a column: the slices are capped where that round trip would pass 1 / ``SPLIT_SCRATCH_SHARE``
     of the weight's bytes: at K = 4096 up to 8 slices for 16 rows, 2 for 64 and none for 128; at K = 14336
     4 for 64 rows and 2 for 128 (unsplit, N = 4096 gave 128 programs of 32 columns and took 35 us against
-    cuBLAS's 23-24 on an H200)."""
-    if m > SPLIT_MAX_M or k % SCALE_BLOCK or dispatch.batch_invariant():  # a row's sum order would follow M
+    cuBLAS's 23-24 on an H200; split, 28-30 us). On an H200 the per-group output split at 64 rows took 21.3 us
+    against 13.2 unsplit (N = K = 4096) and 80.3 against 39.2 (K = 14336), and half of its tiles and of
+    gate_up's overflowed shared memory when split (two accumulators' fp32 sums to store): those split up to
+    16 rows only."""
+    if m > (SPLIT_MAX_M_GROUPED if gated or group > 1 else SPLIT_MAX_M) or k % SCALE_BLOCK or dispatch.batch_invariant():  # a row's sum order would follow M
         return 1
     programs = groups // max(1, SPLIT_MIN_TILE // group)
     target = 2 * _sm_count(device)
