@@ -214,12 +214,13 @@ def split_count(m: int, groups: int, k: int, group: int, device: torch.device, g
     Each slice's fp32 sums are written and read back, 8 bytes an output element against the fp8 weight's
     ``K`` bytes a column: the slices are capped where that round trip would pass 1 / ``SPLIT_SCRATCH_SHARE``
     of the weight's bytes: at K = 4096 up to 8 slices for 16 rows, 2 for 64 and none for 128; at K = 14336
-    4 for 64 rows and 2 for 128 (unsplit, N = 4096 gave 128 programs of 32 columns and took 35 us against
-    cuBLAS's 23-24 on an H200; split, 28-30 us). On an H200 the per-group output split at 64 rows took 21.3 us
-    against 13.2 unsplit (N = K = 4096) and 80.3 against 39.2 (K = 14336), and half of its tiles and of
-    gate_up's overflowed shared memory when split (two accumulators' fp32 sums to store): those split up to
-    16 rows only."""
-    if m > (SPLIT_MAX_M_GROUPED if gated or group > 1 else SPLIT_MAX_M) or k % SCALE_BLOCK or dispatch.batch_invariant():  # a row's sum order would follow M
+    4 for 64 rows and 2 for 128. On an H200, N = 4096, K = 14336 took 28-30 us split against 35 unsplit
+    (128 programs of 32 columns; cuBLAS 23-24); N = K = 4096 at 64 rows 11.5 against 11.4. Per-group
+    outputs split at 64 rows were slower (21.3 us against 13.2 at N = K = 4096, 80.3 against 39.2 at
+    K = 14336), and split gate_up tiles tuned unsplit overflowed shared memory (262,144 bytes against
+    232,448): those two split up to ``SPLIT_MAX_M_GROUPED`` rows only."""
+    most_rows = SPLIT_MAX_M_GROUPED if gated or group > 1 else SPLIT_MAX_M
+    if m > most_rows or k % SCALE_BLOCK or dispatch.batch_invariant():  # a row's sum order would follow M
         return 1
     programs = groups // max(1, SPLIT_MIN_TILE // group)
     target = 2 * _sm_count(device)
