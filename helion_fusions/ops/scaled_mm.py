@@ -224,9 +224,9 @@ def split_count(m: int, groups: int, k: int, group: int, device: torch.device, g
         return 1
     programs = groups // max(1, SPLIT_MIN_TILE // group)
     target = 2 * _sm_count(device)
-    most = min(SPLIT_MAX, k // (8 * SPLIT_SCRATCH_SHARE * m))
+    most_slices = min(SPLIT_MAX, k // (8 * SPLIT_SCRATCH_SHARE * m))
     steps, splits = k // SCALE_BLOCK, 1
-    while (programs * splits < target and 2 * splits <= most and steps % (2 * splits) == 0
+    while (programs * splits < target and 2 * splits <= most_slices and steps % (2 * splits) == 0
            and steps // (2 * splits) >= SPLIT_MIN_STEPS):
         splits *= 2
     return splits
