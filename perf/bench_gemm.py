@@ -9,8 +9,8 @@ and DeepSeek-V3-style block fp8 with K = 7168), in one run:
   ``1 / out_scale`` folded into ``scale_a``: the one-call speed of light (cuBLAS rejects row-wise scales
   with fp8 output on this stack: no such baseline there);
 * ``unfused_us``: the best unfused path: cuBLAS, then our quant op (``static_scaled_fp8_quant``,
-  ``per_token_group_fp8_quant``) or our activation + quant op (``silu_and_mul_quant``,
-  ``silu_and_mul_per_block_quant``);
+  ``per_token_group_fp8_quant``, ``dynamic_per_token_scaled_fp8_quant``) or our activation + quant op
+  (``silu_and_mul_quant``, ``silu_and_mul_per_block_quant``, ``silu_and_mul_dynamic_per_token_quant``);
 * ``compile_us``: ``torch.compile`` of the same composite (``torch._scaled_mm`` + the package's reference math);
 * ``ours_us``: ``torch.ops.helion_fusions.<op>``.
 
@@ -42,7 +42,8 @@ from perf.tables import RESULTS, geomean, write_csv
 
 TOKENS = scaled_mm.M_GRID
 LAYERS, GATE_UP = scaled_mm.LAYERS, scaled_mm.GATE_UP
-GATED_OPS = ("scaled_mm_silu_mul_static_fp8_quant", "scaled_mm_silu_mul_per_group_fp8_quant")
+GATED_OPS = ("scaled_mm_silu_mul_static_fp8_quant", "scaled_mm_silu_mul_per_group_fp8_quant",
+             "scaled_mm_silu_mul_per_token_fp8_quant")
 GRAPH_MAX_M = 512
 COLUMNS = ["device", "op", "model", "M", "N", "K", "scales", "out", "cublas_us", "cublas_fp8_out_us", "unfused_us",
            "compile_us", "ours_us", "tflops", "pct_cublas_peak", "speedup_vs_unfused", "torch", "helion", "repro"]
@@ -53,14 +54,15 @@ def variants(model: str) -> list[tuple[str, str]]:
     """(op, scale layout) pairs benched for a model's layers: block scales for the block-fp8 model."""
     layouts = ("block",) if model.endswith("block") else ("tensor", "row")
     return [(op, layout) for layout in layouts for op in ("scaled_mm", "scaled_mm_static_fp8_quant",
-                                                          "scaled_mm_per_group_fp8_quant", *GATED_OPS)]
+                                                          "scaled_mm_per_group_fp8_quant",
+                                                          "scaled_mm_per_token_fp8_quant", *GATED_OPS)]
 
 
 def layer_shapes(op: str, model: str) -> tuple[tuple[int, int], ...]:
     """(N, K) of the layers an op is benched on: the gate_up ops' N is the projection's I; a per-group op's N is a
-    multiple of its 128-column groups."""
+    multiple of 128 (the per-group and per-token ops' groups)."""
     shapes = GATE_UP[model] if op in GATED_OPS else LAYERS[model]
-    return tuple((n, k) for n, k in shapes if "per_group" not in op or n % 128 == 0)
+    return tuple((n, k) for n, k in shapes if "static" in op or op == "scaled_mm" or n % 128 == 0)
 
 
 def flops(op: str, shape: dict[str, int]) -> float:
@@ -119,6 +121,21 @@ def _baselines(op: str, kwargs: dict[str, Any], layout: str) -> dict[str, Callab
         calls["cublas_fp8_out"] = (lambda: torch._scaled_mm(a, b, scale_a=scale_a / scale, scale_b=scale_b,
                                                             out_dtype=out.dtype)) if layout == "tensor" and \
             op not in GATED_OPS else None
+    elif op.endswith("per_token_fp8_quant"):
+        scales = kwargs["scales"]
+        if op in GATED_OPS:
+            def unfused() -> None:
+                helion_ops.silu_and_mul_dynamic_per_token_quant(result=out, input=cublas(), scale=scales)
+        else:
+            def unfused() -> None:
+                helion_ops.dynamic_per_token_scaled_fp8_quant(result=out, input=cublas(), scale=scales)
+
+        def composite() -> None:
+            y = cublas()
+            y = silu_and_mul_reference(y) if op in GATED_OPS else y
+            quant.quantize_per_group_reference(y, out, scales, y.shape[1])
+
+        calls["cublas_fp8_out"] = None
     else:  # per-group fp8 output
         scales, eps = kwargs["scales"], kwargs.get("eps", scaled_mm.DEFAULT_EPS)
         if op in GATED_OPS:

@@ -25,6 +25,7 @@ from helion.runtime.ref_mode import RefMode
 import helion_fusions
 from helion_fusions.runtime import dispatch
 from helion_fusions import quant
+from helion_fusions.kernels.scaled_mm import Phase
 from helion_fusions.runtime.registry import REGISTRY, OpSpec
 from helion_fusions.tools.testing import poisoned
 
@@ -483,7 +484,8 @@ def test_ds_mla_cache(spec: OpSpec, tokens: int) -> None:
 # --- scaled_mm ------------------------------------------------------------------------------------
 
 SCALED_MM_OPS = ("scaled_mm", "scaled_mm_static_fp8_quant", "scaled_mm_per_group_fp8_quant",
-                  "scaled_mm_silu_mul_static_fp8_quant", "scaled_mm_silu_mul_per_group_fp8_quant")
+                 "scaled_mm_per_token_fp8_quant", "scaled_mm_silu_mul_static_fp8_quant",
+                 "scaled_mm_silu_mul_per_group_fp8_quant", "scaled_mm_silu_mul_per_token_fp8_quant")
 
 
 @pytest.mark.parametrize("op", SCALED_MM_OPS)
@@ -509,7 +511,8 @@ def test_scaled_mm_matches_the_contract(m: int, layout: str, op: str) -> None:
 def _check_scaled_mm(spec: OpSpec, kwargs: dict[str, Any], layout: str, flips: float = 1e-4) -> None:
     # block scales make the slices' sums inexact: split-K (two launches) adds them in another order than the
     # contract's sequence, which may move a result across a rounding tie
-    split = layout == "block" and len(spec.prepare(**clone_kwargs(kwargs))) == 2
+    launches = spec.prepare(**clone_kwargs(kwargs))
+    split = layout == "block" and any(launch.args[-1] == Phase.PARTIAL for launch in launches)
     run_against_reference(spec, kwargs, max_flip_fraction=flips if split else 0)
 
 
@@ -528,6 +531,19 @@ def test_scaled_mm_splits_a_deep_k_up_to_128_rows(m: int, layout: str, op: str) 
     assert len(spec.prepare(**clone_kwargs(kwargs))) == 2
     # 112 scaled slices (against 32 at K = 4096): 72 of 448,000 bf16 outputs flipped on an H200
     _check_scaled_mm(spec, kwargs, layout, flips=5e-4)
+
+
+@pytest.mark.parametrize("m", (1, 7, 300))
+@pytest.mark.parametrize("op", ("scaled_mm_per_token_fp8_quant", "scaled_mm_silu_mul_per_token_fp8_quant"))
+def test_scaled_mm_per_token_scale_ub_and_zero_rows(op: str, m: int) -> None:
+    """A scale_ub below most rows' amax (their values saturate), and a zero row (the 1 / 512 floor)."""
+    spec = REGISTRY[op]
+    kwargs = spec.make_inputs({"M": m, "N": 4096 + 128 * 3, "K": 4096}, torch.bfloat16, CUDA)
+    kwargs["a"][m // 2] = 0
+    reference = clone_kwargs(kwargs)
+    spec.reference(**reference)
+    kwargs["scale_ub"] = reference["scales"].median().reshape(1)
+    run_against_reference(spec, kwargs, max_flip_fraction=0)
 
 
 @pytest.mark.parametrize("scale_layout", ("row_major", "transposed", "tma_aligned"))

@@ -11,6 +11,11 @@ columns ``n`` and the up columns ``n + N``), then ``y = round(silu(round(gate)))
 GEMM + ``silu_and_mul`` computes it. The result, rounded to the unfused GEMM's output dtype, ends in
 :func:`helion_fusions.quant.epilogues.store_quantized`: no quant, static fp8, or dynamic per-group fp8.
 
+Dynamic per-token fp8 needs the amax of a whole row, which spans every N tile: the epilogue's launch
+(``QUANT`` ``GROUP_AMAX``) stores the rounded result into a scratch ``out`` and each group's amax into
+``scale_out``; a ``QUANTIZE`` launch of the same tiles reads them back (the scratch through ``partials``,
+the amaxes through ``scale_in``) and quantizes each row by the max of its groups' (``PER_TOKEN_OF_GROUPS``).
+
 The output columns are tiled in groups of ``G`` (the quant group; 1 for the flavours without one), so a
 per-group scale is the amax of a group inside one tile: the second block size counts groups. K is walked 128
 deep in every variant (the depth of an fp8 tensor-core tile on Hopper, and of a block scale).
@@ -75,6 +80,7 @@ class Phase(enum.IntEnum):
     WHOLE = 0  # the whole K depth, then the epilogue
     PARTIAL = 1  # split-K: one program per (tile, split) sums its K slice into ``partials``
     REDUCE = 2  # split-K: a program per tile adds the splits' sums, then the epilogue
+    QUANTIZE = 3  # per-token fp8: the rounded result back from ``partials``, quantized by its row's group amaxes
 
 
 def partial_sum(partials: torch.Tensor, half: int, tile_m, tile_g, G: int) -> torch.Tensor:
@@ -96,27 +102,28 @@ def store_partial(partials: torch.Tensor, split, half: int, tile_m, tile_g, G: i
 def scaled_mm_kernel(
     a: torch.Tensor,  # [M, K] fp8
     b: torch.Tensor,  # [K, HALVES, NG, G] fp8, column-major: [gate | up] when GATED (HALVES = 2)
-    a_scales: torch.Tensor,  # [M] (A_PER_TOKEN), [M, K / 128] (BLOCK_SCALED) or [1] fp32
-    b_scales: torch.Tensor,  # [HALVES, NG, G] (B_PER_CHANNEL), [HALVES * N / 128, K / 128] (BLOCK_SCALED) or [1]
+    a_scales: torch.Tensor,  # [M] fp32 (a one-element scale as a stride-0 row), or [M, K / 128] (BLOCK_SCALED)
+    b_scales: torch.Tensor,  # [HALVES, NG, G] (likewise), or [HALVES * N / 128, K / 128] (BLOCK_SCALED)
     bias: torch.Tensor,  # [HALVES, NG, G] (HAS_BIAS)
-    out: torch.Tensor,  # [M, NG, G]: bf16/fp16, or fp8 (a quant flavour)
-    scale_out: torch.Tensor,  # [M, NG] per-group scales (any strides; an [M, 1] placeholder otherwise); see
-                              # quant.store_quantized
-    scale_in: torch.Tensor,  # [1] fp32 dequant scale of a static fp8 out
-    partials: torch.Tensor,  # [S, HALVES, M, NG, G] fp32 split-K sums (PARTIAL, REDUCE); a placeholder otherwise
+    out: torch.Tensor,  # [M, NG, G]: bf16/fp16, or fp8 (a quant flavour); the per-token scratch (GROUP_AMAX)
+    scale_out: torch.Tensor,  # [M, NG] per-group scales or amaxes (any strides), [M] per-token scales, or an
+                              # [M, 1] placeholder; see quant.store_quantized
+    scale_in: torch.Tensor,  # [1] fp32 dequant scale of a static fp8 out, scale_ub (GROUP_AMAX), or the [M, NG]
+                             # group amaxes (QUANTIZE)
+    partials: torch.Tensor,  # [S, HALVES, M, NG, G] fp32 split-K sums (PARTIAL, REDUCE), [1, 1, M, NG, G]
+                             # rounded results (QUANTIZE); a placeholder otherwise
     chunk: int,  # the K depth of a split: K / S, a multiple of 128 (PARTIAL); K otherwise
     grid_split: int,  # S (PARTIAL), 1 otherwise
     amax_floor: float,
-    A_PER_TOKEN: hl.constexpr,
-    B_PER_CHANNEL: hl.constexpr,
     BLOCK_SCALED: hl.constexpr,
     HAS_BIAS: hl.constexpr,
     GATED: hl.constexpr,
-    QUANT: hl.constexpr,  # quant.Quant: NONE, STATIC or PER_GROUP
+    QUANT: hl.constexpr,  # quant.Quant: NONE, STATIC, PER_GROUP; per token GROUP_AMAX, then PER_TOKEN_OF_GROUPS
+    HAS_SCALE_UB: hl.constexpr,
     UE8M0: hl.constexpr,
     ROUND_DTYPE: hl.constexpr,  # the unfused GEMM's output dtype, rounded to before the activation and the quant
     FP8_MAX: hl.constexpr,
-    PHASE: hl.constexpr,  # Phase: WHOLE, or split-K's PARTIAL then REDUCE
+    PHASE: hl.constexpr,  # Phase: WHOLE, or split-K's PARTIAL then REDUCE; then QUANTIZE (per-token fp8)
 ) -> None:
     M, K = a.size()
     _, _, NG, G = b.size()
@@ -136,6 +143,8 @@ def scaled_mm_kernel(
             acc = partial_sum(partials, 0, tile_m, tile_g, G)
             if GATED:
                 acc_up = partial_sum(partials, 1, tile_m, tile_g, G)
+        elif PHASE == 3:  # Phase.QUANTIZE: no product
+            pass
         else:
             begin = tile_s.begin * chunk
             for tile_k in hl.tile(begin, begin + chunk, block_size=SCALE_BLOCK):
@@ -158,23 +167,19 @@ def scaled_mm_kernel(
             store_partial(partials, tile_s.begin, 0, tile_m, tile_g, G, acc)
             if GATED:
                 store_partial(partials, tile_s.begin, 1, tile_m, tile_g, G, acc_up)
+        elif PHASE == 3:  # Phase.QUANTIZE
+            rounded = hl.load(partials, [0, 0, tile_m, tile_g, slice(None)])
+            store_quantized(rounded, out, scale_out, scale_value, amax_floor, tile_m, tile_g, M, NG, G, QUANT,
+                            HAS_SCALE_UB, UE8M0, False, FP8_MAX)
         else:
             y = acc
             y_up = acc_up
             if not BLOCK_SCALED:
-                if B_PER_CHANNEL:
-                    y = columns(b_scales, (0,), tile_g, G).unsqueeze(0) * y
-                    if GATED:
-                        y_up = columns(b_scales, (1,), tile_g, G).unsqueeze(0) * y_up
-                else:
-                    y = b_scales[0] * y
-                    y_up = b_scales[0] * y_up
-                if A_PER_TOKEN:
-                    a_s = a_scales[tile_m].unsqueeze(1)
-                else:
-                    a_s = a_scales[0]
+                y = columns(b_scales, (0,), tile_g, G).unsqueeze(0) * y
+                a_s = a_scales[tile_m].unsqueeze(1)
                 y = mul_rn(y, a_s)  # rounded before the bias is added
-                y_up = mul_rn(y_up, a_s)
+                if GATED:
+                    y_up = mul_rn(columns(b_scales, (1,), tile_g, G).unsqueeze(0) * y_up, a_s)
             if HAS_BIAS:
                 y = y + columns(bias, (0,), tile_g, G).unsqueeze(0).to(torch.float32)
                 if GATED:
@@ -182,5 +187,8 @@ def scaled_mm_kernel(
             rounded = y.to(ROUND_DTYPE)
             if GATED:
                 rounded = silu(rounded.to(torch.float32)).to(ROUND_DTYPE) * y_up.to(ROUND_DTYPE)
-            store_quantized(rounded.reshape(rounded.size(0), -1, G), out, scale_out, scale_value,
-                            amax_floor, tile_m, tile_g, M, NG, G, QUANT, False, UE8M0, False, FP8_MAX)
+            rounded = rounded.reshape(rounded.size(0), -1, G)
+            if QUANT == 7:  # Quant.GROUP_AMAX: the rounded result too, for the QUANTIZE launch
+                out[tile_m, tile_g, :] = rounded
+            store_quantized(rounded, out, scale_out, scale_value, amax_floor, tile_m, tile_g, M, NG, G, QUANT,
+                            HAS_SCALE_UB, UE8M0, False, FP8_MAX)

@@ -34,9 +34,13 @@ a second adds the slices in order and runs the epilogue. The sums are the same p
 order (block scales: the scaled slices); the scratch is written whole before it is read, and a launch plan
 keeps it for its calls (two streams must not run one plan at once). Batch-invariant mode never splits.
 
-Not here yet: dynamic per-token fp8 output. A row's scale needs the amax over every N tile of the row: either
-one program per row band covering all of N (only small N), or two launches (the GEMM storing bf16 ``y`` and
-per-tile row amaxes, then a quant pass reading them back), which is the unfused path's traffic again.
+``scaled_mm_per_token_fp8_quant`` (and gate_up's): ``dynamic_per_token_scaled_fp8_quant`` of ``y`` (N a multiple
+of 128): ``s = max(min(amax, scale_ub), 1 / 512) / fp8_max`` per row, ``q = fp8(clamp(y / s))``, ``scales``
+fp32 ``[M, 1]``. A row's scale needs the amax over every N tile of the row, so the product's launch stores
+``y`` rounded to bf16 into a scratch with the amax of each 128 columns, and a second launch of the same
+tiles quantizes each row by the max of its amaxes. Against the unfused path it saves the quant op's row
+reduction and, for gate_up, the ``[M, 2 I]`` intermediate; the bf16 round trip of ``y`` stays (one program
+covering a row's every column would leave most SMs idle, and computing the product twice doubles it).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from helion_fusions.runtime.checks import (
     check_group_size,
     check_positive_float,
     check_scalar_scale,
+    check_scale_ub,
     check_tensor,
     group_scale_view,
 )
@@ -117,12 +122,12 @@ def _block_scaled(a_scales: torch.Tensor, b_scales: torch.Tensor, m: int, n: int
 
 
 def _check_scales(a_scales: Any, b_scales: Any, m: int, n: int, k: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool, bool, bool]:
-    """The scales as the kernel reads them, and (a per token, b per channel, block-scaled)."""
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The scales as the kernel reads them, and whether they are block scales."""
     a_scales = check_tensor("a_scales", a_scales, dtypes=(torch.float32,), device=device)
     b_scales = check_tensor("b_scales", b_scales, dtypes=(torch.float32,), device=device)
     if _block_scaled(a_scales, b_scales, m, n, k):
-        return a_scales, b_scales, False, False, True
+        return a_scales, b_scales, True
     a_block, b_block = (m, _cdiv(k, SCALE_BLOCK)), (_cdiv(n, SCALE_BLOCK), _cdiv(k, SCALE_BLOCK))
     for name, scales, count, what in (("a_scales", a_scales, m, "M"), ("b_scales", b_scales, n, "N")):
         if scales.numel() not in (1, count) or sum(size > 1 for size in scales.shape) > 1:
@@ -134,7 +139,7 @@ def _check_scales(a_scales: Any, b_scales: Any, m: int, n: int, k: int,
     # A one-element scale is read as a row of equal scales (a stride-0 view): the configs are tuned on the
     # row-scale kernel, and on an H200 the per-tensor variant ran the same config up to 1.4x slower (its bf16
     # tile was stored straight from the MMA layout, without the row-scale kernel's coalescing layout change).
-    return a_scales.view(-1).expand(m), b_scales.view(-1).expand(n), True, True, False
+    return a_scales.view(-1).expand(m), b_scales.view(-1).expand(n), False
 
 
 @functools.cache
@@ -155,8 +160,8 @@ def _check_weight(b: torch.Tensor, gated: bool) -> int:
 
 def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, *, flavour: Quant = Quant.NONE,
              gated: bool = False, scale: Any = None, scales: Any = None, group_size: Any = None,
-             eps: Any = DEFAULT_EPS, is_scale_transposed: Any = False,
-             scale_ue8m0: Any = False) -> tuple[KernelLaunch, ...]:
+             eps: Any = DEFAULT_EPS, is_scale_transposed: Any = False, scale_ue8m0: Any = False,
+             scale_ub: Any = None) -> tuple[KernelLaunch, ...]:
     a, b = _check_operands(a, b)
     (m, k), n_b = a.shape, b.size(1)
     n = _check_weight(b, gated)
@@ -165,11 +170,11 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
                        device=a.device)
     if n > 1 and out.stride(1) != 1:
         raise ValueError(f"out: expected a row-major [M, N] tensor, got strides {list(out.stride())}")
-    a_s, b_s, per_token, per_channel, block = _check_scales(a_scales, b_scales, m, n_b, k, a.device)
+    a_s, b_s, block = _check_scales(a_scales, b_scales, m, n_b, k, a.device)
     rounded = ROUND_DTYPE if quantized or gated else out.dtype
     if bias is not None:
         check_tensor("bias", bias, dtypes=(rounded,), shape=(n_b,), device=a.device, contiguous=True)
-    group = 1
+    group = _group_of(flavour)
     scale_out = scale_in = _placeholder(a.device)  # where the flavour reads none
     scale_out = scale_out.expand(m, 1)  # with M rows, as the kernel checks
     amax_floor = DEFAULT_EPS
@@ -179,28 +184,51 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
         group = check_group_size("group_size", group_size, n, GROUP_SIZES)
         scale_out = check_group_scale("scales", scales, m, n // group, a.device, bool(is_scale_transposed))
         amax_floor = check_positive_float("eps", eps)
+    elif flavour is Quant.PER_TOKEN:
+        if n % group:
+            raise ValueError(f"out: per-token quant takes the row amax over groups of {group} columns, so N must be a "
+                             f"multiple of {group}, got N = {n}")
+        scale_out = check_tensor("scales", scales, dtypes=(torch.float32,), shape=(m, 1), device=a.device,
+                                 contiguous=True).view(-1)
+        if check_scale_ub("scale_ub", scale_ub, a.device):
+            scale_in = scale_ub.reshape(1)
+        amax_floor = quant.FP8_AMAX_FLOOR
     if m == 0:
         return ()
     halves = 2 if gated else 1
     shape = (halves, n // group, group)
     splits = split_count(m, n // group, k, group, a.device, gated)
-    flags = (per_token, per_channel, block, bias is not None, gated, int(flavour), bool(scale_ue8m0))
-    operands = (a, b.view(k, *shape), a_s, b_s.view(shape) if per_channel else b_s,
-                scale_in if bias is None else bias.view(shape), out.view(m, n // group, group), scale_out, scale_in)
-    constants = (*flags, rounded, quant.fp8_max_for(out.dtype) if quantized else 448.0)
-    key = (a.dtype, out.dtype, rounded, n, k, group, *flags)
+    operands = (a, b.view(k, *shape), a_s, b_s if block else b_s.view(shape),
+                _placeholder(a.device) if bias is None else bias.view(shape))
+    fp8_max = quant.fp8_max_for(out.dtype) if quantized else 448.0
 
-    def launch(phase: Phase, partials: torch.Tensor, chunk: int, grid_split: int) -> KernelLaunch:
-        return KernelLaunch(scaled_mm_kernel, (*operands, partials, chunk, grid_split, amax_floor, *constants,
-                                               int(phase)), (*key, int(phase)), {"M": m, "N": n, "K": k},
+    def launch(phase: Phase, epilogue: Quant, y: torch.Tensor, y_scales: torch.Tensor, y_scale_in: torch.Tensor,
+               partials: torch.Tensor, chunk: int = k, grid_split: int = 1) -> KernelLaunch:
+        flags = (block, bias is not None, gated, int(epilogue), scale_ub is not None, bool(scale_ue8m0))
+        return KernelLaunch(scaled_mm_kernel, (*operands, y.view(m, n // group, group), y_scales, y_scale_in,
+                                               partials, chunk, grid_split, amax_floor, *flags, rounded, fp8_max,
+                                               int(phase)),
+                            (a.dtype, y.dtype, rounded, n, k, group, *flags, int(phase)), {"M": m, "N": n, "K": k},
                             a.device, out.dtype)
 
+    # the product's launches end in the flavour's epilogue; per token, in the rounded result and its group amaxes
+    y, y_scales, epilogue = out, scale_out, flavour
+    if flavour is Quant.PER_TOKEN:
+        # written whole by the first launches before the last reads them; a launch plan keeps them for its calls
+        y = torch.empty(m, n, dtype=ROUND_DTYPE, device=a.device)
+        y_scales = torch.empty(m, n // group, dtype=torch.float32, device=a.device)
+        epilogue = Quant.GROUP_AMAX
     if splits == 1:
-        return (launch(Phase.WHOLE, _placeholder(a.device).view(1, 1, 1, 1, 1).expand(1, halves, m, *shape[1:]),
-                       k, 1),)
-    # written whole by the first launch before the second reads it; a launch plan keeps it for its calls
-    partials = torch.empty(splits, halves, m, *shape[1:], dtype=torch.float32, device=a.device)
-    return (launch(Phase.PARTIAL, partials, k // splits, splits), launch(Phase.REDUCE, partials, k, 1))
+        launches = [launch(Phase.WHOLE, epilogue, y, y_scales, scale_in,
+                           _placeholder(a.device).view(1, 1, 1, 1, 1).expand(1, halves, m, *shape[1:]))]
+    else:
+        partials = torch.empty(splits, halves, m, *shape[1:], dtype=torch.float32, device=a.device)
+        launches = [launch(Phase.PARTIAL, epilogue, y, y_scales, scale_in, partials, k // splits, splits),
+                    launch(Phase.REDUCE, epilogue, y, y_scales, scale_in, partials)]
+    if flavour is Quant.PER_TOKEN:
+        launches.append(launch(Phase.QUANTIZE, Quant.PER_TOKEN_OF_GROUPS, out, scale_out, y_scales,
+                               y.view(1, 1, m, n // group, group)))
+    return tuple(launches)
 
 
 def split_count(m: int, groups: int, k: int, group: int, device: torch.device, gated: bool = False) -> int:
@@ -274,12 +302,15 @@ def _activation(a: torch.Tensor, b: torch.Tensor, a_scales: torch.Tensor, b_scal
 def _reference(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_scales: torch.Tensor, b_scales: torch.Tensor,
                bias: torch.Tensor | None = None, *, flavour: Quant = Quant.NONE, gated: bool = False,
                scale: torch.Tensor | None = None, scales: torch.Tensor | None = None, group_size: int = 0,
-               eps: float = DEFAULT_EPS, is_scale_transposed: bool = False, scale_ue8m0: bool = False) -> None:
+               eps: float = DEFAULT_EPS, is_scale_transposed: bool = False, scale_ue8m0: bool = False,
+               scale_ub: torch.Tensor | None = None) -> None:
     y = _activation(a, b, a_scales, b_scales, bias, ROUND_DTYPE if flavour is not Quant.NONE else out.dtype, gated)
     if flavour is Quant.NONE:
         out.copy_(y)
     elif flavour is Quant.STATIC:
         quant.quantize_static_reference(y, scale, out)
+    elif flavour is Quant.PER_TOKEN:  # as dynamic_per_token_scaled_fp8_quant quantizes the bf16 output
+        quant.quantize_per_group_reference(y, out, scales, y.shape[1], scale_ub)
     else:  # as per_token_group_fp8_quant quantizes the bf16 output (its eps is the amax floor)
         scales = group_scale_view(scales, y.shape[0], y.shape[1] // group_size, is_scale_transposed)
         quant.quantize_per_group_reference(y, out, scales, group_size, None, scale_ue8m0, eps)
@@ -319,14 +350,17 @@ def _inputs(flavour: Quant, gated: bool):
         elif flavour is Quant.PER_GROUP:
             group = GROUP_SIZES[0]
             kwargs.update(scales=poisoned((m, n // group), torch.float32, device), group_size=group)
+        elif flavour is Quant.PER_TOKEN:
+            kwargs["scales"] = poisoned((m, 1), torch.float32, device)
         out_dtype = fp8 if flavour is not Quant.NONE else (dtype if dtype in OUT_DTYPES else torch.bfloat16)
         return {"out": poisoned((m, n), out_dtype, device), **kwargs}
     return make
 
 
 def _group_of(flavour: Quant) -> int:
-    """The output columns a flavour's kernel tiles as one unit (the second block size counts these)."""
-    return GROUP_SIZES[0] if flavour is Quant.PER_GROUP else 1
+    """The output columns a flavour's kernel tiles as one unit (the second block size counts these): a quant group,
+    or per token the groups whose amaxes the row's scale is the max of."""
+    return GROUP_SIZES[0] if flavour in (Quant.PER_GROUP, Quant.PER_TOKEN) else 1
 
 
 def _tile(rows: int, columns: int, group: int, **settings: Any) -> helion.Config:
@@ -396,11 +430,15 @@ _OPERANDS = "Tensor! out, Tensor a, Tensor b, Tensor a_scales, Tensor b_scales"
 _STATIC = f"({_OPERANDS}, Tensor scale, Tensor? bias=None) -> ()"
 _PER_GROUP = (f"({_OPERANDS}, Tensor! scales, int group_size, Tensor? bias=None, float eps=1e-10, "
               "bool is_scale_transposed=False, bool scale_ue8m0=False) -> ()")
+_PER_TOKEN = f"({_OPERANDS}, Tensor! scales, Tensor? bias=None, Tensor? scale_ub=None) -> ()"
 
 SCALED_MM = _declare("scaled_mm", f"({_OPERANDS}, Tensor? bias=None) -> ()")
 SCALED_MM_STATIC_FP8_QUANT = _declare("scaled_mm_static_fp8_quant", _STATIC, Quant.STATIC)
 SCALED_MM_PER_GROUP_FP8_QUANT = _declare("scaled_mm_per_group_fp8_quant", _PER_GROUP, Quant.PER_GROUP)
+SCALED_MM_PER_TOKEN_FP8_QUANT = _declare("scaled_mm_per_token_fp8_quant", _PER_TOKEN, Quant.PER_TOKEN)
 SCALED_MM_SILU_MUL_STATIC_FP8_QUANT = _declare("scaled_mm_silu_mul_static_fp8_quant", _STATIC, Quant.STATIC,
                                                gated=True)
 SCALED_MM_SILU_MUL_PER_GROUP_FP8_QUANT = _declare("scaled_mm_silu_mul_per_group_fp8_quant", _PER_GROUP,
                                                   Quant.PER_GROUP, gated=True)
+SCALED_MM_SILU_MUL_PER_TOKEN_FP8_QUANT = _declare("scaled_mm_silu_mul_per_token_fp8_quant", _PER_TOKEN,
+                                                  Quant.PER_TOKEN, gated=True)
