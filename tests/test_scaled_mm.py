@@ -1,5 +1,5 @@
 """The scaled_mm family: the Helion kernel (interpret mode) against the contract for every epilogue (bf16, static
-fp8, per-group fp8; plain and gate_up + silu-and-mul), every input and output scale layout, the unfused
+fp8, per-group and per-token fp8; plain and gate_up + silu-and-mul), every input and output scale layout, the unfused
 composites they replace, bad arguments, and code generation for every variant the checks accept."""
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ FP8 = torch.float8_e4m3fn
 SCALED_MM, STATIC = scaled_mm.SCALED_MM, scaled_mm.SCALED_MM_STATIC_FP8_QUANT
 GROUP, SILU_STATIC = scaled_mm.SCALED_MM_PER_GROUP_FP8_QUANT, scaled_mm.SCALED_MM_SILU_MUL_STATIC_FP8_QUANT
 SILU_GROUP = scaled_mm.SCALED_MM_SILU_MUL_PER_GROUP_FP8_QUANT
-ALL_SPECS = (SCALED_MM, STATIC, GROUP, SILU_STATIC, SILU_GROUP)
+TOKEN, SILU_TOKEN = scaled_mm.SCALED_MM_PER_TOKEN_FP8_QUANT, scaled_mm.SCALED_MM_SILU_MUL_PER_TOKEN_FP8_QUANT
+GATED = (SILU_STATIC, SILU_GROUP, SILU_TOKEN)
+GROUPED = (GROUP, SILU_GROUP, TOKEN, SILU_TOKEN)  # a 128-column quant group, or per token the groups' amaxes
+ALL_SPECS = (SCALED_MM, STATIC, GROUP, TOKEN, SILU_STATIC, SILU_GROUP, SILU_TOKEN)
 LAYOUTS = ("tensor", "tensor_0dim", "token", "channel", "token_channel", "token_1d", "block")
 
 
@@ -46,7 +49,7 @@ def _inputs(m: int, n: int, k: int, layout: str, bias: bool = False, static: boo
     contract's bytes (real-valued operands may differ by accumulation order: counted on the GPU). ``n`` is the
     output width (a gate_up weight has ``2 n`` columns)."""
     spec = spec or (STATIC if static else SCALED_MM)
-    gated = spec in (SILU_STATIC, SILU_GROUP)
+    gated = spec in GATED
     n_b = 2 * n if gated else n
     generator = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
     a_scales, b_scales = _scales(layout, m, n_b, k, generator)
@@ -63,6 +66,8 @@ def _inputs(m: int, n: int, k: int, layout: str, bias: bool = False, static: boo
     elif spec in (GROUP, SILU_GROUP):
         kwargs.update(scales=_group_scales(m, n // 128, scale_layout), group_size=128,
                       is_scale_transposed=scale_layout != "row_major")
+    elif spec in (TOKEN, SILU_TOKEN):
+        kwargs["scales"] = poisoned((m, 1), torch.float32, "cpu")
     return kwargs
 
 
@@ -114,7 +119,7 @@ def test_block_scaled_slices_are_scaled_before_they_are_added() -> None:
 
 
 def _raises(error: type[Exception], argument: str, spec=SCALED_MM, **overrides: Any) -> None:
-    shape = (7, 256, 128) if spec not in (SCALED_MM, STATIC) else (7, 48, 96)
+    shape = (7, 256, 128) if spec not in (SCALED_MM, STATIC) else (7, 48, 96)  # N a multiple of 128
     kwargs = {**_inputs(*shape, "token_channel", spec=spec), **overrides}
     with pytest.raises(error, match=rf"^{argument}: "):
         spec.op(**kwargs)
@@ -148,12 +153,14 @@ def test_every_variant_generates_code_under_its_configs(layout: str, spec, m: in
     """What only the compiler sees: each variant the checks accept, with the default, seed and a sample of the
     searched configs (TMA and persistent ones among them)."""
     kwargs = _inputs(m, 256, 384, layout, bias=True, spec=spec)
-    (launch,) = spec.prepare(**kwargs)
-    bound = code_generator(launch.kernel).bind(launch.args)
+    product, *quantize = spec.prepare(**kwargs)  # per token: then the quantize launch
+    assert len(quantize) == (spec in (TOKEN, SILU_TOKEN))
     shape = {"M": m, "N": 4096, "K": 4096}
     searched = spec.search_configs(shape)
-    for config in [spec.default_config(shape), *spec.seed_configs(shape), *searched[:3], *searched[-3:]]:
-        assert "tl.dot" in triton_code(bound, launch.args, config)
+    for launch in (product, *quantize):
+        bound = code_generator(launch.kernel).bind(launch.args)
+        for config in [spec.default_config(shape), *spec.seed_configs(shape), *searched[:3], *searched[-3:]]:
+            assert ("tl.dot" in triton_code(bound, launch.args, config)) == (launch is product)
 
 
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.name)
@@ -162,7 +169,7 @@ def test_weight_stream_buckets_search_the_narrowest_n_tiles(spec, m: int) -> Non
     """Up to M = 128 the product streams the weight, and the search tries the narrowest N tile the flavour allows
     (32 columns, or one quant group): at M = 128, N = 4096 on an H200 tiles of 128 columns or more gave at most 64
     programs and ran at twice cuBLAS's time."""
-    group = scaled_mm.GROUP_SIZES[0] if "per_group" in spec.name else 1
+    group = scaled_mm.GROUP_SIZES[0] if spec in GROUPED else 1
     narrowest = min(c.config["block_sizes"][1] * group for c in spec.search_configs({"M": m, "N": 4096, "K": 4096}))
     assert narrowest == (max(scaled_mm.SPLIT_MIN_TILE, group) if m <= 128 else 128)
 
@@ -194,7 +201,7 @@ def test_static_output_saturates_at_the_fp8_max() -> None:
 @pytest.mark.parametrize("layout", ("tensor_0dim", "token_channel", "block"))
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 128, 128), (7, 384, 256), (33, 256, 384)])
 @pytest.mark.parametrize("bias", (False, True))
-@pytest.mark.parametrize("spec", (GROUP, SILU_STATIC, SILU_GROUP), ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", (GROUP, TOKEN, SILU_STATIC, SILU_GROUP, SILU_TOKEN), ids=lambda s: s.name)
 def test_epilogues_match_the_contract(spec, m: int, n: int, k: int, layout: str, bias: bool) -> None:
     _check(spec, _inputs(m, n, k, layout, bias, spec=spec))
 
@@ -230,12 +237,14 @@ def test_split_count(m: int, groups: int, k: int, group: int, splits: int) -> No
 @pytest.mark.parametrize("m", (1, 7, 16))
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.name)
 def test_split_k_matches_the_contract(spec, m: int, layout: str) -> None:
-    """K = 1024 at up to 16 rows splits: partial sums per K slice, then a launch adds them and runs the epilogue."""
+    """K = 1024 at up to 16 rows splits: partial sums per K slice, then a launch adds them and runs the epilogue
+    (per token: stores the rounded result and its amaxes for the quantize launch)."""
     kwargs = _inputs(m, 256, 1024, layout, bias=True, spec=spec)
-    partial, reduce = spec.prepare(**clone_kwargs(kwargs))
+    partial, reduce, *quantize = spec.prepare(**clone_kwargs(kwargs))
     splits = partial.args[8].size(0)
     assert splits > 1 and partial.args[8] is reduce.args[8] and partial.args[10] == splits
     assert (partial.args[-1], reduce.args[-1]) == (scaled_mm.Phase.PARTIAL, scaled_mm.Phase.REDUCE)
+    assert [launch.args[-1] for launch in quantize] == [scaled_mm.Phase.QUANTIZE] * (spec in (TOKEN, SILU_TOKEN))
     _check(spec, kwargs)
 
 
@@ -269,6 +278,22 @@ def test_ue8m0_scales_are_powers_of_two(spec) -> None:
     assert torch.equal(written, torch.exp2(torch.log2(written).round()))
 
 
+@pytest.mark.parametrize("spec", (TOKEN, SILU_TOKEN), ids=lambda s: s.name)
+@pytest.mark.parametrize("m", (1, 7, 16))  # 16: split K (K = 1024), so three launches
+def test_per_token_scale_ub_and_the_floor(spec, m: int) -> None:
+    """``scale_ub`` below most rows' amax saturates their largest values at the fp8 max; a zero row takes the
+    1 / 512 floor. Each row's scale is the max over all of its N tiles (N = 384: three groups)."""
+    kwargs = _inputs(m, 384, 1024, "token_channel", spec=spec)
+    if m > 1:
+        kwargs["a"][m - 1] = 0
+    unbounded = _check(spec, kwargs)["scales"]
+    assert m == 1 or unbounded[m - 1, 0] == torch.tensor(1 / 512) / 448
+    ub = unbounded[0, 0] * 448 / 2  # half the first row's amax
+    written = _check(spec, {**kwargs, "scale_ub": ub.reshape(1)})
+    clipped = unbounded > ub / 448
+    assert clipped.any() and torch.equal(written["scales"][clipped], (ub / 448).expand(int(clipped.sum())))
+
+
 @pytest.mark.parametrize("spec", (GROUP, SILU_GROUP), ids=lambda s: s.name)
 def test_eps_floors_the_amax_of_a_zero_group(spec) -> None:
     kwargs = {**_inputs(7, 256, 128, "token_channel", spec=spec), "eps": 1e-4}
@@ -280,10 +305,11 @@ def test_eps_floors_the_amax_of_a_zero_group(spec) -> None:
 
 def test_each_epilogue_equals_the_unfused_composite() -> None:
     """The GEMM (bf16 out) followed by the package's own quant and activation ops gives the fused ops' bytes:
-    per_token_group_fp8_quant (eps is its floor), silu_and_mul_quant, and silu_and_mul_per_block_quant
-    (whose floor is 1/512: eps = 1/512)."""
+    per_token_group_fp8_quant (eps is its floor), silu_and_mul_quant, silu_and_mul_per_block_quant (whose floor
+    is 1/512: eps = 1/512), dynamic_per_token_scaled_fp8_quant and silu_and_mul_dynamic_per_token_quant."""
     for spec, quant_op in ((GROUP, "per_token_group_fp8_quant"), (SILU_STATIC, "silu_and_mul_quant"),
-                           (SILU_GROUP, "silu_and_mul_per_block_quant")):
+                           (SILU_GROUP, "silu_and_mul_per_block_quant"), (TOKEN, "dynamic_per_token_scaled_fp8_quant"),
+                           (SILU_TOKEN, "silu_and_mul_dynamic_per_token_quant")):
         kwargs = _inputs(33, 256, 384, "block", bias=True, spec=spec)
         if spec is SILU_GROUP:
             kwargs["eps"] = 1 / 512
@@ -291,13 +317,16 @@ def test_each_epilogue_equals_the_unfused_composite() -> None:
         gemm = {name: kwargs[name] for name in ("a", "b", "a_scales", "b_scales", "bias")}
         y = torch.empty(33, kwargs["b"].shape[1], dtype=torch.bfloat16)
         SCALED_MM.reference(out=y, **gemm)
-        out, scales = poisoned((33, 256), FP8, "cpu"), poisoned((33, 2), torch.float32, "cpu")
+        out = poisoned((33, 256), FP8, "cpu")
+        scales = poisoned((33, 1 if spec in (TOKEN, SILU_TOKEN) else 2), torch.float32, "cpu")
         unfused = REGISTRY[quant_op].reference
         if spec is GROUP:
             unfused(input=y, output_q=out, output_s=scales, group_size=128, eps=1e-10, fp8_min=-448.0, fp8_max=448.0,
                     scale_ue8m0=False)
         elif spec is SILU_STATIC:
             unfused(result=out, input=y, scale=kwargs["scale"])
+        elif spec in (TOKEN, SILU_TOKEN):
+            unfused(result=out, input=y, scale=scales, scale_ub=None)
         else:
             unfused(out=out, input=y, scales=scales, group_size=128)
         assert torch.equal(fused["out"].view(torch.uint8), out.view(torch.uint8)), spec.name
@@ -317,6 +346,14 @@ def test_bad_epilogue_arguments_name_themselves() -> None:
     _raises(ValueError, "out", SILU_STATIC, out=poisoned((7, 512), FP8, "cpu"))  # [M, 2 I]: the gate_up width
     _raises(ValueError, "bias", SILU_STATIC, bias=torch.ones(256, dtype=torch.bfloat16))  # I, not 2 I
     _raises(ValueError, "b_scales", SILU_GROUP, b_scales=torch.ones(256))  # per channel: 2 I of them
+    _raises(ValueError, "scales", TOKEN, scales=torch.empty(7))  # [M, 1], as the engine's per-token quant
+    _raises(ValueError, "scales", SILU_TOKEN, scales=torch.empty(7, 2))
+    _raises(ValueError, "scales", TOKEN, scales=torch.empty(7, 2)[:, :1])  # strided
+    _raises(TypeError, "scales", TOKEN, scales=torch.empty(7, 1, dtype=torch.bfloat16))
+    _raises(ValueError, "scale_ub", TOKEN, scale_ub=torch.ones(2))
+    _raises(TypeError, "scale_ub", SILU_TOKEN, scale_ub=torch.ones(1, dtype=torch.float16))
+    _raises(ValueError, "out", TOKEN, **{**_without_scales(_inputs(7, 48, 96, "tensor"), 1),
+                                         "scales": poisoned((7, 1), torch.float32, "cpu")})  # N = 48
 
 
 def _without_scales(kwargs: dict[str, Any], groups: int) -> dict[str, Any]:
@@ -335,19 +372,20 @@ def test_one_token_stores_index_and_mask_the_tile_rows(spec, layout: str) -> Non
     the padding rows' values among them (on an H200: nearly every output byte wrong). Split-K's partial sums too
     (K = 1024: two launches, the partial sums' stores, then the epilogue's)."""
     shape = {"M": 1, "N": 4096, "K": 4096}
-    halves = 2 if spec in (SILU_STATIC, SILU_GROUP) else 1
+    halves = 2 if spec in GATED else 1
     for k, launches in ((384, 1), (1024, 2)):
         prepared = spec.prepare(**_inputs(1, 256, k, layout, bias=True, spec=spec))
-        assert len(prepared) == launches
+        assert len(prepared) == launches + (spec in (TOKEN, SILU_TOKEN))  # per token: then the quantize launch
         for launch in prepared:
             bound = code_generator(launch.kernel).bind(launch.args)
             for config in (spec.default_config(shape), spec.search_configs(shape)[-1]):  # the last: persistent
                 stores = [line.strip() for line in bound.to_triton_code(config).splitlines()
                           if line.strip().startswith("tl.store(")]
-                epilogue = 2 if spec in (GROUP, SILU_GROUP) else 1
+                epilogue = 2 if spec in GROUPED else 1  # fp8 values and scales; per token y and amaxes
                 assert len(stores) == (halves if launch.args[-1] == scaled_mm.Phase.PARTIAL else epilogue), stores
                 for store in stores:  # the row tile is the first block: indices_0, mask_0
-                    assert "indices_0[" in store and "mask_0[" in store, f"{dict(config)}: {store}"
+                    indexed = re.search(r"\bindices_0\b", store) and re.search(r"\bmask_0\b", store)
+                    assert indexed, f"{dict(config)}: {store}"
 
 
 def _ptx(spec, layout: str, bias: bool, m: int = 2048, k: int = 384) -> list[str]:
@@ -365,16 +403,19 @@ def test_every_flavour_compiles_to_a_pipelined_wgmma_loop_for_sm90(spec) -> None
     """The flavours without a quant group (G = 1) once loaded ``[K, N, 1]`` weight tiles and reshaped them for the
     dot: Triton 3.9 finds no shared-memory layout for them (``Illegal shared layout``), and the H200's build ran
     them 30x slower than cuBLAS. Every flavour's main loop is wgmma fed by asynchronous copies."""
-    (ptx,) = _ptx(spec, "token_channel", True)
+    ptx, *quantize = _ptx(spec, "token_channel", True)
     assert "wgmma.mma_async" in ptx and "cp.async" in ptx
+    assert all("mma" not in code for code in quantize)
 
 
 @pytest.mark.parametrize("layout", ("token_channel", "block"))
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.name)
 def test_split_k_launches_compile_for_sm90(spec, layout: str) -> None:
-    """Split-K at M = 16: the partial sums' K loop is fed by asynchronous copies; the reduction has no K loop."""
-    partial, reduce = _ptx(spec, layout, True, m=16, k=1024)
+    """Split-K at M = 16: the partial sums' K loop is fed by asynchronous copies; the reduction (and the per-token
+    quantize launch) has no K loop."""
+    partial, reduce, *quantize = _ptx(spec, layout, True, m=16, k=1024)
     assert "cp.async" in partial and "mma" in partial and "mma" not in reduce
+    assert len(quantize) == (spec in (TOKEN, SILU_TOKEN)) and all("mma" not in code for code in quantize)
 
 
 def _fmas(ptx: str) -> int:
