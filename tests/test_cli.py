@@ -410,7 +410,7 @@ def test_bench_gemm_checks_every_variant_on_a_cpu(capsys: pytest.CaptureFixture[
     assert bench_gemm.main([]) == 0
     out = capsys.readouterr().out
     checked = {variant for model in bench_gemm.LAYERS for variant in bench_gemm.variants(model)}
-    assert len(checked) == 15  # five ops, three scale layouts
+    assert len(checked) == 21  # seven ops, three scale layouts
     assert "MISMATCH" not in out and out.count("| ok") == len(checked) * len(bench_gemm.CPU_SHAPES)
 
 
