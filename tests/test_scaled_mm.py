@@ -440,3 +440,17 @@ def test_per_tensor_scales_run_the_row_scale_kernel(layout: str) -> None:
     variant) is the row-scale one."""
     key = lambda layout: [launch.key for launch in SCALED_MM.prepare(**_inputs(64, 256, 256, layout))]  # noqa: E731
     assert key(layout) == key("token_channel")
+
+
+def test_scratch_is_shared_by_calls_of_every_size() -> None:
+    """An engine calls with thousands of token counts, and a launch plan keeps its launches' tensors: split-K sums
+    and the per-token result come from one buffer per device that grows, not a buffer per call size."""
+    def buffers(m: int) -> list[int]:
+        launches = TOKEN.prepare(**_inputs(m, 256, 1024, "token_channel", spec=TOKEN))
+        assert [launch.args[-1] for launch in launches] == [scaled_mm.Phase.PARTIAL, scaled_mm.Phase.REDUCE,
+                                                             scaled_mm.Phase.QUANTIZE]
+        partials, rounded = launches[0].args[8], launches[0].args[5]
+        return [partials.untyped_storage().data_ptr(), rounded.untyped_storage().data_ptr()]
+
+    largest = buffers(16)
+    assert all(buffers(m) == largest for m in (1, 7, 15))

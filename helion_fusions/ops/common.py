@@ -1,5 +1,5 @@
 """What the ops modules share: output buffers of the quant flavours and their checks, the engine's static scale
-layouts, and poisoned buffers.
+layouts, scratch buffers, and poisoned buffers.
 
 The ops write into tensors they are given (the engine's schemas); the plain Python
 functions in :mod:`helion_fusions.functional` allocate those tensors with these helpers,
@@ -20,6 +20,28 @@ from helion_fusions.runtime.device import fp8_dtype
 from helion_fusions.runtime.registry import Outputs
 
 _POISON_BYTE = 0x7F  # NaN in e4m3fn, a large value in every other dtype
+
+
+_scratch: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A ``shape`` view of the buffer ``name`` that every call on ``device`` shares, for what an op's launches
+    write whole before they read it (split-K sums, a result kept for a second launch).
+
+    An engine calls an op with thousands of token counts, and a launch plan keeps the tensors its launches
+    were given: a buffer of their own per plan would add up to gigabytes. The shared one grows by doubling; a
+    plan keeps the buffer it got (an outgrown one lives on with its plans: at most as much again). Calls that
+    share a buffer must not overlap in time: one stream, or streams that wait for each other.
+    """
+    numel = 1
+    for size in shape:
+        numel *= size
+    buffer = _scratch.get((name, device))
+    if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+        grown = 0 if buffer is None or buffer.dtype != dtype else 2 * buffer.numel()
+        buffer = _scratch[(name, device)] = torch.empty(max(numel, grown), dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
 
 
 def poisoned(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
