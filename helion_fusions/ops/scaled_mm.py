@@ -236,7 +236,7 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
 
 def split_count(m: int, groups: int, k: int, group: int, device: torch.device, gated: bool = False) -> int:
     """How many K slices (split-K) a product of ``m`` rows takes: 1 (no split) from ``SPLIT_MAX_M`` rows on,
-    from ``SPLIT_MAX_M_GROUPED`` for per-group outputs (``group > 1``) and gate_up (``gated``).
+    from ``SPLIT_MAX_M_GROUPED`` for per-group outputs (``group > 1``) and gate_up (``gated``), always for both.
 
     Below, the narrowest N tiles the search tries (32 columns, or one quant group) over the ``groups``
     groups of ``group`` output columns give one row tile's programs, too few to stream the weight from
@@ -251,7 +251,10 @@ def split_count(m: int, groups: int, k: int, group: int, device: torch.device, g
     K = 14336), and split gate_up tiles tuned unsplit overflowed shared memory (262,144 bytes against
     232,448): those two split up to ``SPLIT_MAX_M_GROUPED`` rows only. Below it the per-group and per-token
     outputs gain from the split: tuned unsplit at M = 1 and 16 they took 28-30 us against 17-21 split at
-    N = K = 4096 and 88-94 against 33-36 at K = 14336 (N = 28672, with enough programs: 51-53 against 52-57)."""
+    N = K = 4096 and 88-94 against 33-36 at K = 14336 (N = 28672, with enough programs: 51-53 against 52-57).
+    Not so the gate_up ones: unsplit 54-56 us against 74-80 split at I = 14336, K = 4096; they never split."""
+    if gated and group > 1:
+        return 1
     most_rows = SPLIT_MAX_M_GROUPED if gated or group > 1 else SPLIT_MAX_M
     if m > most_rows or k % SCALE_BLOCK or dispatch.batch_invariant():  # a row's sum order would follow M
         return 1
