@@ -41,7 +41,8 @@ GROUP_OPS = [spec for spec in REGISTRY.values() if "group_size" in spec.arg_name
 NVFP4_OPS = [spec for spec in REGISTRY.values() if is_nvfp4_op(spec)]
 ROW_OPS = [spec for spec in REGISTRY.values() if not is_nvfp4_op(spec) and "group_size" not in spec.arg_names
            and spec.dim_names == ("T", "H")]  # (GEMMs: tests/test_scaled_mm.py)
-SCALE_UB_OPS = [spec for spec in REGISTRY.values() if "scale_ub" in spec.arg_names]
+# (the GEMMs' scale_ub: tests/test_scaled_mm.py)
+SCALE_UB_OPS = [spec for spec in REGISTRY.values() if "scale_ub" in spec.arg_names and "T" in spec.dim_names]
 
 
 def _ids(spec: OpSpec, *rest: Any) -> str:

@@ -68,9 +68,13 @@ EXPECTED_SCHEMAS = {
     "scaled_mm_static_fp8_quant": (["out", "a", "b", "a_scales", "b_scales", "scale", "bias"], ["out"]),
     "scaled_mm_per_group_fp8_quant": (["out", "a", "b", "a_scales", "b_scales", "scales", "group_size", "bias", "eps",
                                        "is_scale_transposed", "scale_ue8m0"], ["out", "scales"]),
+    "scaled_mm_per_token_fp8_quant": (["out", "a", "b", "a_scales", "b_scales", "scales", "bias", "scale_ub"],
+                                      ["out", "scales"]),
     "scaled_mm_silu_mul_static_fp8_quant": (["out", "a", "b", "a_scales", "b_scales", "scale", "bias"], ["out"]),
     "scaled_mm_silu_mul_per_group_fp8_quant": (["out", "a", "b", "a_scales", "b_scales", "scales", "group_size", "bias",
                                                 "eps", "is_scale_transposed", "scale_ue8m0"], ["out", "scales"]),
+    "scaled_mm_silu_mul_per_token_fp8_quant": (["out", "a", "b", "a_scales", "b_scales", "scales", "bias", "scale_ub"],
+                                               ["out", "scales"]),
 }
 
 
