@@ -8,6 +8,7 @@ and the bench and test inputs poison the same buffers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,9 +35,7 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     plan keeps the buffer it got (an outgrown one lives on with its plans: at most as much again). Calls that
     share a buffer must not overlap in time: one stream, or streams that wait for each other.
     """
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     buffer = _scratch.get((name, device))
     if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
         grown = 0 if buffer is None or buffer.dtype != dtype else 2 * buffer.numel()
