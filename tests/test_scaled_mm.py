@@ -240,11 +240,11 @@ def test_split_count(m: int, groups: int, k: int, group: int, splits: int) -> No
 @pytest.mark.parametrize("spec", SPLITTING, ids=lambda s: s.name)
 def test_split_k_matches_the_contract(spec, m: int, layout: str) -> None:
     """K = 1024 at up to 16 rows splits: partial sums per K slice, then a launch adds them and runs the epilogue
-    (per token: stores the rounded result and its amaxes for the quantize launch)."""
+    (per token: stores the rounded result and its row amaxes for the quantize launch)."""
     kwargs = _inputs(m, 256, 1024, layout, bias=True, spec=spec)
     partial, reduce, *quantize = spec.prepare(**clone_kwargs(kwargs))
-    splits = partial.args[8].size(0)
-    assert splits > 1 and partial.args[8] is reduce.args[8] and partial.args[10] == splits
+    splits = partial.args[9].size(0)
+    assert splits > 1 and partial.args[9] is reduce.args[9] and partial.args[11] == splits
     assert (partial.args[-1], reduce.args[-1]) == (scaled_mm.Phase.PARTIAL, scaled_mm.Phase.REDUCE)
     assert [launch.args[-1] for launch in quantize] == [scaled_mm.Phase.QUANTIZE] * (spec in (TOKEN, SILU_TOKEN))
     _check(spec, kwargs)
@@ -382,9 +382,12 @@ def test_one_token_stores_index_and_mask_the_tile_rows(spec, layout: str) -> Non
             bound = code_generator(launch.kernel).bind(launch.args)
             for config in (spec.default_config(shape), spec.search_configs(shape)[-1]):  # the last: persistent
                 stores = [line.strip() for line in bound.to_triton_code(config).splitlines()
-                          if line.strip().startswith("tl.store(")]
-                epilogue = 2 if spec in GROUPED else 1  # fp8 values and scales; per token y and amaxes
-                assert len(stores) == (halves if launch.args[-1] == scaled_mm.Phase.PARTIAL else epilogue), stores
+                          if line.strip().startswith(("tl.store(", "tl.atomic_max("))]
+                # fp8 values and scales; per token y and the row amaxes' atomic max, then (quantize) fp8 values,
+                # scales and the row amaxes' zeroing
+                expected = {scaled_mm.Phase.PARTIAL: halves, scaled_mm.Phase.QUANTIZE: 3}
+                epilogue = 2 if spec in GROUPED else 1
+                assert len(stores) == expected.get(launch.args[-1], epilogue), stores
                 for store in stores:  # the row tile is the first block: indices_0, mask_0
                     indexed = re.search(r"\bindices_0\b", store) and re.search(r"\bmask_0\b", store)
                     assert indexed, f"{dict(config)}: {store}"
@@ -451,8 +454,24 @@ def test_scratch_is_shared_by_calls_of_every_size() -> None:
         launches = TOKEN.prepare(**_inputs(m, 256, 1024, "token_channel", spec=TOKEN))
         assert [launch.args[-1] for launch in launches] == [scaled_mm.Phase.PARTIAL, scaled_mm.Phase.REDUCE,
                                                              scaled_mm.Phase.QUANTIZE]
-        partials, rounded = launches[0].args[8], launches[0].args[5]
-        return [partials.untyped_storage().data_ptr(), rounded.untyped_storage().data_ptr()]
+        partials, rounded, words = launches[0].args[9], launches[0].args[5], launches[0].args[8]
+        return [tensor.untyped_storage().data_ptr() for tensor in (partials, rounded, words)]
 
     largest = buffers(16)
     assert all(buffers(m) == largest for m in (1, 7, 15))
+
+
+@pytest.mark.parametrize("m", (1, 7, 33))
+@pytest.mark.parametrize("spec", (TOKEN, SILU_TOKEN), ids=lambda s: s.name)
+def test_per_token_row_words_are_zero_again_after_a_call(spec, m: int) -> None:
+    """The product's launch takes an atomic max of each row's amax into a shared word that must start at zero; the
+    quantize launch's last program of each row tile zeroes its words and its count again, so the next call (a
+    smaller row's amax in the same word) gets its own scale."""
+    kwargs = _inputs(m, 256, 256, "token_channel", spec=spec)
+    (*_, quantize) = spec.prepare(**kwargs)
+    words = quantize.args[8]
+    assert words.shape == (m, 2) and words.dtype == torch.int32
+    for scale in (1.0, 1 / 64):  # the second call's amaxes are smaller: a stale word would win the max
+        kwargs["a_scales"] = kwargs["a_scales"] * scale
+        _check(spec, kwargs)
+        assert not words._base.any(), words._base.nonzero()

@@ -12,9 +12,11 @@ GEMM + ``silu_and_mul`` computes it. The result, rounded to the unfused GEMM's o
 :func:`helion_fusions.quant.epilogues.store_quantized`: no quant, static fp8, or dynamic per-group fp8.
 
 Dynamic per-token fp8 needs the amax of a whole row, which spans every N tile: the epilogue's launch
-(``QUANT`` ``GROUP_AMAX``) stores the rounded result into a scratch ``out`` and each group's amax into
-``scale_out``; a ``QUANTIZE`` launch of the same tiles reads them back (the scratch through ``partials``,
-the amaxes through ``scale_in``) and quantizes each row by the max of its groups' (``PER_TOKEN_OF_GROUPS``).
+(``QUANT`` ``GROUP_AMAX``) stores the rounded result into a scratch ``out`` and takes an atomic max of each of
+the tile's rows' amax into the row's word of ``row_words``; a ``QUANTIZE`` launch of the same tiles reads them
+back (the scratch through ``partials``, the row amaxes through ``scale_in``, a float view of those words) and
+quantizes each row by its amax (``PER_TOKEN_OF_GROUPS`` with one group amax a row). The last of a row tile's
+programs to arrive (a count in ``row_words``) zeroes the tile's words for the next call.
 
 The output columns are tiled in groups of ``G`` (the quant group; 1 for the flavours without one), so a
 per-group scale is the amax of a group inside one tile: the second block size counts groups. K is walked 128
@@ -80,7 +82,7 @@ class Phase(enum.IntEnum):
     WHOLE = 0  # the whole K depth, then the epilogue
     PARTIAL = 1  # split-K: one program per (tile, split) sums its K slice into ``partials``
     REDUCE = 2  # split-K: a program per tile adds the splits' sums, then the epilogue
-    QUANTIZE = 3  # per-token fp8: the rounded result back from ``partials``, quantized by its row's group amaxes
+    QUANTIZE = 3  # per-token fp8: the rounded result back from ``partials``, quantized by its row's amax
 
 
 def partial_sum(partials: torch.Tensor, half: int, tile_m, tile_g, G: int) -> torch.Tensor:
@@ -108,8 +110,10 @@ def scaled_mm_kernel(
     out: torch.Tensor,  # [M, NG, G]: bf16/fp16, or fp8 (a quant flavour); the per-token scratch (GROUP_AMAX)
     scale_out: torch.Tensor,  # [M, NG] per-group scales or amaxes (any strides), [M] per-token scales, or an
                               # [M, 1] placeholder; see quant.store_quantized
-    scale_in: torch.Tensor,  # [1] fp32 dequant scale of a static fp8 out, scale_ub (GROUP_AMAX), or the [M, NG]
-                             # group amaxes (QUANTIZE)
+    scale_in: torch.Tensor,  # [1] fp32 dequant scale of a static fp8 out, scale_ub (GROUP_AMAX), or the [M, 1]
+                             # row amaxes (QUANTIZE: row_words[:, :1] as fp32)
+    row_words: torch.Tensor,  # [M, 2] int32, per token: each row's amax bits, then row i's second word counts the
+                              # QUANTIZE programs of row tile i that have read theirs; zero between calls
     partials: torch.Tensor,  # [S, HALVES, M, NG, G] fp32 split-K sums (PARTIAL, REDUCE), [1, 1, M, NG, G]
                              # rounded results (QUANTIZE); a placeholder otherwise
     chunk: int,  # the K depth of a split: K / S, a multiple of 128 (PARTIAL); K otherwise
@@ -135,6 +139,7 @@ def scaled_mm_kernel(
     torch._check(out.size(0) == M)
     torch._check(scale_out.size(0) == M)
     torch._check(partials.size(2) == M)
+    torch._check(row_words.size(0) == M)
     for tile_m, tile_g, tile_s in hl.tile([M, NG, grid_split], block_size=[None, None, 1]):
         scale_value = load_scale_in(scale_in, tile_m, tile_g, QUANT)
         acc = zeros(tile_m, tile_g, G)  # [tile_m, groups * G]
@@ -171,6 +176,12 @@ def scaled_mm_kernel(
             rounded = hl.load(partials, [0, 0, tile_m, tile_g, slice(None)])
             store_quantized(rounded, out, scale_out, scale_value, amax_floor, tile_m, tile_g, M, NG, G, QUANT,
                             HAS_SCALE_UB, UE8M0, False, FP8_MAX)
+            # acq_rel: this program read its rows' amaxes before it counts itself, and the row tile's last program
+            # sees every count: it zeroes the tile's words for the next call
+            arrived_last = hl.atomic_add(row_words, [tile_m.id, 1], 1, sem="acq_rel") == tile_g.count - 1
+            if arrived_last:
+                row_words[tile_m, 0] = hl.zeros([tile_m], dtype=torch.int32)
+                hl.atomic_xchg(row_words, [tile_m.id, 1], 0)
         else:
             y = acc
             y_up = acc_up
@@ -188,7 +199,13 @@ def scaled_mm_kernel(
             if GATED:
                 rounded = silu(rounded.to(torch.float32)).to(ROUND_DTYPE) * y_up.to(ROUND_DTYPE)
             rounded = rounded.reshape(rounded.size(0), -1, G)
-            if QUANT == 7:  # Quant.GROUP_AMAX: the rounded result too, for the QUANTIZE launch
+            if QUANT == 7:  # Quant.GROUP_AMAX: the rounded result and its row amaxes, for the QUANTIZE launch
                 out[tile_m, tile_g, :] = rounded
-            store_quantized(rounded, out, scale_out, scale_value, amax_floor, tile_m, tile_g, M, NG, G, QUANT,
-                            HAS_SCALE_UB, UE8M0, False, FP8_MAX)
+                amax = torch.amax(torch.amax(torch.abs(rounded.to(torch.float32)), dim=-1), dim=-1)
+                if HAS_SCALE_UB:  # min(max_i a_i, ub) == max_i min(a_i, ub)
+                    amax = torch.minimum(amax, scale_value)
+                # a non-negative fp32's bits order like the value (a NaN's above inf's): an int max reduces them
+                hl.atomic_max(row_words, [tile_m, 0], amax.view(torch.int32), sem="relaxed")
+            else:
+                store_quantized(rounded, out, scale_out, scale_value, amax_floor, tile_m, tile_g, M, NG, G, QUANT,
+                                HAS_SCALE_UB, UE8M0, False, FP8_MAX)

@@ -26,9 +26,11 @@ _POISON_BYTE = 0x7F  # NaN in e4m3fn, a large value in every other dtype
 _scratch: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+            zeroed: bool = False) -> torch.Tensor:
     """A ``shape`` view of the buffer ``name`` that every call on ``device`` shares, for what an op's launches
-    write whole before they read it (split-K sums, a result kept for a second launch).
+    write whole before they read it (split-K sums, a result kept for a second launch), or, ``zeroed``, for
+    words that start at zero and that the launches leave at zero (atomic maxima and counts).
 
     An engine calls an op with thousands of token counts, and a launch plan keeps the tensors its launches
     were given: a buffer of their own per plan would add up to gigabytes. The shared one grows by doubling; a
@@ -38,8 +40,14 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     numel = math.prod(shape)
     buffer = _scratch.get((name, device))
     if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+        if zeroed and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # made inside a capture, its zero fill would only run on replay: the words would start as garbage
+            raise RuntimeError(f"helion_fusions: the scratch buffer {name!r} ({numel} elements) was first needed on "
+                               f"{device} inside CUDA-graph capture; call helion_fusions.warmup() (up to this "
+                               "token count) before capturing")
         grown = 0 if buffer is None or buffer.dtype != dtype else 2 * buffer.numel()
-        buffer = _scratch[(name, device)] = torch.empty(max(numel, grown), dtype=dtype, device=device)
+        buffer = _scratch[(name, device)] = (torch.zeros if zeroed else torch.empty)(max(numel, grown), dtype=dtype,
+                                                                                     device=device)
     return buffer[:numel].view(shape)
 
 

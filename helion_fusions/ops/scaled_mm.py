@@ -38,13 +38,13 @@ two streams must not overlap.
 ``scaled_mm_per_token_fp8_quant`` (and gate_up's): ``dynamic_per_token_scaled_fp8_quant`` of ``y`` (N a multiple
 of 128): ``s = max(min(amax, scale_ub), 1 / 512) / fp8_max`` per row, ``q = fp8(clamp(y / s))``, ``scales``
 fp32 ``[M, 1]``. A row's scale needs the amax over every N tile of the row, so the product's launch stores
-``y`` rounded to bf16 into a scratch with the amax of each 128 columns, and a second launch of the same
-tiles quantizes each row by the max of its amaxes. Against the unfused path it saves the quant op's row
-reduction and, for gate_up, the ``[M, 2 I]`` intermediate; the bf16 round trip of ``y`` stays (one program
-covering a row's every column would leave most SMs idle, and computing the product twice doubles it). On an
-H200 (Llama-3-8B layers, row scales) it ran 2.0x torch.compile's composite, but cuBLAS's bf16 GEMM alone took
-0.84x of its time (0.64-0.92x at M >= 2048): every program of the second launch reads all ``N / 128`` amaxes
-of its rows. One atomic max per row (a zeroed ``[M]`` scratch) is the next thing to try.
+``y`` rounded to bf16 into a scratch and takes an atomic max of each row's amax into a zeroed per-row word,
+and a second launch of the same tiles quantizes each row by it (and zeroes the words again). Against the
+unfused path it saves the quant op's row reduction and, for gate_up, the ``[M, 2 I]`` intermediate; the bf16
+round trip of ``y`` stays (one program covering a row's every column would leave most SMs idle, and computing
+the product twice doubles it). Before the atomic max, each program of the second launch read the amaxes of
+every 128 columns of its rows: on an H200 (Llama-3-8B layers, row scales) cuBLAS's bf16 GEMM alone then took
+0.64-0.92x of its time at M >= 2048.
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ SPLIT_MAX = 8
 SPLIT_SCRATCH_SHARE = 4  # the partial sums' round trip moves at most a quarter of the weight's bytes
 SPLIT_MIN_STEPS = 4
 SPLIT_MIN_TILE = 32  # the narrowest N tile of the search
+ROW_WORDS_MIN_ROWS = 1 << 16  # the per-token row amax scratch's rows at least (512 KiB)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -206,20 +207,25 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
                 _placeholder(a.device) if bias is None else bias.view(shape))
     fp8_max = quant.fp8_max_for(out.dtype) if quantized else 448.0
 
+    row_words = _placeholder(a.device).view(torch.int32).view(1, 1).expand(m, 2)
+
     def launch(phase: Phase, epilogue: Quant, y: torch.Tensor, y_scales: torch.Tensor, y_scale_in: torch.Tensor,
                partials: torch.Tensor, chunk: int = k, grid_split: int = 1) -> KernelLaunch:
         flags = (block, bias is not None, gated, int(epilogue), scale_ub is not None, bool(scale_ue8m0))
         return KernelLaunch(scaled_mm_kernel, (*operands, y.view(m, n // group, group), y_scales, y_scale_in,
-                                               partials, chunk, grid_split, amax_floor, *flags, rounded, fp8_max,
-                                               int(phase)),
+                                               row_words, partials, chunk, grid_split, amax_floor, *flags, rounded,
+                                               fp8_max, int(phase)),
                             (a.dtype, y.dtype, rounded, n, k, group, *flags, int(phase)), {"M": m, "N": n, "K": k},
                             a.device, out.dtype)
 
-    # the product's launches end in the flavour's epilogue; per token, in the rounded result and its group amaxes
+    # the product's launches end in the flavour's epilogue; per token, in the rounded result and its row amaxes
     y, y_scales, epilogue = out, scale_out, flavour
     if flavour is Quant.PER_TOKEN:  # written whole by the product's launches before the last reads them
         y = scratch("scaled_mm.rounded", (m, n), ROUND_DTYPE, a.device)
-        y_scales = scratch("scaled_mm.amaxes", (m, n // group), torch.float32, a.device)
+        # zero between calls (the quantize launch zeroes what it read); made large enough up front that a CUDA
+        # graph capture, which cannot zero a new one, rarely needs a new one
+        row_words = scratch("scaled_mm.row_words", (max(m, ROW_WORDS_MIN_ROWS), 2), torch.int32, a.device,
+                            zeroed=True)[:m]
         epilogue = Quant.GROUP_AMAX
     if splits == 1:
         launches = [launch(Phase.WHOLE, epilogue, y, y_scales, scale_in,
@@ -229,8 +235,8 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
         launches = [launch(Phase.PARTIAL, epilogue, y, y_scales, scale_in, partials, k // splits, splits),
                     launch(Phase.REDUCE, epilogue, y, y_scales, scale_in, partials)]
     if flavour is Quant.PER_TOKEN:
-        launches.append(launch(Phase.QUANTIZE, Quant.PER_TOKEN_OF_GROUPS, out, scale_out, y_scales,
-                               y.view(1, 1, m, n // group, group)))
+        launches.append(launch(Phase.QUANTIZE, Quant.PER_TOKEN_OF_GROUPS, out, scale_out,
+                               row_words.view(torch.float32)[:, :1], y.view(1, 1, m, n // group, group)))
     return tuple(launches)
 
 

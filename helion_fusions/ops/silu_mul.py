@@ -108,18 +108,6 @@ def _placeholder(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.float32, device=device)
 
 
-@functools.cache
-def _amax_scratch(device: torch.device) -> torch.Tensor:
-    """The per-tensor quant's int32 words (``quant.AMAX_WORD`` ...), zero between calls: the amax launch's
-    last tile resets them. Calls on one device share them, so they must not overlap in time (one stream,
-    or streams that wait for each other)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # made inside a capture, its zero fill would only run on replay: the words would start as garbage
-        raise RuntimeError(f"helion_fusions: dynamic_scaled_fp8_quant was first called on {device} inside CUDA-graph "
-                           "capture; call helion_fusions.warmup() before capturing")
-    return torch.zeros(quant.AMAX_SCRATCH_WORDS, dtype=torch.int32, device=device)
-
-
 def _check_input(input: Any, gated: bool) -> tuple[int, int]:
     checks.check_input_2d("input", input)
     tokens, width = input.shape
@@ -278,7 +266,8 @@ def _prepare_dynamic_quant(result, input, scale, *, tokens, hidden):
         return _per_token_launches(input, result, scale, None, gated=False, tokens=tokens, hidden=hidden)
     # an empty input launches nothing (the reference writes the floor scale); otherwise the first launch
     # leaves the scale in the scratch, and the second quantizes with it and copies it to ``scale``
-    scratch = _amax_scratch(input.device)
+    # int32 words (quant.AMAX_WORD ...), zero between calls: the amax launch's last tile resets them
+    scratch = common.scratch("quant.amax", (quant.AMAX_SCRATCH_WORDS,), torch.int32, input.device, zeroed=True)
     word = quant.SCALE_WORD
     return (_launch(input, result, Quant.AMAX, gated=False, scale_out=scratch),
             _launch(input, result, Quant.PER_TENSOR, gated=False, scale_out=scale,
