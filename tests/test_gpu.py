@@ -547,6 +547,21 @@ def test_scaled_mm_per_token_scale_ub_and_zero_rows(op: str, m: int) -> None:
     run_against_reference(spec, kwargs, max_flip_fraction=0)
 
 
+@pytest.mark.parametrize("m", (1, 7, 300, 4096))
+@pytest.mark.parametrize("op", ("scaled_mm_per_token_fp8_quant", "scaled_mm_silu_mul_per_token_fp8_quant"))
+def test_scaled_mm_per_token_row_words_are_zero_after_each_call(op: str, m: int) -> None:
+    """The row amaxes are atomic maxima into shared words that the quantize launch zeroes again: each call's
+    amaxes smaller than the last's, a word left over would set the scale."""
+    spec = REGISTRY[op]
+    kwargs = spec.make_inputs({"M": m, "N": 4096 + 128 * 3, "K": 4096}, torch.bfloat16, CUDA)
+    for _ in range(3):
+        kwargs["a_scales"] = kwargs["a_scales"] / 16
+        kwargs["out"] = poisoned(tuple(kwargs["out"].shape), kwargs["out"].dtype, CUDA)
+        run_against_reference(spec, kwargs, max_flip_fraction=0)
+        words = spec.prepare(**clone_kwargs(kwargs))[-1].args[8]
+        assert not words._base.any()
+
+
 @pytest.mark.parametrize("scale_layout", ("row_major", "transposed", "tma_aligned"))
 @pytest.mark.parametrize("ue8m0", (False, True))
 @pytest.mark.parametrize("m", (1, 300))
