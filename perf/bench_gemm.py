@@ -60,9 +60,9 @@ def variants(model: str) -> list[tuple[str, str]]:
 
 def layer_shapes(op: str, model: str) -> tuple[tuple[int, int], ...]:
     """(N, K) of the layers an op is benched on: the gate_up ops' N is the projection's I; a per-group op's N is a
-    multiple of 128 (the per-group and per-token ops' groups)."""
+    multiple of its group, 128."""
     shapes = GATE_UP[model] if op in GATED_OPS else LAYERS[model]
-    return tuple((n, k) for n, k in shapes if "scales" not in REGISTRY[op].arg_names or n % 128 == 0)
+    return tuple((n, k) for n, k in shapes if "group_size" not in REGISTRY[op].arg_names or n % 128 == 0)
 
 
 def flops(op: str, shape: dict[str, int]) -> float:

@@ -35,8 +35,8 @@ order (block scales: the scaled slices); the scratch is written whole before it 
 never splits. The scratch buffers are shared by every call on a device (:func:`ops.common.scratch`): calls on
 two streams must not overlap.
 
-``scaled_mm_per_token_fp8_quant`` (and gate_up's): ``dynamic_per_token_scaled_fp8_quant`` of ``y`` (N a multiple
-of 128): ``s = max(min(amax, scale_ub), 1 / 512) / fp8_max`` per row, ``q = fp8(clamp(y / s))``, ``scales``
+``scaled_mm_per_token_fp8_quant`` (and gate_up's): ``dynamic_per_token_scaled_fp8_quant`` of ``y``:
+``s = max(min(amax, scale_ub), 1 / 512) / fp8_max`` per row, ``q = fp8(clamp(y / s))``, ``scales``
 fp32 ``[M, 1]``. A row's scale needs the amax over every N tile of the row, so the product's launch stores
 ``y`` rounded to bf16 into a scratch and takes an atomic max of each row's amax into a zeroed per-row word,
 and a second launch of the same tiles quantizes each row by it (and zeroes the words again). Against the
@@ -190,9 +190,6 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
         scale_out = check_group_scale("scales", scales, m, n // group, a.device, bool(is_scale_transposed))
         amax_floor = check_positive_float("eps", eps)
     elif flavour is Quant.PER_TOKEN:
-        if n % group:
-            raise ValueError(f"out: per-token quant takes the row amax over groups of {group} columns, so N must be a "
-                             f"multiple of {group}, got N = {n}")
         scale_out = check_tensor("scales", scales, dtypes=(torch.float32,), shape=(m, 1), device=a.device,
                                  contiguous=True).view(-1)
         if check_scale_ub("scale_ub", scale_ub, a.device):
@@ -256,9 +253,10 @@ def split_count(m: int, groups: int, k: int, group: int, device: torch.device, g
     outputs split at 64 rows were slower (21.3 us against 13.2 at N = K = 4096, 80.3 against 39.2 at
     K = 14336), and split gate_up tiles tuned unsplit overflowed shared memory (262,144 bytes against
     232,448): those two split up to ``SPLIT_MAX_M_GROUPED`` rows only. Below it the per-group and per-token
-    outputs gain from the split: tuned unsplit at M = 1 and 16 they took 28-30 us against 17-21 split at
+    outputs (then tiled in 128 columns too) gain from the split: tuned unsplit at M = 1 and 16 they took 28-30 us against 17-21 split at
     N = K = 4096 and 88-94 against 33-36 at K = 14336 (N = 28672, with enough programs: 51-53 against 52-57).
-    Not so the gate_up ones: unsplit 54-56 us against 74-80 split at I = 14336, K = 4096; they never split."""
+    Not so gate_up with 128-column tiles: unsplit 54-56 us against 74-80 split at I = 14336, K = 4096; with a
+    quant group it never splits."""
     if gated and group > 1:
         return 1
     most_rows = SPLIT_MAX_M_GROUPED if gated or group > 1 else SPLIT_MAX_M
@@ -372,9 +370,9 @@ def _inputs(flavour: Quant, gated: bool):
 
 
 def _group_of(flavour: Quant) -> int:
-    """The output columns a flavour's kernel tiles as one unit (the second block size counts these): a quant group,
-    or per token the groups whose amaxes the row's scale is the max of."""
-    return GROUP_SIZES[0] if flavour in (Quant.PER_GROUP, Quant.PER_TOKEN) else 1
+    """The output columns a flavour's kernel tiles as one unit (the second block size counts these): the quant
+    group of a per-group output, else 1 (a row's per-token amax is an atomic max over tiles of any width)."""
+    return GROUP_SIZES[0] if flavour is Quant.PER_GROUP else 1
 
 
 def _tile(rows: int, columns: int, group: int, **settings: Any) -> helion.Config:
