@@ -188,7 +188,10 @@ def measure(op: str, model: str, layout: str, shape: dict[str, int], timer: Time
     spec.reference(**expected)
     spec.op(**ours)
     results = compare_outputs([name for name in spec.mutated_args if name in kwargs], ours, expected)
-    if not outputs_ok(results, max_flip_fraction=0):  # integer-valued operands: every sum is exact
+    # integer-valued operands make every sum exact, but not block scales' scaled slices: split-K adds those in
+    # another order than the contract, which may move a result across a rounding tie (1 of 2112 at M = 1,
+    # N = 2112, K = 7168 on an H200); never further
+    if not outputs_ok(results, max_flip_fraction=1e-3 if layout == "block" else 0):
         raise AssertionError(f"{op} {layout} {shape}: ours differs from the contract: {results}")
     row: dict[str, Any] = {"op": op, "model": model, **shape, "scales": layout, "out": str(kwargs["out"].dtype)[6:]}
     calls = working_baselines(op, clone_kwargs(kwargs), layout, f"{op} {layout} {shape}")
