@@ -253,10 +253,10 @@ def split_count(m: int, groups: int, k: int, group: int, device: torch.device, g
     outputs split at 64 rows were slower (21.3 us against 13.2 at N = K = 4096, 80.3 against 39.2 at
     K = 14336), and split gate_up tiles tuned unsplit overflowed shared memory (262,144 bytes against
     232,448): those two split up to ``SPLIT_MAX_M_GROUPED`` rows only. Below it the per-group and per-token
-    outputs (then tiled in 128 columns too) gain from the split: tuned unsplit at M = 1 and 16 they took 28-30 us against 17-21 split at
-    N = K = 4096 and 88-94 against 33-36 at K = 14336 (N = 28672, with enough programs: 51-53 against 52-57).
-    Not so gate_up with 128-column tiles: unsplit 54-56 us against 74-80 split at I = 14336, K = 4096; with a
-    quant group it never splits."""
+    outputs (then tiled in 128 columns too) gain from the split: tuned unsplit at M = 1 and 16 they took
+    28-30 us against 17-21 split at N = K = 4096 and 88-94 against 33-36 at K = 14336 (N = 28672, with
+    enough programs: 51-53 against 52-57). Not so gate_up with 128-column tiles: unsplit 54-56 us against
+    74-80 split at I = 14336, K = 4096; with a quant group it never splits."""
     if gated and group > 1:
         return 1
     most_rows = SPLIT_MAX_M_GROUPED if gated or group > 1 else SPLIT_MAX_M
