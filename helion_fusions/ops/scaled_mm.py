@@ -45,8 +45,8 @@ round trip of ``y`` stays (one program covering a row's every column would leave
 the product twice doubles it). Before the atomic max, each program of the second launch read the amaxes of
 every 128 columns of its rows: on an H200 (Llama-3-8B layers, row scales) cuBLAS's bf16 GEMM alone then took
 0.64-0.92x of its time at M >= 2048. With it, and tiles of any width, the op ran 1.08x the unfused path
-(cuBLAS, then ``dynamic_per_token_scaled_fp8_quant``; geomean over M = 1-8192), but 0.84-1.02x at M >= 512 (row scales):
-the bytes moved are the unfused path's, and the GEMM itself trails cuBLAS's by a few percent there.
+(cuBLAS, then ``dynamic_per_token_scaled_fp8_quant``; row scales, geomean over M = 1-8192), but 0.84-1.02x
+at M >= 512: the bytes moved are the unfused path's, and the GEMM itself trails cuBLAS's by a few percent.
 """
 
 from __future__ import annotations
