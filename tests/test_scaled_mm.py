@@ -399,9 +399,9 @@ def test_one_token_stores_index_and_mask_the_tile_rows(spec, layout: str) -> Non
                     assert indexed, f"{dict(config)}: {store}"
 
 
-def _ptx(spec, layout: str, bias: bool, m: int = 2048, k: int = 384) -> list[str]:
-    """The op's launches at ``M = m`` (N = 512) under its default config, compiled for sm_90 by Triton on the CPU."""
-    shape = {"M": m, "N": 512, "K": k}
+def _ptx(spec, layout: str, bias: bool, m: int = 2048, k: int = 384, n: int = 512) -> list[str]:
+    """The op's launches at ``M = m``, ``N = n`` under its default config, compiled for sm_90 by Triton on the CPU."""
+    shape = {"M": m, "N": n, "K": k}
     kwargs = _inputs(shape["M"], shape["N"], shape["K"], layout, bias=bias, spec=spec)
     ptx = []
     for launch in spec.prepare(**kwargs):
@@ -427,6 +427,15 @@ def test_split_k_launches_compile_for_sm90(spec, layout: str) -> None:
     partial, reduce, *quantize = _ptx(spec, layout, True, m=16, k=1024)
     assert "cp.async" in partial and "mma" in partial and "mma" not in reduce
     assert len(quantize) == (spec in (TOKEN, SILU_TOKEN)) and all("mma" not in code for code in quantize)
+
+
+@pytest.mark.parametrize("m", (1, 300))
+@pytest.mark.parametrize("spec", (TOKEN, SILU_TOKEN), ids=lambda s: s.name)
+def test_per_token_at_any_width_compiles_for_sm90(spec, m: int) -> None:
+    """N = 48, narrower than any tile (the kernel specializes on N): the product's launches compile to wgmma (at
+    M = 1 split-K's partial sums and their reduction), the quantize launch to no mma at all."""
+    *product, quantize = _ptx(spec, "token_channel", True, m=m, k=1024, n=48)
+    assert len(product) == (2 if m == 1 else 1) and "mma" in product[0] and "mma" not in quantize
 
 
 def _fmas(ptx: str) -> int:
