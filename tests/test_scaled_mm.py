@@ -24,8 +24,8 @@ TOKEN, SILU_TOKEN = scaled_mm.SCALED_MM_PER_TOKEN_FP8_QUANT, scaled_mm.SCALED_MM
 GATED = (SILU_STATIC, SILU_GROUP, SILU_TOKEN)
 GROUPED = (GROUP, SILU_GROUP)  # a 128-column quant group
 ALL_SPECS = (SCALED_MM, STATIC, GROUP, TOKEN, SILU_STATIC, SILU_GROUP, SILU_TOKEN)
-SPLITTING = (SCALED_MM, STATIC, GROUP, TOKEN, SILU_STATIC, SILU_TOKEN)  # split K up to 16 rows (gate_up with groups:
-# never)
+# split K up to 16 rows (gate_up with quant groups: never)
+SPLITTING = (SCALED_MM, STATIC, GROUP, TOKEN, SILU_STATIC, SILU_TOKEN)
 LAYOUTS = ("tensor", "tensor_0dim", "token", "channel", "token_channel", "token_1d", "block")
 
 

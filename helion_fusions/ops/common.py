@@ -43,8 +43,8 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
         if zeroed and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             # made inside a capture, its zero fill would only run on replay: the words would start as garbage
             raise RuntimeError(f"helion_fusions: the scratch buffer {name!r} ({numel} elements) was first needed on "
-                               f"{device} inside CUDA-graph capture; call helion_fusions.warmup() (up to this "
-                               "token count) before capturing")
+                               f"{device} inside CUDA-graph capture; call helion_fusions.warmup() before capturing "
+                               "(up to the largest token count captured)")
         grown = 0 if buffer is None or buffer.dtype != dtype else 2 * buffer.numel()
         buffer = _scratch[(name, device)] = (torch.zeros if zeroed else torch.empty)(max(numel, grown), dtype=dtype,
                                                                                      device=device)
