@@ -227,9 +227,9 @@ def summary(rows: list[dict]) -> list[str]:
 def write_results(rows: list[dict], out: Path) -> str:
     identity, label = device_identity(), torch.cuda.get_device_name()
     rates = [flops(r["op"], r) / r[c] / 1e6 for r in rows for c in ("cublas_us", "cublas_fp8_out_us") if r.get(c)]
-    peak = max(rates)
+    peak = max(rates, default=None)  # none where only block scales ran: cuBLAS takes none of them
     for row in rows:
-        row.update(device=identity.name, pct_cublas_peak=100 * row["tflops"] / peak, torch=version("torch"),
+        row.update(device=identity.name, pct_cublas_peak=peak and 100 * row["tflops"] / peak, torch=version("torch"),
                    helion=version("helion"),
                    repro=f"python -m perf.bench_gemm --models {row['model']} --ops {row['op']} --tokens {row['M']}")
     write_csv(out / f"{identity.name}_gemm.csv", COLUMNS, rows)
@@ -237,7 +237,8 @@ def write_results(rows: list[dict], out: Path) -> str:
     text = "\n".join([
         f"# Scaled fp8 GEMMs: ours vs cuBLAS and the unfused path, {label} ({identity.name})", "",
         f"torch {version('torch')}, helion {version('helion')}; us, medians, L2 flushed; best cuBLAS "
-        f"{peak:.0f} TFLOP/s; written by `python -m perf.bench_gemm`.", "", *summary(rows),
+        f"{'(none run)' if peak is None else f'{peak:.0f}'} TFLOP/s; written by `python -m perf.bench_gemm`.", "",
+        *summary(rows),
         "", tabulate([[r.get(c) for c in shown] for r in rows], headers=shown, floatfmt=".1f", tablefmt="github"), ""])
     (out / f"{identity.name}_gemm.md").write_text(text)
     return text

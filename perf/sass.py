@@ -56,11 +56,12 @@ def _cuobjdump(*args: str) -> str:
 
 def compile_report(spec: OpSpec, shape: Shape, dtype: torch.dtype, config: helion.Config, arch: int,
                    out: Path, num_sm: int = 132) -> Report:
-    """Compile the op's (last) launch for this shape and config to SASS, and summarize it.
+    """Compile the op's last launch of its own kernel for this shape and config to SASS, and summarize it.
 
     A persistent config's host code asks for the GPU's multiprocessor count, which CPU tensors
     do not have: ``num_sm`` stands in (132 on an H100 SXM and an H200)."""
-    launch = spec.prepare(**spec.make_inputs(shape, dtype, torch.device("cpu")))[-1]
+    launch = [launch for launch in spec.prepare(**spec.make_inputs(shape, dtype, torch.device("cpu")))
+              if launch.tuned_as is None][-1]  # the op's own kernel, which its configs are for
     compiled = machine_code(launch.kernel, launch.args, config, ("cuda", arch, 32), num_sm)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{spec.name}_{'_'.join(f'{k}{v}' for k, v in shape.items())}_sm{arch}"

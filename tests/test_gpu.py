@@ -518,11 +518,12 @@ def _check_scaled_mm(spec: OpSpec, kwargs: dict[str, Any], layout: str, flips: f
     run_against_reference(spec, kwargs, max_flip_fraction=flips if split else 0)
 
 
-@pytest.mark.parametrize("op", ("scaled_mm", "scaled_mm_static_fp8_quant"))
+@pytest.mark.parametrize("op", ("scaled_mm", "scaled_mm_static_fp8_quant", "scaled_mm_per_group_fp8_quant"))
 @pytest.mark.parametrize("layout", ("token_channel", "block"))
 @pytest.mark.parametrize("m", (40, 100))
 def test_scaled_mm_splits_a_deep_k_up_to_128_rows(m: int, layout: str, op: str) -> None:
-    """K = 14336 at 40 and 100 rows (the M = 64 and 128 buckets) splits K in two launches."""
+    """K = 14336 at 40 and 100 rows (the M = 64 and 128 buckets) splits K in two launches (per group: then
+    per_token_group_fp8_quant's launch)."""
     spec = REGISTRY[op]
     kwargs = spec.make_inputs({"M": m, "N": 4096 + 128 * 3, "K": 14336}, torch.bfloat16, CUDA)
     if layout == "block":
@@ -530,7 +531,8 @@ def test_scaled_mm_splits_a_deep_k_up_to_128_rows(m: int, layout: str, op: str) 
         kwargs.update(a_scales=(torch.rand(m, 14336 // 128, generator=generator) / 16).to(CUDA),
                       b_scales=(torch.rand(-(-kwargs["b"].shape[1] // 128), 14336 // 128,
                                            generator=generator) / 256).to(CUDA))
-    assert len(spec.prepare(**clone_kwargs(kwargs))) == 2
+    launches = spec.prepare(**clone_kwargs(kwargs))
+    assert [launch.args[-1] for launch in launches if launch.tuned_as is None] == [Phase.PARTIAL, Phase.REDUCE]
     # 112 scaled slices (against 32 at K = 4096): 72 of 448,000 bf16 outputs flipped on an H200
     _check_scaled_mm(spec, kwargs, layout, flips=5e-4)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helion_fusions.ops import scaled_mm
+from helion_fusions.quant import Quant
 from helion_fusions.runtime import dispatch
 from helion_fusions.runtime.registry import REGISTRY
 from helion_fusions.tools.testing import (clone_kwargs, code_generator, compare_outputs, machine_code, outputs_ok,
@@ -24,9 +25,15 @@ TOKEN, SILU_TOKEN = scaled_mm.SCALED_MM_PER_TOKEN_FP8_QUANT, scaled_mm.SCALED_MM
 GATED = (SILU_STATIC, SILU_GROUP, SILU_TOKEN)
 GROUPED = (GROUP, SILU_GROUP)  # a 128-column quant group
 ALL_SPECS = (SCALED_MM, STATIC, GROUP, TOKEN, SILU_STATIC, SILU_GROUP, SILU_TOKEN)
-# split K up to 16 rows (gate_up with quant groups: never)
-SPLITTING = (SCALED_MM, STATIC, GROUP, TOKEN, SILU_STATIC, SILU_TOKEN)
+# split K at up to 16 rows (per group: the product, then per_token_group_fp8_quant)
+SPLITTING = ALL_SPECS
 LAYOUTS = ("tensor", "tensor_0dim", "token", "channel", "token_channel", "token_1d", "block")
+GROUP_QUANT = REGISTRY["per_token_group_fp8_quant"]  # quantizes a per-group output after a small-M product
+
+
+def _own(launches) -> list:
+    """The launches of the op's own kernel (not those of another op it runs, which take that op's configs)."""
+    return [launch for launch in launches if launch.tuned_as is None]
 
 
 def _scales(layout: str, m: int, n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,13 +157,16 @@ def test_bad_arguments_name_themselves() -> None:
 
 @pytest.mark.parametrize("layout", ("tensor_0dim", "token_channel", "block"))
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.name)
-@pytest.mark.parametrize("m", (1, 7, 64))
+@pytest.mark.parametrize("m", (1, 7, 64, 300))
 def test_every_variant_generates_code_under_its_configs(layout: str, spec, m: int) -> None:
     """What only the compiler sees: each variant the checks accept, with the default, seed and a sample of the
     searched configs (TMA and persistent ones among them)."""
     kwargs = _inputs(m, 256, 384, layout, bias=True, spec=spec)
-    product, *quantize = spec.prepare(**kwargs)  # per token: then the quantize launch
+    launches = spec.prepare(**kwargs)
+    product, *quantize = _own(launches)  # per token: then the quantize launch
     assert len(quantize) == (spec in (TOKEN, SILU_TOKEN))
+    after = spec in GROUPED and scaled_mm.quantized_after(Quant.PER_GROUP, m, spec in GATED)
+    assert [launch.tuned_as for launch in launches if launch.tuned_as] == [GROUP_QUANT] * after
     shape = {"M": m, "N": 4096, "K": 4096}
     searched = spec.search_configs(shape)
     for launch in (product, *quantize):
@@ -171,7 +181,8 @@ def test_weight_stream_buckets_search_the_narrowest_n_tiles(spec, m: int) -> Non
     """Up to M = 128 the product streams the weight, and the search tries the narrowest N tile the flavour allows
     (32 columns, or one quant group): at M = 128, N = 4096 on an H200 tiles of 128 columns or more gave at most 64
     programs and ran at twice cuBLAS's time."""
-    group = scaled_mm.GROUP_SIZES[0] if spec in GROUPED else 1
+    fused = spec in GROUPED and not scaled_mm.quantized_after(Quant.PER_GROUP, m, spec in GATED)
+    group = scaled_mm.GROUP_SIZES[0] if fused else 1
     narrowest = min(c.config["block_sizes"][1] * group for c in spec.search_configs({"M": m, "N": 4096, "K": 4096}))
     assert narrowest == (max(scaled_mm.SPLIT_MIN_TILE, group) if m <= 128 else 128)
 
@@ -217,28 +228,25 @@ def test_per_token_takes_any_width(spec, m: int, n: int, k: int) -> None:
 
 # --- split-K ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("m", "groups", "k", "group", "splits"), [
-    (1, 4096, 14336, 1, 4),  # Llama-3-8B down_proj at decode: 128 programs of 32 columns, 4 slices of 28 steps
-    (16, 6144, 4096, 1, 2),
-    (1, 32, 4096, 128, 8),  # group-128 output: 32 programs, 8 slices of 4 steps
-    (1, 14336, 4096, 1, 1),  # enough programs already
-    (64, 4096, 14336, 1, 4),  # a quarter of the weight's bytes allows 7 slices of 64 rows' partial sums
-    (128, 4096, 14336, 1, 2),
-    (64, 4096, 4096, 1, 2),
-    (128, 4096, 4096, 1, 1),  # 2 slices would round-trip half the weight's bytes
-    (129, 4096, 14336, 1, 1),  # past SPLIT_MAX_M rows
-    (17, 32, 14336, 128, 1),  # per-group output: past SPLIT_MAX_M_GROUPED rows
-    (1, 4096, 4096 + 16, 1, 1),  # K not a multiple of 128
-    (1, 4096, 640, 1, 1),  # 5 steps: no even split of 4 steps or more
+@pytest.mark.parametrize(("m", "n", "k", "splits"), [
+    (1, 4096, 14336, 4),  # Llama-3-8B down_proj at decode: 128 programs of 32 columns, 4 slices of 28 steps
+    (16, 6144, 4096, 2),
+    (1, 14336, 4096, 1),  # enough programs already
+    (64, 4096, 14336, 4),  # a quarter of the weight's bytes allows 7 slices of 64 rows' partial sums
+    (128, 4096, 14336, 2),
+    (64, 4096, 4096, 2),
+    (128, 4096, 4096, 1),  # 2 slices would round-trip half the weight's bytes
+    (129, 4096, 14336, 1),  # past SPLIT_MAX_M rows
+    (1, 4096, 4096 + 16, 1),  # K not a multiple of 128
+    (1, 4096, 640, 1),  # 5 steps: no even split of 4 steps or more
 ])
-def test_split_count(m: int, groups: int, k: int, group: int, splits: int) -> None:
-    assert scaled_mm.split_count(m, groups, k, group, torch.device("cpu")) == splits
-    gated = scaled_mm.split_count(m, groups, k, group, torch.device("cpu"), gated=True)
-    # gate_up: up to 16 rows, and never with a quant group
-    assert gated == (splits if m <= scaled_mm.SPLIT_MAX_M_GROUPED and group == 1 else 1)
+def test_split_count(m: int, n: int, k: int, splits: int) -> None:
+    assert scaled_mm.split_count(m, n, k, torch.device("cpu")) == splits
+    gated = scaled_mm.split_count(m, n, k, torch.device("cpu"), gated=True)
+    assert gated == (splits if m <= scaled_mm.SPLIT_MAX_M_GROUPED else 1)  # gate_up: up to 16 rows
     dispatch.set_batch_invariant(True)
     try:  # a row's summation order must not depend on M
-        assert scaled_mm.split_count(m, groups, k, group, torch.device("cpu")) == 1
+        assert scaled_mm.split_count(m, n, k, torch.device("cpu")) == 1
     finally:
         dispatch.set_batch_invariant(False)
 
@@ -248,13 +256,19 @@ def test_split_count(m: int, groups: int, k: int, group: int, splits: int) -> No
 @pytest.mark.parametrize("spec", SPLITTING, ids=lambda s: s.name)
 def test_split_k_matches_the_contract(spec, m: int, layout: str) -> None:
     """K = 1024 at up to 16 rows splits: partial sums per K slice, then a launch adds them and runs the epilogue
-    (per token: stores the rounded result and its row amaxes for the quantize launch)."""
+    (per token: stores the rounded result and its row amaxes for the quantize launch; per group: the rounded
+    result, which ``per_token_group_fp8_quant`` quantizes)."""
     kwargs = _inputs(m, 256, 1024, layout, bias=True, spec=spec)
     partial, reduce, *quantize = spec.prepare(**clone_kwargs(kwargs))
     splits = partial.args[9].size(0)
     assert splits > 1 and partial.args[9] is reduce.args[9] and partial.args[11] == splits
     assert (partial.args[-1], reduce.args[-1]) == (scaled_mm.Phase.PARTIAL, scaled_mm.Phase.REDUCE)
-    assert [launch.args[-1] for launch in quantize] == [scaled_mm.Phase.QUANTIZE] * (spec in (TOKEN, SILU_TOKEN))
+    if spec in GROUPED:
+        (after,) = quantize
+        assert after.tuned_as is REGISTRY["per_token_group_fp8_quant"] and after.args[0].data_ptr() == \
+            reduce.args[5].data_ptr() and reduce.args[5].dtype == torch.bfloat16
+    else:
+        assert [launch.args[-1] for launch in quantize] == [scaled_mm.Phase.QUANTIZE] * (spec in (TOKEN, SILU_TOKEN))
     _check(spec, kwargs)
 
 
@@ -378,11 +392,12 @@ def test_one_token_stores_index_and_mask_the_tile_rows(spec, layout: str) -> Non
     """At M = 1 Helion indexes a one-row dim it cannot tie to the row tile's extent as a broadcast dim: a store
     into it loses the row index and the row mask, and the tile's rows (16 at least, for the dot) all write row 0,
     the padding rows' values among them (on an H200: nearly every output byte wrong). Split-K's partial sums too
-    (K = 1024: two launches, the partial sums' stores, then the epilogue's; gate_up with groups does not split)."""
+    (K = 1024: two launches, the partial sums' stores, then the epilogue's). A per-group output of one token is
+    quantized after the product, by another op's kernel (tested with it)."""
     shape = {"M": 1, "N": 4096, "K": 4096}
     halves = 2 if spec in GATED else 1
-    for k, launches in ((384, 1), (1024, 2 if spec in SPLITTING else 1)):
-        prepared = spec.prepare(**_inputs(1, 256, k, layout, bias=True, spec=spec))
+    for k, launches in ((384, 1), (1024, 2)):
+        prepared = _own(spec.prepare(**_inputs(1, 256, k, layout, bias=True, spec=spec)))
         assert len(prepared) == launches + (spec in (TOKEN, SILU_TOKEN))  # per token: then the quantize launch
         for launch in prepared:
             bound = code_generator(launch.kernel).bind(launch.args)
@@ -392,7 +407,7 @@ def test_one_token_stores_index_and_mask_the_tile_rows(spec, layout: str) -> Non
                 # fp8 values and scales; per token y and the row amaxes' atomic max, then (quantize) fp8 values,
                 # scales and the row amaxes' zeroing
                 expected = {scaled_mm.Phase.PARTIAL: halves, scaled_mm.Phase.QUANTIZE: 3}
-                epilogue = 2 if spec in (*GROUPED, TOKEN, SILU_TOKEN) else 1
+                epilogue = 2 if spec in (TOKEN, SILU_TOKEN) else 1
                 assert len(stores) == expected.get(launch.args[-1], epilogue), stores
                 for store in stores:  # the row tile is the first block: indices_0, mask_0
                     indexed = re.search(r"\bindices_0\b", store) and re.search(r"\bmask_0\b", store)
@@ -400,11 +415,12 @@ def test_one_token_stores_index_and_mask_the_tile_rows(spec, layout: str) -> Non
 
 
 def _ptx(spec, layout: str, bias: bool, m: int = 2048, k: int = 384, n: int = 512) -> list[str]:
-    """The op's launches at ``M = m``, ``N = n`` under its default config, compiled for sm_90 by Triton on the CPU."""
+    """The op's own launches at ``M = m``, ``N = n`` under its default config, compiled for sm_90 by Triton on the
+    CPU."""
     shape = {"M": m, "N": n, "K": k}
     kwargs = _inputs(shape["M"], shape["N"], shape["K"], layout, bias=bias, spec=spec)
     ptx = []
-    for launch in spec.prepare(**kwargs):
+    for launch in _own(spec.prepare(**kwargs)):
         ptx.append(machine_code(launch.kernel, launch.args, spec.default_config(shape)).asm["ptx"])
     return ptx
 

@@ -19,8 +19,9 @@ The fp8 epilogues write what the unfused path leaves: ``y`` rounded to bf16 (the
   multiple of it) and its ``eps`` as the amax floor: ``s = max(amax, eps) / fp8_max`` per 128 columns of a
   row (``scale_ue8m0``: rounded up to a power of two), ``q = fp8(clamp(y / s))``. ``scales`` is fp32
   ``[M, N / 128]``; ``is_scale_transposed`` asks for a column-major one (given as that view, TMA-aligned
-  strides too, or as a row-major ``[N / 128, M]`` tensor). A group lies inside one N tile, so the kernel
-  quantizes it without another launch.
+  strides too, or as a row-major ``[N / 128, M]`` tensor). From ``SPLIT_MAX_M`` rows on (gate_up:
+  ``SPLIT_MAX_M_GROUPED``) a group lies inside one N tile and the product's epilogue quantizes it; below,
+  ``per_token_group_fp8_quant`` quantizes the bf16 product after it (:func:`quantized_after`).
 
 gate_up (``scaled_mm_silu_mul_*``): ``b`` is ``[K, 2 I]``, gate columns ``0 .. I - 1`` and up columns
 ``I .. 2 I - 1`` (per-channel scales and bias ``[2 I]``, block scales ``[ceil(2 I / 128), ...]``); ``out`` is
@@ -60,7 +61,7 @@ import torch
 from helion_fusions import quant
 from helion_fusions.kernels.scaled_mm import SCALE_BLOCK, Phase, scaled_mm_kernel
 from helion_fusions.ops.common import poisoned, scratch
-from helion_fusions.ops.silu_mul import silu_and_mul_reference
+from helion_fusions.ops.silu_mul import PER_TOKEN_GROUP_FP8_QUANT, silu_and_mul_reference
 from helion_fusions.quant import Quant
 from helion_fusions.runtime.checks import (
     FP8_DTYPES,
@@ -94,7 +95,7 @@ ROUND_DTYPE = torch.bfloat16  # the unfused path's GEMM output, which the activa
 GROUP_SIZES = (128,)  # per-group output quant: a group lies inside one N tile
 DEFAULT_EPS = 1e-10  # the per-group amax floor, per_token_group_fp8_quant's eps as engines pass it
 SPLIT_MAX_M = 128  # split-K for at most this many rows (see split_count)
-SPLIT_MAX_M_GROUPED = 16  # the same for per-group quantized outputs and gate_up
+SPLIT_MAX_M_GROUPED = 16  # the same for gate_up
 SPLIT_MAX = 8
 SPLIT_SCRATCH_SHARE = 4  # the partial sums' round trip moves at most a quarter of the weight's bytes
 SPLIT_MIN_STEPS = 4
@@ -199,9 +200,12 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
         amax_floor = quant.FP8_AMAX_FLOOR
     if m == 0:
         return ()
+    quant_group = group
+    if quantized_after(flavour, m, gated):  # the product alone, in tiles of any width
+        group = 1
     halves = 2 if gated else 1
     shape = (halves, n // group, group)
-    splits = split_count(m, n // group, k, group, a.device, gated)
+    splits = split_count(m, n, k, a.device, gated)
     operands = (a, b.view(k, *shape), a_s, b_s if block else b_s.view(shape),
                 _placeholder(a.device) if bias is None else bias.view(shape))
     fp8_max = quant.fp8_max_for(out.dtype) if quantized else 448.0
@@ -226,6 +230,9 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
         row_words = scratch("scaled_mm.row_words", (max(m, ROW_WORDS_MIN_ROWS), 2), torch.int32, a.device,
                             zeroed=True)[:m]
         epilogue = Quant.GROUP_AMAX
+    elif group != quant_group:  # per group, quantized after the product
+        y, y_scales, epilogue = scratch("scaled_mm.rounded", (m, n), ROUND_DTYPE, a.device), _placeholder(
+            a.device).expand(m, 1), Quant.NONE
     if splits == 1:
         launches = [launch(Phase.WHOLE, epilogue, y, y_scales, scale_in,
                            _placeholder(a.device).view(1, 1, 1, 1, 1).expand(1, halves, m, *shape[1:]))]
@@ -236,35 +243,45 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
     if flavour is Quant.PER_TOKEN:
         launches.append(launch(Phase.QUANTIZE, Quant.PER_TOKEN_OF_GROUPS, out, scale_out,
                                row_words.view(torch.float32)[:, :1], y.view(1, 1, m, n // group, group)))
+    elif group != quant_group:
+        launches += PER_TOKEN_GROUP_FP8_QUANT.launches(
+            input=y, output_q=out, output_s=scale_out, group_size=quant_group, eps=amax_floor, fp8_min=-fp8_max,
+            fp8_max=fp8_max, scale_ue8m0=bool(scale_ue8m0))
     return tuple(launches)
 
 
-def split_count(m: int, groups: int, k: int, group: int, device: torch.device, gated: bool = False) -> int:
-    """How many K slices (split-K) a product of ``m`` rows takes: 1 (no split) from ``SPLIT_MAX_M`` rows on,
-    from ``SPLIT_MAX_M_GROUPED`` for per-group outputs (``group > 1``) and gate_up (``gated``), always for both.
+def quantized_after(flavour: Quant, m: int, gated: bool = False) -> bool:
+    """Whether a per-group fp8 output is quantized by ``per_token_group_fp8_quant`` after the product (rounded to
+    bf16 in a scratch) rather than in the product's epilogue: up to ``SPLIT_MAX_M`` rows (gate_up:
+    ``SPLIT_MAX_M_GROUPED``), where the product streams the weight.
 
-    Below, the narrowest N tiles the search tries (32 columns, or one quant group) over the ``groups``
-    groups of ``group`` output columns give one row tile's programs, too few to stream the weight from
-    every SM: the K depth is split in two, four or eight (each slice at least
+    The epilogue quantizes a group inside one N tile, so its tiles are whole 128-column groups: too few programs to
+    stream the weight at small M, even split. On an H200 (N = K = 4096, tensor scales) the fused op took 17.6 us at
+    M = 1 against 10.2 for ``scaled_mm`` (32-column tiles, split K), and 39.2 against 28.4 at M = 64, K = 14336;
+    quantizing so few rows after it is one launch of about 2 us. The choice follows M's config bucket alone, as the
+    meaning of a config's second block size does (columns here, groups in the fused epilogue)."""
+    return flavour is Quant.PER_GROUP and m <= (SPLIT_MAX_M_GROUPED if gated else SPLIT_MAX_M)
+
+
+def split_count(m: int, n: int, k: int, device: torch.device, gated: bool = False) -> int:
+    """How many K slices (split-K) a product of ``m`` rows and ``n`` output columns takes: 1 (no split) from
+    ``SPLIT_MAX_M`` rows on, from ``SPLIT_MAX_M_GROUPED`` for gate_up (``gated``). A product whose epilogue
+    quantizes 128-column groups has more rows than that (:func:`quantized_after`), so it never splits.
+
+    Below, the narrowest N tiles the search tries (32 columns) give one row tile's programs, too few to stream
+    the weight from every SM: the K depth is split in two, four or eight (each slice at least
     ``SPLIT_MIN_STEPS`` 128-deep steps, ``K`` a multiple of 128) until twice the SM count is reached.
     Each slice's fp32 sums are written and read back, 8 bytes an output element against the fp8 weight's
     ``K`` bytes a column: the slices are capped where that round trip would pass 1 / ``SPLIT_SCRATCH_SHARE``
     of the weight's bytes: at K = 4096 up to 8 slices for 16 rows, 2 for 64 and none for 128; at K = 14336
     4 for 64 rows and 2 for 128. On an H200, N = 4096, K = 14336 took 28-30 us split against 35 unsplit
-    (128 programs of 32 columns; cuBLAS 23-24); N = K = 4096 at 64 rows 11.5 against 11.4. Per-group
-    outputs split at 64 rows were slower (21.3 us against 13.2 at N = K = 4096, 80.3 against 39.2 at
-    K = 14336), and split gate_up tiles tuned unsplit overflowed shared memory (262,144 bytes against
-    232,448): those two split up to ``SPLIT_MAX_M_GROUPED`` rows only. Below it the per-group and per-token
-    outputs (then tiled in 128 columns too) gain from the split: tuned unsplit at M = 1 and 16 they took
-    28-30 us against 17-21 split at N = K = 4096 and 88-94 against 33-36 at K = 14336 (N = 28672, with
-    enough programs: 51-53 against 52-57). Not so gate_up with 128-column tiles: unsplit 54-56 us against
-    74-80 split at I = 14336, K = 4096; with a quant group it never splits."""
-    if gated and group > 1:
-        return 1
-    most_rows = SPLIT_MAX_M_GROUPED if gated or group > 1 else SPLIT_MAX_M
+    (128 programs of 32 columns; cuBLAS 23-24); N = K = 4096 at 64 rows 11.5 against 11.4. gate_up splits up
+    to ``SPLIT_MAX_M_GROUPED`` rows only: its split tiles tuned unsplit overflowed shared memory (262,144 bytes
+    against 232,448)."""
+    most_rows = SPLIT_MAX_M_GROUPED if gated else SPLIT_MAX_M
     if m > most_rows or k % SCALE_BLOCK or dispatch.batch_invariant():  # a row's sum order would follow M
         return 1
-    programs = groups // max(1, SPLIT_MIN_TILE // group)
+    programs = n // SPLIT_MIN_TILE
     target = 2 * _sm_count(device)
     most_slices = min(SPLIT_MAX, k // (8 * SPLIT_SCRATCH_SHARE * m))
     steps, splits = k // SCALE_BLOCK, 1
@@ -382,11 +399,14 @@ def _tile(rows: int, columns: int, group: int, **settings: Any) -> helion.Config
 
 
 def _tuning(flavour: Quant, gated: bool):
-    group = _group_of(flavour)
     # two accumulators (gate_up) hold twice the registers: at most half the tile
     max_tile = 128 * 128 if gated else 128 * 256
 
-    def fits(config: helion.Config) -> bool:
+    def group_of(shape: Shape) -> int:
+        """The columns the second block size counts for this shape's product (see :func:`quantized_after`)."""
+        return 1 if quantized_after(flavour, shape["M"], gated) else _group_of(flavour)
+
+    def fits(config: helion.Config, group: int) -> bool:
         """Whether the tile's pipelined fp8 operands (``num_stages`` K steps of ``a`` and of each ``b`` half) fit
         in shared memory: on an H200 the tuner compiled candidates of up to 294,912 bytes against 232,448, each
         failing only when loaded (86 when the family was last tuned)."""
@@ -397,14 +417,14 @@ def _tuning(flavour: Quant, gated: bool):
     def default_config(shape: Shape) -> helion.Config:
         """M tiles of 16-128 rows by 128 columns, 3 stages: a 128-deep fp8 tile fits Hopper's wgmma."""
         rows = 16 if shape["M"] <= 16 else 64 if shape["M"] <= 64 else 128
-        return _tile(rows, 128, group, num_warps=4 if rows < 128 else 8, num_stages=3)
+        return _tile(rows, 128, group_of(shape), num_warps=4 if rows < 128 else 8, num_stages=3)
 
     def seed_configs(shape: Shape) -> list[helion.Config]:
-        seeds = [default_config(shape)]
+        group, seeds = group_of(shape), [default_config(shape)]
         if shape["M"] > 64:
             seeds += [_tile(r, c, group, num_warps=w, num_stages=s)
                       for r, c, w, s in ((128, 256, 8, 3), (64, 256, 4, 4)) if r * c <= max_tile]
-        return [seed for seed in seeds if fits(seed)]
+        return [seed for seed in seeds if fits(seed, group)]
 
     def search_configs(shape: Shape) -> list[helion.Config]:
         """The two largest M tiles the bucket fills and N tiles of whole quant groups, warps by tile size; each
@@ -412,12 +432,12 @@ def _tuning(flavour: Quant, gated: bool):
         tiles (32 columns) spread it over more programs, and 5 stages keep more of it in flight (at M = 128,
         N = 4096, K = 14336 on an H200, tiles of 128 columns or more gave at most 64 programs and took 50 us
         against cuBLAS's 24). 6-48 candidates a shape, so the family tunes in minutes, not hours."""
-        m = shape["M"]
+        m, group = shape["M"], group_of(shape)
         rows = [r for r in (16, 32, 64, 128) if r <= max(16, 2 * m)][-2:]
         columns, stages = ((32, 64, 128, 256), (3, 5)) if m <= 128 else ((128, 256), (4 if m >= 512 else 3,))
         tiles = [_tile(r, c, group, num_warps=4 if r * c <= 64 * 128 else 8, num_stages=s)
                  for r in rows for c in columns for s in stages if c % group == 0 and r * c <= max_tile]
-        tiles = [tile for tile in tiles if fits(tile)]
+        tiles = [tile for tile in tiles if fits(tile, group)]
         return [variant for tile in tiles for variant in (
             tile, helion.Config(**tile.config, indexing="tensor_descriptor"),
             helion.Config(**tile.config, pid_type="persistent_interleaved"))]

@@ -205,7 +205,9 @@ def kernel_for(kernel: Any, pattern: tuple[int, ...]) -> Any:
 
 
 def compiled_kernel(spec: OpSpec, launch: KernelLaunch) -> Any:
-    """The compiled kernel for this launch (built once, under a lock, without launching), or ``_USE_REFERENCE``."""
+    """The compiled kernel for this launch of ``spec``'s call (built once, under a lock, without launching), or
+    ``_USE_REFERENCE``; a launch of another op's kernel takes that op's (``launch.tuned_as``)."""
+    spec = launch.tuned_as or spec
     key = compile_key(spec, launch)
     compiled = _compiled.get(key)
     if compiled is not None:

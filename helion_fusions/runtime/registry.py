@@ -106,6 +106,9 @@ class KernelLaunch(NamedTuple):
     (a cached placeholder or scratch buffer): a repeat call reuses the launch's layout with the new
     arguments' data pointers, so a copy made from an argument would go stale. Kernels write every
     byte an op promises, padding included: no launch is made to zero a buffer first.
+
+    ``tuned_as`` is the op whose configs and compiled kernels a launch takes when that is not the calling
+    op: a launch of another op's kernel, made by :meth:`OpSpec.launches` (``problem`` is then that op's).
     """
 
     kernel: helion.Kernel
@@ -114,6 +117,7 @@ class KernelLaunch(NamedTuple):
     problem: dict[str, int]
     device: torch.device
     dtype: torch.dtype
+    tuned_as: OpSpec | None = None
 
 
 class Outputs(NamedTuple):
@@ -181,6 +185,11 @@ class OpSpec:
     @property
     def dim_names(self) -> tuple[str, ...]:
         return tuple(d.name for d in self.problem)
+
+    def launches(self, **kwargs: Any) -> tuple[KernelLaunch, ...]:
+        """This op's launches for ``kwargs`` (checked as a call of it is), for another op that runs them as
+        part of its own call: each keeps this op's configs and compiled kernels (``tuned_as``)."""
+        return tuple(launch._replace(tuned_as=self) for launch in self.prepare(**kwargs))
 
     @property
     def qualname(self) -> str:

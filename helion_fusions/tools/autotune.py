@@ -128,6 +128,8 @@ def _precompile(job: PrecompileJob) -> tuple[list[str], dict[tuple[int, int], st
     for index, config in enumerate(configs):
         try:
             for position, (launch, bound) in enumerate(launches):
+                if launch.tuned_as is not None:  # another op's launch, under that op's own config
+                    continue
                 compiled = bound.compile_config(helion.Config(**config))
                 compiled(*launch.args)
                 files[index, position] = compiled.__code__.co_filename  # Helion's generated module
@@ -146,7 +148,13 @@ def precompile_jobs(candidates_of: list[tuple[OpSpec, Shape, list[helion.Config]
 
 
 def compiled_launch(launch: KernelLaunch, config: helion.Config, file: str | None) -> Callable[..., Any]:
-    """``launch``'s kernel under ``config``: from the file of a worker's generated code, else compiled here."""
+    """``launch``'s kernel under ``config``: from the file of a worker's generated code, else compiled here. A launch
+    of another op's kernel (``tuned_as``) runs as that op's calls do, under its own tuned config."""
+    if launch.tuned_as is not None:
+        compiled = dispatch.compiled_kernel(launch.tuned_as, launch)
+        if compiled is dispatch._USE_REFERENCE:
+            raise RuntimeError(f"{launch.tuned_as.name}: no kernel builds for {launch.problem}")
+        return compiled
     if file is not None:
         from torch._inductor.codecache import PyCodeCache
 
@@ -182,9 +190,9 @@ def tune_shape(spec: OpSpec, shape: Shape, dtype: torch.dtype, device: torch.dev
                generated: GeneratedFiles | None = None) -> config_store.Entry | None:
     """Check and time every candidate on one shape.
 
-    An op of several launches runs them all with the candidate config. ``generated`` holds the files of the
-    code generated for this shape by ``(repr(config), launch position)`` (:func:`_precompile`); a launch
-    without one is compiled here (Helion caches bound kernels)."""
+    An op of several launches runs them all with the candidate config (another op's launch: with its own).
+    ``generated`` holds the files of the code generated for this shape by ``(repr(config), launch position)``
+    (:func:`_precompile`); a launch without one is compiled here (Helion caches bound kernels)."""
     generated = generated or {}
     kwargs = spec.make_inputs(shape, dtype, device)
     where = f"{spec.name} {shape_text(shape)}"
