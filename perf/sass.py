@@ -29,7 +29,7 @@ from tabulate import tabulate
 import helion_fusions.ops  # noqa: F401  (registers the ops)
 from helion_fusions.runtime import config_store, dispatch
 from helion_fusions.runtime.device import DeviceIdentity
-from helion_fusions.runtime.registry import OpSpec, Shape, shape_text
+from helion_fusions.runtime.registry import OpSpec, Shape, own_launches, shape_text
 from helion_fusions.tools.cli import add_grid_arguments, selected_grid
 from helion_fusions.tools.testing import machine_code
 
@@ -60,8 +60,7 @@ def compile_report(spec: OpSpec, shape: Shape, dtype: torch.dtype, config: helio
 
     A persistent config's host code asks for the GPU's multiprocessor count, which CPU tensors
     do not have: ``num_sm`` stands in (132 on an H100 SXM and an H200)."""
-    launch = [launch for launch in spec.prepare(**spec.make_inputs(shape, dtype, torch.device("cpu")))
-              if launch.tuned_as is None][-1]  # the op's own kernel, which its configs are for
+    launch = own_launches(spec.prepare(**spec.make_inputs(shape, dtype, torch.device("cpu"))))[-1]
     compiled = machine_code(launch.kernel, launch.args, config, ("cuda", arch, 32), num_sm)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{spec.name}_{'_'.join(f'{k}{v}' for k, v in shape.items())}_sm{arch}"

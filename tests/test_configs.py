@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, problem_shape, spec_params
 from helion_fusions.ops import all_reduce
 from helion_fusions.runtime import config_store, dispatch
 from helion_fusions.runtime.device import DeviceIdentity
-from helion_fusions.runtime.registry import REGISTRY, OpSpec, shapes
+from helion_fusions.runtime.registry import REGISTRY, OpSpec, own_launches, shapes
 from helion_fusions.tools.testing import code_generator, triton_code
 
 CONFIG_ROOT = REPO_ROOT / "configs"
@@ -55,9 +55,8 @@ def _bound(op: str, shape: tuple[tuple[str, int], ...], dtype: torch.dtype) -> l
     so once per shape)."""
     spec = REGISTRY[op]
     launches = spec.prepare(**spec.make_inputs(dict(shape), dtype, torch.device("cpu")))
-    # another op's launch (tuned_as) takes that op's configs, checked with its own entries
-    return [(code_generator(launch.kernel).bind(launch.args), launch.args) for launch in launches
-            if launch.tuned_as is None]
+    # another op's launch takes that op's configs, checked with its own entries
+    return [(code_generator(launch.kernel).bind(launch.args), launch.args) for launch in own_launches(launches)]
 
 
 def _binding_shape(shape: dict[str, int]) -> tuple[tuple[str, int], ...]:

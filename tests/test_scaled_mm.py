@@ -13,7 +13,7 @@ import torch
 from helion_fusions.ops import scaled_mm
 from helion_fusions.quant import Quant
 from helion_fusions.runtime import dispatch
-from helion_fusions.runtime.registry import REGISTRY
+from helion_fusions.runtime.registry import REGISTRY, own_launches
 from helion_fusions.tools.testing import (clone_kwargs, code_generator, compare_outputs, machine_code, outputs_ok,
                                           poisoned, triton_code)
 
@@ -30,10 +30,6 @@ SPLITTING = ALL_SPECS
 LAYOUTS = ("tensor", "tensor_0dim", "token", "channel", "token_channel", "token_1d", "block")
 GROUP_QUANT = REGISTRY["per_token_group_fp8_quant"]  # quantizes a per-group output after a small-M product
 
-
-def _own(launches) -> list:
-    """The launches of the op's own kernel (not those of another op it runs, which take that op's configs)."""
-    return [launch for launch in launches if launch.tuned_as is None]
 
 
 def _scales(layout: str, m: int, n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +159,7 @@ def test_every_variant_generates_code_under_its_configs(layout: str, spec, m: in
     searched configs (TMA and persistent ones among them)."""
     kwargs = _inputs(m, 256, 384, layout, bias=True, spec=spec)
     launches = spec.prepare(**kwargs)
-    product, *quantize = _own(launches)  # per token: then the quantize launch
+    product, *quantize = own_launches(launches)  # per token: then the quantize launch
     assert len(quantize) == (spec in (TOKEN, SILU_TOKEN))
     after = spec in GROUPED and scaled_mm.quantized_after(Quant.PER_GROUP, m, spec in GATED)
     assert [launch.tuned_as for launch in launches if launch.tuned_as] == [GROUP_QUANT] * after
@@ -265,7 +261,7 @@ def test_split_k_matches_the_contract(spec, m: int, layout: str) -> None:
     assert (partial.args[-1], reduce.args[-1]) == (scaled_mm.Phase.PARTIAL, scaled_mm.Phase.REDUCE)
     if spec in GROUPED:
         (after,) = quantize
-        assert after.tuned_as is REGISTRY["per_token_group_fp8_quant"] and after.args[0].data_ptr() == \
+        assert after.tuned_as is GROUP_QUANT and after.args[0].data_ptr() == \
             reduce.args[5].data_ptr() and reduce.args[5].dtype == torch.bfloat16
     else:
         assert [launch.args[-1] for launch in quantize] == [scaled_mm.Phase.QUANTIZE] * (spec in (TOKEN, SILU_TOKEN))
@@ -397,7 +393,7 @@ def test_one_token_stores_index_and_mask_the_tile_rows(spec, layout: str) -> Non
     shape = {"M": 1, "N": 4096, "K": 4096}
     halves = 2 if spec in GATED else 1
     for k, launches in ((384, 1), (1024, 2)):
-        prepared = _own(spec.prepare(**_inputs(1, 256, k, layout, bias=True, spec=spec)))
+        prepared = own_launches(spec.prepare(**_inputs(1, 256, k, layout, bias=True, spec=spec)))
         assert len(prepared) == launches + (spec in (TOKEN, SILU_TOKEN))  # per token: then the quantize launch
         for launch in prepared:
             bound = code_generator(launch.kernel).bind(launch.args)
@@ -420,7 +416,7 @@ def _ptx(spec, layout: str, bias: bool, m: int = 2048, k: int = 384, n: int = 51
     shape = {"M": m, "N": n, "K": k}
     kwargs = _inputs(shape["M"], shape["N"], shape["K"], layout, bias=bias, spec=spec)
     ptx = []
-    for launch in _own(spec.prepare(**kwargs)):
+    for launch in own_launches(spec.prepare(**kwargs)):
         ptx.append(machine_code(launch.kernel, launch.args, spec.default_config(shape)).asm["ptx"])
     return ptx
 

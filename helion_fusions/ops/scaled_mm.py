@@ -200,9 +200,8 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
         amax_floor = quant.FP8_AMAX_FLOOR
     if m == 0:
         return ()
-    quant_group = group
-    if quantized_after(flavour, m, gated):  # the product alone, in tiles of any width
-        group = 1
+    after = quantized_after(flavour, m, gated)
+    quant_group, group = group, 1 if after else group  # quantized after: the product alone, tiles of any width
     halves = 2 if gated else 1
     shape = (halves, n // group, group)
     splits = split_count(m, n, k, a.device, gated)
@@ -230,7 +229,7 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
         row_words = scratch("scaled_mm.row_words", (max(m, ROW_WORDS_MIN_ROWS), 2), torch.int32, a.device,
                             zeroed=True)[:m]
         epilogue = Quant.GROUP_AMAX
-    elif group != quant_group:  # per group, quantized after the product
+    elif after:
         y, y_scales, epilogue = scratch("scaled_mm.rounded", (m, n), ROUND_DTYPE, a.device), _placeholder(
             a.device).expand(m, 1), Quant.NONE
     if splits == 1:
@@ -243,7 +242,7 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
     if flavour is Quant.PER_TOKEN:
         launches.append(launch(Phase.QUANTIZE, Quant.PER_TOKEN_OF_GROUPS, out, scale_out,
                                row_words.view(torch.float32)[:, :1], y.view(1, 1, m, n // group, group)))
-    elif group != quant_group:
+    elif after:
         launches += PER_TOKEN_GROUP_FP8_QUANT.launches(
             input=y, output_q=out, output_s=scale_out, group_size=quant_group, eps=amax_floor, fp8_min=-fp8_max,
             fp8_max=fp8_max, scale_ue8m0=bool(scale_ue8m0))

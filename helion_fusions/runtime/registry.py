@@ -120,6 +120,12 @@ class KernelLaunch(NamedTuple):
     tuned_as: OpSpec | None = None
 
 
+def own_launches(launches: Sequence[KernelLaunch]) -> list[KernelLaunch]:
+    """The launches of the calling op's own kernel: not those of another op it runs (``tuned_as``), which take
+    that op's configs."""
+    return [launch for launch in launches if launch.tuned_as is None]
+
+
 class Outputs(NamedTuple):
     """The mutated arguments an op only writes, and how to allocate them from its other arguments.
 
