@@ -197,13 +197,17 @@ def test_a_gemm_grid_is_the_layers_of_a_model() -> None:
         return [(spec.name, sorted({(s["N"], s["K"]) for s in shapes})) for spec, shapes in _grid(*argv)]
 
     ops = "scaled_mm,scaled_mm_silu_mul_static_fp8_quant"
-    layers, gate_up = (sorted(table[scaled_mm.TUNED_MODEL]) for table in (scaled_mm.LAYERS, scaled_mm.GATE_UP))
+    layers, gate_up = (sorted({pair for model in scaled_mm.TUNED_MODELS for pair in table[model]})
+                       for table in (scaled_mm.LAYERS, scaled_mm.GATE_UP))
     assert pairs("--ops", ops) == [("scaled_mm", layers), ("scaled_mm_silu_mul_static_fp8_quant", gate_up)]
     assert pairs("--ops", "scaled_mm", "--shape", "K=14336") == [("scaled_mm", [(4096, 14336)])]
     assert pairs("--ops", "scaled_mm", "--shape", "N=5120,K=8192") == [("scaled_mm", [(5120, 8192)])]
-    assert pairs("--ops", "scaled_mm", "--shape", "N=5120") == [("scaled_mm", [(5120, k) for k in (4096, 14336)])]
+    k_grid = REGISTRY["scaled_mm"].problem[2].grid
+    assert pairs("--ops", "scaled_mm", "--shape", "N=5120") == [("scaled_mm", [(5120, k) for k in k_grid])]
     [(_, shapes)] = _grid("--ops", "scaled_mm", "--shape", "M=1/16,N=4096,K=4096")
-    assert shapes == [{"M": 1, "N": 4096, "K": 4096}, {"M": 16, "N": 4096, "K": 4096}]
+    assert shapes == [{"M": 1, "N": 4096, "K": 4096, "BLOCK": 1}, {"M": 16, "N": 4096, "K": 4096, "BLOCK": 1}]
+    # the block-fp8 model's layers are tuned on block scales
+    assert {s["BLOCK"] for _, shapes in _grid("--ops", "scaled_mm", "--shape", "K=7168") for s in shapes} == {128}
 
 
 def test_autotune_compiles_every_shape_on_its_own_launches() -> None:

@@ -197,6 +197,39 @@ def test_candidates_that_overflow_shared_memory_are_left_out(monkeypatch: pytest
     assert ([64, 256], 4) in tiles()
 
 
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.name)
+def test_block_scales_take_configs_of_their_own(spec) -> None:
+    """A block-scaled call's problem key has BLOCK = 128, so it takes only configs tuned on block scales (or the
+    default), and its candidates' tiles hold at most 128 x 128 outputs: each slice's dot is an fp32 tile beside
+    the sum (on an H200 the row-scale configs' 128 x 256 tiles ran block scales at 110-200 TFLOP/s)."""
+    for layout, block in (("token_channel", 1), ("block", 128)):
+        product = own_launches(spec.prepare(**_inputs(300, 256, 384, layout, spec=spec)))[0]
+        assert product.problem["BLOCK"] == block
+    assert next(d for d in spec.problem if d.name == "BLOCK").exact
+    for m in scaled_mm.M_GRID:
+        shape = {"M": m, "N": 7168, "K": 2048, "BLOCK": 128}
+        group = scaled_mm.GROUP_SIZES[0] if spec in GROUPED and not scaled_mm.quantized_after(
+            Quant.PER_GROUP, m, spec in GATED) else 1
+        tiles = {(c.config["block_sizes"][0], c.config["block_sizes"][1] * group)
+                 for c in [spec.default_config(shape), *spec.seed_configs(shape), *spec.search_configs(shape)]}
+        assert max(rows * columns for rows, columns in tiles) <= 128 * 128, (m, sorted(tiles))
+
+
+@pytest.mark.parametrize("spec", (SCALED_MM, SILU_GROUP), ids=lambda s: s.name)
+def test_block_scaled_inputs_sum_exactly_in_any_order(spec) -> None:
+    """make_inputs' block scales (BLOCK = 128) are powers of two close enough that every order of adding the scaled
+    slices gives the same fp32 sum: split K then writes the contract's bytes, as the bench checks on the GPU."""
+    kwargs = spec.make_inputs({"M": 16, "N": 256, "K": 2048, "BLOCK": 128}, torch.bfloat16, torch.device("cpu"))
+    assert scaled_mm._block_scaled(kwargs["a_scales"], kwargs["b_scales"], 16, kwargs["b"].shape[1], 2048)
+    a, b = kwargs["a"].double(), kwargs["b"].double()
+    columns = kwargs["b_scales"].double().repeat_interleave(128, 0)[:b.shape[1]]
+    slices = [(a[:, s:s + 128] @ b[s:s + 128]) * kwargs["a_scales"].double()[:, i, None] * columns[None, :, i]
+              for i, s in enumerate(range(0, 2048, 128))]
+    exact = sum(slices)
+    assert torch.equal(scaled_mm._product(*(kwargs[n] for n in ("a", "b", "a_scales", "b_scales"))).double(), exact)
+    assert torch.equal(sum(part.float() for part in reversed(slices)).double(), exact)
+
+
 def test_static_output_saturates_at_the_fp8_max() -> None:
     kwargs = {**_inputs(7, 48, 96, "token_channel", static=True), "scale": torch.tensor(1e-6)}
     _check(STATIC, kwargs)

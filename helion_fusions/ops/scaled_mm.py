@@ -53,6 +53,7 @@ at M >= 512: the bytes moved are the unfused path's, and the GEMM itself trails 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import helion
@@ -89,7 +90,7 @@ GATE_UP = {  # (I, K) of each model's gate_up projection, for the gate_up + silu
     "llama3_70b_tp2": ((14336, 8192),),
     "deepseek_v3_block": ((2048, 7168),),
 }
-TUNED_MODEL = "llama3_8b"  # the layers make autotune tunes (others: --shape N=..,K=..); the rest take the nearest
+TUNED_MODELS = {"llama3_8b": 1, "deepseek_v3_block": 128}  # the layers make autotune tunes, and their BLOCK (below)
 OUT_DTYPES = (torch.bfloat16, torch.float16)
 ROUND_DTYPE = torch.bfloat16  # the unfused path's GEMM output, which the activation and the quant flavours read
 GROUP_SIZES = (128,)  # per-group output quant: a group lies inside one N tile
@@ -101,6 +102,11 @@ SPLIT_SCRATCH_SHARE = 4  # the partial sums' round trip moves at most a quarter 
 SPLIT_MIN_STEPS = 4
 SPLIT_MIN_TILE = 32  # the narrowest N tile of the search
 ROW_WORDS_MIN_ROWS = 1 << 16  # the per-token row amax scratch's rows at least (512 KiB)
+# The problem key's BLOCK dim: the scales' K block, 128 for block scales (1: one scale over K, per tensor or row).
+# Block-scaled configs are tuned apart (exact: a block-scaled call takes only those, else the default config). Each slice's dot is scaled before it is added, a second fp32 tile beside
+# the sum: on an H200 the row-scale configs' 128 x 256 tiles then ran at 110-200 TFLOP/s (M >= 512, DeepSeek-V3
+# layers), 128 x 128 ones at 500-870.
+BLOCK_DIM = Dim("BLOCK", (1, SCALE_BLOCK), exact=True)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -217,8 +223,8 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
         return KernelLaunch(scaled_mm_kernel, (*operands, y.view(m, n // group, group), y_scales, y_scale_in,
                                                row_words, partials, chunk, grid_split, amax_floor, *flags, rounded,
                                                fp8_max, int(phase)),
-                            (a.dtype, y.dtype, rounded, n, k, group, *flags, int(phase)), {"M": m, "N": n, "K": k},
-                            a.device, out.dtype)
+                            (a.dtype, y.dtype, rounded, n, k, group, *flags, int(phase)),
+                            {"M": m, "N": n, "K": k, "BLOCK": SCALE_BLOCK if block else 1}, a.device, out.dtype)
 
     # the product's launches end in the flavour's epilogue; per token, in the rounded result and its row amaxes
     y, y_scales, epilogue = out, scale_out, flavour
@@ -356,10 +362,13 @@ def _op(function, **bound):
 
 def _inputs(flavour: Quant, gated: bool):
     def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-        """Random fp8 operands with per-token and per-channel scales (the engines' dynamic fp8 GEMM).
+        """Random fp8 operands with per-token and per-channel scales (the engines' dynamic fp8 GEMM), or with
+        block scales where ``shape["BLOCK"]`` is 128.
 
         The operands are integers in [-8, 8]: every partial sum is exact in fp32 (for K up to 2^18), so any
-        accumulation order gives the contract's bytes and the tests compare them exactly."""
+        accumulation order gives the contract's bytes and the tests compare them exactly. Block scales are
+        powers of two within a factor of 4 of each other: each slice's scaled sum (at most 2^13 in magnitude)
+        and their total (at most 2^7 slices: K up to 16384) then fit fp32's 24 bits, exact in any order too."""
         m, n, k = shape["M"], shape["N"], shape["K"]
         n_b = 2 * n if gated else n
         generator = torch.Generator(device="cpu").manual_seed(m * 7919 + n * 31 + k)
@@ -375,6 +384,12 @@ def _inputs(flavour: Quant, gated: bool):
             "b_scales": (0.5 + torch.rand(n_b, generator=generator)).to(device) / (4 * k ** 0.5),
             "bias": None,
         }
+        if shape.get("BLOCK", 1) == SCALE_BLOCK:
+            blocks, exponent = _cdiv(k, SCALE_BLOCK), round(math.log2(4 * k ** 0.5))
+            kwargs.update(
+                a_scales=(2.0 ** -(4 + torch.randint(0, 2, (m, blocks), generator=generator))).to(device),
+                b_scales=(2.0 ** -(exponent + torch.randint(0, 2, (_cdiv(n_b, SCALE_BLOCK), blocks),
+                                                            generator=generator))).to(device))
         if flavour is Quant.STATIC:
             kwargs["scale"] = torch.tensor(0.05, device=device)
         elif flavour is Quant.PER_GROUP:
@@ -398,8 +413,10 @@ def _tile(rows: int, columns: int, group: int, **settings: Any) -> helion.Config
 
 
 def _tuning(flavour: Quant, gated: bool):
-    # two accumulators (gate_up) hold twice the registers: at most half the tile
-    max_tile = 128 * 128 if gated else 128 * 256
+    def max_tile(shape: Shape) -> int:
+        """Two fp32 tiles (gate_up's accumulators, or a block-scaled slice's dot beside the sum) hold twice the
+        registers: at most half the tile."""
+        return 128 * 128 if gated or shape.get("BLOCK", 1) == SCALE_BLOCK else 128 * 256
 
     def group_of(shape: Shape) -> int:
         """The columns the second block size counts for this shape's product (see :func:`quantized_after`)."""
@@ -422,7 +439,7 @@ def _tuning(flavour: Quant, gated: bool):
         group, seeds = group_of(shape), [default_config(shape)]
         if shape["M"] > 64:
             seeds += [_tile(r, c, group, num_warps=w, num_stages=s)
-                      for r, c, w, s in ((128, 256, 8, 3), (64, 256, 4, 4)) if r * c <= max_tile]
+                      for r, c, w, s in ((128, 256, 8, 3), (64, 256, 4, 4)) if r * c <= max_tile(shape)]
         return [seed for seed in seeds if fits(seed, group)]
 
     def search_configs(shape: Shape) -> list[helion.Config]:
@@ -435,7 +452,7 @@ def _tuning(flavour: Quant, gated: bool):
         rows = [r for r in (16, 32, 64, 128) if r <= max(16, 2 * m)][-2:]
         columns, stages = ((32, 64, 128, 256), (3, 5)) if m <= 128 else ((128, 256), (4 if m >= 512 else 3,))
         tiles = [_tile(r, c, group, num_warps=4 if r * c <= 64 * 128 else 8, num_stages=s)
-                 for r in rows for c in columns for s in stages if c % group == 0 and r * c <= max_tile]
+                 for r in rows for c in columns for s in stages if c % group == 0 and r * c <= max_tile(shape)]
         tiles = [tile for tile in tiles if fits(tile, group)]
         return [variant for tile in tiles for variant in (
             tile, helion.Config(**tile.config, indexing="tensor_descriptor"),
@@ -446,14 +463,15 @@ def _tuning(flavour: Quant, gated: bool):
 
 def _declare(name: str, schema: str, flavour: Quant = Quant.NONE, gated: bool = False) -> OpSpec:
     default_config, seed_configs, search_configs = _tuning(flavour, gated)
-    layers = (GATE_UP if gated else LAYERS)[TUNED_MODEL]
+    models = tuple({"N": n, "K": k, "BLOCK": block} for model, block in TUNED_MODELS.items()
+                   for n, k in (GATE_UP if gated else LAYERS)[model] if n % _group_of(flavour) == 0)
     return register(OpSpec(
         name=name, schema=schema, family="scaled_mm", kernel=scaled_mm_kernel,
         prepare=_op(_prepare, flavour=flavour, gated=gated), reference=_op(_reference, flavour=flavour, gated=gated),
         make_inputs=_inputs(flavour, gated),
-        problem=(Dim("M", M_GRID, bucketed=True), Dim("N", tuple(sorted({n for n, _ in layers}))),
-                 Dim("K", tuple(sorted({k for _, k in layers})))),
-        models=tuple({"N": n, "K": k} for n, k in layers),
+        problem=(Dim("M", M_GRID, bucketed=True), Dim("N", tuple(sorted({s["N"] for s in models}))),
+                 Dim("K", tuple(sorted({s["K"] for s in models}))), BLOCK_DIM),
+        models=models,
         default_config=default_config, seed_configs=seed_configs, search_configs=search_configs,
         cold_operands=True,
     ))
