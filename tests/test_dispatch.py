@@ -405,6 +405,18 @@ def test_warmup_takes_shapes_of_model_dims(monkeypatch: pytest.MonkeyPatch) -> N
         helion_fusions.warmup(shapes=[{"N": 384}], ops=["rms_norm"], device="cpu")
 
 
+def test_warmup_of_a_gemm_shape_takes_row_scales_unless_it_names_block_scales(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    monkeypatch.setattr(dispatch, "_new_plan", lambda spec, args: seen.append((spec.name, tuple(args[3].shape))))
+    helion_fusions.warmup(shapes=[{"N": 384, "K": 384}], max_tokens=1, device="cpu")  # every op of N and K
+    gemms = sorted(name for name, spec in REGISTRY.items() if "BLOCK" in spec.dim_names)
+    assert gemms and sorted(name for name, _ in seen) == gemms
+    assert {a_scales for _, a_scales in seen} <= {(), (1,), (1, 1)}  # per tensor or per token, not [M, K / 128]
+    seen.clear()
+    helion_fusions.warmup(shapes=[{"N": 384, "K": 384, "BLOCK": 128}], ops=["scaled_mm"], max_tokens=1, device="cpu")
+    assert seen == [("scaled_mm", (1, 3))]
+
+
 def test_warmup_token_counts_cover_every_bucket_and_divisibility() -> None:
     assert helion_fusions.warmup_token_counts(100) == [1, 15, 16, 96, 100]
     assert helion_fusions.warmup_token_counts(1) == [1]

@@ -440,8 +440,9 @@ def warmup(
     not, group size, ue8m0, scale layout, ...) and token bucket, and Triton compiles a variant per
     divisibility of the token count by 16 (:func:`warmup_token_counts`). By default each op runs
     at those token counts on random inputs of its default flags, for each of ``shapes`` (its model
-    dims, e.g. ``{"H": 4096}``; ``hidden_sizes=[4096]`` is short for that; without ``ops``, each op
-    whose model dims a shape names). With ``forward``,
+    dims, e.g. ``{"H": 4096}`` or a GEMM's ``{"N": 4096, "K": 4096}``, with ``"BLOCK": 128`` for block
+    scales; ``hidden_sizes=[4096]`` is short for the first; without ``ops``, each op whose model dims a
+    shape names). With ``forward``,
     ``forward(T)`` runs instead at each of those counts: pass the engine's own dummy forward pass,
     so that exactly the variants it calls are compiled; ``shapes``, ``dtypes`` and ``ops`` are then
     ignored.
@@ -463,16 +464,17 @@ def warmup(
     device = torch.device(device)
     for name in names:
         spec = REGISTRY[name]
-        model_dims = [d.name for d in spec.problem if not d.bucketed]
+        model_dims = [d for d in spec.problem if not d.bucketed]
         (token_dim,) = [d for d in spec.problem if d.bucketed]
         for shape in model_shapes:
-            missing = [d for d in model_dims if d not in shape]
+            missing = [d.name for d in model_dims if d.name not in shape and d.default is None]
             if missing and ops is None:
                 continue
             if missing:
-                raise ValueError(f"shapes: {name} needs the model dims {model_dims}, got {shape}")
+                raise ValueError(f"shapes: {name} needs the model dims {[d.name for d in model_dims]} "
+                                 f"(missing {missing}), got {shape}")
+            model = {d.name: shape.get(d.name, d.default) for d in model_dims}
             for dtype in dtypes:
                 for tokens in warmup_token_counts(max_tokens, token_dim.grid):
-                    spec.op(**spec.make_inputs({**{d: shape[d] for d in model_dims}, token_dim.name: tokens}, dtype,
-                                               device))
+                    spec.op(**spec.make_inputs({**model, token_dim.name: tokens}, dtype, device))
     return compiled_count()

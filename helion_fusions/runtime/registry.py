@@ -34,13 +34,15 @@ class Dim:
     compile one kernel per bucket of ``grid``; the others (model dimensions: fixed per model, one
     compile each anyway) take the nearest tuned value on a log scale. ``exact`` dimensions (a
     collective's world size) take only entries tuned for their value, and the default config where
-    there are none. ``grid`` is what ``make autotune`` and ``make bench`` measure.
+    there are none. ``grid`` is what ``make autotune`` and ``make bench`` measure. ``default`` is the
+    value a :func:`~helion_fusions.warmup` shape that does not name the dim takes (none: it must be named).
     """
 
     name: str
     grid: tuple[int, ...]
     bucketed: bool = False
     exact: bool = False
+    default: int | None = None
 
     def bucket(self, value: int) -> int:
         """The compile bucket of ``value``: its grid bucket (one past the grid above it); a model dim is its own."""
