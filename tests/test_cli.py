@@ -206,6 +206,9 @@ def test_a_gemm_grid_is_the_layers_of_a_model() -> None:
     assert pairs("--ops", "scaled_mm", "--shape", "N=5120") == [("scaled_mm", [(5120, k) for k in k_grid])]
     [(_, shapes)] = _grid("--ops", "scaled_mm", "--shape", "M=1/16,N=4096,K=4096")
     assert shapes == [{"M": 1, "N": 4096, "K": 4096, "BLOCK": 1}, {"M": 16, "N": 4096, "K": 4096, "BLOCK": 1}]
+    # a layer of no tuned model takes row scales unless block scales are named
+    for shape, blocks in (("N=5120,K=8192", {1}), ("N=5120,K=8192,BLOCK=128", {128}), ("N=5120", {1})):
+        assert {s["BLOCK"] for _, shapes in _grid("--ops", "scaled_mm", "--shape", shape) for s in shapes} == blocks
     # the block-fp8 model's layers are tuned on block scales
     assert {s["BLOCK"] for _, shapes in _grid("--ops", "scaled_mm", "--shape", "K=7168") for s in shapes} == {128}
 

@@ -35,7 +35,8 @@ class Dim:
     compile each anyway) take the nearest tuned value on a log scale. ``exact`` dimensions (a
     collective's world size) take only entries tuned for their value, and the default config where
     there are none. ``grid`` is what ``make autotune`` and ``make bench`` measure. ``default`` is the
-    value a :func:`~helion_fusions.warmup` shape that does not name the dim takes (none: it must be named).
+    value a shape that does not name the dim takes (:func:`~helion_fusions.warmup`'s, and ``--shape``'s
+    where no model has it); without one, a warmup shape must name it and ``--shape`` takes its grid.
     """
 
     name: str
@@ -62,13 +63,15 @@ def shapes(problem: Sequence[Dim], overrides: Mapping[str, Sequence[int]] | None
     """Every shape of a problem's grid (``overrides`` replaces a dimension's grid), the bucketed dims fastest.
 
     The model dims take the product of their grids, or, given ``models`` (their combinations in real models),
-    those of the combinations that have the overridden values; overriding every model dim names the product."""
+    those of the combinations that have the overridden values; overriding every model dim names the product.
+    Where no model has the overridden values, a dim with a ``default`` that they do not name takes that alone."""
     overrides = overrides or {}
     model_dims = [d.name for d in problem if not d.bucketed]
     named = [name for name in model_dims if name in overrides]
     combos = [m for m in models if all(m[name] in overrides[name] for name in named)]
     if not combos or len(named) == len(model_dims):
-        grids = [tuple(overrides.get(d.name, d.grid)) for d in problem if not d.bucketed]
+        grids = [tuple(overrides.get(d.name, d.grid if d.default is None else (d.default,))) for d in problem
+                 if not d.bucketed]
         combos = [dict(zip(model_dims, values)) for values in itertools.product(*grids)]
     bucketed = [d for d in problem if d.bucketed]
     for combo in combos:
