@@ -49,7 +49,7 @@ def _entry_params() -> list[Any]:
     return params or [pytest.param(None, 0, marks=NO_CONFIGS, id="none")]
 
 
-@functools.lru_cache(maxsize=4)  # a GEMM's inputs at M = 8192 take a GB: keep a few shapes' alive, not all
+@functools.lru_cache(maxsize=4)  # a GEMM's inputs at M = 8192 take a GB: keep a few shapes' inputs alive, not all
 def _bound(op: str, shape: tuple[tuple[str, int], ...], dtype: torch.dtype) -> list[tuple[Any, tuple[Any, ...]]]:
     """The op's launches bound to CPU inputs of this shape, with their arguments (binding takes a second or two,
     so once per shape)."""

@@ -103,7 +103,7 @@ SPLIT_MIN_STEPS = 4
 SPLIT_MIN_TILE = 32  # the narrowest N tile of the search
 ROW_WORDS_MIN_ROWS = 1 << 16  # the per-token row amax scratch's rows at least (512 KiB)
 # The problem key's BLOCK dim: the scales' K block, 128 for block scales (1: one scale over K, per tensor or row,
-# what a warmup shape that names only N and K means).
+# what a warmup or --shape shape that names only N and K takes).
 # Block-scaled configs are tuned apart (exact: a block-scaled call takes only those, else the default config).
 # Each slice's dot is scaled before it is added, a second fp32 tile beside the sum: on an H200 the row-scale
 # configs' 128 x 256 tiles then ran at 110-200 TFLOP/s (M >= 512, DeepSeek-V3 layers), 128 x 128 ones at 500-870.
