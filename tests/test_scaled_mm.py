@@ -161,9 +161,9 @@ def test_every_variant_generates_code_under_its_configs(layout: str, spec, m: in
     launches = spec.prepare(**kwargs)
     product, *quantize = own_launches(launches)  # per token: then the quantize launch
     assert len(quantize) == (spec in (TOKEN, SILU_TOKEN))
-    after = spec in GROUPED and scaled_mm.quantized_after(Quant.PER_GROUP, m, spec in GATED)
+    after = spec in GROUPED and scaled_mm.quantized_after(Quant.PER_GROUP, m)
     assert [launch.tuned_as for launch in launches if launch.tuned_as] == [GROUP_QUANT] * after
-    shape = {"M": m, "N": 4096, "K": 4096}
+    shape = {"M": m, "N": 4096, "K": 4096, "BLOCK": 128 if layout == "block" else 1}
     searched = spec.search_configs(shape)
     for launch in (product, *quantize):
         bound = code_generator(launch.kernel).bind(launch.args)
@@ -177,7 +177,7 @@ def test_weight_stream_buckets_search_the_narrowest_n_tiles(spec, m: int) -> Non
     """Up to M = 128 the product streams the weight, and the search tries the narrowest N tile the flavour allows
     (32 columns, or one quant group): at M = 128, N = 4096 on an H200 tiles of 128 columns or more gave at most 64
     programs and ran at twice cuBLAS's time."""
-    fused = spec in GROUPED and not scaled_mm.quantized_after(Quant.PER_GROUP, m, spec in GATED)
+    fused = spec in GROUPED and not scaled_mm.quantized_after(Quant.PER_GROUP, m)
     group = scaled_mm.GROUP_SIZES[0] if fused else 1
     narrowest = min(c.config["block_sizes"][1] * group for c in spec.search_configs({"M": m, "N": 4096, "K": 4096}))
     assert narrowest == (max(scaled_mm.SPLIT_MIN_TILE, group) if m <= 128 else 128)
@@ -201,7 +201,9 @@ def test_candidates_that_overflow_shared_memory_are_left_out(monkeypatch: pytest
 def test_block_scales_take_configs_of_their_own(spec) -> None:
     """A block-scaled call's problem key has BLOCK = 128, so it takes only configs tuned on block scales (or the
     default), and its candidates' tiles hold at most 128 x 128 outputs: each slice's dot is an fp32 tile beside
-    the sum (on an H200 the row-scale configs' 128 x 256 tiles ran block scales at 110-200 TFLOP/s)."""
+    the sum (on an H200 the row-scale configs' 128 x 256 tiles ran block scales at 110-200 TFLOP/s). A tile's
+    columns lie in one 128-column block of b's scales: the kernel reads one b scale a tile, and a stored config
+    that covers more columns is refused when its file loads (row scales take them)."""
     for layout, block in (("token_channel", 1), ("block", 128)):
         product = own_launches(spec.prepare(**_inputs(300, 256, 384, layout, spec=spec)))[0]
         assert product.problem["BLOCK"] == block
@@ -209,10 +211,28 @@ def test_block_scales_take_configs_of_their_own(spec) -> None:
     for m in scaled_mm.M_GRID:
         shape = {"M": m, "N": 7168, "K": 2048, "BLOCK": 128}
         group = scaled_mm.GROUP_SIZES[0] if spec in GROUPED and not scaled_mm.quantized_after(
-            Quant.PER_GROUP, m, spec in GATED) else 1
+            Quant.PER_GROUP, m) else 1
         tiles = {(c.config["block_sizes"][0], c.config["block_sizes"][1] * group)
                  for c in [spec.default_config(shape), *spec.seed_configs(shape), *spec.search_configs(shape)]}
         assert max(rows * columns for rows, columns in tiles) <= 128 * 128, (m, sorted(tiles))
+        assert max(columns for _, columns in tiles) <= 128, (m, sorted(tiles))
+        wide = {"block_sizes": [64, 256 // group], "num_warps": 4, "num_stages": 3}
+        assert "at most 128" in spec.config_problem(wide, shape)
+        assert spec.config_problem(wide, {**shape, "BLOCK": 1}) is None
+        assert all(spec.config_problem(c.config, shape) is None for c in spec.search_configs(shape))
+
+
+@pytest.mark.parametrize("spec", GATED, ids=lambda s: s.name)
+def test_block_scaled_gate_up_takes_whole_blocks_a_half(spec) -> None:
+    """A block-scaled gate_up weight's up half starts a block of b's scales: I a multiple of 128 (the engines' block
+    fp8 checkpoints shard so); row scales take any I that is a multiple of 16."""
+    kwargs = _inputs(7, 176, 256, "block", spec=spec)
+    if spec is SILU_GROUP:
+        kwargs.update(scales=poisoned((7, 1), torch.float32, "cpu"), group_size=176)
+    with pytest.raises(ValueError, match=r"^b: .*I a multiple of 128.*I = 176"):
+        spec.op(**kwargs)
+    if spec is not SILU_GROUP:  # (per group: I a multiple of the 128-column group anyway)
+        _check(spec, _inputs(7, 176, 256, "token_channel", spec=spec))
 
 
 @pytest.mark.parametrize("spec", (SCALED_MM, SILU_GROUP), ids=lambda s: s.name)
@@ -271,8 +291,6 @@ def test_per_token_takes_any_width(spec, m: int, n: int, k: int) -> None:
 ])
 def test_split_count(m: int, n: int, k: int, splits: int) -> None:
     assert scaled_mm.split_count(m, n, k, torch.device("cpu")) == splits
-    gated = scaled_mm.split_count(m, n, k, torch.device("cpu"), gated=True)
-    assert gated == (splits if m <= scaled_mm.SPLIT_MAX_M_GROUPED else 1)  # gate_up: up to 16 rows
     dispatch.set_batch_invariant(True)
     try:  # a row's summation order must not depend on M
         assert scaled_mm.split_count(m, n, k, torch.device("cpu")) == 1

@@ -46,7 +46,7 @@ import torch
 
 from helion_fusions.kernels.rope import mul_rn
 from helion_fusions.kernels.silu_mul import silu
-from helion_fusions.quant.epilogues import load_scale_in, store_quantized
+from helion_fusions.quant.epilogues import _compiling_to_triton, load_scale_in, store_quantized
 
 SCALE_BLOCK = 128  # the block of a block-scaled GEMM's scales along K (and N for b); the K tile of every path
 
@@ -66,14 +66,17 @@ def zeros(tile_m, tile_g, G: int) -> torch.Tensor:
     return hl.zeros([tile_m, tile_g, G], dtype=torch.float32).flatten(1)
 
 
-def block_scales(b_scales: torch.Tensor, tile_g, tile_k, G: int, first: int, N: int) -> torch.Tensor:
-    """The b block scales ``[1, groups * G]`` of the tile's columns (``first`` the weight's first column of
-    this half) for the K slice ``tile_k``: gathered, so masked by hand."""
-    if G == 1:
-        index = tile_g.index
-    else:
-        index = (tile_g.index.unsqueeze(1) * G + hl.arange(G).unsqueeze(0)).flatten()
-    return hl.load(b_scales, [(index + first) // SCALE_BLOCK, tile_k.id], extra_mask=index < N).unsqueeze(0)
+def slice_scales(a_s: torch.Tensor, b_scales: torch.Tensor, tile_g, tile_k, G: int, first: int,
+                 N: int) -> torch.Tensor:
+    """A block-scaled K slice's scales ``a_s * b_s`` for the tile (``a_s`` the rows' ``[tile_m]``; ``first`` the
+    weight's first column of this half): ``[tile_m, 1]``, as the tile's columns lie in one 128-column block of
+    ``b_scales`` (the ops' ``config_problem``), so one b scale serves them all. Reference mode runs a tile over
+    every column: there, each column's b scale (``[tile_m, groups * G]``, the same values)."""
+    if _compiling_to_triton():
+        return (a_s * hl.load(b_scales, [(tile_g.begin * G + first) // SCALE_BLOCK, tile_k.id])).unsqueeze(1)
+    index = (tile_g.index.unsqueeze(1) * G + hl.arange(G).unsqueeze(0)).flatten()
+    b_s = hl.load(b_scales, [(index + first) // SCALE_BLOCK, tile_k.id], extra_mask=index < N)
+    return a_s.unsqueeze(1) * b_s.unsqueeze(0)
 
 
 class Phase(enum.IntEnum):
@@ -156,13 +159,12 @@ def scaled_mm_kernel(
                 a_tile = a[tile_m, tile_k]
                 gate_tile = columns(b, (tile_k, 0), tile_g, G)
                 if BLOCK_SCALED:
-                    a_s = a_scales[tile_m, tile_k.id].unsqueeze(1)
-                    b_s = block_scales(b_scales, tile_g, tile_k, G, 0, N)
-                    acc = acc + mul_rn(hl.dot(a_tile, gate_tile), a_s * b_s)
+                    a_s = a_scales[tile_m, tile_k.id]
+                    acc = acc + mul_rn(hl.dot(a_tile, gate_tile), slice_scales(a_s, b_scales, tile_g, tile_k, G, 0, N))
                     if GATED:
                         up_tile = columns(b, (tile_k, 1), tile_g, G)
-                        b_s_up = block_scales(b_scales, tile_g, tile_k, G, N, N)
-                        acc_up = acc_up + mul_rn(hl.dot(a_tile, up_tile), a_s * b_s_up)
+                        acc_up = acc_up + mul_rn(hl.dot(a_tile, up_tile),
+                                                 slice_scales(a_s, b_scales, tile_g, tile_k, G, N, N))
                 else:
                     acc = hl.dot(a_tile, gate_tile, acc=acc)
                     if GATED:

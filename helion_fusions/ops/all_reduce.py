@@ -236,7 +236,7 @@ def helion_config(config: helion.Config) -> helion.Config:
     return helion.Config(**{k: v for k, v in config.config.items() if k != ALGORITHM})
 
 
-def config_problem(config: dict[str, Any]) -> str | None:
+def config_problem(config: dict[str, Any], shape: Shape | None = None) -> str | None:
     """What a stored config must not do: leave the persistent layout of one program per SM (each program waits
     at barriers for the same program on every rank: every one must be resident), or loop over a row, or name
     an algorithm other than one-shot and two-shot."""

@@ -262,7 +262,7 @@ def search_configs(shape: Shape) -> list[helion.Config]:
             for warps in (2, 4, 8, 16, 32) if 4 <= block * padded // (warps * 32) <= 64]
 
 
-def rows_in_registers(config: dict[str, Any]) -> str | None:
+def rows_in_registers(config: dict[str, Any], shape: Shape | None = None) -> str | None:
     """Configs may not loop over the row: the residual is updated in place, so a looped
     reduction would read it again after writing it and normalize the wrong values."""
     if any(loop is not None for loop in config.get("reduction_loops") or ()):

@@ -19,9 +19,9 @@ The fp8 epilogues write what the unfused path leaves: ``y`` rounded to bf16 (the
   multiple of it) and its ``eps`` as the amax floor: ``s = max(amax, eps) / fp8_max`` per 128 columns of a
   row (``scale_ue8m0``: rounded up to a power of two), ``q = fp8(clamp(y / s))``. ``scales`` is fp32
   ``[M, N / 128]``; ``is_scale_transposed`` asks for a column-major one (given as that view, TMA-aligned
-  strides too, or as a row-major ``[N / 128, M]`` tensor). From ``SPLIT_MAX_M`` rows on (gate_up:
-  ``SPLIT_MAX_M_GROUPED``) a group lies inside one N tile and the product's epilogue quantizes it; below,
-  ``per_token_group_fp8_quant`` quantizes the bf16 product after it (:func:`quantized_after`).
+  strides too, or as a row-major ``[N / 128, M]`` tensor). From ``SPLIT_MAX_M`` rows on a group lies inside
+  one N tile and the product's epilogue quantizes it; below, ``per_token_group_fp8_quant`` quantizes the bf16
+  product after it (:func:`quantized_after`).
 
 gate_up (``scaled_mm_silu_mul_*``): ``b`` is ``[K, 2 I]``, gate columns ``0 .. I - 1`` and up columns
 ``I .. 2 I - 1`` (per-channel scales and bias ``[2 I]``, block scales ``[ceil(2 I / 128), ...]``); ``out`` is
@@ -96,7 +96,6 @@ ROUND_DTYPE = torch.bfloat16  # the unfused path's GEMM output, which the activa
 GROUP_SIZES = (128,)  # per-group output quant: a group lies inside one N tile
 DEFAULT_EPS = 1e-10  # the per-group amax floor, per_token_group_fp8_quant's eps as engines pass it
 SPLIT_MAX_M = 128  # split-K for at most this many rows (see split_count)
-SPLIT_MAX_M_GROUPED = 16  # the same for gate_up
 SPLIT_MAX = 8
 SPLIT_SCRATCH_SHARE = 4  # the partial sums' round trip moves at most a quarter of the weight's bytes
 SPLIT_MIN_STEPS = 4
@@ -186,6 +185,9 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
     if n > 1 and out.stride(1) != 1:
         raise ValueError(f"out: expected a row-major [M, N] tensor, got strides {list(out.stride())}")
     a_s, b_s, block = _check_scales(a_scales, b_scales, m, n_b, k, a.device)
+    if block and gated and n % SCALE_BLOCK:
+        raise ValueError(f"b: a block-scaled gate_up weight [K, 2 * I] needs I a multiple of {SCALE_BLOCK} (the up "
+                         f"half starts a block of b_scales), got I = {n}")
     rounded = ROUND_DTYPE if quantized or gated else out.dtype
     if bias is not None:
         check_tensor("bias", bias, dtypes=(rounded,), shape=(n_b,), device=a.device, contiguous=True)
@@ -207,11 +209,11 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
         amax_floor = quant.FP8_AMAX_FLOOR
     if m == 0:
         return ()
-    after = quantized_after(flavour, m, gated)
+    after = quantized_after(flavour, m)
     quant_group, group = group, 1 if after else group  # quantized after: the product alone, tiles of any width
     halves = 2 if gated else 1
     shape = (halves, n // group, group)
-    splits = split_count(m, n, k, a.device, gated)
+    splits = split_count(m, n, k, a.device)
     operands = (a, b.view(k, *shape), a_s, b_s if block else b_s.view(shape),
                 _placeholder(a.device) if bias is None else bias.view(shape))
     fp8_max = quant.fp8_max_for(out.dtype) if quantized else 448.0
@@ -256,23 +258,25 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
     return tuple(launches)
 
 
-def quantized_after(flavour: Quant, m: int, gated: bool = False) -> bool:
+def quantized_after(flavour: Quant, m: int) -> bool:
     """Whether a per-group fp8 output is quantized by ``per_token_group_fp8_quant`` after the product (rounded to
-    bf16 in a scratch) rather than in the product's epilogue: up to ``SPLIT_MAX_M`` rows (gate_up:
-    ``SPLIT_MAX_M_GROUPED``), where the product streams the weight.
+    bf16 in a scratch) rather than in the product's epilogue: up to ``SPLIT_MAX_M`` rows, where the product streams
+    the weight.
 
     The epilogue quantizes a group inside one N tile, so its tiles are whole 128-column groups: too few programs to
     stream the weight at small M, even split. On an H200 (N = K = 4096, tensor scales) the fused op took 17.6 us at
     M = 1 against 10.2 for ``scaled_mm`` (32-column tiles, split K), and 39.2 against 28.4 at M = 64, K = 14336;
-    quantizing so few rows after it is one launch of about 2 us. The choice follows M's config bucket alone, as the
-    meaning of a config's second block size does (columns here, groups in the fused epilogue)."""
-    return flavour is Quant.PER_GROUP and m <= (SPLIT_MAX_M_GROUPED if gated else SPLIT_MAX_M)
+    quantizing so few rows after it is one launch of about 2 us. gate_up too: with block scales (DeepSeek-V3, I =
+    2048) its fused epilogue's 128-column tiles left 16 programs a row tile, 75-84 us at M = 64-128 against 23
+    for cuBLAS + quant. The choice follows M's config bucket alone, as the meaning of a config's second block
+    size does (columns here, groups in the fused epilogue)."""
+    return flavour is Quant.PER_GROUP and m <= SPLIT_MAX_M
 
 
-def split_count(m: int, n: int, k: int, device: torch.device, gated: bool = False) -> int:
-    """How many K slices (split-K) a product of ``m`` rows and ``n`` output columns takes: 1 (no split) from
-    ``SPLIT_MAX_M`` rows on, from ``SPLIT_MAX_M_GROUPED`` for gate_up (``gated``). A product whose epilogue
-    quantizes 128-column groups has more rows than that (:func:`quantized_after`), so it never splits.
+def split_count(m: int, n: int, k: int, device: torch.device) -> int:
+    """How many K slices (split-K) a product of ``m`` rows and ``n`` output columns (gate_up: ``I``, each with a
+    gate and an up column) takes: 1 (no split) from ``SPLIT_MAX_M`` rows on. A product whose epilogue quantizes
+    128-column groups has more rows than that (:func:`quantized_after`), so it never splits.
 
     Below, the narrowest N tiles the search tries (32 columns) give one row tile's programs, too few to stream
     the weight from every SM: the K depth is split in two, four or eight (each slice at least
@@ -281,11 +285,8 @@ def split_count(m: int, n: int, k: int, device: torch.device, gated: bool = Fals
     ``K`` bytes a column: the slices are capped where that round trip would pass 1 / ``SPLIT_SCRATCH_SHARE``
     of the weight's bytes: at K = 4096 up to 8 slices for 16 rows, 2 for 64 and none for 128; at K = 14336
     4 for 64 rows and 2 for 128. On an H200, N = 4096, K = 14336 took 28-30 us split against 35 unsplit
-    (128 programs of 32 columns; cuBLAS 23-24); N = K = 4096 at 64 rows 11.5 against 11.4. gate_up splits up
-    to ``SPLIT_MAX_M_GROUPED`` rows only: its split tiles tuned unsplit overflowed shared memory (262,144 bytes
-    against 232,448)."""
-    most_rows = SPLIT_MAX_M_GROUPED if gated else SPLIT_MAX_M
-    if m > most_rows or k % SCALE_BLOCK or dispatch.batch_invariant():  # a row's sum order would follow M
+    (128 programs of 32 columns; cuBLAS 23-24); N = K = 4096 at 64 rows 11.5 against 11.4."""
+    if m > SPLIT_MAX_M or k % SCALE_BLOCK or dispatch.batch_invariant():  # a row's sum order would follow M
         return 1
     programs = n // SPLIT_MIN_TILE
     target = 2 * _sm_count(device)
@@ -419,9 +420,21 @@ def _tuning(flavour: Quant, gated: bool):
         registers: at most half the tile."""
         return 128 * 128 if gated or shape.get("BLOCK", 1) == SCALE_BLOCK else 128 * 256
 
+    def max_columns(shape: Shape) -> int:
+        """A block-scaled tile's columns lie in one 128-column block of b's scales (the kernel reads one b scale a
+        tile and K slice)."""
+        return SCALE_BLOCK if shape.get("BLOCK", 1) == SCALE_BLOCK else 256
+
+    def config_problem(config: dict[str, Any], shape: Shape) -> str | None:
+        columns = config.get("block_sizes", [0, 0])[1] * group_of(shape)
+        if columns > max_columns(shape):
+            return (f"block_sizes[1] covers {columns} columns; a block-scaled (BLOCK = {SCALE_BLOCK}) tile takes at "
+                    f"most {SCALE_BLOCK}, one block of b's scales")
+        return None
+
     def group_of(shape: Shape) -> int:
         """The columns the second block size counts for this shape's product (see :func:`quantized_after`)."""
-        return 1 if quantized_after(flavour, shape["M"], gated) else _group_of(flavour)
+        return 1 if quantized_after(flavour, shape["M"]) else _group_of(flavour)
 
     def fits(config: helion.Config, group: int) -> bool:
         """Whether the tile's pipelined fp8 operands (``num_stages`` K steps of ``a`` and of each ``b`` half) fit
@@ -440,7 +453,8 @@ def _tuning(flavour: Quant, gated: bool):
         group, seeds = group_of(shape), [default_config(shape)]
         if shape["M"] > 64:
             seeds += [_tile(r, c, group, num_warps=w, num_stages=s)
-                      for r, c, w, s in ((128, 256, 8, 3), (64, 256, 4, 4)) if r * c <= max_tile(shape)]
+                      for r, c, w, s in ((128, 256, 8, 3), (64, 256, 4, 4))
+                      if r * c <= max_tile(shape) and c <= max_columns(shape)]
         return [seed for seed in seeds if fits(seed, group)]
 
     def search_configs(shape: Shape) -> list[helion.Config]:
@@ -453,17 +467,18 @@ def _tuning(flavour: Quant, gated: bool):
         rows = [r for r in (16, 32, 64, 128) if r <= max(16, 2 * m)][-2:]
         columns, stages = ((32, 64, 128, 256), (3, 5)) if m <= 128 else ((128, 256), (4 if m >= 512 else 3,))
         tiles = [_tile(r, c, group, num_warps=4 if r * c <= 64 * 128 else 8, num_stages=s)
-                 for r in rows for c in columns for s in stages if c % group == 0 and r * c <= max_tile(shape)]
+                 for r in rows for c in columns for s in stages
+                 if c % group == 0 and r * c <= max_tile(shape) and c <= max_columns(shape)]
         tiles = [tile for tile in tiles if fits(tile, group)]
         return [variant for tile in tiles for variant in (
             tile, helion.Config(**tile.config, indexing="tensor_descriptor"),
             helion.Config(**tile.config, pid_type="persistent_interleaved"))]
 
-    return default_config, seed_configs, search_configs
+    return default_config, seed_configs, search_configs, config_problem
 
 
 def _declare(name: str, schema: str, flavour: Quant = Quant.NONE, gated: bool = False) -> OpSpec:
-    default_config, seed_configs, search_configs = _tuning(flavour, gated)
+    default_config, seed_configs, search_configs, config_problem = _tuning(flavour, gated)
     models = tuple({"N": n, "K": k, "BLOCK": block} for model, block in TUNED_MODELS.items()
                    for n, k in (GATE_UP if gated else LAYERS)[model] if n % _group_of(flavour) == 0)
     return register(OpSpec(
@@ -474,7 +489,7 @@ def _declare(name: str, schema: str, flavour: Quant = Quant.NONE, gated: bool = 
                  Dim("K", tuple(sorted({s["K"] for s in models}))), BLOCK_DIM),
         models=models,
         default_config=default_config, seed_configs=seed_configs, search_configs=search_configs,
-        cold_operands=True,
+        config_problem=config_problem, cold_operands=True,
     ))
 
 

@@ -191,7 +191,7 @@ def _entry(item: Any, version: int, dims: Sequence[str], path: Path, where: str,
 
 
 def load(path: Path, op: str, dims: Sequence[str], expected_hash: str | None,
-         config_problem: Callable[[dict[str, Any]], str | None] | None = None,
+         config_problem: Callable[[dict[str, Any], dict[str, int]], str | None] | None = None,
          extra_keys: Collection[str] = ()) -> ConfigFile:
     """Read and validate one config file; raises ConfigError naming the file and entry.
 
@@ -224,7 +224,7 @@ def load(path: Path, op: str, dims: Sequence[str], expected_hash: str | None,
     entries = []
     for index, item in enumerate(raw["entries"]):
         entry = _entry(item, version, dims, path, f"entries[{index}]", extra_keys)
-        problem = config_problem(entry.config) if config_problem else None
+        problem = config_problem(entry.config, entry.shape) if config_problem else None
         _require(problem is None, path, f"entries[{index}]", str(problem))
         entries.append(entry)
     return ConfigFile(path=path, op=op, device=raw["device"], family=raw["family"], kernel_hash=raw["kernel_hash"],

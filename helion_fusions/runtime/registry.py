@@ -94,7 +94,7 @@ class TunedKernel:
     kernel: helion.Kernel
     problem: tuple[Dim, ...]
     default_config: Callable[[Shape], helion.Config]
-    config_problem: Callable[[dict[str, Any]], str | None] | None = None
+    config_problem: Callable[[dict[str, Any], Shape], str | None] | None = None
     extra_config_keys: tuple[str, ...] = ()  # config keys the kernel's own dispatch reads besides Helion's
 
     @property
@@ -168,8 +168,9 @@ class OpSpec:
     # for tensors the op touches only in part (a cos/sin row per token, a cache slot per token):
     # how many of their elements it touches
     touched_elements: Callable[[dict[str, Any]], dict[str, int]] | None = None
-    # what a stored config must not do for this op (None when acceptable); checked when configs load
-    config_problem: Callable[[dict[str, Any]], str | None] | None = None
+    # what a stored config must not do for this op on its entry's shape (None when acceptable); checked when
+    # configs load
+    config_problem: Callable[[dict[str, Any], Shape], str | None] | None = None
     # the outputs helion_fusions.functional allocates (None: the op works in place on its arguments)
     outputs: Outputs | None = None
     # the overload name where the engine's mutating op is one (``out``: ``scaled_fp4_quant.out``), and the
