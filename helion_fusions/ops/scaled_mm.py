@@ -24,8 +24,8 @@ The fp8 epilogues write what the unfused path leaves: ``y`` rounded to bf16 (the
   product after it (:func:`quantized_after`).
 
 gate_up (``scaled_mm_silu_mul_*``): ``b`` is ``[K, 2 I]``, gate columns ``0 .. I - 1`` and up columns
-``I .. 2 I - 1`` (per-channel scales and bias ``[2 I]``, block scales ``[ceil(2 I / 128), ...]``); ``out`` is
-``[M, I]``. ``g`` and ``u`` are ``y``'s two halves rounded to bf16, then ``round(silu(f32 g)) * u`` in bf16
+``I .. 2 I - 1`` (per-channel scales and bias ``[2 I]``, block scales ``[2 I / 128, ...]``, I a multiple of 128);
+``out`` is ``[M, I]``. ``g`` and ``u`` are ``y``'s two halves rounded to bf16, then ``round(silu(f32 g)) * u`` in bf16
 (``silu_and_mul``'s rule), then the static or per-group fp8 rule above. With ``eps = 1 / 512`` the per-group
 op writes ``silu_and_mul_per_block_quant``'s bytes.
 
