@@ -268,7 +268,7 @@ def quantized_after(flavour: Quant, m: int) -> bool:
     M = 1 against 10.2 for ``scaled_mm`` (32-column tiles, split K), and 39.2 against 28.4 at M = 64, K = 14336;
     quantizing so few rows after it is one launch of about 2 us. gate_up too: with block scales (DeepSeek-V3, I =
     2048) its fused epilogue's 128-column tiles left 16 programs a row tile, 75-84 us at M = 64-128 against 23
-    for cuBLAS + quant. The choice follows M's config bucket alone, as the meaning of a config's second block
+    for cuBLAS + quant; quantized after, 23-29 us. The choice follows M's config bucket alone, as the meaning of a config's second block
     size does (columns here, groups in the fused epilogue)."""
     return flavour is Quant.PER_GROUP and m <= SPLIT_MAX_M
 
@@ -426,6 +426,7 @@ def _tuning(flavour: Quant, gated: bool):
         return SCALE_BLOCK if shape.get("BLOCK", 1) == SCALE_BLOCK else 256
 
     def config_problem(config: dict[str, Any], shape: Shape) -> str | None:
+        """What a stored config must not do on its shape: cover more columns than ``max_columns``."""
         columns = config.get("block_sizes", [0, 0])[1] * group_of(shape)
         if columns > max_columns(shape):
             return (f"block_sizes[1] covers {columns} columns; a block-scaled (BLOCK = {SCALE_BLOCK}) tile takes at "
