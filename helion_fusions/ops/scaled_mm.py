@@ -43,11 +43,9 @@ fp32 ``[M, 1]``. A row's scale needs the amax over every N tile of the row, so t
 and a second launch of the same tiles quantizes each row by it (and zeroes the words again). Against the
 unfused path it saves the quant op's row reduction and, for gate_up, the ``[M, 2 I]`` intermediate; the bf16
 round trip of ``y`` stays (one program covering a row's every column would leave most SMs idle, and computing
-the product twice doubles it). Before the atomic max, each program of the second launch read the amaxes of
-every 128 columns of its rows: on an H200 (Llama-3-8B layers, row scales) cuBLAS's bf16 GEMM alone then took
-0.64-0.92x of its time at M >= 2048. With it, and tiles of any width, the op ran 1.08x the unfused path
-(cuBLAS, then ``dynamic_per_token_scaled_fp8_quant``; row scales, geomean over M = 1-8192), but 0.84-1.02x
-at M >= 512: the bytes moved are the unfused path's, and the GEMM itself trails cuBLAS's by a few percent.
+the product twice doubles it). On an H200 (Llama-3-8B layers, row scales) the op ran 1.08x the unfused path
+(geomean over M = 1-8192) but 0.84-1.02x at M >= 512, where it moves the unfused path's bytes and the GEMM
+trails cuBLAS's by a few percent.
 """
 
 from __future__ import annotations
@@ -101,11 +99,9 @@ SPLIT_SCRATCH_SHARE = 4  # the partial sums' round trip moves at most a quarter 
 SPLIT_MIN_STEPS = 4
 SPLIT_MIN_TILE = 32  # the narrowest N tile of the search
 ROW_WORDS_MIN_ROWS = 1 << 16  # the per-token row amax scratch's rows at least (512 KiB)
-# The problem key's BLOCK dim: the scales' K block, 128 for block scales (1: one scale over K, per tensor or row,
-# what a warmup or --shape shape that names only N and K takes).
-# Block-scaled configs are tuned apart (exact: a block-scaled call takes only those, else the default config).
-# Each slice's dot is scaled before it is added, a second fp32 tile beside the sum: on an H200 the row-scale
-# configs' 128 x 256 tiles then ran at 110-200 TFLOP/s (M >= 512, DeepSeek-V3 layers), 128 x 128 ones at 500-870.
+# The problem key's BLOCK dim: 128 for block scales, 1 for one scale over K (per tensor or row; what a shape naming
+# only N and K takes). Exact: block-scaled configs are tuned apart (a slice's dot is a second fp32 tile beside the
+# sum: on an H200 the row-scale configs' 128 x 256 tiles ran DeepSeek-V3's layers at 110-200 TFLOP/s).
 BLOCK_DIM = Dim("BLOCK", (1, SCALE_BLOCK), exact=True, default=1)
 
 
@@ -261,22 +257,16 @@ def _prepare(out: Any, a: Any, b: Any, a_scales: Any, b_scales: Any, bias: Any, 
 def quantized_after(flavour: Quant, m: int) -> bool:
     """Whether a per-group fp8 output is quantized by ``per_token_group_fp8_quant`` after the product (rounded to
     bf16 in a scratch) rather than in the product's epilogue: up to ``SPLIT_MAX_M`` rows, where the product streams
-    the weight.
-
-    The epilogue quantizes a group inside one N tile, so its tiles are whole 128-column groups: too few programs to
-    stream the weight at small M, even split. On an H200 (N = K = 4096, tensor scales) the fused op took 17.6 us at
-    M = 1 against 10.2 for ``scaled_mm`` (32-column tiles, split K), and 39.2 against 28.4 at M = 64, K = 14336;
-    quantizing so few rows after it is one launch of about 2 us. gate_up too: with block scales (DeepSeek-V3, I =
-    2048) its fused epilogue's 128-column tiles left 16 programs a row tile, 75-84 us at M = 64-128 against 23
-    for cuBLAS + quant; quantized after, 23-29 us. The choice follows M's config bucket alone, as the meaning of a config's second block
-    size does (columns here, groups in the fused epilogue)."""
+    the weight. The epilogue's tiles are whole 128-column groups, too few programs there. On an H200 the fused op
+    took 17.6 us at M = 1 against 10.2 for ``scaled_mm`` (N = K = 4096); gate_up with block scales (I = 2048)
+    75-84 us at M = 64-128, and 23-29 quantized after. The choice follows M's config bucket, as the meaning of a
+    config's second block size does (columns here, groups in the fused epilogue)."""
     return flavour is Quant.PER_GROUP and m <= SPLIT_MAX_M
 
 
 def split_count(m: int, n: int, k: int, device: torch.device) -> int:
-    """How many K slices (split-K) a product of ``m`` rows and ``n`` output columns (gate_up: ``I``, each with a
-    gate and an up column) takes: 1 (no split) from ``SPLIT_MAX_M`` rows on. A product whose epilogue quantizes
-    128-column groups has more rows than that (:func:`quantized_after`), so it never splits.
+    """How many K slices (split-K) a product of ``m`` rows and ``n`` output columns (gate_up: ``I``) takes: 1 (no
+    split) from ``SPLIT_MAX_M`` rows on, so a product quantizing 128-column groups (:func:`quantized_after`) never.
 
     Below, the narrowest N tiles the search tries (32 columns) give one row tile's programs, too few to stream
     the weight from every SM: the K depth is split in two, four or eight (each slice at least
@@ -420,9 +410,7 @@ def _tuning(flavour: Quant, gated: bool):
         registers: at most half the tile."""
         return 128 * 128 if gated or shape.get("BLOCK", 1) == SCALE_BLOCK else 128 * 256
 
-    def max_columns(shape: Shape) -> int:
-        """A block-scaled tile's columns lie in one 128-column block of b's scales (the kernel reads one b scale a
-        tile and K slice)."""
+    def max_columns(shape: Shape) -> int:  # a block-scaled tile's columns share one b scale (a 128-column block)
         return SCALE_BLOCK if shape.get("BLOCK", 1) == SCALE_BLOCK else 256
 
     def config_problem(config: dict[str, Any], shape: Shape) -> str | None:
