@@ -59,15 +59,26 @@ def _bound(op: str, shape: tuple[tuple[str, int], ...], dtype: torch.dtype) -> l
     return [(code_generator(launch.kernel).bind(launch.args), launch.args) for launch in own_launches(launches)]
 
 
-def _binding_shape(shape: dict[str, int]) -> tuple[tuple[str, int], ...]:
-    """A small shape that binds like ``shape``: a token count of 1 (Helion specializes size 1) stays 1, others 7."""
-    return tuple((name, value if name != "T" else (1 if value == 1 else 7)) for name, value in shape.items())
+def _binding_shape(op: str, shape: dict[str, int]) -> tuple[tuple[str, int], ...]:
+    """A small shape that binds like ``shape``: a token count of 1 (Helion specializes size 1) stays 1, others 7;
+    an op with kernels of its own for some token buckets binds at the smallest count of the shape's bucket."""
+    spec = REGISTRY[op]
+
+    def tokens(value: int) -> int:
+        if value == 1:
+            return 1
+        if not spec.extra_kernels:
+            return 7
+        grid = spec.problem[spec.dim_names.index("T")].grid
+        below = [g for g in grid if g < spec.problem[spec.dim_names.index("T")].bucket(value)]
+        return below[-1] + 1 if below else value
+    return tuple((name, value if name != "T" else tokens(value)) for name, value in shape.items())
 
 
 def _assert_generates_code(op: str, shape: dict[str, int], dtype: torch.dtype, config: helion.Config,
                            front_end: bool = True) -> None:
     """Code for ``config``, and with ``front_end`` Triton's front end run on it (testing.triton_code)."""
-    for bound, args in _bound(op, _binding_shape(shape), dtype):
+    for bound, args in _bound(op, _binding_shape(op, shape), dtype):
         code = triton_code(bound, args, config) if front_end else bound.to_triton_code(config)
         assert isinstance(code, str) and code.strip(), f"{op}: no code for {dict(config)}"
 
@@ -114,7 +125,7 @@ def test_default_seed_and_search_configs_generate_code(spec: OpSpec) -> None:
         # Triton's front end for the default, the seeds and a sample of the search (all of it would take minutes)
         checked = [spec.default_config(shape), *spec.seed_configs(shape), *searched[:2], *searched[-2:]]
         for config, front_end in [*((c, True) for c in checked), *((c, False) for c in searched)]:
-            configs.setdefault((_binding_shape(shape), json.dumps(dict(config), sort_keys=True)),
+            configs.setdefault((_binding_shape(spec.name, shape), json.dumps(dict(config), sort_keys=True)),
                                (shape, config, front_end))
     for shape, config, front_end in configs.values():
         _assert_generates_code(spec.name, shape, torch.bfloat16, config, front_end)

@@ -63,7 +63,7 @@ def compiled_kernels() -> Iterable[None]:
     """GPU calls run the compiled kernels, even when the session was started with HELION_INTERPRET=1."""
     patch = pytest.MonkeyPatch()
     patch.delenv("HELION_INTERPRET", raising=False)
-    kernels = {id(spec.kernel): spec.kernel for spec in REGISTRY.values()}.values()
+    kernels = {id(k): k for spec in REGISTRY.values() for k in (spec.kernel, *spec.extra_kernels)}.values()
     interpreted = [kernel for kernel in kernels if kernel.settings.ref_mode != RefMode.OFF]
     for kernel in interpreted:
         kernel.settings.ref_mode = RefMode.OFF

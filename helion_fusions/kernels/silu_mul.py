@@ -16,6 +16,8 @@ from helion_fusions.quant.epilogues import (
     SWIZZLE_COLS,
     div_rn,
     finish_amax,
+    fp8_dynamic_scale,
+    fp8_quantize,
     load_scale_in,
     store_quantized,
     swizzled_scale_shape,
@@ -68,3 +70,41 @@ def silu_mul_kernel(
                 if tile_t.begin + tile_g.begin == 0:  # one tile zeroes the padding rows
                     for tile_c in hl.tile(swizzled_scale_shape(1, NG)[1] // SWIZZLE_COLS, block_size=32):
                         zero_swizzled_rows(scale_words, tile_c, T, NG)
+
+
+@helion.kernel(static_shapes=False, autotune_effort="none")
+def silu_mul_rows_kernel(
+    x: torch.Tensor,  # [T, 2, NG, G] = [gate | up]
+    stash: torch.Tensor,  # [T, NG, G] in x's dtype: the rounded activation, written by the first pass
+    out: torch.Tensor,  # [T, NG, G] fp8
+    scale_out: torch.Tensor,  # [T] fp32, one dequant scale a row
+    scale_in: torch.Tensor,  # [1] fp32 scale_ub (read when HAS_SCALE_UB)
+    amax_floor: float,
+    HAS_SCALE_UB: hl.constexpr,
+    FP8_MAX: hl.constexpr,
+) -> None:
+    """Per-token quant of ``silu(gate) * up`` by a walk along each row in two passes.
+
+    The first pass computes the activation once, group tile by group tile, stores it (rounded, as the
+    contract rounds it) and takes the row's amax; the second reads it back, mostly from L2, and
+    quantizes it. A whole row in one tile computes the activation once too, but its registers leave
+    one row in flight a multiprocessor, so the activation's arithmetic does not overlap the memory
+    traffic; Helion's looped reduction computes the activation twice.
+    """
+    T, _, NG, G = x.size()
+    NG = hl.specialize(NG)
+    G = hl.specialize(G)
+    for tile_t in hl.tile(T):
+        scale_ub = hl.load(scale_in, [0])
+        amax = hl.zeros([tile_t], dtype=torch.float32)
+        for tile_g in hl.tile(NG):
+            gate = x[tile_t, 0, tile_g, :]
+            up = x[tile_t, 1, tile_g, :]
+            y = silu(gate.to(torch.float32)).to(x.dtype) * up
+            stash[tile_t, tile_g, :] = y
+            amax = torch.maximum(amax, torch.amax(torch.amax(torch.abs(y.to(torch.float32)), dim=-1), dim=-1))
+        s = fp8_dynamic_scale(amax, FP8_MAX, amax_floor, scale_ub if HAS_SCALE_UB else None)
+        scale_out[tile_t] = s
+        for tile_g in hl.tile(NG):
+            y = stash[tile_t, tile_g, :].to(torch.float32)
+            out[tile_t, tile_g, :] = fp8_quantize(y, s[:, None, None], FP8_MAX, out.dtype, bounded=not HAS_SCALE_UB)

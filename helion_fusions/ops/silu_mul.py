@@ -25,7 +25,7 @@ import helion
 import torch
 
 from helion_fusions import quant
-from helion_fusions.kernels.silu_mul import silu, silu_mul_kernel
+from helion_fusions.kernels.silu_mul import silu, silu_mul_kernel, silu_mul_rows_kernel
 import helion_fusions.ops.common as common
 from helion_fusions.quant import Quant, StaticScale
 from helion_fusions.runtime import checks
@@ -45,13 +45,14 @@ GROUP_SIZES = (64, 128)
 TOKEN_GROUP_SIZES = (32, 64, 128)  # per_token_group_fp8_quant takes smaller groups too
 POINTWISE_GROUP = 128  # groups of a row for the flavours that need no row reduction
 # Gated per-token quant of at most this many rows, SPLIT_ROW_MIN_HIDDEN wide or more, splits each row over
-# programs of POINTWISE_GROUP groups: one launch stores every group's amax, a second quantizes with the max of
-# its row's. On an H200 (CUDA graph, L2 warm) a whole gated row per program took 5.4-5.9 us at H = 14336
-# (T = 1, 16) and the split 3.6 us; at H = 8192 the split was slower (3.0-3.4 us against 2.8-3.1 us), as was
-# the split of an ungated row at every width (2.3-3.0 us against 1.4-2.4 us at H = 2048-14336): the second
-# launch costs about 1 us. Between 8192 and 14336 nothing was measured.
+# programs of POINTWISE_GROUP groups: one launch stores every group's amax, a second quantizes with their max.
+# On an H200 (CUDA graph, L2 warm) a whole gated row per program took 5.4-5.9 us at H = 14336 (T = 1, 16), the
+# split 3.6 us; at H = 8192 (and ungated at every width) the split's second launch (about 1 us) made it slower.
 SPLIT_ROW_TOKENS = 16
 SPLIT_ROW_MIN_HIDDEN = 12288
+# Gated per-token quant from this token bucket on walks each row in two passes (silu_mul_rows_kernel): a whole
+# row per program left the activation's arithmetic unoverlapped, at 39-46 % of copy bandwidth on an H200.
+ROWS_MIN_BUCKET = 1024
 
 
 # --- reference ------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ def _launch(
 ) -> KernelLaunch:
     tokens, width = input.shape
     hidden = width // 2 if gated else width
-    group = group or (POINTWISE_GROUP if hidden % POINTWISE_GROUP == 0 else hidden)
+    group = group or pointwise_group(hidden)
     groups = hidden // group
     x = input.view(tokens, 2 if gated else 1, groups, group)
     if fp8_max is None:
@@ -140,16 +141,36 @@ def _activation(input: torch.Tensor, gated: bool) -> torch.Tensor:
     return silu_and_mul_reference(input) if gated else input
 
 
+def pointwise_group(hidden: int) -> int:
+    return POINTWISE_GROUP if hidden % POINTWISE_GROUP == 0 else hidden
+
+
 def split_rows(tokens: int, hidden: int, gated: bool) -> bool:
     """Whether per-token quant of ``[tokens, hidden]`` splits its rows over programs (see SPLIT_ROW_TOKENS)."""
     return gated and tokens <= SPLIT_ROW_TOKENS and hidden % POINTWISE_GROUP == 0 and hidden >= SPLIT_ROW_MIN_HIDDEN
 
 
+def walks_rows(tokens: int, gated: bool) -> bool:
+    """Whether per-token quant walks its rows (ROWS_MIN_BUCKET): by token bucket, as configs are picked."""
+    return gated and tokens_dim().bucket(tokens) >= ROWS_MIN_BUCKET
+
+
 def _per_token_launches(input: torch.Tensor, result: torch.Tensor, scale_out: torch.Tensor,
                         scale_ub: torch.Tensor | None, *, gated: bool, tokens: int,
                         hidden: int) -> tuple[KernelLaunch, ...]:
-    """Per-token quant: a row per program, or split over programs in two launches (:func:`split_rows`)."""
+    """Per-token quant: a row walked in two passes (:func:`walks_rows`), a row per program, or split over
+    programs in two launches (:func:`split_rows`)."""
     has_ub = scale_ub is not None
+    if walks_rows(tokens, gated):
+        group = pointwise_group(hidden)
+        view = (tokens, hidden // group, group)
+        # the rounded activation, written whole by the first pass before the second reads it
+        stash = common.scratch("silu_mul.rows", view, input.dtype, input.device)
+        args = (input.view(tokens, 2, *view[1:]), stash, common.kernel_view(result, Quant.PER_TOKEN, *view[:2]),
+                scale_out, _placeholder(input.device) if scale_ub is None else scale_ub.reshape(1),
+                quant.FP8_AMAX_FLOOR, has_ub, quant.fp8_max_for(result.dtype))
+        return (KernelLaunch(silu_mul_rows_kernel, args, (input.dtype, result.dtype, hidden, group, has_ub),
+                             {"T": tokens, "H": hidden}, input.device, input.dtype),)
     if not split_rows(tokens, hidden, gated):
         return (_launch(input, result, Quant.PER_TOKEN, gated=gated, scale_out=scale_out, scale_in=scale_ub,
                         group=hidden, has_scale_ub=has_ub),)
@@ -278,16 +299,6 @@ def _reference_dynamic_quant(result, input, scale):
     quant.quantize_per_tensor_reference(input, result, _tensor_scale(scale, input.device))
 
 
-def _check_fp8_range(output_q: torch.Tensor, fp8_min: Any, fp8_max: Any) -> float:
-    fp8_max = checks.check_positive_float("fp8_max", fp8_max)
-    if fp8_max > torch.finfo(output_q.dtype).max:
-        raise ValueError(f"fp8_max: {fp8_max} exceeds the largest {output_q.dtype} value "
-                         f"{torch.finfo(output_q.dtype).max}")
-    if isinstance(fp8_min, bool) or not isinstance(fp8_min, (int, float)) or fp8_min != -fp8_max:
-        raise ValueError(f"fp8_min: expected -fp8_max ({-fp8_max}), got {fp8_min!r}")
-    return fp8_max
-
-
 def _prepare_group_quant(input, output_q, output_s, group_size, eps, fp8_min, fp8_max, scale_ue8m0,
                          dummy_is_scale_transposed=False, dummy_is_tma_aligned=False, *, tokens, hidden):
     _check_fp8("output_q", output_q, input, tokens, hidden)
@@ -295,7 +306,7 @@ def _prepare_group_quant(input, output_q, output_s, group_size, eps, fp8_min, fp
     # any strides: row-major, column-major and TMA-aligned scales are all written in place
     checks.check_group_scale("output_s", output_s, tokens, hidden // group_size, input.device, None)
     eps = checks.check_positive_float("eps", eps)
-    fp8_max = _check_fp8_range(output_q, fp8_min, fp8_max)
+    fp8_max = checks.check_fp8_range(output_q, fp8_min, fp8_max)
     return (_launch(input, output_q, Quant.PER_GROUP, gated=False, scale_out=output_s, group=group_size,
                     use_ue8m0=bool(scale_ue8m0), fp8_max=fp8_max, amax_floor=eps),)
 
@@ -311,7 +322,7 @@ def _group_of(flavour: Quant, gated: bool) -> Callable[[Shape], int]:
     """The group a flavour's kernel sees for a shape (bench and tuning use the default group 128)."""
     if flavour is Quant.NVFP4:
         return lambda shape: quant.NVFP4_BLOCK
-    pointwise = lambda shape: POINTWISE_GROUP if shape["H"] % POINTWISE_GROUP == 0 else shape["H"]  # noqa: E731
+    pointwise = lambda shape: pointwise_group(shape["H"])  # noqa: E731
     if flavour is Quant.PER_TOKEN:
         return lambda shape: pointwise(shape) if split_rows(shape["T"], shape["H"], gated) else shape["H"]
     return pointwise
@@ -329,11 +340,20 @@ def _tile(hidden: int, group: int, rows: int, elements: int, warps: int) -> heli
     return helion.Config(block_sizes=[rows, group_block], num_warps=warps)
 
 
+def _rows_tile(hidden: int, elements: int, warps: int) -> helion.Config:
+    """A config of silu_mul_rows_kernel: one token a program, group tiles of about ``elements`` in both passes."""
+    groups = _pow2_at_most(max(elements // pointwise_group(hidden), 1))
+    return helion.Config(block_sizes=[1, groups, groups], num_warps=warps)
+
+
 def _tuning(flavour: Quant, gated: bool):
     group_of = _group_of(flavour, gated)
+    rows_walked = lambda shape: flavour is Quant.PER_TOKEN and walks_rows(shape["T"], gated)  # noqa: E731
 
     def default_config(shape: Shape) -> helion.Config:
         hidden = shape["H"]
+        if rows_walked(shape):
+            return _rows_tile(hidden, 2048, 4)
         if hidden // group_of(shape) == 1:  # a whole row per program
             return _tile(hidden, hidden, 1, hidden, 4 if hidden <= 4096 else 8)
         return _tile(hidden, group_of(shape), 1, 2048, 4)
@@ -341,13 +361,13 @@ def _tuning(flavour: Quant, gated: bool):
     def seed_configs(shape: Shape) -> list[helion.Config]:
         hidden, tokens = shape["H"], shape["T"]
         group = group_of(shape)
+        if rows_walked(shape):
+            return [_rows_tile(hidden, e, w) for e, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))]
         if hidden // group == 1:
-            # whole rows: on an H100 80GB HBM3, 8-16 warps reached only 34-67 % of copy bandwidth at
-            # H=8192-14336 (per-token quant), so 32 warps is a seed there too
+            # whole rows: 8-16 warps reached 34-67 % of copy bandwidth at H=8192-14336 (H100 80GB HBM3)
             return [_tile(hidden, group, 1, hidden, w) for w in ((4, 8) if hidden <= 4096 else (8, 16, 32))]
         if tokens <= 16:
-            # decode: 2048 elements a program left T=1, d=8192 at 4 programs and 1.2 us behind
-            # torch.compile under CUDA graphs (H100 80GB HBM3); smaller tiles spread it wider
+            # decode: 2048 elements a program left T=1, d=8192 1.2 us behind torch.compile (H100 80GB HBM3)
             return [_tile(hidden, group, 1, e, 4) for e in (256, 512, 1024, 2048)] + [_tile(hidden, group, 1, 256, 8)]
         seeds = [_tile(hidden, group, 1, 2048, 4), _tile(hidden, group, 1, 4096, 8)]
         return seeds + ([_tile(hidden, group, 4, 4096, 8)] if tokens >= 128 else [])
@@ -355,6 +375,9 @@ def _tuning(flavour: Quant, gated: bool):
     def search_configs(shape: Shape) -> list[helion.Config]:
         hidden, tokens = shape["H"], shape["T"]
         group = group_of(shape)
+        if rows_walked(shape):  # group tiles of 512-8192 elements, 4-32 of them a thread
+            return [_rows_tile(hidden, e, w) for e in (512, 1024, 2048, 4096, 8192) for w in (2, 4, 8, 16)
+                    if 4 <= e // (32 * w) <= 32]
         if hidden // group == 1:
             whole = [_tile(hidden, group, 1, hidden, 4 if hidden > 4096 else 16)]
             if hidden <= 4096:
@@ -363,12 +386,9 @@ def _tuning(flavour: Quant, gated: bool):
             # a second pass that recomputes and stores each chunk, reading it again from L2)
             return whole + [helion.Config(block_sizes=[1, 1], num_warps=w, reduction_loops=[chunk])
                             for chunk in (1024, 2048, 4096) for w in (4, 8)]
-        # tiles of 256-8192 elements with 4-32 of them a thread (1-32 up to T = 256: a decode-sized call
-        # is latency-bound, and at T = 1, d = 14336 on an H200 256-element tiles of 4-8 warps took 1.16 us
-        # under a CUDA graph where 2048 elements of 4 warps took 1.76), each also with the groups
-        # dimension fastest across programs (loop_orders [[1, 0]]): consecutive programs then
-        # walk along a row, the order of Inductor's flat pointwise kernels, where the default
-        # sends them down the tokens
+        # tiles of 256-8192 elements with 4-32 of them a thread (1-32 up to T = 256: at T = 1, d = 14336 on an
+        # H200, 256-element tiles took 1.16 us under a CUDA graph, 2048-element ones 1.76), each also with
+        # consecutive programs walking along a row (loop_orders [[1, 0]]), as Inductor's pointwise kernels do
         fewest = 1 if tokens <= 256 else 4
         tiles = [_tile(hidden, group, 1, elements, warps) for elements in (256, 512, 1024, 2048, 4096, 8192)
                  for warps in (1, 2, 4, 8) if fewest <= elements // (32 * warps) <= 32]
@@ -417,6 +437,7 @@ def _declare(name: str, schema: str, prepare, reference, flavour: Quant, gated: 
         problem=(tokens_dim(), Dim("H", HIDDEN_GRID)), make_inputs=_inputs(flavour, gated, names, allocated, **fixed),
         default_config=default_config, seed_configs=seed_configs, search_configs=search_configs, outputs=allocated,
         overload=overload, functional_schema=functional_schema,
+        extra_kernels=(silu_mul_rows_kernel,) if flavour is Quant.PER_TOKEN and gated else (),
     ))
 
 

@@ -7,6 +7,7 @@ layout or value), and each message names the offending argument and what was exp
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -112,3 +113,13 @@ def check_group_scale(name: str, scale: object, tokens: int, groups: int, device
             raise ValueError(f"{name}: is_scale_transposed={is_scale_transposed} expects a {layout} scale tensor, "
                              f"got strides {list(scale.stride())}")
     return scale
+
+
+def check_fp8_range(output: torch.Tensor, fp8_min: Any, fp8_max: Any) -> float:
+    """A symmetric ``[fp8_min, fp8_max]`` range within ``output``'s fp8 dtype; returns ``fp8_max``."""
+    fp8_max = check_positive_float("fp8_max", fp8_max)
+    if fp8_max > torch.finfo(output.dtype).max:
+        raise ValueError(f"fp8_max: {fp8_max} exceeds the largest {output.dtype} value {torch.finfo(output.dtype).max}")
+    if isinstance(fp8_min, bool) or not isinstance(fp8_min, (int, float)) or fp8_min != -fp8_max:
+        raise ValueError(f"fp8_min: expected -fp8_max ({-fp8_max}), got {fp8_min!r}")
+    return fp8_max

@@ -147,11 +147,12 @@ def kernel_sources(fn: Callable[..., Any]) -> list[str]:
     return sources
 
 
-def kernel_hash(kernel: helion.Kernel) -> str:
-    """Hash of :func:`kernel_sources`: an edit to the kernel or to anything it inlines changes it."""
+def kernel_hash(*kernels: helion.Kernel) -> str:
+    """Hash of :func:`kernel_sources` of each kernel: an edit to one or to anything it inlines changes it."""
     digest = hashlib.sha256()
-    for source in kernel_sources(kernel.fn):
-        digest.update(source.encode())
+    for kernel in kernels:
+        for source in kernel_sources(kernel.fn):
+            digest.update(source.encode())
     return digest.hexdigest()[:16]
 
 

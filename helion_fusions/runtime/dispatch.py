@@ -85,7 +85,7 @@ def resolve_config_file(spec: OpSpec | TunedKernel, device: DeviceIdentity) -> c
 
 @functools.cache
 def spec_hash(spec: OpSpec | TunedKernel) -> str:
-    return config_store.kernel_hash(spec.kernel)
+    return config_store.kernel_hash(spec.kernel, *getattr(spec, "extra_kernels", ()))
 
 
 def choose_config(spec: OpSpec, launch: KernelLaunch, batch_invariant: bool) -> helion.Config:

@@ -183,6 +183,9 @@ class OpSpec:
     # the model dims' combinations that make autotune and make bench tune and measure (the layers of real
     # models: a GEMM's (N, K)); empty: the product of the dims' grids
     models: tuple[Shape, ...] = ()
+    # kernels some of the op's shapes launch instead of ``kernel``, under configs from the same file (the
+    # configs' source hash covers them too)
+    extra_kernels: tuple[helion.Kernel, ...] = ()
 
     def bytes_moved(self, kwargs: dict[str, Any]) -> int:
         """Bytes the op must move: every tensor argument once (or its touched part), read-and-written ones twice."""
