@@ -146,3 +146,23 @@ def test_per_token_quant_splits_wide_gated_decode_rows_over_programs(spec, token
     expected = run_against_reference(spec, kwargs)
     if with_ub:
         assert float(expected["scale"].max()) == pytest.approx(2.5 / 448.0)
+
+
+@pytest.mark.parametrize(("tokens", "hidden", "walked"),
+                         [(128, 1152, False), (129, 1152, True), (129, 17, True), (1500, 1280, True)])
+@pytest.mark.parametrize("with_ub", (False, True), ids=("no_ub", "scale_ub"))
+def test_per_token_quant_walks_gated_rows_from_the_1024_token_bucket(tokens: int, hidden: int, walked: bool,
+                                                                     with_ub: bool) -> None:
+    """From the 1024-token bucket on, gated per-token quant runs silu_mul_rows_kernel (the activation stashed
+    group tile by group tile, then quantized by the row's amax): same bytes as a row per program, one wide row
+    and scale_ub included. The choice follows the bucket, so the bucket's config fits the kernel it runs."""
+    spec = PER_TOKEN_OPS[0]
+    kwargs = spec.make_inputs({"T": tokens, "H": hidden}, torch.bfloat16, CPU)
+    kwargs["input"][3, 5], kwargs["input"][3, hidden + 5] = 30.0, 1.0  # a row amax of 30, above scale_ub
+    if with_ub:
+        kwargs["scale_ub"] = torch.tensor(2.5)  # 0-dim, as engines keep it
+    (launch,) = spec.prepare(**kwargs)
+    assert (launch.kernel.fn.__name__ == "silu_mul_rows_kernel") is walked
+    assert launch.kernel in spec.extra_kernels or not walked
+    expected = run_against_reference(spec, kwargs)
+    assert float(expected["scale"][3]) == pytest.approx((2.5 if with_ub else 30.0) / 448.0)
