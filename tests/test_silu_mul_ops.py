@@ -149,11 +149,12 @@ def test_per_token_quant_splits_wide_gated_decode_rows_over_programs(spec, token
 
 
 @pytest.mark.parametrize(("tokens", "hidden", "walked"),
-                         [(128, 1152, False), (129, 1152, True), (129, 17, True), (1500, 1280, True)])
+                         [(128, 11008, False), (129, 11008, True), (129, 10837, True), (1500, 10836, False),
+                          (1500, 11136, True)])
 @pytest.mark.parametrize("with_ub", (False, True), ids=("no_ub", "scale_ub"))
-def test_per_token_quant_walks_gated_rows_from_the_1024_token_bucket(tokens: int, hidden: int, walked: bool,
+def test_per_token_quant_walks_wide_gated_rows_from_the_1024_token_bucket(tokens: int, hidden: int, walked: bool,
                                                                      with_ub: bool) -> None:
-    """From the 1024-token bucket on, gated per-token quant runs silu_mul_rows_kernel (the activation stashed
+    """From the 1024-token bucket on, gated rows ROWS_MIN_HIDDEN wide or wider run silu_mul_rows_kernel (the activation stashed
     group tile by group tile, then quantized by the row's amax): same bytes as a row per program, one wide row
     and scale_ub included. The choice follows the bucket, so the bucket's config fits the kernel it runs."""
     spec = PER_TOKEN_OPS[0]
@@ -166,3 +167,16 @@ def test_per_token_quant_walks_gated_rows_from_the_1024_token_bucket(tokens: int
     assert launch.kernel in spec.extra_kernels or not walked
     expected = run_against_reference(spec, kwargs)
     assert float(expected["scale"][3]) == pytest.approx((2.5 if with_ub else 30.0) / 448.0)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=str)
+@pytest.mark.parametrize("fp8", FP8_DTYPES, ids=str)
+def test_walked_rows_take_every_dtype_and_row_strides(dtype: torch.dtype, fp8: torch.dtype) -> None:
+    """The row walk on strided rows (input and result wider than the row), each activation dtype, both fp8s."""
+    spec, tokens, hidden = PER_TOKEN_OPS[0], 200, 11008
+    kwargs = with_fp8_result(spec, spec.make_inputs({"T": tokens, "H": hidden}, dtype, CPU), fp8)
+    kwargs["input"] = torch.cat([kwargs["input"], torch.randn(tokens, 64, dtype=dtype)], dim=1)[:, :2 * hidden]
+    kwargs["result"] = poisoned((tokens, hidden + 32), fp8, "cpu")[:, :hidden]
+    (launch,) = spec.prepare(**kwargs)
+    assert launch.kernel in spec.extra_kernels
+    run_against_reference(spec, kwargs)

@@ -50,9 +50,12 @@ POINTWISE_GROUP = 128  # groups of a row for the flavours that need no row reduc
 # split 3.6 us; at H = 8192 (and ungated at every width) the split's second launch (about 1 us) made it slower.
 SPLIT_ROW_TOKENS = 16
 SPLIT_ROW_MIN_HIDDEN = 12288
-# Gated per-token quant from this token bucket on walks each row in two passes (silu_mul_rows_kernel): a whole
-# row per program left the activation's arithmetic unoverlapped, at 39-46 % of copy bandwidth on an H200.
+# Gated per-token quant from this token bucket on, this wide or wider, walks each row in two passes
+# (silu_mul_rows_kernel). On an H200 at T = 1024-16384, H = 14336 it took 0.67-0.89x the time of a whole row per
+# program (which leaves the activation's arithmetic unoverlapped); at H = 2048-8192 1.01-1.11x. The width is the
+# log-midpoint of 8192 and 14336, where the config lookup (nearest tuned width) switches between their entries.
 ROWS_MIN_BUCKET = 1024
+ROWS_MIN_HIDDEN = 10837
 
 
 # --- reference ------------------------------------------------------------------------------
@@ -150,9 +153,9 @@ def split_rows(tokens: int, hidden: int, gated: bool) -> bool:
     return gated and tokens <= SPLIT_ROW_TOKENS and hidden % POINTWISE_GROUP == 0 and hidden >= SPLIT_ROW_MIN_HIDDEN
 
 
-def walks_rows(tokens: int, gated: bool) -> bool:
+def walks_rows(tokens: int, hidden: int, gated: bool) -> bool:
     """Whether per-token quant walks its rows (ROWS_MIN_BUCKET): by token bucket, as configs are picked."""
-    return gated and tokens_dim().bucket(tokens) >= ROWS_MIN_BUCKET
+    return gated and hidden >= ROWS_MIN_HIDDEN and tokens_dim().bucket(tokens) >= ROWS_MIN_BUCKET
 
 
 def _per_token_launches(input: torch.Tensor, result: torch.Tensor, scale_out: torch.Tensor,
@@ -161,7 +164,7 @@ def _per_token_launches(input: torch.Tensor, result: torch.Tensor, scale_out: to
     """Per-token quant: a row walked in two passes (:func:`walks_rows`), a row per program, or split over
     programs in two launches (:func:`split_rows`)."""
     has_ub = scale_ub is not None
-    if walks_rows(tokens, gated):
+    if walks_rows(tokens, hidden, gated):
         group = pointwise_group(hidden)
         view = (tokens, hidden // group, group)
         # the rounded activation, written whole by the first pass before the second reads it
@@ -348,7 +351,7 @@ def _rows_tile(hidden: int, elements: int, warps: int) -> helion.Config:
 
 def _tuning(flavour: Quant, gated: bool):
     group_of = _group_of(flavour, gated)
-    rows_walked = lambda shape: flavour is Quant.PER_TOKEN and walks_rows(shape["T"], gated)  # noqa: E731
+    rows_walked = lambda shape: flavour is Quant.PER_TOKEN and walks_rows(shape["T"], shape["H"], gated)  # noqa: E731
 
     def default_config(shape: Shape) -> helion.Config:
         hidden = shape["H"]
