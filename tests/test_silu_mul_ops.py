@@ -154,9 +154,9 @@ def test_per_token_quant_splits_wide_gated_decode_rows_over_programs(spec, token
 @pytest.mark.parametrize("with_ub", (False, True), ids=("no_ub", "scale_ub"))
 def test_per_token_quant_walks_wide_gated_rows_from_the_1024_token_bucket(tokens: int, hidden: int, walked: bool,
                                                                      with_ub: bool) -> None:
-    """From the 1024-token bucket on, gated rows ROWS_MIN_HIDDEN wide or wider run silu_mul_rows_kernel (the activation stashed
-    group tile by group tile, then quantized by the row's amax): same bytes as a row per program, one wide row
-    and scale_ub included. The choice follows the bucket, so the bucket's config fits the kernel it runs."""
+    """From the 1024-token bucket on, gated rows ROWS_MIN_HIDDEN wide or wider run silu_mul_rows_kernel (the
+    activation stashed group tile by group tile, then quantized by the row's amax): same bytes as a row per
+    program, scale_ub included. The choice follows the bucket, so the bucket's config fits the kernel it runs."""
     spec = PER_TOKEN_OPS[0]
     kwargs = spec.make_inputs({"T": tokens, "H": hidden}, torch.bfloat16, CPU)
     kwargs["input"][3, 5], kwargs["input"][3, hidden + 5] = 30.0, 1.0  # a row amax of 30, above scale_ub
