@@ -404,6 +404,23 @@ def test_per_token_group_quant_group_32(tokens: int) -> None:
     run_against_reference(spec, kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize(("tokens", "hidden"), [(300, 11008), (1500, 10837), (4096, 14336)])
+@pytest.mark.parametrize("with_ub", (False, True), ids=("no_ub", "scale_ub"))
+def test_per_token_row_walk_on_strided_rows(tokens: int, hidden: int, dtype: torch.dtype, with_ub: bool) -> None:
+    """Gated per-token quant of wide rows from T > 128 (silu_mul_rows_kernel), rows strided wider than 2 * H."""
+    spec = REGISTRY["silu_and_mul_dynamic_per_token_quant"]
+    kwargs = _inputs(spec, tokens, hidden, dtype)
+    padded = torch.randn(tokens, 2 * hidden + 64, dtype=dtype, device=CUDA)
+    padded[:, :2 * hidden] = kwargs["input"]
+    kwargs["input"] = padded[:, :2 * hidden]
+    if with_ub:
+        kwargs["scale_ub"] = torch.tensor(2.5, device=CUDA)  # 0-dim
+    (launch,) = spec.prepare(**kwargs)
+    assert launch.kernel in spec.extra_kernels
+    run_against_reference(spec, kwargs)
+
+
 @pytest.mark.parametrize("spec", [REGISTRY[name] for name in FP32_ULP_OPS], ids=lambda s: s.name)
 def test_float32_rms_norm_within_ulps(spec: OpSpec) -> None:
     """fp32 activations: the kernel's rsqrt (an approximation) and summation order move rstd by an ulp or two,
