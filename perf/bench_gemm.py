@@ -225,7 +225,8 @@ def write_results(rows: list[dict], out: Path) -> str:
     for row in rows:
         row.update(device=identity.name, pct_cublas_peak=peak and 100 * row["tflops"] / peak, torch=version("torch"),
                    helion=version("helion"),
-                   repro=f"python -m perf.bench_gemm --models {row['model']} --ops {row['op']} --tokens {row['M']}")
+                   repro=f"python -m perf.bench_gemm --models {row['model']} --ops {row['op']} "
+                         f"--scales {row['scales']} --tokens {row['M']}")
     write_csv(out / f"{identity.name}_gemm.csv", COLUMNS, rows)
     shown = COLUMNS[1:16]
     text = "\n".join([
@@ -266,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(LAYERS), help=f"comma-separated, of {list(LAYERS)}")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated M values")
     parser.add_argument("--ops", default=None, help="comma-separated, of the scaled_mm ops (default: all)")
+    parser.add_argument("--scales", default=None,
+                        help="comma-separated scale layouts, of tensor, row, block (default: each model's)")
     parser.add_argument("--reps", type=int, default=20, help="timed calls per measurement")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -278,13 +281,19 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [op for op in ops if op not in every_op]
     if unknown:
         parser.error(f"--ops: unknown {unknown}; choose from {list(dict.fromkeys(every_op))}")
+    layouts = {layout for model in models for _, layout in variants(model)}
+    scales = args.scales.split(",") if args.scales else sorted(layouts)
+    unknown = [layout for layout in scales if layout not in layouts]
+    if unknown:
+        parser.error(f"--scales: unknown {unknown} for {models}; choose from {sorted(layouts)}")
     if not torch.cuda.is_available():
         return cpu_check()
     from rich.progress import track
 
     timer = Timer(args.reps)
+    tokens = [int(m) for m in args.tokens.split(",")]
     jobs = [(op, model, layout, {"M": m, "N": n, "K": k}) for model in models for op, layout in variants(model)
-            if op in ops for n, k in layer_shapes(op, model) for m in map(int, args.tokens.split(","))]
+            if op in ops and layout in scales for n, k in layer_shapes(op, model) for m in tokens]
     rows, text = [], "no shapes selected"
     for job in track(jobs, description="benchmarking"):
         rows.append(measure(*job, timer))

@@ -434,3 +434,6 @@ def test_bench_gemm_summary_and_op_filter(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):
         bench_gemm.main(["--ops", "rms_norm"])
     assert "--ops: unknown ['rms_norm']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_gemm.main(["--models", "llama3_70b_tp2", "--scales", "row,block"])
+    assert "--scales: unknown ['block'] for ['llama3_70b_tp2']" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import torch
 from helion_fusions.quant.epilogues import (
     AMAX,
     NVFP4,
+    Quant,
     SWIZZLE_COLS,
     div_rn,
     finish_amax,
@@ -23,6 +24,8 @@ from helion_fusions.quant.epilogues import (
     swizzled_scale_shape,
     zero_swizzled_rows,
 )
+
+PER_TOKEN = int(Quant.PER_TOKEN)  # for the kernel bodies, which compare constexprs with ints
 
 
 def silu(gate: torch.Tensor) -> torch.Tensor:
@@ -95,7 +98,7 @@ def silu_mul_rows_kernel(
     NG = hl.specialize(NG)
     G = hl.specialize(G)
     for tile_t in hl.tile(T):
-        scale_ub = hl.load(scale_in, [0])
+        scale_ub = load_scale_in(scale_in, tile_t, None, PER_TOKEN)
         amax = hl.zeros([tile_t], dtype=torch.float32)
         for tile_g in hl.tile(NG):
             gate = x[tile_t, 0, tile_g, :]
