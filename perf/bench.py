@@ -51,7 +51,7 @@ from helion_fusions.tools.testing import (
     compare_outputs,
     outputs_ok,
 )
-from perf.tables import RESULTS, geomean, write_csv
+from perf.tables import RESULTS, allow_static_compiles, geomean, write_csv
 
 GRAPH_MAX_TOKENS = 256
 ROW_DIMS = ("T", "H")  # the ops this bench measures: tokens by hidden size (GEMMs have their own problem dims)
@@ -98,12 +98,7 @@ _gpu_lock: Any = contextlib.nullcontext()  # held while a worker measures: one r
 def _init_worker(lock: Any) -> None:
     global _gpu_lock
     _gpu_lock = lock
-    _configure_dynamo()
-
-
-def _configure_dynamo() -> None:
-    torch._dynamo.config.cache_size_limit = 4096  # one static compile per shape
-    torch._dynamo.config.accumulated_cache_size_limit = 1 << 16
+    allow_static_compiles()
 
 
 @functools.cache
@@ -145,7 +140,7 @@ def bench_shapes(jobs: list[ShapeJob], workers: int,
     """``measure``'s rows in the order of ``jobs``; with several workers, in worker processes that hold
     ``_gpu_lock`` while they measure."""
     if workers <= 1:
-        _configure_dynamo()
+        allow_static_compiles()
         yield from map(measure, jobs)
         return
     import concurrent.futures

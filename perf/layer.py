@@ -59,7 +59,7 @@ from helion_fusions.ops.silu_mul import silu_and_mul_reference
 from helion_fusions.runtime.device import device_identity, fp8_dtype
 from helion_fusions.tools.testing import Timer
 from perf.bench import GRAPH_MAX_TOKENS
-from perf.tables import RESULTS, geomean, write_csv
+from perf.tables import RESULTS, allow_static_compiles, geomean, write_csv
 
 TOKENS = (1, 16, 64, 256, 512, 2048, 8192)
 QUANTS = ("static", "dynamic")
@@ -254,8 +254,7 @@ def relative_error(ours: LayerFn, reference: LayerFn, layer: Layer, x: torch.Ten
 @functools.cache
 def compiled(fn: LayerFn) -> LayerFn:
     """``torch.compile(fn)``: one static compile per model, flavour and token count."""
-    torch._dynamo.config.cache_size_limit = 4096
-    torch._dynamo.config.accumulated_cache_size_limit = 1 << 16
+    allow_static_compiles()
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 

@@ -1,4 +1,4 @@
-"""What the benchmarks share to write their result tables: the results folder, the CSV writer and the geomean."""
+"""What the benchmarks share: the results folder, the CSV writer, the geomean and torch.compile's cache limits."""
 
 from __future__ import annotations
 
@@ -6,7 +6,16 @@ import csv
 import math
 from pathlib import Path
 
+import torch
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def allow_static_compiles() -> None:
+    """Let ``torch.compile(dynamic=False)`` keep a graph per shape: past dynamo's default of 8 recompiles of a
+    function, its later calls run eagerly, and a ``compile`` column would time eager code."""
+    torch._dynamo.config.cache_size_limit = 4096
+    torch._dynamo.config.accumulated_cache_size_limit = 1 << 16
 
 
 def geomean(values: list[float]) -> float:

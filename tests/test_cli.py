@@ -200,14 +200,15 @@ def test_a_gemm_grid_is_the_layers_of_a_model() -> None:
     layers, gate_up = (sorted({pair for model in scaled_mm.TUNED_MODELS for pair in table[model]})
                        for table in (scaled_mm.LAYERS, scaled_mm.GATE_UP))
     assert pairs("--ops", ops) == [("scaled_mm", layers), ("scaled_mm_silu_mul_static_fp8_quant", gate_up)]
-    assert pairs("--ops", "scaled_mm", "--shape", "K=14336") == [("scaled_mm", [(4096, 14336)])]
+    assert pairs("--ops", "scaled_mm", "--shape", "K=14336") == [("scaled_mm", [(4096, 14336), (8192, 14336)])]
     assert pairs("--ops", "scaled_mm", "--shape", "N=5120,K=8192") == [("scaled_mm", [(5120, 8192)])]
     k_grid = REGISTRY["scaled_mm"].problem[2].grid
-    assert pairs("--ops", "scaled_mm", "--shape", "N=5120") == [("scaled_mm", [(5120, k) for k in k_grid])]
+    assert pairs("--ops", "scaled_mm", "--shape", "N=5120") == [("scaled_mm", [(5120, 8192)])]
+    assert pairs("--ops", "scaled_mm", "--shape", "N=3072") == [("scaled_mm", [(3072, k) for k in k_grid])]
     [(_, shapes)] = _grid("--ops", "scaled_mm", "--shape", "M=1/16,N=4096,K=4096")
     assert shapes == [{"M": 1, "N": 4096, "K": 4096, "BLOCK": 1}, {"M": 16, "N": 4096, "K": 4096, "BLOCK": 1}]
     # a layer of no tuned model takes row scales unless block scales are named
-    for shape, blocks in (("N=5120,K=8192", {1}), ("N=5120,K=8192,BLOCK=128", {128}), ("N=5120", {1})):
+    for shape, blocks in (("N=3072,K=8192", {1}), ("N=3072,K=8192,BLOCK=128", {128}), ("N=3072", {1})):
         assert {s["BLOCK"] for _, shapes in _grid("--ops", "scaled_mm", "--shape", shape) for s in shapes} == blocks
     # the block-fp8 model's layers are tuned on block scales
     assert {s["BLOCK"] for _, shapes in _grid("--ops", "scaled_mm", "--shape", "K=7168") for s in shapes} == {128}
@@ -419,6 +420,16 @@ def test_bench_gemm_checks_every_variant_on_a_cpu(capsys: pytest.CaptureFixture[
     checked = {variant for model in bench_gemm.LAYERS for variant in bench_gemm.variants(model)}
     assert len(checked) == 21  # seven ops, three scale layouts
     assert "MISMATCH" not in out and out.count("| ok") == len(checked) * len(bench_gemm.CPU_SHAPES)
+
+
+def test_benches_keep_a_static_compile_per_shape() -> None:
+    """torch.compile(dynamic=False) compiles each shape a GEMM bench run measures (every model's layers at every M):
+    past dynamo's default of 8 recompiles a function, the later rows' compile column would time eager code."""
+    from perf import bench_gemm, tables
+
+    tables.allow_static_compiles()
+    rows_per_function = len(bench_gemm.TOKENS) * sum(len(shapes) for shapes in bench_gemm.LAYERS.values())
+    assert torch._dynamo.config.cache_size_limit >= rows_per_function
 
 
 def test_bench_gemm_summary_and_op_filter(capsys: pytest.CaptureFixture[str]) -> None:
