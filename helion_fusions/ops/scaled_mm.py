@@ -357,7 +357,7 @@ def _inputs(flavour: Quant, gated: bool):
         """Random fp8 operands with per-token and per-channel scales (the engines' dynamic fp8 GEMM), or with
         block scales where ``shape["BLOCK"]`` is 128.
 
-        The operands are integers in [-8, 8]: every partial sum is exact in fp32 (for K up to 2^18), so any
+        The operands are integers in [-8, 8] (drawn as int8): every partial sum is exact in fp32 (K <= 2^18), so any
         accumulation order gives the contract's bytes and the tests compare them exactly. Block scales are
         powers of two within a factor of 4 of each other: each slice's scaled sum (at most 2^13 in magnitude)
         and their total (at most 2^7 slices: K up to 16384) then fit fp32's 24 bits, exact in any order too."""
@@ -367,7 +367,7 @@ def _inputs(flavour: Quant, gated: bool):
         fp8 = fp8_dtype(device)
 
         def operand(rows: int) -> torch.Tensor:
-            return torch.randint(-8, 9, (rows, k), generator=generator).float().to(fp8).to(device)
+            return torch.randint(-8, 9, (rows, k), generator=generator, dtype=torch.int8).to(fp8).to(device)
 
         kwargs = {
             "a": operand(m),
