@@ -88,7 +88,7 @@ GATE_UP = {  # (I, K) of each model's gate_up projection, for the gate_up + silu
     "llama3_70b_tp2": ((14336, 8192),),
     "deepseek_v3_block": ((2048, 7168),),
 }
-TUNED_MODELS = {"llama3_8b": 1, "llama3_70b_tp2": 1, "deepseek_v3_block": 128}  # the layers make autotune tunes, and their BLOCK (below)
+TUNED_MODELS = {"llama3_8b": 1, "llama3_70b_tp2": 1, "deepseek_v3_block": 128}  # tuned layers, their BLOCK (below)
 OUT_DTYPES = (torch.bfloat16, torch.float16)
 ROUND_DTYPE = torch.bfloat16  # the unfused path's GEMM output, which the activation and the quant flavours read
 GROUP_SIZES = (128,)  # per-group output quant: a group lies inside one N tile
