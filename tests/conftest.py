@@ -162,6 +162,18 @@ def with_fp8_result(spec: OpSpec, kwargs: dict[str, Any], dtype: torch.dtype) ->
     return kwargs
 
 
+def widen(tensor: torch.Tensor, extra: int, output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tensor``'s values in the leading columns of a wider CPU buffer (poisoned for an output); returns (view,
+    buffer)."""
+    rows, cols = tensor.shape
+    if output:
+        base = poisoned((rows, cols + extra), tensor.dtype, "cpu")
+    else:
+        base = torch.randn(rows, cols + extra).to(tensor.dtype)
+    base[:, :cols] = tensor
+    return base[:, :cols], base
+
+
 def is_poison(tensor: torch.Tensor) -> bool:
     return bool((tensor.contiguous().view(torch.uint8) == POISON_BYTE).all())
 

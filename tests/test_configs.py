@@ -65,8 +65,10 @@ def _binding_shape(op: str, shape: dict[str, int]) -> tuple[tuple[str, int], ...
     spec = REGISTRY[op]
 
     def tokens(value: int) -> int:
-        if value == 1 or not spec.extra_kernels:
-            return 1 if value == 1 else 7
+        if value == 1:
+            return 1
+        if not spec.extra_kernels:
+            return 7
         dim = spec.problem[spec.dim_names.index("T")]
         below = [g for g in dim.grid if g < dim.bucket(value)]
         return below[-1] + 1 if below else value

@@ -19,6 +19,7 @@ from conftest import (
     is_poison,
     round_up,
     run_against_reference,
+    widen,
     with_fp8_result,
     written,
 )
@@ -212,17 +213,6 @@ def test_nvfp4_scale_buffer_dtypes(spec: OpSpec, scale_dtype: torch.dtype, swizz
 
 # --- strides and saturation ---------------------------------------------------------------------
 
-def _widen(tensor: torch.Tensor, extra: int, output: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``tensor``'s values in the leading columns of a wider buffer; returns (view, buffer)."""
-    rows, cols = tensor.shape
-    if output:
-        base = poisoned((rows, cols + extra), tensor.dtype, "cpu")
-    else:
-        base = torch.randn(rows, cols + extra).to(tensor.dtype)
-    base[:, :cols] = tensor
-    return base[:, :cols], base
-
-
 @pytest.mark.parametrize("spec", [s for s in REGISTRY.values() if "input" in s.arg_names], ids=lambda s: s.name)
 @pytest.mark.parametrize("tokens", (7, 300))
 def test_strided_rows(spec: OpSpec, tokens: int) -> None:
@@ -236,7 +226,7 @@ def test_strided_rows(spec: OpSpec, tokens: int) -> None:
     for name in ("input", "residual", arg(spec, "result"), arg(spec, "scale")):
         value = kwargs.get(name)
         if isinstance(value, torch.Tensor) and value.dim() == 2 and value.size(0) == tokens:
-            kwargs[name], buffers[name] = _widen(value, 64, output=name in mutated)
+            kwargs[name], buffers[name] = widen(value, 64, output=name in mutated)
     assert buffers, spec.name
     before = {name: base[:, kwargs[name].size(1):].clone() for name, base in buffers.items()}
     run_against_reference(spec, kwargs)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FP8_DTYPES, is_poison, run_against_reference, with_fp8_result
+from conftest import FP8_DTYPES, is_poison, run_against_reference, widen, with_fp8_result
 
 import helion_fusions
 from helion_fusions import quant
@@ -172,11 +172,13 @@ def test_per_token_quant_walks_wide_gated_rows_from_the_1024_token_bucket(tokens
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=str)
 @pytest.mark.parametrize("fp8", FP8_DTYPES, ids=str)
 def test_walked_rows_take_every_dtype_and_row_strides(dtype: torch.dtype, fp8: torch.dtype) -> None:
-    """The row walk on strided rows (input and result wider than the row), each activation dtype, both fp8s."""
+    """The row walk on strided rows (input and result wider than the row), each activation dtype, both fp8s;
+    the result's bytes past its rows stay poisoned."""
     spec, tokens, hidden = PER_TOKEN_OPS[0], 200, 11008
     kwargs = with_fp8_result(spec, spec.make_inputs({"T": tokens, "H": hidden}, dtype, CPU), fp8)
-    kwargs["input"] = torch.cat([kwargs["input"], torch.randn(tokens, 64, dtype=dtype)], dim=1)[:, :2 * hidden]
-    kwargs["result"] = poisoned((tokens, hidden + 32), fp8, "cpu")[:, :hidden]
+    kwargs["input"], _ = widen(kwargs["input"], 64, output=False)
+    kwargs["result"], result = widen(kwargs["result"], 32, output=True)
     (launch,) = spec.prepare(**kwargs)
     assert launch.kernel in spec.extra_kernels
     run_against_reference(spec, kwargs)
+    assert is_poison(result[:, hidden:])

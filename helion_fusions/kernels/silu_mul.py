@@ -25,7 +25,9 @@ from helion_fusions.quant.epilogues import (
     zero_swizzled_rows,
 )
 
-PER_TOKEN = int(Quant.PER_TOKEN)  # for the kernel bodies, which compare constexprs with ints
+# for the kernel bodies, which pass ints as constexprs. Defined here, not beside quant.epilogues' NVFP4 and AMAX:
+# there, ``Quant.PER_TOKEN`` in store_quantized would make the constant part of every kernel's config hash
+PER_TOKEN = int(Quant.PER_TOKEN)
 
 
 def silu(gate: torch.Tensor) -> torch.Tensor:

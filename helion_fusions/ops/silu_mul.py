@@ -154,7 +154,8 @@ def split_rows(tokens: int, hidden: int, gated: bool) -> bool:
 
 
 def walks_rows(tokens: int, hidden: int, gated: bool) -> bool:
-    """Whether per-token quant walks its rows (ROWS_MIN_BUCKET): by token bucket, as configs are picked."""
+    """Whether per-token quant walks its rows: ROWS_MIN_HIDDEN wide or wider, from ROWS_MIN_BUCKET by token
+    bucket, as configs are picked."""
     return gated and hidden >= ROWS_MIN_HIDDEN and tokens_dim().bucket(tokens) >= ROWS_MIN_BUCKET
 
 
