@@ -44,6 +44,7 @@ TOKENS = scaled_mm.M_GRID
 LAYERS, GATE_UP = scaled_mm.LAYERS, scaled_mm.GATE_UP
 GATED_OPS = ("scaled_mm_silu_mul_static_fp8_quant", "scaled_mm_silu_mul_per_group_fp8_quant",
              "scaled_mm_silu_mul_per_token_fp8_quant")
+MAX_DIFFERENT = 1e-4  # the share of outputs that may differ from the contract (see measure)
 GRAPH_MAX_M = 512
 COLUMNS = ["device", "op", "model", "M", "N", "K", "scales", "out", "cublas_us", "cublas_fp8_out_us", "unfused_us",
            "compile_us", "ours_us", "tflops", "pct_cublas_peak", "speedup_vs_unfused", "torch", "helion", "repro"]
@@ -184,9 +185,16 @@ def measure(op: str, model: str, layout: str, shape: dict[str, int], timer: Time
     spec.reference(**expected)
     spec.op(**ours)
     results = compare_outputs([name for name in spec.mutated_args if name in kwargs], ours, expected)
-    # integer-valued operands (and power-of-two block scales) make every sum exact: no byte may differ
-    if not outputs_ok(results, max_flip_fraction=0):
+    # integer-valued operands (and power-of-two block scales) make every sum exact in fp32, but Hopper's fp8
+    # tensor cores accumulate inside an MMA with fewer bits: at M = 8192, N = 8192, K = 14336 on an H200 one
+    # of 67 million outputs landed a rounding step away, and where such a step moved a group's or a row's
+    # amax, its scale and its quantized values moved with it (a per-token row: 709 of them). Such differences
+    # are printed; a run stops where more than MAX_DIFFERENT of the outputs differ (the GPU tests' bound)
+    different = sum(result.flips + result.worse for result in results.values())
+    if different > MAX_DIFFERENT * max(result.elements for result in results.values()):
         raise AssertionError(f"{op} {layout} {shape}: ours differs from the contract: {results}")
+    if different:
+        print(f"{op} {layout} {shape}: outputs that differ from the contract: {results}")
     row: dict[str, Any] = {"op": op, "model": model, **shape, "scales": layout, "out": str(kwargs["out"].dtype)[6:]}
     calls = working_baselines(op, clone_kwargs(kwargs), layout, f"{op} {layout} {shape}")
     calls["ours"] = lambda: spec.op(**ours)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import helion
 import pytest
 import torch
 
@@ -181,6 +182,20 @@ def test_weight_stream_buckets_search_the_narrowest_n_tiles(spec, m: int) -> Non
     group = scaled_mm.GROUP_SIZES[0] if fused else 1
     narrowest = min(c.config["block_sizes"][1] * group for c in spec.search_configs({"M": m, "N": 4096, "K": 4096}))
     assert narrowest == (max(scaled_mm.SPLIT_MIN_TILE, group) if m <= 128 else 128)
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.name)
+def test_weight_stream_buckets_read_the_weight_once(spec) -> None:
+    """Up to 64 rows one M tile covers the bucket, and one-scale weight streams (up to 128 rows) are not tried as
+    persistent kernels: of the H200's stored GEMM entries none took a 32-row tile, and persistent ones won 2 of
+    the 152 one-scale entries up to 128 rows (block-scaled ones: 15 of 56, still searched)."""
+    for m in scaled_mm.M_GRID:
+        for block in (1, scaled_mm.SCALE_BLOCK):
+            searched = spec.search_configs({"M": m, "N": 4096, "K": 4096, "BLOCK": block})
+            rows = {c.config["block_sizes"][0] for c in searched}
+            assert rows == ({16} if m <= 16 else {64} if m <= 64 else {64, 128}), (m, block, rows)
+            persistent = any(c.config.get("pid_type") == "persistent_interleaved" for c in searched)
+            assert persistent == (m > scaled_mm.SPLIT_MAX_M or block == scaled_mm.SCALE_BLOCK), (m, block)
 
 
 def test_candidates_that_overflow_shared_memory_are_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -448,7 +463,8 @@ def test_one_token_stores_index_and_mask_the_tile_rows(spec, layout: str) -> Non
         assert len(prepared) == launches + (spec in (TOKEN, SILU_TOKEN))  # per token: then the quantize launch
         for launch in prepared:
             bound = code_generator(launch.kernel).bind(launch.args)
-            for config in (spec.default_config(shape), spec.search_configs(shape)[-1]):  # the last: persistent
+            default = spec.default_config(shape)  # and as a persistent kernel, as a block-scaled one is tuned
+            for config in (default, helion.Config(**default.config, pid_type="persistent_interleaved")):
                 stores = [line.strip() for line in bound.to_triton_code(config).splitlines()
                           if line.strip().startswith(("tl.store(", "tl.atomic_max("))]
                 # fp8 values and scales; per token y and the row amaxes' atomic max, then (quantize) fp8 values,

@@ -447,21 +447,21 @@ def _tuning(flavour: Quant, gated: bool):
         return [seed for seed in seeds if fits(seed, group)]
 
     def search_configs(shape: Shape) -> list[helion.Config]:
-        """The two largest M tiles the bucket fills and N tiles of whole quant groups, warps by tile size; each
-        also with TMA loads and as a persistent kernel. Up to M = 128 the product is a weight stream: narrow N
-        tiles (32 columns) spread it over more programs, and 5 stages keep more of it in flight (at M = 128,
-        N = 4096, K = 14336 on an H200, tiles of 128 columns or more gave at most 64 programs and took 50 us
-        against cuBLAS's 24). 6-48 candidates a shape, so the family tunes in minutes, not hours."""
+        """M tiles as tall as the bucket (16 or 64 rows; 64 and 128 from M = 128) by N tiles of whole quant groups,
+        each also with TMA loads and, but for a one-scale weight stream (M <= 128), as a persistent kernel: what won
+        on an H200 (perf/results/nvidia_h200_gemm_search.md). A weight stream takes narrow N tiles (32 columns)
+        and 5 stages: at M = 128, N = 4096, K = 14336, 128-column tiles gave 64 programs, 50 us to cuBLAS's 24."""
         m, group = shape["M"], group_of(shape)
-        rows = [r for r in (16, 32, 64, 128) if r <= max(16, 2 * m)][-2:]
+        rows = (16,) if m <= 16 else (64,) if m <= 64 else (64, 128)
         columns, stages = ((32, 64, 128, 256), (3, 5)) if m <= 128 else ((128, 256), (4 if m >= 512 else 3,))
         tiles = [_tile(r, c, group, num_warps=4 if r * c <= 64 * 128 else 8, num_stages=s)
                  for r in rows for c in columns for s in stages
                  if c % group == 0 and r * c <= max_tile(shape) and c <= max_columns(shape)]
         tiles = [tile for tile in tiles if fits(tile, group)]
+        persistent = m > SPLIT_MAX_M or shape.get("BLOCK", 1) == SCALE_BLOCK
         return [variant for tile in tiles for variant in (
             tile, helion.Config(**tile.config, indexing="tensor_descriptor"),
-            helion.Config(**tile.config, pid_type="persistent_interleaved"))]
+            *[helion.Config(**tile.config, pid_type="persistent_interleaved")] * persistent)]
 
     return default_config, seed_configs, search_configs, config_problem
 
