@@ -188,12 +188,15 @@ def test_weight_stream_buckets_search_the_narrowest_n_tiles(spec, m: int) -> Non
 def test_weight_stream_buckets_read_the_weight_once(spec) -> None:
     """Up to 64 rows one M tile covers the bucket, and one-scale weight streams (up to 128 rows) are not tried as
     persistent kernels: of the H200's stored GEMM entries none took a 32-row tile, and persistent ones won 2 of
-    the 152 one-scale entries up to 128 rows (block-scaled ones: 15 of 56, still searched)."""
+    the 152 one-scale entries up to 128 rows (block-scaled ones: 15 of 56, still searched); none up to 128 rows
+    took 256 columns (perf/results/nvidia_h200_gemm_search.md)."""
     for m in scaled_mm.M_GRID:
         for block in (1, scaled_mm.SCALE_BLOCK):
             searched = spec.search_configs({"M": m, "N": 4096, "K": 4096, "BLOCK": block})
             rows = {c.config["block_sizes"][0] for c in searched}
             assert rows == ({16} if m <= 16 else {64} if m <= 64 else {64, 128}), (m, block, rows)
+            if m <= scaled_mm.SPLIT_MAX_M:  # and no N tile wider than 128 columns (64 up to 16 rows)
+                assert max(c.config["block_sizes"][1] for c in searched) == (64 if m <= 16 else 128), (m, block)
             persistent = any(c.config.get("pid_type") == "persistent_interleaved" for c in searched)
             assert persistent == (m > scaled_mm.SPLIT_MAX_M or block == scaled_mm.SCALE_BLOCK), (m, block)
 

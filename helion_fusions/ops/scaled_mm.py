@@ -448,18 +448,18 @@ def _tuning(flavour: Quant, gated: bool):
 
     def search_configs(shape: Shape) -> list[helion.Config]:
         """M tiles as tall as the bucket (16 or 64 rows; 64 and 128 from M = 128) by N tiles of whole quant groups,
-        each also with TMA loads and, but for a one-scale weight stream (M <= 128), as a persistent kernel: what won
-        on an H200 (perf/results/nvidia_h200_gemm_search.md). A weight stream takes narrow N tiles (32 columns)
-        and 5 stages: at M = 128, N = 4096, K = 14336, 128-column tiles gave 64 programs, 50 us to cuBLAS's 24."""
+        each also with TMA loads and, but for a one-scale weight stream (M <= 128), as a persistent kernel. A weight
+        stream takes narrow N tiles (at M = 128, N = 4096, K = 14336, 128-column tiles gave 64 programs and 50 us to
+        cuBLAS's 24) and 5 stages. What won on an H200 sets the rest: perf/results/nvidia_h200_gemm_search.md."""
         m, group = shape["M"], group_of(shape)
         rows = (16,) if m <= 16 else (64,) if m <= 64 else (64, 128)
-        columns, stages = ((32, 64, 128, 256), (3, 5)) if m <= 128 else ((128, 256), (4 if m >= 512 else 3,))
+        columns = (32, 64) if m <= 16 else (32, 64, 128) if m <= 128 else (128, 256)
+        stages = (3, 5) if m <= 128 else (4 if m >= 512 else 3,)
         tiles = [_tile(r, c, group, num_warps=4 if r * c <= 64 * 128 else 8, num_stages=s)
                  for r in rows for c in columns for s in stages
                  if c % group == 0 and r * c <= max_tile(shape) and c <= max_columns(shape)]
-        tiles = [tile for tile in tiles if fits(tile, group)]
         persistent = m > SPLIT_MAX_M or shape.get("BLOCK", 1) == SCALE_BLOCK
-        return [variant for tile in tiles for variant in (
+        return [variant for tile in tiles if fits(tile, group) for variant in (
             tile, helion.Config(**tile.config, indexing="tensor_descriptor"),
             *[helion.Config(**tile.config, pid_type="persistent_interleaved")] * persistent)]
 
