@@ -189,7 +189,7 @@ def measure(op: str, model: str, layout: str, shape: dict[str, int], timer: Time
     # tensor cores accumulate inside an MMA with fewer bits: at M = 8192, N = 8192, K = 14336 on an H200 one
     # of 67 million outputs landed a rounding step away, and where such a step moved a group's or a row's
     # amax, its scale and its quantized values moved with it (a per-token row: 709 of them). Such differences
-    # are printed; a run stops where more than MAX_DIFFERENT of the outputs differ (the GPU tests' bound)
+    # are printed; a run stops where more than MAX_DIFFERENT of the outputs differ (the GPU tests' flip budget)
     different = sum(result.flips + result.worse for result in results.values())
     if different > MAX_DIFFERENT * max(result.elements for result in results.values()):
         raise AssertionError(f"{op} {layout} {shape}: ours differs from the contract: {results}")

@@ -458,10 +458,10 @@ def _tuning(flavour: Quant, gated: bool):
         tiles = [_tile(r, c, group, num_warps=4 if r * c <= 64 * 128 else 8, num_stages=s)
                  for r in rows for c in columns for s in stages
                  if c % group == 0 and r * c <= max_tile(shape) and c <= max_columns(shape)]
-        persistent = m > SPLIT_MAX_M or shape.get("BLOCK", 1) == SCALE_BLOCK
-        return [variant for tile in tiles if fits(tile, group) for variant in (
-            tile, helion.Config(**tile.config, indexing="tensor_descriptor"),
-            *[helion.Config(**tile.config, pid_type="persistent_interleaved")] * persistent)]
+        variants = [{}, {"indexing": "tensor_descriptor"}]
+        if m > SPLIT_MAX_M or shape.get("BLOCK", 1) == SCALE_BLOCK:
+            variants.append({"pid_type": "persistent_interleaved"})
+        return [helion.Config(**tile.config, **variant) for tile in tiles if fits(tile, group) for variant in variants]
 
     return default_config, seed_configs, search_configs, config_problem
 
