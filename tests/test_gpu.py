@@ -558,6 +558,34 @@ def test_scaled_mm_splits_a_deep_k_up_to_128_rows(m: int, layout: str, op: str) 
     _check_scaled_mm(spec, kwargs, layout, flips=5e-4)
 
 
+@pytest.mark.parametrize("op", ("scaled_mm", "scaled_mm_silu_mul_static_fp8_quant", "scaled_mm_per_token_fp8_quant"))
+def test_scaled_mm_split_k_bytes_repeat_across_calls_and_graph_replays(op: str) -> None:
+    """Split-K's scratch sums and the per-token row words are shared by every call and must be written whole (or
+    left at zero) for the next: a word not reset or a sum read before it is written shows as bytes that change
+    from one call (or CUDA graph replay) to the next."""
+    spec = REGISTRY[op]
+    kwargs = spec.make_inputs({"M": 16, "N": 4096 + 128 * 3, "K": 4096}, torch.bfloat16, CUDA)
+    assert Phase.PARTIAL in [launch.args[-1] for launch in own_launches(spec.prepare(**clone_kwargs(kwargs)))]
+    run_against_reference(spec, clone_kwargs(kwargs), max_flip_fraction=0)
+    outputs = [name for name in spec.mutated_args if isinstance(kwargs.get(name), torch.Tensor)]
+    first = clone_kwargs(kwargs)
+    spec.op(**first)
+    for _ in range(20):
+        again = clone_kwargs(kwargs)
+        spec.op(**again)
+        assert all(torch.equal(again[n].view(torch.uint8), first[n].view(torch.uint8)) for n in outputs)
+    captured = clone_kwargs(kwargs)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        spec.op(**captured)
+    for _ in range(20):
+        for name in outputs:
+            captured[name].view(torch.uint8).fill_(0x7F)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(captured[n].view(torch.uint8), first[n].view(torch.uint8)) for n in outputs)
+
+
 @pytest.mark.parametrize("m", (1, 7, 300))
 @pytest.mark.parametrize("op", ("scaled_mm_per_token_fp8_quant", "scaled_mm_silu_mul_per_token_fp8_quant"))
 def test_scaled_mm_per_token_scale_ub_and_zero_rows(op: str, m: int) -> None:
