@@ -272,6 +272,31 @@ def test_bench_workers_return_rows_in_order_and_measure_one_at_a_time() -> None:
     assert [r["T"] for r in bench.bench_shapes(jobs[:2], 1, bench_workers.measure)] == [0, 1]
 
 
+def test_bench_workers_hold_the_gpu_lock_while_inductor_autotunes(monkeypatch) -> None:
+    """A worker's Inductor autotuning (GPU timings of a new kernel's configs) runs under the lock that keeps the rows'
+    timings alone on the GPU; the lock is reentrant, as a worker timing its row may meet such a first call."""
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    held = []
+
+    class Lock:
+        depth = 0
+
+        def __enter__(self) -> None:
+            self.depth += 1
+
+        def __exit__(self, *exc: object) -> None:
+            self.depth -= 1
+
+    lock = Lock()
+    monkeypatch.setattr(CachingAutotuner, "bench", lambda self, launcher: held.append((launcher, lock.depth)) or 1.5)
+    bench.lock_inductor_benchmarks(lock)
+    assert CachingAutotuner.bench(object(), "launcher") == 1.5
+    with lock:
+        CachingAutotuner.bench(object(), "again")
+    assert held == [("launcher", 1), ("again", 2)] and lock.depth == 0
+
+
 def test_bench_merge_keeps_earlier_rows_not_measured_again() -> None:
     """A run cut short (or split by --ops) keeps the earlier rows of every shape it did not measure."""
     def row(op: str, tokens: int, us: float) -> dict:
