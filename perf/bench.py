@@ -11,7 +11,8 @@ worker processes compile the shapes in parallel and measure them one at a time:
 * for T <= 256, ``ours`` and ``compile`` again inside CUDA graphs (``*_graph_us``).
 
 GB/s comes from the bytes the op must move; ``pct_copy_bw`` compares it with a
-device-to-device copy measured in the same run. It writes ``perf/results/<device>.md``,
+device-to-device copy measured in the same run, and ``pct_copy_same`` the time of a copy of the
+row's own bytes (timed with it) with ours. It writes ``perf/results/<device>.md``,
 ``.csv`` and ``.png``. Without a GPU it prints a correctness table on small shapes.
 """
 
@@ -51,13 +52,13 @@ from helion_fusions.tools.testing import (
     compare_outputs,
     outputs_ok,
 )
-from perf.tables import RESULTS, allow_static_compiles, geomean, write_csv
+from perf.tables import RESULTS, allow_static_compiles, geomean, lock_inductor_benchmarks, write_csv
 
 GRAPH_MAX_TOKENS = 256
 ROW_DIMS = ("T", "H")  # the ops this bench measures: tokens by hidden size (GEMMs have their own problem dims)
 COLUMNS = ["device", "op", "dtype", "shape", "T", "H", "bytes", "eager_us", "compile_us", "compile_dynamic_us", "ours_us",
-           "ours_graph_us", "compile_graph_us", "gbps", "pct_copy_bw", "speedup_vs_compile", "flips", "launches",
-           "host_us", "host_kw_us", "launch_us", "copy_gbps", "helion", "triton", "torch", "kernel_hash", "compile_reused", "repro"]
+           "ours_graph_us", "compile_graph_us", "gbps", "pct_copy_bw", "copy_same_us", "pct_copy_same", "speedup_vs_compile", "flips",
+           "launches", "host_us", "host_kw_us", "launch_us", "copy_gbps", "helion", "triton", "torch", "kernel_hash", "compile_reused", "repro"]
 _INT_COLUMNS = {"T", "H", "bytes", "flips", "launches", "compile_reused"}
 _COMPILE_COLUMNS = ("compile_us", "compile_dynamic_us", "compile_graph_us")
 _TEXT_COLUMNS = {"device", "op", "dtype", "shape", "helion", "triton", "torch", "kernel_hash", "repro"}
@@ -100,23 +101,6 @@ def _init_worker(lock: Any) -> None:
     _gpu_lock = lock
     allow_static_compiles()
     lock_inductor_benchmarks(lock)
-
-
-def lock_inductor_benchmarks(lock: Any) -> None:
-    """Make Inductor's runtime autotuning hold ``lock``: at a new kernel's first call it times the kernel's candidate
-    configs on the GPU, and a worker compiling its next shape would run those timings inside another worker's row.
-    On an H200, a row at T = 128 read 11.6 us (ours) and 10.5 (torch.compile) in a bench with the workers compiling,
-    against 6.2 and 7.6 for the same kernels timed in a process of their own."""
-    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
-
-    unlocked = CachingAutotuner.bench
-
-    @functools.wraps(unlocked)
-    def bench(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with lock:
-            return unlocked(self, *args, **kwargs)
-
-    CachingAutotuner.bench = bench
 
 
 @functools.cache
@@ -205,14 +189,20 @@ def bench_row(spec: OpSpec, kwargs: dict[str, Any], shape: Shape, dtype: torch.d
     # The versions' calls alternate (Timer.eager_each), so that clock drift affects them alike.
     row["compile_reused"] = int(baseline is not None)
     ours = _call(spec.op, clone_kwargs(kwargs))
+    # the ceiling at this size: a device-to-device copy of the row's bytes (half read, half written), which
+    # pays the same ramp-up and tail as the op where a 1 GiB copy hides them
+    copy_source = torch.empty(row["bytes"] // 2, dtype=torch.uint8, device="cuda")
+    copy_target = torch.empty_like(copy_source)
+    same_copy = lambda: copy_target.copy_(copy_source)  # noqa: E731
     if baseline is not None:
         row.update({column: baseline[column] for column in _COMPILE_COLUMNS})
-        row["eager_us"], row["ours_us"] = timer.eager_each([_call(spec.reference, clone_kwargs(kwargs)), ours])
+        row["eager_us"], row["ours_us"], row["copy_same_us"] = timer.eager_each(
+            [_call(spec.reference, clone_kwargs(kwargs)), ours, same_copy])
     else:
         static = _call(compiled_static, clone_kwargs(kwargs))
-        row["eager_us"], row["compile_us"], row["compile_dynamic_us"], row["ours_us"] = timer.eager_each(
-            [_call(spec.reference, clone_kwargs(kwargs)), static,
-             _call(compiled_dynamic, _mark_tokens_dynamic(kwargs, tokens)), ours])
+        row["eager_us"], row["compile_us"], row["compile_dynamic_us"], row["ours_us"], row["copy_same_us"] = \
+            timer.eager_each([_call(spec.reference, clone_kwargs(kwargs)), static,
+                              _call(compiled_dynamic, _mark_tokens_dynamic(kwargs, tokens)), ours, same_copy])
     if tokens > GRAPH_MAX_TOKENS:
         row["ours_graph_us"] = row["compile_graph_us"] = float("nan")
     elif baseline is not None:
@@ -227,6 +217,7 @@ def bench_row(spec: OpSpec, kwargs: dict[str, Any], shape: Shape, dtype: torch.d
             row["ours_graph_us"], row["compile_graph_us"] = timer.graph(ours), float("nan")
     row["gbps"] = row["bytes"] / row["ours_us"] / 1e3
     row["pct_copy_bw"] = 100.0 * row["gbps"] / copy_gbps
+    row["pct_copy_same"] = 100.0 * row["copy_same_us"] / row["ours_us"]
     row["speedup_vs_compile"] = row["compile_us"] / row["ours_us"]
     row["copy_gbps"] = copy_gbps
     row.update({name: version(name) for name in ("helion", "triton", "torch")})
@@ -327,6 +318,11 @@ def summary(rows: list[dict], copy_gbps: float) -> list[str]:
         lines.append(f"T >= 4096: pct_copy_bw mean {statistics.mean(r['pct_copy_bw'] for r in large):.1f}%, "
                      f"min {low['pct_copy_bw']:.1f}% ({low['op']} T={low['T']} H={low['H']}); "
                      f"rows >= 85%: {sum(r['pct_copy_bw'] >= 85 for r in large)}/{len(large)}")
+        same = [r for r in large if r["pct_copy_same"] is not None]
+        if same:
+            lines.append(f"T >= 4096 against a copy of the row's own bytes (`pct_copy_same`): mean "
+                         f"{statistics.mean(r['pct_copy_same'] for r in same):.1f}%; rows >= 85%: "
+                         f"{sum(r['pct_copy_same'] >= 85 for r in same)}/{len(same)}")
     decode = [r for r in rows if r["T"] <= 16 and math.isfinite(r["ours_graph_us"])]
     if decode:
         lines.append(f"T <= 16 under CUDA graphs: ours <= compile in "
@@ -373,7 +369,7 @@ def host_table(rows: list[dict]) -> list[str]:
 def write_results(rows: list[dict], copy_gbps: float, device_name: str, device_label: str, out: Path) -> None:
     write_csv(out / f"{device_name}.csv", COLUMNS, rows)
     shown = ["op", "T", "H", "eager_us", "compile_us", "compile_dynamic_us", "ours_us", "ours_graph_us",
-             "compile_graph_us", "gbps", "pct_copy_bw", "speedup_vs_compile", "flips", "launches"]
+             "compile_graph_us", "gbps", "pct_copy_bw", "pct_copy_same", "speedup_vs_compile", "flips", "launches"]
     table = tabulate([[r[c] for c in shown] for r in rows], headers=shown, floatfmt=".2f", tablefmt="github")
     text = "\n".join([f"# {device_label} ({device_name})", "",
                       f"helion {rows[0]['helion']}, triton {rows[0]['triton']}, torch {rows[0]['torch']}; "

@@ -16,6 +16,7 @@ from helion_fusions.runtime import config_store, dispatch
 from helion_fusions.tools import autotune
 from helion_fusions.runtime.registry import REGISTRY
 from perf import bench, sass
+from perf.tables import RESULTS, lock_inductor_benchmarks
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU modes of the CLIs")
 
@@ -290,11 +291,23 @@ def test_bench_workers_hold_the_gpu_lock_while_inductor_autotunes(monkeypatch) -
 
     lock = Lock()
     monkeypatch.setattr(CachingAutotuner, "bench", lambda self, launcher: held.append((launcher, lock.depth)) or 1.5)
-    bench.lock_inductor_benchmarks(lock)
+    lock_inductor_benchmarks(lock)
     assert CachingAutotuner.bench(object(), "launcher") == 1.5
     with lock:
         CachingAutotuner.bench(object(), "again")
     assert held == [("launcher", 1), ("again", 2)] and lock.depth == 0
+
+
+def test_bench_summary_reads_rows_without_and_with_the_same_size_copy(tmp_path) -> None:
+    """Rows of a run before ``copy_same_us`` existed read as blanks; the T >= 4096 summary counts the rows that have it."""
+    rows = [{**bench.read_rows(RESULTS / "nvidia_h200.csv")[-1], "T": 4096}]
+    assert rows[0]["copy_same_us"] is None and rows[0]["pct_copy_same"] is None
+    assert not any("pct_copy_same" in line for line in bench.summary(rows, 4200.0))
+    rows.append({**rows[0], "copy_same_us": 50.0, "pct_copy_same": 100 * 50.0 / rows[0]["ours_us"]})
+    bench.write_results(rows, 4200.0, "test_device", "Test", tmp_path)
+    text = (tmp_path / "test_device.md").read_text()
+    assert f"(`pct_copy_same`): mean {rows[1]['pct_copy_same']:.1f}%; rows >= 85%: 0/1" in text
+    assert bench.read_rows(tmp_path / "test_device.csv")[1]["copy_same_us"] == 50.0
 
 
 def test_bench_merge_keeps_earlier_rows_not_measured_again() -> None:
