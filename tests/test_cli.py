@@ -121,6 +121,21 @@ def test_autotune_candidates_add_pipelined_persistent_kernels_at_large_t() -> No
         assert config.config["num_sm_multiplier"] * config.config["num_warps"] * 32 == 1024  # half an SM's threads
 
 
+def test_autotune_finalists_are_timed_again_in_turns_and_their_median_decides() -> None:
+    """A candidate whose first time was lucky loses to one that is faster on every later call."""
+    calls: list[str] = []
+    later = {"lucky": 10.5, "steady": 10.0}
+
+    def time_us(run):
+        calls.append(run())
+        return later[calls[-1]]
+
+    first = [(9.0, 0), (10.1, 3), (12.0, 5)]  # index 5 did not reach the finals
+    ranked = autotune.final_times(first, {0: lambda: "lucky", 3: lambda: "steady"}, time_us)
+    assert ranked == [(10.0, 3), (10.5, 0)]
+    assert calls == ["lucky", "steady"] * autotune.FINAL_ROUNDS
+
+
 def test_autotune_times_like_make_bench(monkeypatch: pytest.MonkeyPatch) -> None:
     """A CUDA graph with L2 warm for small token counts, flushed for a GEMM (its weights are cold in a model),
     the flushed eager timer for large ones; the GEMM's token count is its M."""
