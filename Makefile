@@ -7,7 +7,7 @@ DEPS ?= $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: help install test bench bench-gemm bench-tp autotune autotune-tp sass clean
+.PHONY: help install test bench bench-gemm bench-tp autotune autotune-tp restamp sass clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -35,6 +35,9 @@ bench-tp: $(DEPS)  ## the all_reduce_ ops on every GPU of this host -> perf/resu
 
 autotune: $(DEPS)  ## tune every op for this GPU -> configs/<device>/; ARGS=--help
 	$(PY) -m helion_fusions.tools.autotune $(ARGS)
+
+restamp: $(DEPS)  ## after a source edit: re-stamp stale configs whose generated code is unchanged (CPU); ARGS="--base REV"
+	$(PY) -m helion_fusions.tools.restamp $(ARGS)
 
 autotune-tp: $(DEPS)  ## tune the all_reduce_ ops on every GPU of this host -> configs/<device>/; ARGS=--help
 	$(PY) -m helion_fusions.tools.autotune_tp $(ARGS)

@@ -18,7 +18,7 @@ from helion_fusions.ops import all_reduce
 from helion_fusions.runtime import config_store, dispatch
 from helion_fusions.runtime.device import DeviceIdentity
 from helion_fusions.runtime.registry import REGISTRY, OpSpec, own_launches, shapes
-from helion_fusions.tools.testing import code_generator, triton_code
+from helion_fusions.tools.testing import binding_shape, code_generator, triton_code
 
 CONFIG_ROOT = REPO_ROOT / "configs"
 TUNED_DEVICES = ("nvidia_h200",)
@@ -59,26 +59,10 @@ def _bound(op: str, shape: tuple[tuple[str, int], ...], dtype: torch.dtype) -> l
     return [(code_generator(launch.kernel).bind(launch.args), launch.args) for launch in own_launches(launches)]
 
 
-def _binding_shape(op: str, shape: dict[str, int]) -> tuple[tuple[str, int], ...]:
-    """A small shape that binds like ``shape``: a token count of 1 (Helion specializes size 1) stays 1, others 7;
-    an op with kernels of its own for some token buckets binds at the smallest count of the shape's bucket."""
-    spec = REGISTRY[op]
-
-    def tokens(value: int) -> int:
-        if value == 1:
-            return 1
-        if not spec.extra_kernels:
-            return 7
-        dim = spec.problem[spec.dim_names.index("T")]
-        below = [g for g in dim.grid if g < dim.bucket(value)]
-        return below[-1] + 1 if below else value
-    return tuple((name, value if name != "T" else tokens(value)) for name, value in shape.items())
-
-
 def _assert_generates_code(op: str, shape: dict[str, int], dtype: torch.dtype, config: helion.Config,
                            front_end: bool = True) -> None:
     """Code for ``config``, and with ``front_end`` Triton's front end run on it (testing.triton_code)."""
-    for bound, args in _bound(op, _binding_shape(op, shape), dtype):
+    for bound, args in _bound(op, binding_shape(op, shape), dtype):
         code = triton_code(bound, args, config) if front_end else bound.to_triton_code(config)
         assert isinstance(code, str) and code.strip(), f"{op}: no code for {dict(config)}"
 
@@ -125,7 +109,7 @@ def test_default_seed_and_search_configs_generate_code(spec: OpSpec) -> None:
         # Triton's front end for the default, the seeds and a sample of the search (all of it would take minutes)
         checked = [spec.default_config(shape), *spec.seed_configs(shape), *searched[:2], *searched[-2:]]
         for config, front_end in [*((c, True) for c in checked), *((c, False) for c in searched)]:
-            configs.setdefault((_binding_shape(spec.name, shape), json.dumps(dict(config), sort_keys=True)),
+            configs.setdefault((binding_shape(spec.name, shape), json.dumps(dict(config), sort_keys=True)),
                                (shape, config, front_end))
     for shape, config, front_end in configs.values():
         _assert_generates_code(spec.name, shape, torch.bfloat16, config, front_end)

@@ -20,6 +20,7 @@ from helion.runtime.ref_mode import RefMode
 
 from helion_fusions.ops.common import poison_, poisoned  # noqa: F401  (the tests' and bench's buffers)
 from helion_fusions.runtime.launcher import captured_launch  # noqa: F401
+from helion_fusions.runtime.registry import REGISTRY
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 SLEEP_CYCLES = 1_000_000  # about 0.5 ms at H100/H200 clocks
@@ -38,6 +39,23 @@ def code_generator(kernel: helion.Kernel) -> helion.Kernel:
         return kernel
     return helion.Kernel(kernel.fn, settings=dataclasses.replace(kernel.settings, ref_mode=RefMode.OFF),
                          configs=kernel.configs)
+
+
+def binding_shape(op: str, shape: dict[str, int]) -> tuple[tuple[str, int], ...]:
+    """A small shape that binds like ``shape`` (its code is the same): a token count of 1 (Helion specializes
+    size 1) stays 1, others 7; an op with kernels of its own for some token buckets binds at the smallest count
+    of the shape's bucket."""
+    spec = REGISTRY[op]
+
+    def tokens(value: int) -> int:
+        if value == 1:
+            return 1
+        if not spec.extra_kernels:
+            return 7
+        dim = spec.problem[spec.dim_names.index("T")]
+        below = [g for g in dim.grid if g < dim.bucket(value)]
+        return below[-1] + 1 if below else value
+    return tuple((name, value if name != "T" else tokens(value)) for name, value in shape.items())
 
 
 # Triton signature types of the tensors a generated kernel takes
