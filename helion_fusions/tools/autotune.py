@@ -196,8 +196,7 @@ def final_times(first: list[tuple[float, int]], runs: dict[int, Callable[[], Non
     the finalists timed in turns.
 
     The first pass times each candidate once, seconds apart, and noise or clock drift of a few percent
-    then ranks close candidates by chance: on an H200 it shipped rms_norm a config for T = 4096,
-    H = 8192 that runs 7 % slower than another candidate.
+    then ranks close candidates by chance.
     """
     times = {index: [t] for t, index in first if index in runs}
     for _ in range(FINAL_ROUNDS):
