@@ -4,7 +4,6 @@ GPU, a same-family device's."""
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,8 @@ from conftest import REPO_ROOT, problem_shape, spec_params
 from helion_fusions.ops import all_reduce
 from helion_fusions.runtime import config_store, dispatch
 from helion_fusions.runtime.device import DeviceIdentity
-from helion_fusions.runtime.registry import REGISTRY, OpSpec, own_launches, shapes
-from helion_fusions.tools.testing import binding_shape, code_generator, triton_code
+from helion_fusions.runtime.registry import REGISTRY, OpSpec, shapes
+from helion_fusions.tools.testing import binding_shape, bound_launches, code_generator, triton_code
 
 CONFIG_ROOT = REPO_ROOT / "configs"
 TUNED_DEVICES = ("nvidia_h200",)
@@ -49,20 +48,10 @@ def _entry_params() -> list[Any]:
     return params or [pytest.param(None, 0, marks=NO_CONFIGS, id="none")]
 
 
-@functools.lru_cache(maxsize=4)  # a GEMM's inputs at M = 8192 take a GB: keep a few shapes' inputs alive, not all
-def _bound(op: str, shape: tuple[tuple[str, int], ...], dtype: torch.dtype) -> list[tuple[Any, tuple[Any, ...]]]:
-    """The op's launches bound to CPU inputs of this shape, with their arguments (binding takes a second or two,
-    so once per shape)."""
-    spec = REGISTRY[op]
-    launches = spec.prepare(**spec.make_inputs(dict(shape), dtype, torch.device("cpu")))
-    # another op's launch takes that op's configs, checked with its own entries
-    return [(code_generator(launch.kernel).bind(launch.args), launch.args) for launch in own_launches(launches)]
-
-
 def _assert_generates_code(op: str, shape: dict[str, int], dtype: torch.dtype, config: helion.Config,
                            front_end: bool = True) -> None:
     """Code for ``config``, and with ``front_end`` Triton's front end run on it (testing.triton_code)."""
-    for bound, args in _bound(op, binding_shape(op, shape), dtype):
+    for bound, args in bound_launches(op, binding_shape(op, shape), dtype):
         code = triton_code(bound, args, config) if front_end else bound.to_triton_code(config)
         assert isinstance(code, str) and code.strip(), f"{op}: no code for {dict(config)}"
 

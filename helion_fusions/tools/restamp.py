@@ -10,7 +10,7 @@ the Triton code of every entry's config under ``REV``'s source and under the wor
 a process of its own. Where every entry's code is the same (source-line comments aside), the file is stamped with
 the current hash and nothing else in it changes. A file with an entry whose code differs is left stale and
 listed for ``--revalidate`` on its GPU. This code runs against REV's package, which needs
-``tools.testing.binding_shape``.
+``tools.testing.binding_shape`` and ``bound_launches``.
 """
 
 from __future__ import annotations
@@ -43,12 +43,9 @@ def code_digests(requests: dict[str, dict[str, Any]], progress: bool = False) ->
 
     import helion_fusions.ops  # noqa: F401  (registers the ops)
     from helion_fusions.runtime import dispatch
-    from helion_fusions.runtime.registry import REGISTRY, own_launches
-    from helion_fusions.tools.testing import binding_shape, code_generator
+    from helion_fusions.runtime.registry import REGISTRY
+    from helion_fusions.tools.testing import binding_shape, bound_launches
 
-    # a binding shape's kernels, bound once (binding takes seconds); a file's entries come sorted by model dims,
-    # so a few recent shapes suffice (a GEMM's weights at 70B's dims take hundreds of MB)
-    bound: dict[tuple[Any, ...], list[Any]] = {}
     total = sum(len(request["entries"]) for request in requests.values())
     done = 0
     results = {}
@@ -60,16 +57,9 @@ def code_digests(requests: dict[str, dict[str, Any]], progress: bool = False) ->
         digests = []
         for entry in request["entries"]:
             try:
-                shape = binding_shape(spec.name, entry["shape"])
-                cache_key = (spec.name, shape, entry["dtype"])
-                if cache_key not in bound:
-                    kwargs = spec.make_inputs(dict(shape), getattr(torch, entry["dtype"]), torch.device("cpu"))
-                    bound[cache_key] = [code_generator(launch.kernel).bind(launch.args)
-                                        for launch in own_launches(spec.prepare(**kwargs))]
-                    if len(bound) > 4:
-                        del bound[next(iter(bound))]
                 digest = hashlib.sha256()
-                for kernel in bound[cache_key]:
+                launches = bound_launches(spec.name, binding_shape(spec.name, entry["shape"]), getattr(torch, entry["dtype"]))
+                for kernel, _ in launches:
                     digest.update(_without_source_lines(kernel.to_triton_code(helion.Config(**entry["config"]))).encode())
                 digests.append(digest.hexdigest())
             except Exception as error:  # reported as a difference: the file stays stale
@@ -162,9 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"`make autotune ARGS=\"--revalidate --ops {loaded.op}\"` on a {loaded.device} GPU")
             left += 1
             continue
-        raw = json.loads(path.read_text())
-        raw["kernel_hash"] = now["hash"]
-        path.write_text(json.dumps(raw, indent=1, sort_keys=False) + "\n")
+        config_store.save(path, loaded.op, loaded.device, loaded.family, now["hash"], REGISTRY[loaded.op].dim_names,
+                          list(loaded.entries), versions=loaded.versions)
         print(f"{path}: its {len(loaded.entries)} entries generate the same code; kernel_hash "
               f"{loaded.kernel_hash} -> {now['hash']}")
     return 1 if left else 0

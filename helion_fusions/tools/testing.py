@@ -20,7 +20,7 @@ from helion.runtime.ref_mode import RefMode
 
 from helion_fusions.ops.common import poison_, poisoned  # noqa: F401  (the tests' and bench's buffers)
 from helion_fusions.runtime.launcher import captured_launch  # noqa: F401
-from helion_fusions.runtime.registry import REGISTRY
+from helion_fusions.runtime.registry import REGISTRY, own_launches
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 SLEEP_CYCLES = 1_000_000  # about 0.5 ms at H100/H200 clocks
@@ -56,6 +56,15 @@ def binding_shape(op: str, shape: dict[str, int]) -> tuple[tuple[str, int], ...]
         below = [g for g in dim.grid if g < dim.bucket(value)]
         return below[-1] + 1 if below else value
     return tuple((name, value if name != "T" else tokens(value)) for name, value in shape.items())
+
+
+@functools.lru_cache(maxsize=4)  # a GEMM's inputs at M = 8192 take a GB: keep a few shapes' inputs alive, not all
+def bound_launches(op: str, shape: tuple[tuple[str, int], ...], dtype: torch.dtype) -> list[tuple[Any, tuple[Any, ...]]]:
+    """The op's own launches bound to CPU inputs of ``shape`` (see :func:`binding_shape`), with their arguments
+    (binding takes a second or two, so once per shape). Another op's launch takes that op's configs."""
+    spec = REGISTRY[op]
+    launches = spec.prepare(**spec.make_inputs(dict(shape), dtype, torch.device("cpu")))
+    return [(code_generator(launch.kernel).bind(launch.args), launch.args) for launch in own_launches(launches)]
 
 
 # Triton signature types of the tensors a generated kernel takes
