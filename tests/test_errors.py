@@ -203,13 +203,13 @@ def test_nvfp4_result_dtype_and_shape(spec: OpSpec) -> None:
 
 
 @pytest.mark.parametrize("spec", spec_params(NVFP4_OPS))
-def test_nvfp4_result_not_8_byte_aligned(spec: OpSpec) -> None:
-    """Blocks are stored as 8-byte words: a row starting off an 8-byte boundary is refused, not misaddressed."""
+def test_nvfp4_result_not_4_byte_aligned(spec: OpSpec) -> None:
+    """Blocks are stored as 4-byte words: a row starting off a 4-byte boundary is refused, not misaddressed."""
     name = arg(spec, "result")
-    base = torch.empty(TOKENS, HIDDEN // 2 + 4, dtype=torch.uint8)
-    _raises(ValueError, name, spec, **{name: base[:, :HIDDEN // 2]})  # row stride not a multiple of 8
+    base = torch.empty(TOKENS, HIDDEN // 2 + 2, dtype=torch.uint8)
+    _raises(ValueError, name, spec, **{name: base[:, :HIDDEN // 2]})  # row stride not a multiple of 4
     flat = torch.empty(TOKENS * (HIDDEN // 2) + 8, dtype=torch.uint8)
-    _raises(ValueError, name, spec, **{name: flat[4:4 + TOKENS * (HIDDEN // 2)].view(TOKENS, HIDDEN // 2)})
+    _raises(ValueError, name, spec, **{name: flat[2:2 + TOKENS * (HIDDEN // 2)].view(TOKENS, HIDDEN // 2)})
 
 
 @pytest.mark.parametrize("spec", spec_params(NVFP4_OPS))

@@ -144,6 +144,33 @@ def test_nvfp4_layouts(spec: OpSpec, tokens: int, swizzled: bool) -> None:
         assert bool((kwargs[name].reshape(-1)[padding] == 0).all()), "swizzled padding must be zero"
 
 
+@pytest.mark.parametrize("global_scale", [1.0, 2.0 ** 120, 0.0], ids=["unit", "huge", "zero"])
+@pytest.mark.parametrize("spec", [s for s in REGISTRY.values() if is_nvfp4_op(s)], ids=lambda s: s.name)
+def test_nvfp4_special_values(spec: OpSpec, global_scale: float) -> None:
+    """NaN, +-inf, +-0 and subnormals scattered over the blocks, and global scales whose block multiplier is
+    infinite (a huge one: 0 * inf is NaN in the kernel) or zero: the compiled codes and scales equal the
+    reference's, and a result row padded to a 4-byte (not 8-byte) multiple is addressed right."""
+    tokens, hidden = 300, 16 * 65
+    kwargs = _inputs(spec, tokens, hidden)
+    generator = torch.Generator(device=CUDA).manual_seed(7)
+    values = kwargs["input"].view(-1)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -1e-40],
+                            device=CUDA).to(values.dtype)
+    where = torch.randint(0, values.numel(), (values.numel() // 50,), device=CUDA, generator=generator)
+    values[where] = specials[torch.randint(0, len(specials), where.shape, device=CUDA, generator=generator)]
+    # blocks of zeros and tiny values: with a global scale of 2 ** 120 their amax of about 1e-38 gives an
+    # infinite multiplier (scaled_fp4_quant), and a zero times it is NaN in the kernel
+    tiny = torch.tensor([0.0, -0.0, 1e-38, -1e-38, 5e-39, 1e-40], device=CUDA).to(values.dtype)
+    corner = kwargs["input"][:10, :64]
+    corner.copy_(tiny[torch.randint(0, len(tiny), corner.shape, device=CUDA, generator=generator)])
+    kwargs[arg(spec, "global_scale")] = torch.tensor([global_scale], device=CUDA)
+    name = arg(spec, "result")
+    base = poisoned((tokens, hidden // 2 + 4), torch.uint8, CUDA)
+    kwargs[name] = base[:, :hidden // 2]
+    run_against_reference(spec, kwargs, max_flip_fraction=0.0)
+    assert is_poison(base[:, hidden // 2:]), "the padding bytes of the result rows were written"
+
+
 @pytest.mark.parametrize("spec", [s for s in REGISTRY.values() if "input" in s.arg_names], ids=lambda s: s.name)
 def test_strided_input(spec: OpSpec) -> None:
     tokens, hidden = 300, 4096

@@ -117,11 +117,11 @@ def quant_outputs(flavour: Quant, call: dict[str, Any], tokens: int, hidden: int
 
 
 def kernel_view(out: torch.Tensor, flavour: Quant, tokens: int, groups: int) -> torch.Tensor:
-    """A result as the kernels address it: ``[T, NG, G]``, or for nvfp4 the packed bytes as int64
-    ``[T, NG]``, one word per block of 16 (``quant.e2m1_words``; ``check_nvfp4_outputs`` checks the
+    """A result as the kernels address it: ``[T, NG, G]``, or for nvfp4 the packed bytes as int32
+    ``[T, NG, 2]``, two words per block of 16 (``quant.e2m1_words``; ``check_nvfp4_outputs`` checks the
     alignment that needs)."""
     if flavour is Quant.NVFP4:
-        return out.view(torch.int64)
+        return out.view(torch.int32).unflatten(1, (groups, 2))
     return out.view(tokens, groups, out.shape[1] // groups)
 
 
@@ -146,10 +146,10 @@ def check_nvfp4_outputs(result_name: str, result: object, scale_name: str, scale
     if hidden % quant.NVFP4_BLOCK:
         raise ValueError(f"input: nvfp4 needs a hidden size divisible by {quant.NVFP4_BLOCK}, got {hidden}")
     check_like(result_name, result, (tokens, hidden // 2), device, (torch.uint8,))
-    # kernels store each block's 8 bytes as one int64 word
-    if result.data_ptr() % 8 or result.stride(0) % 8:
-        raise ValueError(f"{result_name}: nvfp4 blocks are stored as 8-byte words, so each row must start at an "
-                         f"8-byte boundary; got data_ptr % 8 = {result.data_ptr() % 8} and row stride "
+    # kernels store each block's 8 bytes as two int32 words
+    if result.data_ptr() % 4 or result.stride(0) % 4:
+        raise ValueError(f"{result_name}: nvfp4 blocks are stored as 4-byte words, so each row must start at a "
+                         f"4-byte boundary; got data_ptr % 4 = {result.data_ptr() % 4} and row stride "
                          f"{result.stride(0)}")
     check_tensor(scale_name, scale, dtypes=(torch.uint8, torch.float8_e4m3fn, torch.int32), device=device,
                  contiguous=True)

@@ -208,11 +208,12 @@ def e2m1_codes(value: torch.Tensor) -> torch.Tensor:
     is the code. Ties go to the even code because the step count's parity is the code's. A
     negative input sets the sign bit, also where it rounds to zero; ``-0`` and NaN give 0.
     """
-    if _compiling_to_triton():  # a plain min (FMNMX); NaN lanes are replaced just below
-        y = hl.inline_triton(f"tl.minimum(tl.abs({{0}}), {E2M1_MAX!r})", args=(value,), output_like=value)
+    if _compiling_to_triton():
+        # two plain FMNMX: a max or min with one NaN operand gives the other, so NaN -> max(NaN, 0) = 0
+        source = f"tl.minimum(tl.maximum(tl.abs({{0}}), 0.0), {E2M1_MAX!r})"
+        y = hl.inline_triton(source, args=(value,), output_like=value)
     else:
-        y = torch.clamp(torch.abs(value), max=E2M1_MAX)
-    y = torch.where(value != value, 0.0, y)
+        y = torch.where(value != value, 0.0, torch.clamp(torch.abs(value), max=E2M1_MAX))
     power = torch.clamp(y.view(torch.int32) & _INF_BITS, min=_ONE_BITS)  # 2 ** max(e, 0), as bits
     magic = power + (22 << 23)
     steps = (y + magic.view(torch.float32)).view(torch.int32) - magic
@@ -234,18 +235,16 @@ def nvfp4_quantize(value: torch.Tensor, block_sf: torch.Tensor, global_scale: to
 
 
 def e2m1_words(codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """A block's 16 codes (the last two dims, ``[2, 8]``; ``positions`` is ``arange(8)``) as one int64 word.
+    """A block's 16 codes (the last two dims, ``[2, 8]``; ``positions`` is ``arange(8)``) as two int32 words.
 
-    Code ``k`` goes to bits ``4k .. 4k + 3``: on a little-endian GPU the word's bytes are
-    :func:`pack_e2m1`'s, even element in the low nibble. Each half block is first packed into
-    an int32 (disjoint nibbles, so the sum is their bitwise or), then the two halves into the
-    word. Kernels store these words through an int64 view of the packed output, whose unit
-    inner stride lets the compiler store several blocks per instruction; a uint8 ``[.., 8]``
-    view (inner stride 8, a run-time value) was stored one byte per instruction.
+    Code ``k`` of a half block goes to bits ``4k .. 4k + 3`` of its word (disjoint nibbles, so the
+    sum is their bitwise or): on a little-endian GPU the words' bytes are :func:`pack_e2m1`'s, even
+    element in the low nibble. Kernels store them through an int32 ``[T, NG, 2]`` view of the
+    packed output, whose unit inner stride lets the compiler store a block per instruction; a
+    uint8 ``[.., 8]`` view (inner stride 8, a run-time value) was stored one byte per instruction,
+    and one int64 word per block cost 64-bit shifts and a shared-memory shuffle to join the halves.
     """
-    halves = torch.sum(codes << (positions * 4), dim=-1)
-    lo, hi = hl.split(halves)
-    return (hi.to(torch.int64) << 32) | (lo.to(torch.int64) & 0xFFFFFFFF)
+    return torch.sum(codes << (positions * 4), dim=-1, dtype=torch.int32)
 
 
 def pack_e2m1(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -316,7 +315,7 @@ def store_quantized(
     ``tile_g``. The per-token flavour needs whole rows (``NG == 1``, or all groups); the
     per-token flavour split in two launches (``GROUP_AMAX``, then ``PER_TOKEN_OF_GROUPS``) does
     not. ``out`` is ``[T, NG, G]`` (fp8 or the activation dtype), or for nvfp4 the packed
-    bytes viewed as int64 ``[T, NG]``, one word per block (see :func:`e2m1_words`).
+    bytes viewed as int32 ``[T, NG, 2]``, two words per block (see :func:`e2m1_words`).
     ``scale_out``: ``[T]`` per-token, ``[T, NG]`` per-group (any strides) and for the group amaxes, flat uint8 block
     scales (nvfp4; a swizzled layout's padding is zeroed too, see :func:`zero_swizzled_rows`),
     ``[1]`` per-tensor, and for the amax the int32 scratch words ``AMAX_WORD``, ``COUNT_WORD``
@@ -369,7 +368,7 @@ def store_quantized(
     else:
         sf = nvfp4_block_scale(torch.amax(torch.abs(yf), dim=-1), scale_value)
         codes = nvfp4_quantize(yf, sf, scale_value)
-        out[tile_t, groups] = e2m1_words(codes.reshape(tile_t.block_size, -1, 2, G // 2), hl.arange(G // 2))
+        out[tile_t, groups, :] = e2m1_words(codes.reshape(tile_t.block_size, -1, 2, G // 2), hl.arange(G // 2))
         row = tile_t.index.unsqueeze(1)
         col = (hl.arange(NG) if tile_g is None else tile_g.index).unsqueeze(0)
         offset = swizzled_scale_offset(row, col, NG) if SWIZZLED else row * NG + col
