@@ -5,7 +5,9 @@ For each op (all by default) and shape (each model-dim value of the op's grid at
 code of a config (the one shipped for ``--device``, else the architecture default),
 compiles it for ``--arch`` (sm_90 by default) with Triton's own compiler and ptxas, and
 reports the registers, stack and spill bytes, the SASS instruction count per thread and
-its mix, and the out-of-line calls (``CALL``: the slow paths of IEEE division, for one).
+its mix, the count up to the first ``EXIT`` (the straight path most programs run: slow paths
+and one program's extra work come after it), and the out-of-line calls (``CALL``: the slow
+paths of IEEE division, for one).
 The SASS goes to ``--out``. Static counts are a proxy, not a timing: on a memory-bound
 kernel they matter once the issue rate, not the bandwidth, sets the time.
 """
@@ -45,6 +47,7 @@ class Report:
     stack_bytes: int
     local_bytes: int
     instructions: int
+    to_exit: int
     calls: int
     mix: list[tuple[str, int]]
 
@@ -72,9 +75,10 @@ def compile_report(spec: OpSpec, shape: Shape, dtype: torch.dtype, config: helio
         raise RuntimeError(f"{spec.name}: cuobjdump reported no resource usage for {stem}.cubin")
     opcodes = [m.group(1) for m in map(_INSTRUCTION.match, sass.splitlines()) if m and m.group(1) != "NOP"]
     mix = collections.Counter(opcode.split(".")[0] for opcode in opcodes)
+    to_exit = next((i for i, opcode in enumerate(opcodes) if opcode.startswith("EXIT")), len(opcodes))
     return Report(op=spec.name, shape=shape_text(shape), registers=int(resources[1]),
                   stack_bytes=int(resources[2]), local_bytes=int(resources[4]), instructions=len(opcodes),
-                  calls=mix["CALL"], mix=mix.most_common(6))
+                  to_exit=to_exit, calls=mix["CALL"], mix=mix.most_common(6))
 
 
 def shipped_config(spec: OpSpec, device: str, family: str, dtype: torch.dtype, shape: Shape,
@@ -114,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         config, source = shipped_config(spec, args.device, args.family, dtype, shape, args.stale_ok)
         report = compile_report(spec, shape, dtype, config, args.arch, args.out, args.num_sm)
         rows.append([report.op, report.shape, source, report.registers, report.stack_bytes, report.local_bytes,
-                     report.instructions, report.calls, " ".join(f"{op}:{count}" for op, count in report.mix)])
-    print(tabulate(rows, headers=["op", "shape", "config", "regs", "stack", "local", "instructions", "calls",
+                     report.instructions, report.to_exit, report.calls, " ".join(f"{op}:{count}" for op, count in report.mix)])
+    print(tabulate(rows, headers=["op", "shape", "config", "regs", "stack", "local", "instructions", "to EXIT", "calls",
                                   "most frequent"], tablefmt="github"))
     print(f"SASS in {args.out}/")
     return 0

@@ -407,6 +407,8 @@ def test_sass_report_counts_instructions_and_calls(tmp_path) -> None:
     text = (tmp_path / "static_scaled_fp8_quant_T16_H1024_sm90.sass").read_text()
     assert report.calls == text.count("CALL.")
     assert sum(count for _, count in report.mix) <= report.instructions
+    # the straight path ends at the first EXIT; the division's out-of-line slow path (the CALLs' target) follows it
+    assert 10 < report.to_exit < report.instructions
 
 
 
