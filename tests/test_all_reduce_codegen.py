@@ -207,6 +207,6 @@ def test_two_shot_stages_hold_a_share_of_the_rows() -> None:
     """The stage buffers have cdiv(T, W) rows; a one-shot call's are one-element stand-ins."""
     base = next(b for b in all_reduce.BASES if b.name == "fused_add_rms_norm_nvfp4_quant")
     (launch,) = base.prepare(**workers.call_kwargs(base, (7, 256), torch.bfloat16, 0))
-    assert all_reduce.stage_shapes(launch, 2, True) == (((4, 16), torch.int64), ((64,), torch.uint8),
+    assert all_reduce.stage_shapes(launch, 2, True) == (((4, 16, 2), torch.int32), ((64,), torch.uint8),
                                                         ((4, 16, 16), torch.bfloat16))
     assert all_reduce.stage_shapes(launch, 4, False) == (((1,), torch.float32),) * 3
