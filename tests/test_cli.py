@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -119,6 +120,31 @@ def test_autotune_candidates_add_pipelined_persistent_kernels_at_large_t() -> No
     for config in large[len(plain):]:
         assert config.config["pid_type"] == "persistent_interleaved" and config.config["range_num_stages"] == [2]
         assert config.config["num_sm_multiplier"] * config.config["num_warps"] * 32 == 1024  # half an SM's threads
+
+
+def test_autotune_candidates_add_the_ops_load_policies_to_the_seeds_at_large_t() -> None:
+    """From PIPELINE_MIN_TOKENS, each seed also comes under each of the op's L2 policies, set on the loads of the
+    arguments the policy names (checked in the generated code); an op without policies gets none."""
+    spec, shape = REGISTRY["fused_add_rms_norm_static_fp8_quant"], {"T": autotune.PIPELINE_MIN_TOKENS, "H": 4096}
+    configs, seeds = autotune.candidates(spec, shape)
+    small = autotune.candidates(spec, {**shape, "T": autotune.PIPELINE_MIN_TOKENS // 2})[0]
+    assert not any("load_eviction_policies" in c.config for c in small + configs[:seeds])
+    variants = [c for c in configs if "load_eviction_policies" in c.config and "pid_type" not in c.config]
+    assert len(variants) == seeds * len(spec.load_policies)
+    launch = spec.prepare(**spec.make_inputs(shape, torch.bfloat16, torch.device("cpu")))[0]
+    bound = launch.kernel.bind(launch.args)
+    for config, wanted in zip(variants, itertools.cycle(spec.load_policies)):
+        policies = {}
+        for line in bound.to_triton_code(config).splitlines():
+            loaded = re.search(r"tl\.load\((\w+)", line)
+            if loaded:
+                policy = re.search(r"eviction_policy='evict_(\w+)'", line)
+                policies[loaded.group(1)] = policy.group(1) if policy else ""
+        assert {name: policies.get(name) for name in ("x", "weight", "residual")} == \
+            {"x": wanted.get("x", ""), "weight": "last", "residual": ""}
+    gemm = REGISTRY["scaled_mm"]
+    assert not any("load_eviction_policies" in c.config
+                   for c in autotune.candidates(gemm, {"M": 2048, "N": 4096, "K": 4096, "BLOCK": 1})[0])
 
 
 def test_autotune_finalists_are_timed_again_in_turns_and_their_median_decides() -> None:

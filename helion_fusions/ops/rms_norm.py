@@ -311,6 +311,11 @@ def _inputs(flavour: Quant, with_residual: bool, allocated: Outputs | None):
     return make
 
 
+# the weight, which every program reads, kept in L2; with the rows streamed past it (on an H200, T = 1024,
+# H = 8192: 13.8 and 14.3 us against 14.7 with no policy; T = 16384: x streamed took 137 us against 133)
+LOAD_POLICIES = ({"weight": "last"}, {"x": "first", "weight": "last"})
+
+
 def _declare(name: str, schema: str, prepare, reference, flavour: Quant, with_residual: bool = False,
              read_and_written: tuple[str, ...] = ()) -> OpSpec:
     allocated = _outputs(flavour, in_place="input" in read_and_written)
@@ -320,6 +325,7 @@ def _declare(name: str, schema: str, prepare, reference, flavour: Quant, with_re
         problem=(tokens_dim(), Dim("H", HIDDEN_GRID)),
         default_config=default_config, seed_configs=seed_configs, search_configs=search_configs,
         read_and_written=read_and_written, config_problem=rows_in_registers, outputs=allocated,
+        load_policies=LOAD_POLICIES,
     ))
 
 

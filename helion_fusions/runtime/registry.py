@@ -186,6 +186,9 @@ class OpSpec:
     # kernels some of the op's shapes launch instead of ``kernel``, under configs from the same file (the
     # configs' source hash covers them too)
     extra_kernels: tuple[helion.Kernel, ...] = ()
+    # L2 policies the autotuner tries on the seeds from its large token counts: each maps kernel arguments to the
+    # eviction policy of their loads ("first": read once, streamed; "last": read by every program, kept)
+    load_policies: tuple[dict[str, str], ...] = ()
 
     def bytes_moved(self, kwargs: dict[str, Any]) -> int:
         """Bytes the op must move: every tensor argument once (or its touched part), read-and-written ones twice."""

@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import multiprocessing
 import os
+import re
 import statistics
 import sys
 import time
@@ -55,7 +56,7 @@ from rich.progress import (
 import helion_fusions.ops  # noqa: F401  (registers the ops)
 from helion_fusions.runtime import config_store, dispatch
 from helion_fusions.runtime.device import DeviceIdentity, device_identity
-from helion_fusions.runtime.registry import REGISTRY, KernelLaunch, OpSpec, Shape, shape_text
+from helion_fusions.runtime.registry import REGISTRY, KernelLaunch, OpSpec, Shape, own_launches, shape_text
 from helion_fusions.tools.cli import add_grid_arguments, selected_grid
 from helion_fusions.tools.testing import (
     Timer,
@@ -91,8 +92,8 @@ def pipelined(config: helion.Config) -> helion.Config:
 def candidates(spec: OpSpec, shape: Shape, first: helion.Config | None = None) -> tuple[list[helion.Config], int]:
     """Seeds first (``first`` ahead of them), then the searched neighbourhood; returns (configs, number of seeds).
 
-    From ``PIPELINE_MIN_TOKENS`` on, the neighbourhood also holds each candidate as a pipelined
-    persistent kernel (:func:`pipelined`)."""
+    From ``PIPELINE_MIN_TOKENS`` on, the neighbourhood also holds each seed under the op's L2 load policies
+    (:func:`with_load_policies`), and each candidate as a pipelined persistent kernel (:func:`pipelined`)."""
     seeds = ([first] if first is not None else []) + spec.seed_configs(shape)
     seeds = list({repr(c): c for c in seeds}.values())
     seen = {repr(c) for c in seeds}
@@ -102,8 +103,52 @@ def candidates(spec: OpSpec, shape: Shape, first: helion.Config | None = None) -
             seen.add(repr(config))
             extra.append(config)
     if shape.get("T", 0) >= PIPELINE_MIN_TOKENS:
+        extra += [c for c in with_load_policies(spec, shape, seeds) if repr(c) not in seen]
         extra += [pipelined(c) for c in seeds + extra if "pid_type" not in c.config]
     return seeds + extra, len(seeds)
+
+
+_LOADED = re.compile(r"tl\.load\((\w+)")
+_load_targets: dict[tuple[Any, ...], tuple[frozenset[str], ...]] = {}
+
+
+def load_targets(spec: OpSpec, shape: Shape) -> tuple[frozenset[str], ...] | None:
+    """For each entry of a config's ``load_eviction_policies`` on ``shape``'s call, the kernel arguments its load
+    reads (found in the code Helion generates with that entry alone set); None unless the call is one launch of
+    the op's own kernels. The loads depend on the kernel and its constants, not on sizes: the call is made with at
+    most ``PIPELINE_MIN_TOKENS`` tokens, and each kernel and constants is looked at once."""
+    small = {**shape, "T": min(shape["T"], PIPELINE_MIN_TOKENS)}
+    launches = own_launches(spec.prepare(**spec.make_inputs(small, torch.bfloat16, torch.device("cpu"))))
+    if len(launches) != 1:
+        return None
+    launch = launches[0]
+    key = (launch.kernel, *(a for a in launch.args if not isinstance(a, torch.Tensor)))
+    if key not in _load_targets:
+        bound = launch.kernel.bind(launch.args)
+        base = bound.config_spec.default_config().config
+        count = len(base.get("load_eviction_policies", ()))
+        targets = []
+        for index in range(count):
+            marked = ["last" if i == index else "" for i in range(count)]
+            code = bound.to_triton_code(helion.Config(**{**base, "load_eviction_policies": marked}))
+            targets.append(frozenset(m.group(1) for line in code.splitlines() if "evict_last" in line
+                                     for m in [_LOADED.search(line)] if m))
+        _load_targets[key] = tuple(targets)
+    return _load_targets[key]
+
+
+def with_load_policies(spec: OpSpec, shape: Shape, configs: list[helion.Config]) -> list[helion.Config]:
+    """Each of ``configs`` under each of the op's ``load_policies`` (a policy naming no argument the shape's
+    kernel loads adds nothing)."""
+    targets = load_targets(spec, shape) if spec.load_policies else None
+    variants = {}
+    for config in configs if targets else ():
+        for wanted in spec.load_policies:
+            policies = [next((wanted[name] for name in sorted(names) if name in wanted), "") for names in targets]
+            if any(policies):
+                variant = helion.Config(**{**config.config, "load_eviction_policies": policies})
+                variants.setdefault(repr(variant), variant)
+    return list(variants.values())
 
 
 @functools.lru_cache(maxsize=1)
