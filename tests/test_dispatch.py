@@ -114,6 +114,25 @@ def test_pick_nearest_hidden(tmp_path: Path) -> None:
         2048, 2048, 4096, 4096, 4096, 8192, 8192, 8192]
 
 
+def test_an_entry_of_the_nearest_width_that_does_not_suit_the_calls_takes_the_default(tmp_path, monkeypatch) -> None:
+    """H = 8192's 4 rows by 16 warps hold 64 row elements a thread; at H = 14336 they would hold 128 (spilled):
+    that call takes the architecture default, with one warning naming the entry and the limit."""
+    wide = Entry(dtype="bfloat16", shape={"T": 16384, "H": 8192}, config={"block_sizes": [4], "num_warps": 16},
+                 time_us=100.0)
+    loaded = _load(_save(tmp_path / "x" / f"{SPEC.name}.json", [wide]))
+    monkeypatch.setattr(dispatch, "_config_files", lambda spec, index: loaded)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    config, source = dispatch.tuned_config(SPEC, {"T": 16384, "H": 8192}, torch.bfloat16, 0, False)
+    assert dict(config) == wide.config and str(loaded.path) in source
+    with pytest.warns(UserWarning, match=r"T=16384,H=8192 .* does not suit H=14336 .*128 row elements a thread"):
+        config, source = dispatch.tuned_config(SPEC, {"T": 16384, "H": 14336}, torch.bfloat16, 0, False)
+    assert dict(config) == dict(SPEC.default_config({"T": 16384, "H": 14336})) and source == "the architecture default"
+    assert dict(config) == {"block_sizes": [1], "num_warps": 8}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per width
+        dispatch.tuned_config(SPEC, {"T": 4096, "H": 14336}, torch.bfloat16, 0, False)
+
+
 def test_pick_token_bucket(tmp_path: Path) -> None:
     pick = _picker(tmp_path, [_entry(tokens=t, num_warps=w) for t, w in ((1, 1), (16, 2), (128, 4), (LAST_T, 8))])
     assert [pick(tokens=t).shape["T"] for t in (1, 2, 16, 17, 128, 129, LAST_T, 10**6)] == [

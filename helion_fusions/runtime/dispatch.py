@@ -100,7 +100,15 @@ def tuned_config(spec: OpSpec | TunedKernel, problem: dict[str, int], dtype: tor
     file = _config_files(spec, index)
     entry = None if file is None else file.pick(dtype, problem, spec.problem, batch_invariant)
     if entry is not None:
-        return helion.Config(**entry.config), f"{file.path} ({shape_text(entry.shape)}, {entry.dtype})"
+        # an entry of another model dim (the nearest tuned width) must still suit the call's
+        widths = {d.name: problem[d.name] for d in spec.problem if not d.bucketed}
+        unfit = spec.config_problem(entry.config, {**entry.shape, **widths}) if spec.config_problem else None
+        if unfit is None:
+            return helion.Config(**entry.config), f"{file.path} ({shape_text(entry.shape)}, {entry.dtype})"
+        _warn_once(spec.name, file.path.name, shape_text(widths), f"helion_fusions: {spec.name}: the config tuned "
+                   f"for {shape_text(entry.shape)} in {file.path} does not suit {shape_text(widths)} ({unfit}); "
+                   "using the architecture default config")
+        return spec.default_config(problem), "the architecture default"
     if file is not None:
         if file.exact_matches(problem, spec.problem):  # entries for this call, none of them this far
             bucketed = ", ".join(d.name for d in spec.problem if d.bucketed)

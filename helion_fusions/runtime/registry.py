@@ -169,7 +169,7 @@ class OpSpec:
     # how many of their elements it touches
     touched_elements: Callable[[dict[str, Any]], dict[str, int]] | None = None
     # what a stored config must not do for this op on its entry's shape (None when acceptable); checked when
-    # configs load
+    # configs load, and at the call's model dims when a call takes an entry of another (the nearest tuned width)
     config_problem: Callable[[dict[str, Any], Shape], str | None] | None = None
     # the outputs helion_fusions.functional allocates (None: the op works in place on its arguments)
     outputs: Outputs | None = None
