@@ -6,19 +6,16 @@ for the standalone quant ops. Then one quant epilogue from
 :func:`helion_fusions.quant.epilogues.store_quantized`: none, static fp8 (per tensor, token or
 channel), dynamic per-token, per-group or per-tensor fp8, or nvfp4.
 
-The kernel sees a row as ``[num_groups, group]`` and tiles both tokens and groups, so a
-decode-sized call still spreads over many programs. Only the per-token flavour needs a whole
-row per program (``num_groups == 1``). Dynamic per-tensor quantization needs the amax of the
-whole tensor before it can quantize: a single-row input takes one launch (the row's amax is
-the tensor's); otherwise one launch takes the amax (an atomic max per tile) and a second
-quantizes. :func:`helion_fusions.runtime.dispatch.launch_count` reports which.
+The kernel sees a row as ``[num_groups, group]`` and tiles both tokens and groups, so a decode-sized call
+still spreads over many programs. Only the per-token flavour needs a whole row per program
+(``num_groups == 1``). Dynamic per-tensor quantization needs the whole tensor's amax first: a single-row input
+takes one launch; otherwise one launch takes the amax (an atomic max per tile) and a second quantizes.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import helion
@@ -56,6 +53,8 @@ SPLIT_ROW_MIN_HIDDEN = 12288
 # log-midpoint of 8192 and 14336, where the config lookup (nearest tuned width) switches between their entries.
 ROWS_MIN_BUCKET = 1024
 ROWS_MIN_HIDDEN = 10837
+# the input streamed through L2, the row walk's stash kept (H200, per-token T = 1024, H = 14336: 36.9 us, 40.1 without)
+LOAD_POLICIES = ({"x": "first"}, {"x": "first", "stash": "last"})
 
 
 # --- reference ------------------------------------------------------------------------------
@@ -107,7 +106,7 @@ def _launch(
     return KernelLaunch(silu_mul_kernel, args, key, {"T": tokens, "H": hidden}, input.device, input.dtype)
 
 
-@functools.cache
+@cache
 def _placeholder(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.float32, device=device)
 
@@ -429,12 +428,6 @@ def _inputs(flavour: Quant, gated: bool, names: dict[str, str], allocated: Outpu
             kwargs.update(fp8_min=-bound, fp8_max=bound)
         return kwargs
     return make
-
-
-# the input streamed through L2, and the row walk's stash kept (on an H200, silu_and_mul T = 1024, H = 8192: 17.5 us
-# against 18.0 with no policy; the per-token walk at H = 14336: 36.9 against 40.1; silu_and_mul T = 16384, H = 4096
-# lost more than 3% streamed)
-LOAD_POLICIES = ({"x": "first"}, {"x": "first", "stash": "last"})
 
 
 def _declare(name: str, schema: str, prepare, reference, flavour: Quant, gated: bool, names: dict[str, str],
