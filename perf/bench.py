@@ -1,8 +1,8 @@
 """``python -m perf.bench`` (``make bench``): eager vs torch.compile vs ours, per op and shape.
 
-One run per device. For each op and (T, H) of its grid it times the GPU work, with L2
-flushed before every call and the GPU kept busy while the host enqueues it (median of many);
-worker processes compile the shapes in parallel and measure them one at a time:
+One run per device. For each op and (T, H) of its grid it times the GPU work, with L2 flushed before every call
+and the GPU kept busy while the host enqueues it (medians; the versions on the same buffers, a row of T <= 256
+on four sets of them, averaged); worker processes compile the shapes in parallel and measure them one at a time:
 
 * ``eager``: the op's reference (the unfused composite) run eagerly;
 * ``compile``: ``torch.compile(reference, dynamic=False)``, compiled for this shape;
@@ -10,10 +10,9 @@ worker processes compile the shapes in parallel and measure them one at a time:
 * ``ours``: ``torch.ops.helion_fusions.<op>`` (dispatch included);
 * for T <= 256, ``ours`` and ``compile`` again inside CUDA graphs (``*_graph_us``).
 
-GB/s comes from the bytes the op must move; ``pct_copy_bw`` compares it with a
-device-to-device copy measured in the same run, and ``pct_copy_same`` the time of a copy of the
-row's own bytes (timed with it) with ours. It writes ``perf/results/<device>.md``,
-``.csv`` and ``.png``. Without a GPU it prints a correctness table on small shapes.
+GB/s comes from the bytes the op must move; ``pct_copy_bw`` compares it with a device-to-device copy measured in
+the same run, and ``pct_copy_same`` the time of a copy of the row's own bytes (timed with it) with ours. It writes
+``perf/results/<device>.md``, ``.csv`` and ``.png``. Without a GPU it prints a correctness table on small shapes.
 """
 
 from __future__ import annotations
@@ -52,9 +51,10 @@ from helion_fusions.tools.testing import (
     compare_outputs,
     outputs_ok,
 )
-from perf.tables import RESULTS, allow_static_compiles, geomean, lock_inductor_benchmarks, write_csv
+from perf.tables import RESULTS, allow_static_compiles, geomean, lock_inductor_benchmarks, on_sets, write_csv
 
 GRAPH_MAX_TOKENS = 256
+BUFFER_SETS = 4  # buffer placements a row of up to GRAPH_MAX_TOKENS tokens is timed on (bench_row)
 ROW_DIMS = ("T", "H")  # the ops this bench measures: tokens by hidden size (GEMMs have their own problem dims)
 COLUMNS = ["device", "op", "dtype", "shape", "T", "H", "bytes", "eager_us", "compile_us", "compile_dynamic_us", "ours_us",
            "ours_graph_us", "compile_graph_us", "gbps", "pct_copy_bw", "copy_same_us", "pct_copy_same", "speedup_vs_compile", "flips",
@@ -155,10 +155,6 @@ def bench_shapes(jobs: list[ShapeJob], workers: int,
         yield from pool.map(measure, jobs)
 
 
-def _call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[[], Any]:
-    return lambda: fn(**kwargs)
-
-
 def _row_key(row: dict) -> tuple:
     return row["op"], row["dtype"], row["shape"]
 
@@ -185,10 +181,11 @@ def bench_row(spec: OpSpec, kwargs: dict[str, Any], shape: Shape, dtype: torch.d
                            "shape": shape_text(shape), "T": shape.get("T"), "H": shape.get("H"), "bytes": spec.bytes_moved(kwargs), "flips": flips,
                            "launches": dispatch.launch_count(spec, clone_kwargs(kwargs)),
                            "host_us": None, "host_kw_us": None, "launch_us": None}  # the host shape's: add_host_times
-    # read-and-written tensors (residuals) are updated in place by every call; the work is the same.
-    # The versions' calls alternate (Timer.eager_each), so that clock drift affects them alike.
+    # The versions run on the same buffers (residuals updated in place by every call: the same work), a small
+    # row on BUFFER_SETS sets of them: with L2 flushed, a launch-bound kernel's time follows where its buffers
+    # lie (on an H200 one kernel took 4.1 or 5.2 us on two clones of its inputs). Calls alternate (drift).
     row["compile_reused"] = int(baseline is not None)
-    ours = _call(spec.op, clone_kwargs(kwargs))
+    sets = [clone_kwargs(kwargs) for _ in range(BUFFER_SETS if tokens <= GRAPH_MAX_TOKENS else 1)]
     # the ceiling at this size: a device-to-device copy of the row's bytes (half read, half written), which
     # pays the same ramp-up and tail as the op where a 1 GiB copy hides them
     copy_source = torch.empty(row["bytes"] // 2, dtype=torch.uint8, device="cuda")
@@ -196,25 +193,25 @@ def bench_row(spec: OpSpec, kwargs: dict[str, Any], shape: Shape, dtype: torch.d
     same_copy = lambda: copy_target.copy_(copy_source)  # noqa: E731
     if baseline is not None:
         row.update({column: baseline[column] for column in _COMPILE_COLUMNS})
-        row["eager_us"], row["ours_us"], row["copy_same_us"] = timer.eager_each(
-            [_call(spec.reference, clone_kwargs(kwargs)), ours, same_copy])
+        (row["eager_us"], row["ours_us"]), (row["copy_same_us"],) = on_sets(
+            timer.eager_each, [spec.reference, spec.op], sets, [same_copy])
     else:
-        static = _call(compiled_static, clone_kwargs(kwargs))
-        row["eager_us"], row["compile_us"], row["compile_dynamic_us"], row["ours_us"], row["copy_same_us"] = \
-            timer.eager_each([_call(spec.reference, clone_kwargs(kwargs)), static,
-                              _call(compiled_dynamic, _mark_tokens_dynamic(kwargs, tokens)), ours, same_copy])
+        dynamic = functools.partial(compiled_dynamic, **_mark_tokens_dynamic(kwargs, tokens))
+        (row["eager_us"], row["compile_us"], row["ours_us"]), (row["compile_dynamic_us"], row["copy_same_us"]) = \
+            on_sets(timer.eager_each, [spec.reference, compiled_static, spec.op], sets, [dynamic, same_copy])
     if tokens > GRAPH_MAX_TOKENS:
         row["ours_graph_us"] = row["compile_graph_us"] = float("nan")
-    elif baseline is not None:
-        row["ours_graph_us"] = timer.graph(ours)
     else:
         try:
-            row["ours_graph_us"], row["compile_graph_us"] = timer.graph_each([ours, static])
+            graphed, _ = on_sets(timer.graph_each, [spec.op] + [compiled_static] * (baseline is None), sets)
         except RuntimeError as error:  # a baseline that syncs cannot be captured: reported, not fatal
             torch.cuda.synchronize()
             print(f"warning: {spec.name} {shape_text(shape)}: torch.compile baseline not capturable: "
                   f"{str(error).splitlines()[0][:160]}")
-            row["ours_graph_us"], row["compile_graph_us"] = timer.graph(ours), float("nan")
+            graphed, _ = on_sets(timer.graph_each, [spec.op], sets)
+        row["ours_graph_us"] = graphed[0]
+        if baseline is None:
+            row["compile_graph_us"] = graphed[1] if len(graphed) > 1 else float("nan")
     row["gbps"] = row["bytes"] / row["ours_us"] / 1e3
     row["pct_copy_bw"] = 100.0 * row["gbps"] / copy_gbps
     row["pct_copy_same"] = 100.0 * row["copy_same_us"] / row["ours_us"]

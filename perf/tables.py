@@ -1,13 +1,14 @@
-"""What the benchmarks share: the results folder, the CSV writer, the geomean, torch.compile's cache limits and the
-GPU lock around Inductor's autotuning in worker processes."""
+"""What the benchmarks share: the results folder, the CSV writer, the geomean, timing on shared buffer sets,
+torch.compile's cache limits and the GPU lock around Inductor's autotuning in worker processes."""
 
 from __future__ import annotations
 
 import csv
 import functools
 import math
+import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -50,3 +51,12 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def on_sets(timing: Callable[[list[Callable[[], Any]]], list[float]], versions: Sequence[Callable[..., Any]],
+            sets: Sequence[dict[str, Any]], others: Sequence[Callable[[], Any]] = ()) -> tuple[list[float], list[float]]:
+    """``timing`` (a ``Timer`` method) of every version called on every buffer set (keyword arguments), in one
+    alternating run with ``others``: each version's mean over the sets, and the times of ``others``."""
+    k, calls = len(versions), [functools.partial(fn, **kwargs) for kwargs in sets for fn in versions]
+    times = timing(calls + list(others))
+    return [statistics.fmean(times[i:len(calls):k]) for i in range(k)], times[len(calls):]

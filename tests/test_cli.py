@@ -361,6 +361,23 @@ def test_bench_summary_reads_rows_without_and_with_the_same_size_copy(tmp_path) 
     assert bench.read_rows(tmp_path / "test_device.csv")[1]["copy_same_us"] == 50.0
 
 
+def test_bench_times_every_version_on_every_buffer_set() -> None:
+    """The versions of a row run on the same buffers, each set in turn; a version's time is its mean over them."""
+    from perf import tables
+
+    calls = []
+
+    def timing(fns):
+        for fn in fns:
+            fn()
+        return [float(i) for i in range(len(fns))]
+
+    versions = [lambda x: calls.append(("ours", x)), lambda x: calls.append(("compile", x))]
+    means, others = tables.on_sets(timing, versions, [{"x": 0}, {"x": 1}, {"x": 2}], [lambda: calls.append("copy")])
+    assert calls == [("ours", 0), ("compile", 0), ("ours", 1), ("compile", 1), ("ours", 2), ("compile", 2), "copy"]
+    assert means == [2.0, 3.0] and others == [6.0]
+
+
 def test_bench_merge_keeps_earlier_rows_not_measured_again() -> None:
     """A run cut short (or split by --ops) keeps the earlier rows of every shape it did not measure."""
     def row(op: str, tokens: int, us: float) -> dict:
