@@ -11,7 +11,9 @@ scales) and ``dynamic`` (per-token activation scales, per-channel weight scales)
 * ``compile``: the same steps as plain functional torch math, the unfused composite an engine has
   without custom ops (the package's eager references where they are that composite);
 
-with identical ``torch._scaled_mm`` and SDPA calls. Both are ``torch.compile(fullgraph=True,
+with identical ``torch._scaled_mm`` and SDPA calls. ``--gemms ours`` (``ours_gemm_layer``, written to
+``<device>_layer_gemm.*``): the ours version's GEMMs are our ``scaled_mm`` ops instead, and gate_up + SiLU-and-mul +
+the down GEMM's input quant is one ``scaled_mm_silu_mul_*_fp8_quant`` call. Both are ``torch.compile(fullgraph=True,
 dynamic=False)``, compiled per token count T, and timed on the GPU with L2 flushed before every
 call (medians; the two versions' calls alternate, so that clock drift over the run affects both alike):
 plain calls for every T (``graphs`` False: ``Timer.eager_each``, the GPU kept busy while
@@ -175,27 +177,61 @@ def _ours_quantized(linear: Linear, shape: tuple[int, int], static: Any, dynamic
     return result, scale
 
 
-def ours_layer(layer: Layer, x: torch.Tensor, residual: torch.Tensor,
-               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer with ``torch.ops.helion_fusions``; ``residual`` is updated in place. Returns (output, residual)."""
+def _our_gemm(linear: Linear, a: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:
+    """``linear`` through our ``scaled_mm`` op (the engine's ``cutlass_scaled_mm`` arguments)."""
+    out = torch.empty(a.shape[0], linear.weight.shape[0], dtype=torch.bfloat16, device=a.device)
+    torch.ops.helion_fusions.scaled_mm(out=out, a=a, b=linear.weight.t(), a_scales=a_scale, b_scales=linear.scale)
+    return out
+
+
+def _our_gate_up(layer: Layer, a: torch.Tensor, a_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up GEMM + SiLU-and-mul + the down GEMM's input quant in one op: the fp8 result and its scale."""
+    ops, linear = torch.ops.helion_fusions, layer.gate_up
+    result = torch.empty(a.shape[0], layer.model.intermediate, dtype=linear.weight.dtype, device=a.device)
+    operands = dict(out=result, a=a, b=linear.weight.t(), a_scales=a_scale, b_scales=linear.scale)
+    if layer.down.input_scale is not None:
+        ops.scaled_mm_silu_mul_static_fp8_quant(scale=layer.down.input_scale, **operands)
+        return result, layer.down.input_scale
+    scale = torch.empty(a.shape[0], 1, dtype=torch.float32, device=a.device)
+    ops.scaled_mm_silu_mul_per_token_fp8_quant(scales=scale, **operands)
+    return result, scale
+
+
+def _ours(layer: Layer, x: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
+          our_gemms: bool) -> tuple[torch.Tensor, torch.Tensor]:
     ops, model = torch.ops.helion_fusions, layer.model
+    gemm = _our_gemm if our_gemms else Linear.__call__
     a, a_scale = _ours_quantized(layer.qkv, x.shape, ops.fused_add_rms_norm_static_fp8_quant,
                                  ops.rms_norm_dynamic_per_token_quant, input=x, residual=residual,
                                  weight=layer.input_norm, epsilon=EPSILON)
-    q, k, v = layer.qkv(a, a_scale).split(model.qkv_widths, dim=-1)
+    q, k, v = gemm(layer.qkv, a, a_scale).split(model.qkv_widths, dim=-1)
     ops.rotary_embedding(positions=positions, query=q, key=k, head_size=model.head_dim,
                          cos_sin_cache=layer.cos_sin_cache, is_neox=True)
     attention = _attention(model, q, k, v)
     a, a_scale = _ours_quantized(layer.o, attention.shape, ops.static_scaled_fp8_quant,
                                  ops.dynamic_per_token_scaled_fp8_quant, input=attention)
-    hidden = layer.o(a, a_scale)
+    hidden = gemm(layer.o, a, a_scale)
     a, a_scale = _ours_quantized(layer.gate_up, hidden.shape, ops.fused_add_rms_norm_static_fp8_quant,
                                  ops.rms_norm_dynamic_per_token_quant, input=hidden, residual=residual,
                                  weight=layer.post_norm, epsilon=EPSILON)
-    gate_up = layer.gate_up(a, a_scale)
-    a, a_scale = _ours_quantized(layer.down, (gate_up.shape[0], model.intermediate), ops.silu_and_mul_quant,
-                                 ops.silu_and_mul_dynamic_per_token_quant, input=gate_up)
-    return layer.down(a, a_scale), residual
+    if our_gemms:
+        a, a_scale = _our_gate_up(layer, a, a_scale)
+    else:
+        a, a_scale = _ours_quantized(layer.down, (a.shape[0], model.intermediate), ops.silu_and_mul_quant,
+                                     ops.silu_and_mul_dynamic_per_token_quant, input=layer.gate_up(a, a_scale))
+    return gemm(layer.down, a, a_scale), residual
+
+
+def ours_layer(layer: Layer, x: torch.Tensor, residual: torch.Tensor,
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer with ``torch.ops.helion_fusions``; ``residual`` is updated in place. Returns (output, residual)."""
+    return _ours(layer, x, residual, positions, our_gemms=False)
+
+
+def ours_gemm_layer(layer: Layer, x: torch.Tensor, residual: torch.Tensor,
+                    positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ours_layer` with its GEMMs through our ``scaled_mm`` ops, gate_up fused with SiLU-and-mul + quant."""
+    return _ours(layer, x, residual, positions, our_gemms=True)
 
 
 # --- the same layer in plain torch -----------------------------------------------------------
@@ -293,11 +329,12 @@ def kernel_profile(calls: dict[str, Callable[[], Any]], title: str, rows: int = 
 
 
 def bench_rows(name: str, flavour: str, layer: Layer, tokens: int, timer: Timer, device_name: str,
-               profile_to: Path | None = None) -> list[dict]:
+               profile_to: Path | None = None, ours_fn: LayerFn = ours_layer) -> list[dict]:
     """The rows of one token count: without CUDA graphs, and with them for T <= GRAPH_MAX_TOKENS.
 
-    ``profile_to``: append both versions' kernel profile (:func:`kernel_profile`) to that file."""
-    ours, reference = compiled(ours_layer), compiled(torch_layer)
+    ``profile_to``: append both versions' kernel profile (:func:`kernel_profile`) to that file. ``ours_fn``:
+    :func:`ours_layer` or :func:`ours_gemm_layer`."""
+    ours, reference = compiled(ours_fn), compiled(torch_layer)
     x, residual, positions = make_inputs(layer.model, tokens, torch.device("cuda"))
     error = relative_error(ours, reference, layer, x, residual, positions)  # compiles both
     calls = {"ours": lambda: ours(layer, x, residual, positions),  # updates residual in place, call after call
@@ -313,7 +350,8 @@ def bench_rows(name: str, flavour: str, layer: Layer, tokens: int, timer: Timer,
                **{f"{side}_us": t for side, t in zip(calls, times)}, **host, "rel_err": error}
         row["speedup"] = row["compile_us"] / row["ours_us"]
         row.update({package: version(package) for package in ("torch", "helion", "triton")})
-        row["repro"] = f"python -m perf.layer --models {name} --quant {flavour} --tokens {tokens}"
+        row["repro"] = (f"python -m perf.layer --models {name} --quant {flavour} --tokens {tokens}"
+                        + " --gemms ours" * (ours_fn is ours_gemm_layer))
         rows.append(row)
     return rows
 
@@ -344,29 +382,36 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_results(rows: list[dict], device_name: str, device_label: str, out: Path) -> None:
-    """``<device>_layer.csv`` (every column) and ``<device>_layer.md`` (summary and table) in ``out``."""
-    write_csv(out / f"{device_name}_layer.csv", COLUMNS, rows)
+def _stem(device_name: str, gemms: str) -> str:
+    return f"{device_name}_layer" + "_gemm" * (gemms == "ours")
+
+
+def write_results(rows: list[dict], device_name: str, device_label: str, out: Path, gemms: str = "cublas") -> None:
+    """``<device>_layer.csv`` (every column) and ``<device>_layer.md`` (summary and table) in ``out``; with our
+    GEMMs (``gemms`` "ours"), ``<device>_layer_gemm.*``."""
+    stem = _stem(device_name, gemms)
+    write_csv(out / f"{stem}.csv", COLUMNS, rows)
     shown = ["model", "quant", "T", "graphs", "compile_us", "ours_us", "speedup", "ours_host_us", "compile_host_us",
              "rel_err"]
     formats = ("", "", "", "", ".1f", ".1f", ".2f", ".0f", ".0f", ".3f")
     table = tabulate([[r[c] for c in shown] for r in rows], headers=shown, floatfmt=formats, tablefmt="github")
-    text = "\n".join([f"# Decoder layer: ours vs torch.compile, {device_label} ({device_name})", "",
+    title = "ours (with our GEMM ops)" if gemms == "ours" else "ours"
+    text = "\n".join([f"# Decoder layer: {title} vs torch.compile, {device_label} ({device_name})", "",
                       (f"torch {rows[0]['torch']}, helion {rows[0]['helion']}, triton {rows[0]['triton']}; "
                        "times in us, medians with L2 flushed; `speedup = compile_us / ours_us`; written by "
-                       "`python -m perf.layer`."), "",
+                       f"`python -m perf.layer{' --gemms ours' * (gemms == 'ours')}`."), "",
                       *[f"- {line}" for line in summary(rows)],
                       "", "## All rows", "", table, ""])
-    (out / f"{device_name}_layer.md").write_text(text)
+    (out / f"{stem}.md").write_text(text)
 
 
-def cpu_smoke(flavours: list[str]) -> int:
+def cpu_smoke(flavours: list[str], ours_fn: LayerFn = ours_layer) -> int:
     """No GPU: both versions run eagerly on a tiny model (our ops run their references) and must agree."""
     rows, failures, cpu = [], 0, torch.device("cpu")
     for flavour in flavours:
         layer = make_layer(SMOKE_MODEL, flavour, cpu)
         for tokens in SMOKE_TOKENS:
-            error = relative_error(ours_layer, torch_layer, layer, *make_inputs(SMOKE_MODEL, tokens, cpu))
+            error = relative_error(ours_fn, torch_layer, layer, *make_inputs(SMOKE_MODEL, tokens, cpu))
             ok = error <= TOLERANCE  # False for NaN too
             failures += not ok
             rows.append([flavour, tokens, error, "ok" if ok else "MISMATCH"])
@@ -391,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=30, help="timed calls per measurement")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--profile", action="store_true", help="also write each row's kernels, both versions")
+    parser.add_argument("--gemms", choices=("cublas", "ours"), default="cublas",
+                        help="ours: the ours version's GEMMs are our scaled_mm ops, gate_up fused with SiLU-and-mul "
+                             "+ quant (-> <device>_layer_gemm.*); cublas: torch._scaled_mm, as in the compile version")
     args = parser.parse_args(argv)
     names = _choices(parser, "--models", args.models, MODELS)
     flavours = _choices(parser, "--quant", args.quant, QUANTS)
@@ -400,11 +448,13 @@ def main(argv: list[str] | None = None) -> int:
         token_counts = []
     if not token_counts or min(token_counts) < 1:
         parser.error(f"--tokens: expected comma-separated positive ints, got {args.tokens!r}")
+    ours_fn = ours_gemm_layer if args.gemms == "ours" else ours_layer
     if not torch.cuda.is_available():
-        return cpu_smoke(flavours)
+        return cpu_smoke(flavours, ours_fn)
 
     identity, label, timer, rows = device_identity(), torch.cuda.get_device_name(), Timer(args.reps), []
-    profile_to = args.out / f"{identity.name}_layer_profile.txt" if args.profile else None
+    stem = _stem(identity.name, args.gemms)
+    profile_to = args.out / f"{stem}_profile.txt" if args.profile else None
     if profile_to is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         profile_to.write_text("")
@@ -412,14 +462,14 @@ def main(argv: list[str] | None = None) -> int:
         for flavour in flavours:
             layer = make_layer(MODELS[name], flavour, torch.device("cuda"))
             for tokens in token_counts:
-                for row in bench_rows(name, flavour, layer, tokens, timer, identity.name, profile_to):
+                for row in bench_rows(name, flavour, layer, tokens, timer, identity.name, profile_to, ours_fn):
                     rows.append(row)
                     print(f"{_where(row)}: compile {row['compile_us']:.1f} us, ours {row['ours_us']:.1f} us, "
                           f"speedup {row['speedup']:.2f}x, ours_host_us {row['ours_host_us']:.0f}", flush=True)
-                write_results(rows, identity.name, label, args.out)  # a run cut short keeps its rows
+                write_results(rows, identity.name, label, args.out, args.gemms)  # a run cut short keeps its rows
             del layer
             torch.cuda.empty_cache()
-    print((args.out / f"{identity.name}_layer.md").read_text())
+    print((args.out / f"{stem}.md").read_text())
     return 0
 
 
