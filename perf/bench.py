@@ -201,17 +201,18 @@ def bench_row(spec: OpSpec, kwargs: dict[str, Any], shape: Shape, dtype: torch.d
             on_sets(timer.eager_each, [spec.reference, compiled_static, spec.op], sets, [dynamic, same_copy])
     if tokens > GRAPH_MAX_TOKENS:
         row["ours_graph_us"] = row["compile_graph_us"] = float("nan")
+    elif baseline is not None:  # the compile graph column is the baseline's
+        (row["ours_graph_us"],), _ = on_sets(timer.graph_each, [spec.op], sets)
     else:
         try:
-            graphed, _ = on_sets(timer.graph_each, [spec.op] + [compiled_static] * (baseline is None), sets)
+            (row["ours_graph_us"], row["compile_graph_us"]), _ = on_sets(timer.graph_each,
+                                                                          [spec.op, compiled_static], sets)
         except RuntimeError as error:  # a baseline that syncs cannot be captured: reported, not fatal
             torch.cuda.synchronize()
             print(f"warning: {spec.name} {shape_text(shape)}: torch.compile baseline not capturable: "
                   f"{str(error).splitlines()[0][:160]}")
-            graphed, _ = on_sets(timer.graph_each, [spec.op], sets)
-        row["ours_graph_us"] = graphed[0]
-        if baseline is None:
-            row["compile_graph_us"] = graphed[1] if len(graphed) > 1 else float("nan")
+            (row["ours_graph_us"],), _ = on_sets(timer.graph_each, [spec.op], sets)
+            row["compile_graph_us"] = float("nan")
     row["gbps"] = row["bytes"] / row["ours_us"] / 1e3
     row["pct_copy_bw"] = 100.0 * row["gbps"] / copy_gbps
     row["pct_copy_same"] = 100.0 * row["copy_same_us"] / row["ours_us"]
