@@ -9,7 +9,9 @@ channel), dynamic per-token, per-group or per-tensor fp8, or nvfp4.
 The kernel sees a row as ``[num_groups, group]`` and tiles both tokens and groups, so a decode-sized call
 still spreads over many programs. Only the per-token flavour needs a whole row per program
 (``num_groups == 1``). Dynamic per-tensor quantization needs the whole tensor's amax first: a single-row input
-takes one launch; otherwise one launch takes the amax (an atomic max per tile) and a second quantizes.
+takes one launch; otherwise one launch takes the amax (an atomic max per tile), keeping the input in L2
+(``evict_last``), and a second quantizes it. Tuned with and without the hint on two H200s, T = 1024 took
+0.89-0.94x the time with it, T = 4096 0.95-0.98x.
 """
 
 from __future__ import annotations
