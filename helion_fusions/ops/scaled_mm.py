@@ -43,9 +43,8 @@ fp32 ``[M, 1]``. A row's scale needs the amax over every N tile of the row, so t
 and a second launch of the same tiles quantizes each row by it (and zeroes the words again). Against the
 unfused path it saves the quant op's row reduction and, for gate_up, the ``[M, 2 I]`` intermediate; the bf16
 round trip of ``y`` stays (one program covering a row's every column would leave most SMs idle, and computing
-the product twice doubles it). On an H200 (Llama-3-8B layers, row scales) the op ran 1.08x the unfused path
-(geomean over M = 1-8192) but 0.84-1.02x at M >= 512, where it moves the unfused path's bytes and the GEMM
-trails cuBLAS's by a few percent.
+the product twice doubles it). On an H200 (Llama-3-8B, row scales) it ran 1.08x the unfused path over M = 1-8192,
+0.84-1.02x from M = 512, where it moves the unfused path's bytes and the GEMM trails cuBLAS's by a few percent.
 """
 
 from __future__ import annotations
@@ -448,14 +447,9 @@ def _tuning(flavour: Quant, gated: bool):
 
     def search_configs(shape: Shape) -> list[helion.Config]:
         """M tiles as tall as the bucket (16 or 64 rows; 64 and 128 from M = 128) by N tiles of whole quant groups,
-        each also with TMA loads and, but for a one-scale weight stream (M <= 128), as a persistent kernel; from
-        M = 2048 also with programs grouped 8 M tiles deep along N (``l2_groupings``), plain and with TMA. A weight
-        stream takes narrow N tiles (at M = 128, N = 4096, K = 14336, 128-column tiles gave 64 programs and 50 us to
-        cuBLAS's 24) and 5 stages. From M = 512, 3 and 4 stages (and 5 at M = 512): on an H200, block-scaled 64 x 128
-        tiles took 0.89-0.93x the time with 3 stages as with 4 (M = 2048, N = 7168, K = 2048: 74.1 us against
-        83.0), M = 512, N = K = 4096 15.6 us with 128 x 128 tiles of 5 stages against 17.0 with 4 (persistent), and
-        grouped programs 0.95-0.97x at M = 8192 (N = 28672, K = 4096: 1337 us against 1401). What won on an H200 sets
-        the rest: perf/results/nvidia_h200_gemm_search.md."""
+        plain, with TMA loads, from M = 2048 grouped 8 M tiles deep along N (``l2_groupings``), and but for a one-scale
+        weight stream (M <= 128) persistent. A weight stream takes narrow N tiles and 5 stages; from M = 512, 3 and 4
+        stages (5 at M = 512). What won on an H200 sets the rest: perf/results/nvidia_h200_gemm_search.md."""
         m, group = shape["M"], group_of(shape)
         rows = (16,) if m <= 16 else (64,) if m <= 64 else (64, 128)
         columns = (32, 64) if m <= 16 else (32, 64, 128) if m <= 128 else (128, 256)
@@ -464,10 +458,9 @@ def _tuning(flavour: Quant, gated: bool):
                  for r in rows for c in columns for s in stages
                  if c % group == 0 and r * c <= max_tile(shape) and c <= max_columns(shape)]
         variants = [{}, {"indexing": "tensor_descriptor"}]
+        variants += [{**variant, "l2_groupings": [8]} for variant in variants] if m >= 2048 else []
         if m > SPLIT_MAX_M or shape.get("BLOCK", 1) == SCALE_BLOCK:
             variants.append({"pid_type": "persistent_interleaved"})
-        if m >= 2048:
-            variants += [{"l2_groupings": [8]}, {"l2_groupings": [8], "indexing": "tensor_descriptor"}]
         return [helion.Config(**tile.config, **variant) for tile in tiles if fits(tile, group) for variant in variants]
 
     return default_config, seed_configs, search_configs, config_problem
