@@ -214,8 +214,10 @@ def test_large_m_buckets_search_stages_and_grouped_programs(spec) -> None:
             assert {c.config.get("indexing") for c in grouped} == ({None, "tensor_descriptor"} if m >= 2048 else set())
     product = own_launches(spec.prepare(**_inputs(300, 256, 384, "token_channel", spec=spec)))[0]
     bound = code_generator(product.kernel).bind(product.args)
-    for config in grouped:
-        assert "tl.dot" in triton_code(bound, product.args, config)
+    for block in (1, scaled_mm.SCALE_BLOCK):
+        for config in spec.search_configs({"M": 2048, "N": 4096, "K": 4096, "BLOCK": block}):
+            if config.config.get("l2_groupings"):
+                assert "tl.dot" in triton_code(bound, product.args, config)
 
 
 def test_candidates_that_overflow_shared_memory_are_left_out(monkeypatch: pytest.MonkeyPatch) -> None:

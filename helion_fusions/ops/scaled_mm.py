@@ -447,8 +447,8 @@ def _tuning(flavour: Quant, gated: bool):
 
     def search_configs(shape: Shape) -> list[helion.Config]:
         """M tiles as tall as the bucket (16 or 64 rows; 64 and 128 from M = 128) by N tiles of whole quant groups,
-        plain, with TMA loads, from M = 2048 grouped 8 M tiles deep along N (``l2_groupings``), and but for a one-scale
-        weight stream (M <= 128) persistent. A weight stream takes narrow N tiles and 5 stages; from M = 512, 3 and 4
+        plain, with TMA loads, from M = 2048 grouped 8 M tiles deep along N (``l2_groupings``), and persistent (not for
+        a one-scale weight stream, M <= 128). A weight stream takes narrow N tiles and 5 stages; from M = 512, 3 and 4
         stages (5 at M = 512). What won on an H200 sets the rest: perf/results/nvidia_h200_gemm_search.md."""
         m, group = shape["M"], group_of(shape)
         rows = (16,) if m <= 16 else (64,) if m <= 64 else (64, 128)
