@@ -35,6 +35,7 @@ from helion_fusions.runtime.registry import OpSpec, Shape, own_launches, shape_t
 from helion_fusions.tools.cli import add_grid_arguments, selected_grid
 from helion_fusions.tools.testing import machine_code
 
+LARGE = {"T": 4096, "M": 2048}
 _INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
@@ -108,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stale-ok", action="store_true",
                         help="compile the device's configs even if they were tuned for another kernel source")
     parser.add_argument("--out", type=Path, default=Path("build") / "sass")
-    parser.set_defaults(shape=["T=4096"])  # one large shape per model dims unless --shape says otherwise
     args = parser.parse_args(argv)
     grid = selected_grid(parser, args)
+    if args.shape is None:  # one large shape per model dims: T = 4096 (M = 2048 for a GEMM)
+        grid = [(spec, [s for s in op_shapes if all(s.get(dim, value) == value for dim, value in LARGE.items())])
+                for spec, op_shapes in grid]
     dtype = getattr(torch, args.dtype)
     shapes = [(spec, shape) for spec, op_shapes in grid for shape in op_shapes]
     rows = []
