@@ -433,6 +433,25 @@ def test_sass_compiles_a_shipped_config_for_sm90(tmp_path, capsys) -> None:
     assert "EXIT" in text
 
 
+def test_sass_compiles_the_shapes_asked_for_else_one_large_shape_an_op(monkeypatch, capsys) -> None:
+    """``--shape`` replaces the default shape (it was appended to T = 4096, which a GEMM's dims refused); without it
+    each op's model dims get one large shape: T = 4096, a GEMM's M = 2048."""
+    compiled = []
+
+    def report(spec, shape, *args) -> sass.Report:
+        compiled.append((spec.name, dict(shape)))
+        return sass.Report(spec.name, str(shape), 1, 0, 0, 1, 1, 0, [])
+
+    monkeypatch.setattr(sass, "compile_report", report)
+    assert sass.main(["--ops", "scaled_mm", "--shape", "M=16,N=4096,K=4096"]) == 0
+    assert compiled == [("scaled_mm", {"M": 16, "N": 4096, "K": 4096, "BLOCK": 1})]
+    compiled.clear()
+    assert sass.main(["--ops", "rms_norm,scaled_mm"]) == 0
+    assert {(name, shape.get("T", shape.get("M"))) for name, shape in compiled} == {("rms_norm", 4096),
+                                                                                   ("scaled_mm", 2048)}
+    assert sum(name == "scaled_mm" for name, _ in compiled) == len(REGISTRY["scaled_mm"].models)  # one a layer
+
+
 def test_sass_compiles_a_pipelined_persistent_config(tmp_path) -> None:
     """Persistent configs ask for the multiprocessor count, which CPU tensors lack; the row loads become cp.async."""
     spec = REGISTRY["rms_norm_dynamic_per_token_quant"]

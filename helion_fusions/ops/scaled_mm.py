@@ -446,20 +446,20 @@ def _tuning(flavour: Quant, gated: bool):
         return [seed for seed in seeds if fits(seed, group)]
 
     def search_configs(shape: Shape) -> list[helion.Config]:
-        """M tiles as tall as the bucket (16 or 64 rows; 64 and 128 from M = 128) by N tiles of whole quant groups,
-        plain, with TMA loads, from M = 2048 grouped 8 M tiles deep along N (``l2_groupings``), and persistent (not for
-        a one-scale weight stream, M <= 128). A weight stream takes narrow N tiles and 5 stages; from M = 512, 3 and 4
-        stages (5 at M = 512). What won on an H200 sets the rest: perf/results/nvidia_h200_gemm_search.md."""
-        m, group = shape["M"], group_of(shape)
+        """M tiles as tall as the bucket (16 or 64 rows; 64 and 128 from M = 128) by N tiles of whole quant groups
+        (block scales from M = 512: 64 or 128 columns), plain, with TMA loads, from M = 2048 grouped 8 M tiles deep
+        along N (``l2_groupings``), and persistent (not for a one-scale weight stream, M <= 128). Weight streams: narrow
+        N tiles, 5 stages; from M = 512: 3, 4 (and 5 at 512) stages. Why: perf/results/nvidia_h200_gemm_search.md."""
+        m, group, block = shape["M"], group_of(shape), shape.get("BLOCK", 1) == SCALE_BLOCK
         rows = (16,) if m <= 16 else (64,) if m <= 64 else (64, 128)
-        columns = (32, 64) if m <= 16 else (32, 64, 128) if m <= 128 else (128, 256)
+        columns = (32, 64) if m <= 16 else (32, 64, 128) if m <= 128 else (64, 128) if block else (128, 256)
         stages = (3, 5) if m <= 128 else (3,) if m < 512 else (3, 4, 5) if m == 512 else (3, 4)
         tiles = [_tile(r, c, group, num_warps=4 if r * c <= 64 * 128 else 8, num_stages=s)
                  for r in rows for c in columns for s in stages
                  if c % group == 0 and r * c <= max_tile(shape) and c <= max_columns(shape)]
         variants = [{}, {"indexing": "tensor_descriptor"}]
         variants += [{**variant, "l2_groupings": [8]} for variant in variants] if m >= 2048 else []
-        if m > SPLIT_MAX_M or shape.get("BLOCK", 1) == SCALE_BLOCK:
+        if m > SPLIT_MAX_M or block:
             variants.append({"pid_type": "persistent_interleaved"})
         return [helion.Config(**tile.config, **variant) for tile in tiles if fits(tile, group) for variant in variants]
 
