@@ -195,6 +195,27 @@ def test_autotune_retune_replaces_only_the_selected_entries(tmp_path) -> None:
     assert entries[(256, 1)].time_us == 1e9 and entries[(256, 7)].time_us < 1e9
 
 
+def test_autotune_retune_seeds_with_the_stored_config(tmp_path, monkeypatch) -> None:
+    """A retune's first seed is the shape's stored config, so a searched config replaces it only by beating it on
+    this GPU (the rule every searched config meets against the seeds): a retune on a noisier machine cannot lose it."""
+    op = "rms_norm_static_fp8_quant"
+    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, "--shape", "T=7,H=256"]) == 0
+    path = tmp_path / "cpu_smoke" / f"{op}.json"
+    configs, num_seeds = autotune.candidates(REGISTRY[op], {"T": 7, "H": 256})
+    raw = json.loads(path.read_text())
+    stored = raw["entries"][0]["config"] = configs[-1].config  # a searched config, not a seed
+    path.write_text(json.dumps(raw))
+    seen = []
+    tune_shape = autotune.tune_shape
+
+    def record(spec, shape, dtype, device, configs, num_seeds, *args, **kwargs):
+        seen.append((configs[0].config, num_seeds))
+        return tune_shape(spec, shape, dtype, device, configs, num_seeds, *args, **kwargs)
+    monkeypatch.setattr(autotune, "tune_shape", record)
+    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, "--shape", "T=7,H=256", "--retune"]) == 0
+    assert seen == [(stored, num_seeds + 1)]
+
+
 def test_autotune_rejects_unknown_ops(capsys) -> None:
     with pytest.raises(SystemExit):
         autotune.main(["--smoke", "--ops", "rms_norm,not_an_op"])

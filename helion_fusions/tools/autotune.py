@@ -13,7 +13,7 @@ decide; a searched config is kept only where it beats the best seed on that shap
 
 Results are written after every (op, model dims), so an interrupted run resumes where it
 stopped; ``--fresh`` starts over, and ``--retune`` searches the selected shapes again, replacing
-only their entries. ``--budget-minutes`` bounds the wall time.
+only their entries (each stored config is the first seed: a searched one replaces it by beating it here). ``--budget-minutes`` bounds the wall time.
 
 ``--revalidate`` is for a source change that leaves a kernel's tuned configs meaningful
 (a shared helper another family uses changed, say): each stale entry's config is checked
@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--revalidate", action="store_true",
                         help="re-check and re-time the configs of stale files instead of searching those shapes again")
     parser.add_argument("--retune", action="store_true",
-                        help="search the selected shapes again even where tuned, replacing only their entries")
+                        help="search the selected shapes again even where tuned (their stored configs first among the "
+                        "seeds), replacing only their entries")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="parallel compile workers")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU smoke run: tiny shapes, interpret mode, checks the plumbing end to end")
@@ -384,7 +385,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def shape_configs(spec: OpSpec, shape: Shape) -> tuple[list[helion.Config], int]:
         old = stale.get(_key(spec, args.dtype, shape))
-        return ([helion.Config(**old.config)], 1) if old else candidates(spec, shape)
+        if old:
+            return [helion.Config(**old.config)], 1
+        # a retune seeds with the stored config: a candidate replaces it only by beating it on this GPU
+        stored = next((e for e in existing.get(spec.name, []) if e.matches(args.dtype, dict(shape))), None)
+        return candidates(spec, shape, helion.Config(**stored.config) if stored else None)
 
     def done(spec: OpSpec, shape: Shape) -> bool:
         return not args.retune and any(e.matches(args.dtype, dict(shape)) for e in existing.get(spec.name, []))
