@@ -226,15 +226,15 @@ def test_block_scales_search_64_column_tiles_from_m_512(spec) -> None:
     K = 7168, 64 x 128 tiles made 136 programs for 132 SMs and 64 x 64 ones took 0.74-0.82x their time (gate_up,
     I = 2048: 0.89-0.94x). One-scale shapes keep 128 and 256 columns. The 64-column configs generate code."""
     fused = spec in GROUPED  # the per-group epilogue's tile is whole 128-column groups
+    group = scaled_mm.GROUP_SIZES[0] if fused else 1
     for m in (512, 2048, 8192):
         for block, expected in ((1, {128, 256}), (scaled_mm.SCALE_BLOCK, {128} if fused else {64, 128})):
             searched = spec.search_configs({"M": m, "N": 4096, "K": 4096, "BLOCK": block})
-            group = scaled_mm.GROUP_SIZES[0] if fused else 1
             assert {c.config["block_sizes"][1] * group for c in searched} == expected, (m, block)
     product = own_launches(spec.prepare(**_inputs(512, 256, 384, "block", spec=spec)))[0]
     bound = code_generator(product.kernel).bind(product.args)
     narrow = [c for c in spec.search_configs({"M": 512, "N": 4096, "K": 4096, "BLOCK": 128})
-              if c.config["block_sizes"][1] * (scaled_mm.GROUP_SIZES[0] if fused else 1) == 64]
+              if c.config["block_sizes"][1] * group == 64]
     assert bool(narrow) != fused
     for config in narrow[:2]:
         assert "tl.dot" in triton_code(bound, product.args, config)

@@ -13,7 +13,8 @@ decide; a searched config is kept only where it beats the best seed on that shap
 
 Results are written after every (op, model dims), so an interrupted run resumes where it
 stopped; ``--fresh`` starts over, and ``--retune`` searches the selected shapes again, replacing
-only their entries (each stored config is the first seed: a searched one replaces it by beating it here). ``--budget-minutes`` bounds the wall time.
+only their entries (each stored config is the first seed: a searched one replaces it by beating it
+on this GPU). ``--budget-minutes`` bounds the wall time.
 
 ``--revalidate`` is for a source change that leaves a kernel's tuned configs meaningful
 (a shared helper another family uses changed, say): each stale entry's config is checked
