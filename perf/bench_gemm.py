@@ -15,14 +15,17 @@ and DeepSeek-V3-style block fp8 with K = 7168), in one run:
 * ``ours_us``: ``torch.ops.helion_fusions.<op>``.
 
 Times are medians with L2 flushed: in CUDA graphs for M <= 512, else plain calls (``Timer``), the versions
-alternating. ``tflops = 2 M N K / ours_us`` (``N`` = ``2 I`` for gate_up); ``pct_cublas_peak`` compares it with the best cuBLAS fp8 TFLOP/s
-of the run; ``speedup_vs_unfused = unfused_us / ours_us``. Writes ``perf/results/<device>_gemm.csv`` and
-``.md``. Without a GPU it checks each variant's Helion kernel (interpret mode) against the contract.
+alternating. ``tflops = 2 M N K / ours_us`` (``N`` = ``2 I`` for gate_up); ``pct_cublas_peak`` compares it with
+the best cuBLAS fp8 TFLOP/s of the table; ``speedup_vs_unfused = unfused_us / ours_us``. Writes
+``perf/results/<device>_gemm.csv`` and ``.md`` (``--append``: merged into the table there, a row measured again
+replacing its earlier one). Without a GPU it checks each variant's Helion kernel (interpret mode) against the
+contract.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -46,6 +49,7 @@ GATED_OPS = ("scaled_mm_silu_mul_static_fp8_quant", "scaled_mm_silu_mul_per_grou
              "scaled_mm_silu_mul_per_token_fp8_quant")
 MAX_DIFFERENT = 1e-4  # the share of outputs that may differ from the contract (see measure)
 GRAPH_MAX_M = 512
+_TEXT_COLUMNS = ("device", "op", "model", "scales", "out", "torch", "helion", "repro")
 COLUMNS = ["device", "op", "model", "M", "N", "K", "scales", "out", "cublas_us", "cublas_fp8_out_us", "unfused_us",
            "compile_us", "ours_us", "tflops", "pct_cublas_peak", "speedup_vs_unfused", "torch", "helion", "repro"]
 CPU_SHAPES = ((1, 256, 256), (7, 384, 512))  # N a multiple of the per-group ops' 128
@@ -226,24 +230,64 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_results(rows: list[dict], out: Path) -> str:
-    identity, label = device_identity(), torch.cuda.get_device_name()
+def row_order(row: dict) -> tuple:
+    """Where a row sits in the table: model, op, scale layout, layer, M (the order a whole run measures in)."""
+    pairs = variants(row["model"])
+    ops, layouts = list(dict.fromkeys(op for op, _ in pairs)), list(dict.fromkeys(layout for _, layout in pairs))
+    return (list(LAYERS).index(row["model"]), ops.index(row["op"]), layouts.index(row["scales"]),
+            layer_shapes(row["op"], row["model"]).index((row["N"], row["K"])), row["M"])
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of an earlier table's CSV, typed as :func:`measure` returns them."""
+    def typed(column: str, value: str | None) -> Any:
+        if column in _TEXT_COLUMNS:
+            return value or ""
+        return None if not value else int(value) if column in ("M", "N", "K") else float(value)
+
+    with open(path, newline="") as handle:
+        return [{column: typed(column, row.get(column)) for column in COLUMNS} for row in csv.DictReader(handle)]
+
+
+def merge_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
+    """``rows`` plus the ``earlier`` rows of (op, model, scales, shape) they do not measure again."""
+    def key(row: dict) -> tuple:
+        return row["op"], row["model"], row["scales"], row["M"], row["N"], row["K"]
+
+    measured = {key(r) for r in rows}
+    return [r for r in earlier if key(r) not in measured] + rows
+
+
+def write_results(rows: list[dict], out: Path, device: str, label: str) -> str:
+    """``<device>_gemm.csv`` and ``.md`` in ``out``: per model, each op and layout's summary, then every row. Rows of
+    this run get their versions and repro command; earlier rows (``--append``) keep theirs. ``<device>_gemm_runs.md``
+    beside them, where it exists, tells the runs the rows come from (written by hand)."""
+    rows = sorted(rows, key=row_order)
     rates = [flops(r["op"], r) / r[c] / 1e6 for r in rows for c in ("cublas_us", "cublas_fp8_out_us") if r.get(c)]
     peak = max(rates, default=None)  # none where only block scales ran: cuBLAS takes none of them
     for row in rows:
-        row.update(device=identity.name, pct_cublas_peak=peak and 100 * row["tflops"] / peak, torch=version("torch"),
-                   helion=version("helion"),
-                   repro=f"python -m perf.bench_gemm --models {row['model']} --ops {row['op']} "
-                         f"--scales {row['scales']} --tokens {row['M']}")
-    write_csv(out / f"{identity.name}_gemm.csv", COLUMNS, rows)
+        row["pct_cublas_peak"] = peak and 100 * row["tflops"] / peak
+        if not row.get("repro"):
+            row.update(device=device, torch=version("torch"), helion=version("helion"),
+                       repro=f"python -m perf.bench_gemm --models {row['model']} --ops {row['op']} "
+                             f"--scales {row['scales']} --tokens {row['M']}")
+    write_csv(out / f"{device}_gemm.csv", COLUMNS, rows)
+    runs = out / f"{device}_gemm_runs.md"
+    lines = [f"# Scaled fp8 GEMMs: ours vs cuBLAS and the unfused path, {label} ({device})", "",
+             f"torch {'/'.join(sorted({r['torch'] for r in rows}))}, "
+             f"helion {'/'.join(sorted({r['helion'] for r in rows}))}; us, medians, L2 flushed; best cuBLAS "
+             f"{'(none run)' if peak is None else f'{peak:.0f}'} TFLOP/s (`pct_cublas_peak` is taken against it); "
+             "written by `python -m perf.bench_gemm`.", ""]
+    if runs.exists():
+        lines += [f"The rows come from several runs, each row from the last that measured it (its command is the CSV's "
+                  f"`repro`): [{runs.name}]({runs.name}) tells them.", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        group = [r for r in rows if r["model"] == model]
+        lines += [f"### {model} ({len(group)} rows)", "", *summary(group), ""]
     shown = COLUMNS[1:16]
-    text = "\n".join([
-        f"# Scaled fp8 GEMMs: ours vs cuBLAS and the unfused path, {label} ({identity.name})", "",
-        f"torch {version('torch')}, helion {version('helion')}; us, medians, L2 flushed; best cuBLAS "
-        f"{'(none run)' if peak is None else f'{peak:.0f}'} TFLOP/s; written by `python -m perf.bench_gemm`.", "",
-        *summary(rows),
-        "", tabulate([[r.get(c) for c in shown] for r in rows], headers=shown, floatfmt=".1f", tablefmt="github"), ""])
-    (out / f"{identity.name}_gemm.md").write_text(text)
+    lines += [tabulate([[r.get(c) for c in shown] for r in rows], headers=shown, floatfmt=".1f", tablefmt="github"), ""]
+    text = "\n".join(lines)
+    (out / f"{device}_gemm.md").write_text(text)
     return text
 
 
@@ -279,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated scale layouts, of tensor, row, block (default: each model's)")
     parser.add_argument("--reps", type=int, default=20, help="timed calls per measurement")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--append", action="store_true",
+                        help="merge into the table in --out: a row measured again replaces its earlier one")
     args = parser.parse_args(argv)
     models = args.models.split(",")
     unknown = [m for m in models if m not in LAYERS]
@@ -303,10 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     tokens = [int(m) for m in args.tokens.split(",")]
     jobs = [(op, model, layout, {"M": m, "N": n, "K": k}) for model in models for op, layout in variants(model)
             if op in ops and layout in scales for n, k in layer_shapes(op, model) for m in tokens]
+    device, label = device_identity().name, torch.cuda.get_device_name()
+    existing = args.out / f"{device}_gemm.csv"
+    earlier = read_rows(existing) if args.append and existing.exists() else []
     rows, text = [], "no shapes selected"
     for job in track(jobs, description="benchmarking"):
         rows.append(measure(*job, timer))
-        text = write_results(rows, args.out)  # after every row: a stopped run keeps what it measured
+        # after every row: a stopped run keeps what it measured
+        text = write_results(merge_rows(earlier, rows), args.out, device, label)
     print(text)
     return 0
 

@@ -596,3 +596,33 @@ def test_bench_gemm_summary_and_op_filter(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):
         bench_gemm.main(["--models", "llama3_70b_tp2", "--scales", "row,block"])
     assert "--scales: unknown ['block'] for ['llama3_70b_tp2']" in capsys.readouterr().err
+
+
+def test_bench_gemm_append_merges_rows_into_the_table(tmp_path) -> None:
+    """``--append``: a row measured again replaces its earlier one, the others stay with their own versions and repro,
+    all in the order a whole run measures; the table reads back as it was written, and names the runs file."""
+    from perf import bench_gemm
+
+    def row(op: str, scales: str, m: int, ours: float) -> dict:
+        return {"op": op, "model": "llama3_8b", "M": m, "N": 4096, "K": 4096, "scales": scales, "out": "bfloat16",
+                "cublas_us": 10.0, "unfused_us": 12.0, "ours_us": ours, "tflops": 2 * m * 4096 * 4096 / ours / 1e6,
+                "speedup_vs_unfused": 12.0 / ours}
+
+    earlier = [row("scaled_mm", "row", 16, 9.0), row("scaled_mm", "tensor", 16, 11.0),
+               row("scaled_mm_static_fp8_quant", "tensor", 1, 8.0)]
+    bench_gemm.write_results(earlier, tmp_path, "gpu", "A GPU")
+    written = bench_gemm.read_rows(tmp_path / "gpu_gemm.csv")
+    assert [(r["op"], r["scales"], r["M"]) for r in written] == [("scaled_mm", "tensor", 16), ("scaled_mm", "row", 16),
+                                                                ("scaled_mm_static_fp8_quant", "tensor", 1)]
+    for r in written:
+        r["torch"] = "0.1"  # an earlier run's version: kept
+    again = [row("scaled_mm", "tensor", 16, 6.0), row("scaled_mm", "tensor", 1, 5.0)]
+    (tmp_path / "gpu_gemm_runs.md").write_text("runs\n")
+    text = bench_gemm.write_results(bench_gemm.merge_rows(written, again), tmp_path, "gpu", "A GPU")
+    table = bench_gemm.read_rows(tmp_path / "gpu_gemm.csv")
+    assert [(r["scales"], r["M"], r["ours_us"]) for r in table if r["op"] == "scaled_mm"] == [
+        ("tensor", 1, 5.0), ("tensor", 16, 6.0), ("row", 16, 9.0)]
+    kept = {(r["scales"], r["M"]): r for r in table if r["op"] == "scaled_mm"}
+    assert kept[("row", 16)]["torch"] == "0.1" and kept[("tensor", 16)]["torch"] != "0.1"
+    assert kept[("tensor", 1)]["repro"].endswith("--scales tensor --tokens 1")
+    assert "[gpu_gemm_runs.md](gpu_gemm_runs.md)" in text and "### llama3_8b (4 rows)" in text
