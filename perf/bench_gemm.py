@@ -231,11 +231,16 @@ def summary(rows: list[dict]) -> list[str]:
 
 
 def row_order(row: dict) -> tuple:
-    """Where a row sits in the table: model, op, scale layout, layer, M (the order a whole run measures in)."""
+    """Where a row sits in the table: model, op, scale layout, layer, M (the order a whole run measures in); an
+    earlier table's row of a model, op or layer this bench no longer runs goes after those it does."""
+    def position(values: list, value: Any) -> int:
+        return values.index(value) if value in values else len(values)
+
     pairs = variants(row["model"])
     ops, layouts = list(dict.fromkeys(op for op, _ in pairs)), list(dict.fromkeys(layout for _, layout in pairs))
-    return (list(LAYERS).index(row["model"]), ops.index(row["op"]), layouts.index(row["scales"]),
-            layer_shapes(row["op"], row["model"]).index((row["N"], row["K"])), row["M"])
+    layers = list(layer_shapes(row["op"], row["model"])) if row["model"] in LAYERS and row["op"] in ops else []
+    return (position(list(LAYERS), row["model"]), position(ops, row["op"]), position(layouts, row["scales"]),
+            position(layers, (row["N"], row["K"])), row["M"])
 
 
 def read_rows(path: Path) -> list[dict]:

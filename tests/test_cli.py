@@ -608,12 +608,14 @@ def test_bench_gemm_append_merges_rows_into_the_table(tmp_path) -> None:
                 "cublas_us": 10.0, "unfused_us": 12.0, "ours_us": ours, "tflops": 2 * m * 4096 * 4096 / ours / 1e6,
                 "speedup_vs_unfused": 12.0 / ours}
 
-    earlier = [row("scaled_mm", "row", 16, 9.0), row("scaled_mm", "tensor", 16, 11.0),
+    retired = {**row("scaled_mm", "row", 1, 9.0), "model": "a_retired_model"}  # sorted last, kept
+    earlier = [retired, row("scaled_mm", "row", 16, 9.0), row("scaled_mm", "tensor", 16, 11.0),
                row("scaled_mm_static_fp8_quant", "tensor", 1, 8.0)]
     bench_gemm.write_results(earlier, tmp_path, "gpu", "A GPU")
     written = bench_gemm.read_rows(tmp_path / "gpu_gemm.csv")
-    assert [(r["op"], r["scales"], r["M"]) for r in written] == [("scaled_mm", "tensor", 16), ("scaled_mm", "row", 16),
-                                                                ("scaled_mm_static_fp8_quant", "tensor", 1)]
+    assert [(r["model"][0], r["op"], r["scales"], r["M"]) for r in written] == [
+        ("l", "scaled_mm", "tensor", 16), ("l", "scaled_mm", "row", 16),
+        ("l", "scaled_mm_static_fp8_quant", "tensor", 1), ("a", "scaled_mm", "row", 1)]
     for r in written:
         r["torch"] = "0.1"  # an earlier run's version: kept
     again = [row("scaled_mm", "tensor", 16, 6.0), row("scaled_mm", "tensor", 1, 5.0)]
@@ -621,8 +623,8 @@ def test_bench_gemm_append_merges_rows_into_the_table(tmp_path) -> None:
     text = bench_gemm.write_results(bench_gemm.merge_rows(written, again), tmp_path, "gpu", "A GPU")
     table = bench_gemm.read_rows(tmp_path / "gpu_gemm.csv")
     assert [(r["scales"], r["M"], r["ours_us"]) for r in table if r["op"] == "scaled_mm"] == [
-        ("tensor", 1, 5.0), ("tensor", 16, 6.0), ("row", 16, 9.0)]
-    kept = {(r["scales"], r["M"]): r for r in table if r["op"] == "scaled_mm"}
+        ("tensor", 1, 5.0), ("tensor", 16, 6.0), ("row", 16, 9.0), ("row", 1, 9.0)]
+    kept = {(r["scales"], r["M"]): r for r in table if r["op"] == "scaled_mm" and r["model"] == "llama3_8b"}
     assert kept[("row", 16)]["torch"] == "0.1" and kept[("tensor", 16)]["torch"] != "0.1"
     assert kept[("tensor", 1)]["repro"].endswith("--scales tensor --tokens 1")
     assert "[gpu_gemm_runs.md](gpu_gemm_runs.md)" in text and "### llama3_8b (4 rows)" in text
