@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import functools
 import math
@@ -51,7 +50,8 @@ from helion_fusions.tools.testing import (
     compare_outputs,
     outputs_ok,
 )
-from perf.tables import RESULTS, allow_static_compiles, geomean, lock_inductor_benchmarks, on_sets, write_csv
+from perf.tables import (RESULTS, allow_static_compiles, geomean, lock_inductor_benchmarks, on_sets, read_csv,
+                         replace_rows, write_csv)
 
 GRAPH_MAX_TOKENS = 256
 BUFFER_SETS = 4  # buffer placements a row of up to GRAPH_MAX_TOKENS tokens is timed on (bench_row)
@@ -161,9 +161,8 @@ def _row_key(row: dict) -> tuple:
 
 def merge_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
     """``rows`` plus the ``earlier`` rows of shapes they do not measure again, in registry and grid order."""
-    measured = {_row_key(r) for r in rows}
-    kept = [r for r in earlier if _row_key(r) not in measured]
-    return sorted(kept + rows, key=lambda r: (list(REGISTRY).index(r["op"]), r["dtype"], r["H"] or 0, r["T"] or 0))
+    return sorted(replace_rows(earlier, rows, _row_key),
+                  key=lambda r: (list(REGISTRY).index(r["op"]), r["dtype"], r["H"] or 0, r["T"] or 0))
 
 
 def bench_row(spec: OpSpec, kwargs: dict[str, Any], shape: Shape, dtype: torch.dtype, timer: Timer,
@@ -287,15 +286,7 @@ def add_host_times(rows: list[dict], host: dict[str, dict[str, float]], dtype: s
 
 def read_rows(path: Path) -> list[dict]:
     """Rows of an earlier run's CSV, typed as ``bench_row`` returns them."""
-    def typed(column: str, value: str | None) -> Any:
-        if column in _TEXT_COLUMNS:
-            return value or ""
-        if not value:  # a column an older run did not write
-            return None
-        return int(value) if column in _INT_COLUMNS else float(value)
-
-    with open(path, newline="") as handle:
-        rows = [{column: typed(column, row.get(column)) for column in COLUMNS} for row in csv.DictReader(handle)]
+    rows = read_csv(path, COLUMNS, _TEXT_COLUMNS, _INT_COLUMNS)
     for row in rows:  # files written before problem keys had T and H only
         row["shape"] = row["shape"] or f"T={row['T']},H={row['H']}"
     return rows

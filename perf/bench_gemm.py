@@ -25,7 +25,6 @@ contract.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -41,7 +40,7 @@ from helion_fusions.runtime import dispatch
 from helion_fusions.runtime.device import device_identity
 from helion_fusions.runtime.registry import REGISTRY
 from helion_fusions.tools.testing import Timer, clone_kwargs, compare_outputs, outputs_ok
-from perf.tables import RESULTS, allow_static_compiles, geomean, write_csv
+from perf.tables import RESULTS, allow_static_compiles, geomean, read_csv, replace_rows, write_csv
 
 TOKENS = scaled_mm.M_GRID
 LAYERS, GATE_UP = scaled_mm.LAYERS, scaled_mm.GATE_UP
@@ -245,22 +244,12 @@ def row_order(row: dict) -> tuple:
 
 def read_rows(path: Path) -> list[dict]:
     """The rows of an earlier table's CSV, typed as :func:`measure` returns them."""
-    def typed(column: str, value: str | None) -> Any:
-        if column in _TEXT_COLUMNS:
-            return value or ""
-        return None if not value else int(value) if column in ("M", "N", "K") else float(value)
-
-    with open(path, newline="") as handle:
-        return [{column: typed(column, row.get(column)) for column in COLUMNS} for row in csv.DictReader(handle)]
+    return read_csv(path, COLUMNS, _TEXT_COLUMNS, ("M", "N", "K"))
 
 
 def merge_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
     """``rows`` plus the ``earlier`` rows of (op, model, scales, shape) they do not measure again."""
-    def key(row: dict) -> tuple:
-        return row["op"], row["model"], row["scales"], row["M"], row["N"], row["K"]
-
-    measured = {key(r) for r in rows}
-    return [r for r in earlier if key(r) not in measured] + rows
+    return replace_rows(earlier, rows, lambda r: (r["op"], r["model"], r["scales"], r["M"], r["N"], r["K"]))
 
 
 def write_results(rows: list[dict], out: Path, device: str, label: str) -> str:

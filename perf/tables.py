@@ -8,7 +8,7 @@ import functools
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 
@@ -51,6 +51,26 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def read_csv(path: Path, columns: Sequence[str], text: Collection[str], ints: Collection[str]) -> list[dict]:
+    """A CSV that :func:`write_csv` wrote, typed: ``text`` columns as strings ("" where empty), ``ints`` as int,
+    the others as float; an empty or missing cell (a column an older run did not write) as None."""
+    def typed(column: str, value: str | None) -> Any:
+        if column in text:
+            return value or ""
+        if not value:
+            return None
+        return int(value) if column in ints else float(value)
+
+    with open(path, newline="") as handle:
+        return [{column: typed(column, row.get(column)) for column in columns} for row in csv.DictReader(handle)]
+
+
+def replace_rows(earlier: list[dict], rows: list[dict], key: Callable[[dict], Any]) -> list[dict]:
+    """The ``earlier`` rows whose ``key`` ``rows`` do not measure again, then ``rows``."""
+    measured = {key(r) for r in rows}
+    return [r for r in earlier if key(r) not in measured] + rows
 
 
 def on_sets(timing: Callable[[list[Callable[[], Any]]], list[float]], versions: Sequence[Callable[..., Any]],
