@@ -11,6 +11,7 @@ import helion
 import pytest
 import torch
 
+from helion_fusions.kernels import scaled_mm as kernel_module
 from helion_fusions.ops import scaled_mm
 from helion_fusions.quant import Quant
 from helion_fusions.runtime import dispatch
@@ -194,7 +195,9 @@ def test_weight_stream_buckets_read_the_weight_once(spec) -> None:
         for block in (1, scaled_mm.SCALE_BLOCK):
             searched = spec.search_configs({"M": m, "N": 4096, "K": 4096, "BLOCK": block})
             rows = {c.config["block_sizes"][0] for c in searched}
-            assert rows == ({16} if m <= 16 else {64} if m <= 64 else {64, 128}), (m, block, rows)
+            # (block-scaled gate_up's tiles hold at most 128 x 64 outputs: 64 rows of a fused 128-column group)
+            tall = not (spec is SILU_GROUP and block > 1 and not scaled_mm.quantized_after(Quant.PER_GROUP, m))
+            assert rows == ({16} if m <= 16 else {64} if m <= 64 or not tall else {64, 128}), (m, block, rows)
             if m <= scaled_mm.SPLIT_MAX_M:  # and no N tile wider than 128 columns (64 up to 16 rows)
                 assert max(c.config["block_sizes"][1] for c in searched) == (64 if m <= 16 else 128), (m, block)
             persistent = any(c.config.get("pid_type") == "persistent_interleaved" for c in searched)
@@ -258,7 +261,8 @@ def test_candidates_that_overflow_shared_memory_are_left_out(monkeypatch: pytest
 def test_block_scales_take_configs_of_their_own(spec) -> None:
     """A block-scaled call's problem key has BLOCK = 128, so it takes only configs tuned on block scales (or the
     default), and its candidates' tiles hold at most 128 x 128 outputs: each slice's dot is an fp32 tile beside
-    the sum (on an H200 the row-scale configs' 128 x 256 tiles ran block scales at 110-200 TFLOP/s). A tile's
+    the sum (on an H200 the row-scale configs' 128 x 256 tiles ran block scales at 110-200 TFLOP/s); gate_up's,
+    two sums and two dots, at most 128 x 64 (128 x 128 spilled and took 1.7-1.9x the time). A tile's
     columns lie in one 128-column block of b's scales: the kernel reads one b scale a tile, and a stored config
     that covers more columns is refused when its file loads (row scales take them)."""
     for layout, block in (("token_channel", 1), ("block", 128)):
@@ -271,7 +275,8 @@ def test_block_scales_take_configs_of_their_own(spec) -> None:
             Quant.PER_GROUP, m) else 1
         tiles = {(c.config["block_sizes"][0], c.config["block_sizes"][1] * group)
                  for c in [spec.default_config(shape), *spec.seed_configs(shape), *spec.search_configs(shape)]}
-        assert max(rows * columns for rows, columns in tiles) <= 128 * 128, (m, sorted(tiles))
+        largest = 128 * (64 if spec in GATED else 128)
+        assert max(rows * columns for rows, columns in tiles) <= largest, (m, sorted(tiles))
         assert max(columns for _, columns in tiles) <= 128, (m, sorted(tiles))
         wide = {"block_sizes": [64, 256 // group], "num_warps": 4, "num_stages": 3}
         assert "at most 128" in spec.config_problem(wide, shape)
@@ -563,15 +568,37 @@ def _fmas(ptx: str) -> int:
     return len(re.findall(r"\bfma\.rn\.(?:ftz\.)?f32\b", ptx))
 
 
-@pytest.mark.parametrize("layout", ("block", "bias"))
 @pytest.mark.parametrize("spec", (SCALED_MM, GROUP), ids=lambda s: s.name)
-def test_products_that_are_added_are_rounded_on_their_own(spec, layout: str) -> None:
-    """``acc + dot * s`` (block scales) and ``a_s * y + bias`` contracted into fused multiply-adds round once where
-    the contract rounds twice: on an H200 a few elements in 10^4 to 10^6 landed on the other side of a rounding
-    tie. The only multiply-adds are the epilogue's own (the per-group quant's division), as without either."""
+def test_block_slices_are_fused_multiply_adds_and_a_biased_product_is_rounded(spec) -> None:
+    """Block scales: each K step adds ``dot * s`` with explicit fused multiply-adds, one an accumulator element
+    (the default config's 128 x 128 tile over 8 warps: 64 a thread), whatever the compiler's contraction setting.
+    A bias: ``a_s * y`` rounded on its own before the add, as the contract rounds it (contracted, on an H200 a
+    few elements in 10^4 to 10^6 landed on the other side of a rounding tie); the only other multiply-adds are
+    the epilogue's own (the per-group quant's division)."""
     own = _fmas(_ptx(spec, "token_channel", False)[0])
-    (ptx,) = _ptx(spec, "block" if layout == "block" else "token_channel", layout == "bias")
-    assert re.search(r"\bmul\.rn\.(?:ftz\.)?f32\b", ptx) and _fmas(ptx) == own, (_fmas(ptx), own)
+    (block,) = _ptx(spec, "block", False)
+    assert _fmas(block) - own >= 128 * 128 // 256, (_fmas(block), own)
+    (bias,) = _ptx(spec, "token_channel", True)
+    assert re.search(r"\bmul\.rn\.(?:ftz\.)?f32\b", bias) and _fmas(bias) == own, (_fmas(bias), own)
+
+
+def test_block_scaled_slices_round_once() -> None:
+    """The contract adds each slice's product and scales in one fused multiply-add, as CUTLASS's blockwise scale
+    promotion (the engine's block-fp8 GEMM on Hopper) does: with scales that are not powers of two some sums differ
+    from a rounded product then an add. Each equals the exact sum rounded to fp32 (by hand in fp64 here)."""
+    generator = torch.Generator().manual_seed(0)
+    part, s, acc = (torch.randn(1 << 16, generator=generator) for _ in range(3))
+    fused = kernel_module.fma(part, s, acc)
+    assert torch.equal(fused, (part.double() * s.double() + acc.double()).float())
+    assert (fused != acc + part * s).sum() > 100
+    a, b = (torch.randint(-8, 9, shape, generator=generator, dtype=torch.int8).to(torch.float8_e4m3fn)
+            for shape in ((4, 384), (384, 128)))
+    a_scales, b_scales = torch.rand(4, 3, generator=generator) / 16, torch.rand(1, 3, generator=generator) / 256
+    by_hand = torch.zeros(4, 128, dtype=torch.float64)
+    for i in range(3):
+        product = a[:, 128 * i:128 * (i + 1)].double() @ b[128 * i:128 * (i + 1)].double()  # exact
+        by_hand = (by_hand + product * (a_scales[:, i:i + 1] * b_scales[:, i]).double()).float().double()
+    assert torch.equal(scaled_mm._product(a, b, a_scales, b_scales), by_hand.float())
 
 
 @pytest.mark.parametrize("layout", ("tensor", "tensor_0dim", "token", "channel", "token_1d"))

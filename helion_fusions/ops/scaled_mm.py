@@ -8,8 +8,9 @@ kernel's), ``y = a_scales * (b_scales * acc) (+ f32(bias))``, rounded to ``out``
 * ``a_scales``: one element (0-dim too) or one per token (``[M, 1]`` or ``[M]``); ``b_scales``: one
   element or one per column of ``b`` (``[N]``, ``[1, N]`` or ``[N, 1]``); both fp32 and contiguous;
 * block-scaled (DeepSeek-style block fp8): ``a_scales [M, ceil(K / 128)]`` and ``b_scales
-  [ceil(N / 128), ceil(K / 128)]``, any strides. Each 128-deep slice's product is scaled before it is
-  added: ``acc += (a[:, s] @ b[s, :]) * (a_s * b_s)``, as the engine's block-fp8 GEMM accumulates;
+  [ceil(N / 128), ceil(K / 128)]``, any strides. Each 128-deep slice's product is added with its scales by
+  one fused multiply-add, ``acc = fma(a[:, s] @ b[s, :], a_s * b_s, acc)``, as the engine's block-fp8 GEMM
+  (CUTLASS's blockwise scale promotion) accumulates;
 * ``bias`` ``[N]`` (one per column of ``b``) in the dtype ``y`` is rounded to.
 
 The fp8 epilogues write what the unfused path leaves: ``y`` rounded to bf16 (the GEMM's output), then
@@ -43,8 +44,7 @@ fp32 ``[M, 1]``. A row's scale needs the amax over every N tile of the row, so t
 and a second launch of the same tiles quantizes each row by it (and zeroes the words again). Against the
 unfused path it saves the quant op's row reduction and, for gate_up, the ``[M, 2 I]`` intermediate; the bf16
 round trip of ``y`` stays (one program covering a row's every column would leave most SMs idle, and computing
-the product twice doubles it). On an H200 (Llama-3-8B, row scales) it ran 1.08x the unfused path over M = 1-8192,
-0.84-1.02x from M = 512, where it moves the unfused path's bytes and the GEMM trails cuBLAS's by a few percent.
+the product twice doubles it).
 """
 
 from __future__ import annotations
@@ -57,20 +57,12 @@ import helion
 import torch
 
 from helion_fusions import quant
-from helion_fusions.kernels.scaled_mm import SCALE_BLOCK, Phase, scaled_mm_kernel
+from helion_fusions.kernels.scaled_mm import SCALE_BLOCK, Phase, fma, scaled_mm_kernel
 from helion_fusions.ops.common import poisoned, scratch
 from helion_fusions.ops.silu_mul import PER_TOKEN_GROUP_FP8_QUANT, silu_and_mul_reference
 from helion_fusions.quant import Quant
-from helion_fusions.runtime.checks import (
-    FP8_DTYPES,
-    check_group_scale,
-    check_group_size,
-    check_positive_float,
-    check_scalar_scale,
-    check_scale_ub,
-    check_tensor,
-    group_scale_view,
-)
+from helion_fusions.runtime.checks import (FP8_DTYPES, check_group_scale, check_group_size, check_positive_float,
+                                           check_scalar_scale, check_scale_ub, check_tensor, group_scale_view)
 from helion_fusions.runtime import dispatch
 from helion_fusions.runtime.device import fp8_dtype
 from helion_fusions.runtime.library import register
@@ -273,8 +265,7 @@ def split_count(m: int, n: int, k: int, device: torch.device) -> int:
     Each slice's fp32 sums are written and read back, 8 bytes an output element against the fp8 weight's
     ``K`` bytes a column: the slices are capped where that round trip would pass 1 / ``SPLIT_SCRATCH_SHARE``
     of the weight's bytes: at K = 4096 up to 8 slices for 16 rows, 2 for 64 and none for 128; at K = 14336
-    4 for 64 rows and 2 for 128. On an H200, N = 4096, K = 14336 took 28-30 us split against 35 unsplit
-    (128 programs of 32 columns; cuBLAS 23-24); N = K = 4096 at 64 rows 11.5 against 11.4."""
+    4 for 64 rows and 2 for 128 (on an H200, N = 4096, K = 14336: 28-30 us split against 35 unsplit)."""
     if m > SPLIT_MAX_M or k % SCALE_BLOCK or dispatch.batch_invariant():  # a row's sum order would follow M
         return 1
     programs = n // SPLIT_MIN_TILE
@@ -304,14 +295,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _product(a: torch.Tensor, b: torch.Tensor, a_scales: torch.Tensor, b_scales: torch.Tensor) -> torch.Tensor:
-    """``a_scales * (b_scales * (a @ b))`` in fp32, block-scaled slice by slice where the scales say so."""
+    """``a_scales * (b_scales * (a @ b))`` in fp32; block-scaled, each slice's product and scales added by an FMA."""
     (m, k), n = a.shape, b.size(1)
     if _block_scaled(a_scales, b_scales, m, n, k):
         acc = torch.zeros(m, n, dtype=torch.float32, device=a.device)
         columns = b_scales.repeat_interleave(SCALE_BLOCK, 0)[:n]  # [N, K / 128]
         for index, start in enumerate(range(0, k, SCALE_BLOCK)):
             part = a[:, start:start + SCALE_BLOCK].float() @ b[start:start + SCALE_BLOCK].float()
-            acc = acc + part * (a_scales[:, index, None] * columns[None, :, index])
+            acc = fma(part, a_scales[:, index, None] * columns[None, :, index], acc)
         return acc
     return a_scales.reshape(-1, 1) * (b_scales.reshape(1, -1) * (a.float() @ b.float()))
 
@@ -404,10 +395,18 @@ def _tile(rows: int, columns: int, group: int, **settings: Any) -> helion.Config
 
 
 def _tuning(flavour: Quant, gated: bool):
+    def fp32_tiles(shape: Shape) -> int:
+        """The fp32 tiles a program holds: the sum (gate_up: two), each with its block-scaled slice's dot beside it."""
+        return (2 if gated else 1) * (2 if shape.get("BLOCK", 1) == SCALE_BLOCK else 1)
+
     def max_tile(shape: Shape) -> int:
-        """Two fp32 tiles (gate_up's accumulators, or a block-scaled slice's dot beside the sum) hold twice the
-        registers: at most half the tile."""
-        return 128 * 128 if gated or shape.get("BLOCK", 1) == SCALE_BLOCK else 128 * 256
+        """Each fp32 tile past one halves the largest tile (on an H200 block-scaled gate_up's tiles of 64 x 128 and
+        128 x 128 outputs spilled 96-136 bytes a thread, and 128 x 128 took 1.7-1.9x the time)."""
+        return 128 * 256 // fp32_tiles(shape)
+
+    def warps(rows: int, columns: int, shape: Shape) -> int:
+        """4 warps up to 64 x 128 outputs (four fp32 tiles: 64 x 64), else 8."""
+        return 4 if rows * columns * max(1, fp32_tiles(shape) // 2) <= 64 * 128 else 8
 
     def max_columns(shape: Shape) -> int:  # a block-scaled tile's columns share one b scale (a 128-column block)
         return SCALE_BLOCK if shape.get("BLOCK", 1) == SCALE_BLOCK else 256
@@ -433,9 +432,10 @@ def _tuning(flavour: Quant, gated: bool):
         return config.config["num_stages"] * SCALE_BLOCK * (rows + halves * groups * group) <= _shared_memory_bytes()
 
     def default_config(shape: Shape) -> helion.Config:
-        """M tiles of 16-128 rows by 128 columns, 3 stages: a 128-deep fp8 tile fits Hopper's wgmma."""
-        rows = 16 if shape["M"] <= 16 else 64 if shape["M"] <= 64 else 128
-        return _tile(rows, 128, group_of(shape), num_warps=4 if rows < 128 else 8, num_stages=3)
+        """M tiles of 16-128 rows (as many as ``max_tile`` leaves) by 128 columns, 3 stages: a 128-deep fp8 tile fits
+        Hopper's wgmma."""
+        rows = min(16 if shape["M"] <= 16 else 64 if shape["M"] <= 64 else 128, max_tile(shape) // 128)
+        return _tile(rows, 128, group_of(shape), num_warps=warps(rows, 128, shape), num_stages=3)
 
     def seed_configs(shape: Shape) -> list[helion.Config]:
         group, seeds = group_of(shape), [default_config(shape)]
@@ -454,7 +454,7 @@ def _tuning(flavour: Quant, gated: bool):
         rows = (16,) if m <= 16 else (64,) if m <= 64 else (64, 128)
         columns = (32, 64) if m <= 16 else (32, 64, 128) if m <= 128 else (64, 128) if block else (128, 256)
         stages = (3, 5) if m <= 128 else (3,) if m < 512 else (3, 4, 5) if m == 512 else (3, 4)
-        tiles = [_tile(r, c, group, num_warps=4 if r * c <= 64 * 128 else 8, num_stages=s)
+        tiles = [_tile(r, c, group, num_warps=warps(r, c, shape), num_stages=s)
                  for r in rows for c in columns for s in stages
                  if c % group == 0 and r * c <= max_tile(shape) and c <= max_columns(shape)]
         variants = [{}, {"indexing": "tensor_descriptor"}]
