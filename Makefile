@@ -36,7 +36,7 @@ bench-tp: $(DEPS)  ## the all_reduce_ ops on every GPU of this host -> perf/resu
 autotune: $(DEPS)  ## tune every op for this GPU -> configs/<device>/; ARGS=--help
 	$(PY) -m helion_fusions.tools.autotune $(ARGS)
 
-restamp: $(DEPS)  ## after a source edit: re-stamp stale configs whose generated code is unchanged (CPU); ARGS="--base REV"
+restamp: $(DEPS)  ## after a source edit: re-stamp stale configs, marking entries whose code changed (CPU); ARGS="--base REV"
 	$(PY) -m helion_fusions.tools.restamp $(ARGS)
 
 autotune-tp: $(DEPS)  ## tune the all_reduce_ ops on every GPU of this host -> configs/<device>/; ARGS=--help

@@ -59,6 +59,34 @@ def test_autotune_revalidates_stale_entries(tmp_path) -> None:
     assert all(e.time_us < 1e9 for e in loaded.entries)
 
 
+def test_autotune_revalidates_only_the_entries_marked_stale(tmp_path, capsys) -> None:
+    """In a file of the current source, --revalidate re-times the entries make restamp marked stale and keeps the
+    others as they are; a call does not pick a marked entry; a plain run searches its shape again."""
+    op = "rms_norm_static_fp8_quant"
+    shapes = ("--shape", "T=1/16,H=256")
+    path, raw = _stale_smoke_file(tmp_path, op, recorded_us=1e9, shapes=shapes)
+    raw["kernel_hash"] = dispatch.spec_hash(REGISTRY[op])
+    raw["entries"][0]["source"] = config_store.STALE
+    path.write_text(json.dumps(raw))
+    spec = REGISTRY[op]
+    loaded = config_store.load(path, op, spec.dim_names, dispatch.spec_hash(spec))
+    marked = loaded.entries[0]
+    assert marked.stale and loaded.pick(torch.bfloat16, dict(marked.shape), spec.problem, False) is not marked
+    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, "--revalidate", *shapes]) == 0
+    assert "revalidating the 1 entries" in capsys.readouterr().out
+    after = {e.shape["T"]: e for e in config_store.load(path, op, spec.dim_names, dispatch.spec_hash(spec)).entries}
+    other = raw["entries"][1]
+    assert after.keys() == {marked.shape["T"], other["shape"]["T"]}
+    assert after[marked.shape["T"]].source == "revalidated" and after[marked.shape["T"]].time_us < 1e9
+    kept = after[other["shape"]["T"]]
+    assert kept.source == other.get("source", "tuned") and kept.time_us == 1e9
+    raw["entries"][0]["source"] = config_store.STALE  # a plain run (no --revalidate) searches the marked shape
+    path.write_text(json.dumps(raw))
+    assert autotune.main(["--smoke", "--out", str(tmp_path), "--ops", op, *shapes]) == 0
+    searched = {e.shape["T"]: e for e in config_store.load(path, op, spec.dim_names, dispatch.spec_hash(spec)).entries}
+    assert not searched[marked.shape["T"]].stale and searched[other["shape"]["T"]].time_us == 1e9
+
+
 def test_autotune_revalidate_searches_a_shape_that_got_slower(tmp_path, capsys) -> None:
     """An entry that now runs more than REVALIDATE_SLOWDOWN times its recorded time is searched again."""
     op = "rms_norm_static_fp8_quant"

@@ -69,6 +69,9 @@ def test_config_file_loads_and_a_fresh_config_serves_its_device(path: Path, monk
     assert loaded.family, f"{path}: no architecture family"
     dtypes = {e.dtype for e in loaded.entries}
     assert all(isinstance(getattr(torch, d, None), torch.dtype) for d in dtypes), f"{path}: unknown dtypes {dtypes}"
+    marked = [e.shape for e in loaded.entries if e.stale]
+    assert not marked, (f"{path}: {len(marked)} entries marked stale by make restamp ({marked[:3]}): run "
+                        f"`make autotune ARGS=\"--revalidate --ops {spec.name}\"` on a {loaded.device} GPU")
     if loaded.kernel_hash == dispatch.spec_hash(spec):
         return
     # stale (the kernel changed after it was tuned): the dispatcher must fall back to a fresh file of the

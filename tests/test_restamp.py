@@ -1,5 +1,5 @@
-"""``python -m helion_fusions.tools.restamp``: a stale config file is stamped with the current kernel hash only
-where every entry's generated code is the same as at the revision it was tuned for."""
+"""``python -m helion_fusions.tools.restamp``: a stale config file tuned at the revision given is stamped with the
+current kernel hash; its entries whose generated code differs from that revision's are marked stale."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _stale_copy(root: Path, op: str, kernel_hash: str) -> tuple[Path, str]:
     return path, path.read_text()
 
 
-def test_only_files_whose_code_is_unchanged_get_the_current_hash(tmp_path, monkeypatch, capsys) -> None:
+def test_files_get_the_current_hash_and_entries_whose_code_changed_are_marked(tmp_path, monkeypatch, capsys) -> None:
     root = tmp_path / "configs"
     same, same_text = _stale_copy(root, SAME, BASE_HASH)
     other, other_text = _stale_copy(root, OTHER, BASE_HASH)
@@ -48,7 +48,7 @@ def test_only_files_whose_code_is_unchanged_get_the_current_hash(tmp_path, monke
 
     monkeypatch.setattr(restamp, "digests_in", digests_in)
     monkeypatch.setattr(restamp, "source_at", lambda rev, folder: folder)
-    assert restamp.main(["--base", "HEAD~1", "--root", str(root)]) == 1  # two files are left stale
+    assert restamp.main(["--base", "HEAD~1", "--root", str(root)]) == 1  # two files need a GPU
     assert len(trees) == 2 and trees[1] == restamp.PACKAGE_ROOT
 
     # the stamped file differs from its stale copy only in the hash line
@@ -57,10 +57,17 @@ def test_only_files_whose_code_is_unchanged_get_the_current_hash(tmp_path, monke
     assert changed == [(f' "kernel_hash": "{BASE_HASH}",',
                         f' "kernel_hash": "{dispatch.spec_hash(REGISTRY[SAME])}",')]
     assert len(stamped) == len(same_text.splitlines())
-    assert other.read_text() == other_text and elsewhere.read_text() == elsewhere_text
+    assert elsewhere.read_text() == elsewhere_text
+    # the file with one changed entry: current hash, that entry marked, the others as they were
+    stamped_other = json.loads(other.read_text())
+    before = json.loads(other_text)
+    assert stamped_other["kernel_hash"] == dispatch.spec_hash(REGISTRY[OTHER])
+    assert stamped_other["entries"][1] == {**before["entries"][1], "source": "stale"}
+    assert [e for i, e in enumerate(stamped_other["entries"]) if i != 1] == [
+        e for i, e in enumerate(before["entries"]) if i != 1]
     out = " ".join(capsys.readouterr().out.split())
     assert f"{SAME}.json: its 15 entries generate the same code" in out
-    assert f"{OTHER}.json: 1 of its 10 entries generate other code now" in out
+    assert f"{OTHER}.json: 1 of its 10 entries generate other code now" in out and "marked stale" in out
     assert f'run `make autotune ARGS="--revalidate --ops {OTHER}"` on a nvidia_h200 GPU' in out
     assert f"{ELSEWHERE}.json: tuned for kernel source fedcba9876543210, not HEAD~1's ({BASE_HASH}); left stale" in out
 

@@ -8,12 +8,13 @@ File format (``SCHEMA_VERSION`` 2)::
      "versions": {"helion": "...", "triton": "...", "torch": "..."},
      "entries": [{"dtype": "bfloat16", "shape": {"T": 16, "H": 4096},
                   "config": {...Helion config...}, "time_us": 2.1,
-                  "seed_time_us": 2.3, "source": "tuned" | "seed" | "revalidated"}]}
+                  "seed_time_us": 2.3, "source": "tuned" | "seed" | "revalidated" | "stale"}]}
 
 ``dims`` is the op's problem key (:class:`~helion_fusions.runtime.registry.Dim`): a call takes the
 entry of the nearest tuned model dims, then of its bucket of the bucketed dims (the token count).
 Version 1 files (``"hidden"`` and ``"tokens"`` per entry, the ``{T, H}`` key) are read as ``H`` and
-``T``; ``make autotune`` writes version 2.
+``T``; ``make autotune`` writes version 2. A ``"stale"`` entry (``make restamp``: its config generates other code
+under the file's current kernel source) is not picked; ``make autotune ARGS=--revalidate`` times it again.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from helion_fusions.runtime.registry import Dim
 
 SCHEMA_VERSION = 2
 CONFIG_DIR_ENV = "HELION_FUSIONS_CONFIG_DIR"
+STALE = "stale"  # an entry's source once its config generates other code than it was tuned on (make restamp)
 _FILE_KEYS = {"schema_version", "op", "device", "family", "kernel_hash", "versions", "entries"}
 _ENTRY_KEYS = {2: {"dtype", "shape", "config", "time_us"}, 1: {"dtype", "hidden", "tokens", "config", "time_us"}}
 _DTYPES = {"bfloat16", "float16", "float32"}
@@ -60,6 +62,11 @@ class Entry:
     def matches(self, dtype: str, shape: dict[str, int]) -> bool:
         return self.dtype == dtype and self.shape == shape
 
+    @property
+    def stale(self) -> bool:
+        """Marked by ``make restamp``: tuned for code its config no longer generates."""
+        return self.source == STALE
+
 
 @dataclasses.dataclass(frozen=True)
 class ConfigFile:
@@ -72,8 +79,10 @@ class ConfigFile:
     entries: tuple[Entry, ...]
 
     def exact_matches(self, shape: dict[str, int], problem: Sequence[Dim]) -> list[Entry]:
-        """The entries tuned for the call's value of every exact dim (all of them where there is none)."""
-        return [e for e in self.entries if all(e.shape[d.name] == shape[d.name] for d in problem if d.exact)]
+        """The entries tuned for the call's value of every exact dim (all of them where there is none), stale ones
+        left out."""
+        return [e for e in self.entries
+                if not e.stale and all(e.shape[d.name] == shape[d.name] for d in problem if d.exact)]
 
     def pick(self, dtype: torch.dtype, shape: dict[str, int], problem: Sequence[Dim],
              batch_invariant: bool) -> Entry | None:

@@ -17,7 +17,8 @@ only their entries (each stored config is the first seed: a searched one replace
 on this GPU). ``--budget-minutes`` bounds the wall time.
 
 ``--revalidate`` is for a source change that leaves a kernel's tuned configs meaningful
-(a shared helper another family uses changed, say): each stale entry's config is checked
+(a shared helper another family uses changed, say): each entry of a stale file, and each entry
+``make restamp`` marked stale (only its code changed), has its config checked
 against the reference and timed again on this GPU, and saved under the current source
 (source "revalidated"), instead of searching the shape again. An entry whose config now
 fails, or runs more than ``REVALIDATE_SLOWDOWN`` times its recorded time, is searched
@@ -331,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="config root (default: the package's configs/)")
     parser.add_argument("--fresh", action="store_true", help="ignore existing results instead of resuming")
     parser.add_argument("--revalidate", action="store_true",
-                        help="re-check and re-time the configs of stale files instead of searching those shapes again")
+                        help="re-check and re-time the configs of stale files and of entries marked stale instead of "
+                             "searching those shapes again")
     parser.add_argument("--retune", action="store_true",
                         help="search the selected shapes again even where tuned (their stored configs first among the "
                         "seeds), replacing only their entries")
@@ -375,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 existing[spec.name] = list(config_store.load(path, spec.name, spec.dim_names, dispatch.spec_hash(spec),
                                                              spec.config_problem).entries)
+                marked = [e for e in existing[spec.name] if e.stale]
+                if marked and args.revalidate:  # make restamp's: their config generates other code now
+                    stale.update({_key(spec, e.dtype, e.shape): e for e in marked})
+                    print(f"revalidating the {len(marked)} entries of {path} marked stale")
             except config_store.ConfigError as error:
                 if not args.revalidate:
                     print(f"not resuming from {error}", file=sys.stderr)
@@ -393,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         return candidates(spec, shape, helion.Config(**stored.config) if stored else None)
 
     def done(spec: OpSpec, shape: Shape) -> bool:
-        return not args.retune and any(e.matches(args.dtype, dict(shape)) for e in existing.get(spec.name, []))
+        return not args.retune and any(e.matches(args.dtype, dict(shape)) and not e.stale
+                                       for e in existing.get(spec.name, []))
 
     todo = [(spec, model, [s for s in ss if not done(spec, s)]) for spec, model, ss in units]
     todo = [(spec, model, ss) for spec, model, ss in todo if ss]
