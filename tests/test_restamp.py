@@ -15,6 +15,7 @@ from helion_fusions.tools import restamp
 
 SAME, OTHER, BASE_HASH = "rotary_embedding", "concat_and_cache_mla", "0123456789abcdef"
 ELSEWHERE = "rotary_embedding_and_cache"  # tuned for a source that is not the base's
+MARKED = "rotary_embedding_static_fp8_quant"  # an entry marked stale by an earlier restamp, the same code since
 
 
 def _stale_copy(root: Path, op: str, kernel_hash: str) -> tuple[Path, str]:
@@ -32,6 +33,10 @@ def test_files_get_the_current_hash_and_entries_whose_code_changed_are_marked(tm
     same, same_text = _stale_copy(root, SAME, BASE_HASH)
     other, other_text = _stale_copy(root, OTHER, BASE_HASH)
     elsewhere, elsewhere_text = _stale_copy(root, ELSEWHERE, "fedcba9876543210")
+    marked, _ = _stale_copy(root, MARKED, BASE_HASH)
+    raw = json.loads(marked.read_text())
+    raw["entries"][0]["source"] = "stale"
+    marked.write_text(json.dumps(raw, indent=1) + "\n")
     trees = []
 
     def digests_in(tree: Path, requests: dict) -> dict:
@@ -48,7 +53,7 @@ def test_files_get_the_current_hash_and_entries_whose_code_changed_are_marked(tm
 
     monkeypatch.setattr(restamp, "digests_in", digests_in)
     monkeypatch.setattr(restamp, "source_at", lambda rev, folder: folder)
-    assert restamp.main(["--base", "HEAD~1", "--root", str(root)]) == 1  # two files need a GPU
+    assert restamp.main(["--base", "HEAD~1", "--root", str(root)]) == 1  # three files need a GPU
     assert len(trees) == 2 and trees[1] == restamp.PACKAGE_ROOT
 
     # the stamped file differs from its stale copy only in the hash line
@@ -67,7 +72,13 @@ def test_files_get_the_current_hash_and_entries_whose_code_changed_are_marked(tm
         e for i, e in enumerate(before["entries"]) if i != 1]
     out = " ".join(capsys.readouterr().out.split())
     assert f"{SAME}.json: its 15 entries generate the same code" in out
-    assert f"{OTHER}.json: 1 of its 10 entries generate other code now" in out and "marked stale" in out
+    assert f"{OTHER}.json: 1 of its 10 entries generate other code now; 1 marked stale" in out
+    # an entry marked before stays marked and the file still needs its GPU, though no code changed this time
+    stamped_marked = json.loads(marked.read_text())
+    assert stamped_marked["kernel_hash"] == dispatch.spec_hash(REGISTRY[MARKED])
+    assert [e.get("source") == "stale" for e in stamped_marked["entries"]] == [
+        i == 0 for i in range(len(raw["entries"]))]
+    assert f"{MARKED}.json: 0 of its {len(raw['entries'])} entries generate other code now; 1 marked stale" in out
     assert f'run `make autotune ARGS="--revalidate --ops {OTHER}"` on a nvidia_h200 GPU' in out
     assert f"{ELSEWHERE}.json: tuned for kernel source fedcba9876543210, not HEAD~1's ({BASE_HASH}); left stale" in out
 

@@ -145,19 +145,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: tuned for kernel source {loaded.kernel_hash}, not {args.base}'s ({was['hash']}); left stale")
             left += 1
             continue
-        entries = [dataclasses.replace(e, source=config_store.STALE) if a != b or a.startswith("error") else e
-                   for e, a, b in zip(loaded.entries, was["digests"], now["digests"])]
+        changed = [a != b or a.startswith("error") for a, b in zip(was["digests"], now["digests"])]
+        entries = [dataclasses.replace(e, source=config_store.STALE) if c else e
+                   for e, c in zip(loaded.entries, changed)]
         config_store.save(path, loaded.op, loaded.device, loaded.family, now["hash"], REGISTRY[loaded.op].dim_names,
                           entries, versions=loaded.versions)
-        differ = [e.shape for e, old in zip(entries, loaded.entries) if e.stale and not old.stale]
-        if differ:
-            shown = ", ".join(map(str, differ[:4])) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
-            print(f"{path}: {len(differ)} of its {len(loaded.entries)} entries generate other code now ({shown}), "
-                  f"marked stale; kernel_hash {loaded.kernel_hash} -> {now['hash']}: run "
+        marked = [e.shape for e in entries if e.stale]  # changed now, or marked by an earlier restamp
+        if marked:
+            shown = ", ".join(map(str, marked[:4])) + (f" and {len(marked) - 4} more" if len(marked) > 4 else "")
+            print(f"{path}: {sum(changed)} of its {len(entries)} entries generate other code now; {len(marked)} marked "
+                  f"stale ({shown}); kernel_hash {loaded.kernel_hash} -> {now['hash']}: run "
                   f"`make autotune ARGS=\"--revalidate --ops {loaded.op}\"` on a {loaded.device} GPU")
             left += 1
             continue
-        print(f"{path}: its {len(loaded.entries)} entries generate the same code; kernel_hash "
+        print(f"{path}: its {len(entries)} entries generate the same code; kernel_hash "
               f"{loaded.kernel_hash} -> {now['hash']}")
     return 1 if left else 0
 
