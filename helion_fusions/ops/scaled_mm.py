@@ -32,10 +32,10 @@ op writes ``silu_and_mul_per_block_quant``'s bytes.
 
 Split-K: up to ``SPLIT_MAX_M`` rows a program per output tile leaves most SMs idle, so the K depth is split
 (:func:`split_count`): one launch writes each slice's fp32 sum of products into a scratch ``[S, .., M, N]``,
-a second adds the slices in order and runs the epilogue. The sums are the same products added in another
-order (block scales: the scaled slices); the scratch is written whole before it is read. Batch-invariant mode
-never splits. The scratch buffers are shared by every call on a device (:func:`ops.common.scratch`): calls on
-two streams must not overlap.
+a second adds the slices pairwise (one reduction: ``(s0 + s1) + (s2 + s3)``) and runs the epilogue: the same
+products added in another order (block scales: the scaled slices). The scratch is written whole before it is
+read; batch-invariant mode never splits. The scratch buffers are shared by every call on a device
+(:func:`ops.common.scratch`): calls on two streams must not overlap.
 
 ``scaled_mm_per_token_fp8_quant`` (and gate_up's): ``dynamic_per_token_scaled_fp8_quant`` of ``y``:
 ``s = max(min(amax, scale_ub), 1 / 512) / fp8_max`` per row, ``q = fp8(clamp(y / s))``, ``scales``
