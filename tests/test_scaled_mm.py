@@ -11,9 +11,8 @@ import helion
 import pytest
 import torch
 
-from helion_fusions.kernels import scaled_mm as kernel_module
 from helion_fusions.ops import scaled_mm
-from helion_fusions.quant import Quant
+from helion_fusions.quant import Quant, epilogues
 from helion_fusions.runtime import dispatch
 from helion_fusions.runtime.registry import REGISTRY, own_launches
 from helion_fusions.tools.testing import (clone_kwargs, code_generator, compare_outputs, machine_code, outputs_ok,
@@ -588,7 +587,7 @@ def test_block_scaled_slices_round_once() -> None:
     from a rounded product then an add. Each equals the exact sum rounded to fp32 (by hand in fp64 here)."""
     generator = torch.Generator().manual_seed(0)
     part, s, acc = (torch.randn(1 << 16, generator=generator) for _ in range(3))
-    fused, exact = kernel_module.fma(part, s, acc), part.double() * s.double() + acc.double()
+    fused, exact = epilogues.fma(part, s, acc), part.double() * s.double() + acc.double()
     error = (fused.double() - exact).abs()
     for toward in (torch.inf, -torch.inf):  # the nearest fp32
         assert (error <= (torch.nextafter(fused, torch.tensor(toward)).double() - exact).abs()).all()

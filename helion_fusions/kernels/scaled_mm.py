@@ -33,9 +33,9 @@ What the generated code needs besides the arithmetic (tests/test_scaled_mm.py ch
 * with ``G == 1`` the columns are loaded as ``[.., groups]``, without the unit group dim: a ``[K, N, 1]`` tile
   reshaped for the dot gets no usable shared-memory layout (Triton 3.9 rejects it; the H200's build ran the
   dot 30x slower than cuBLAS);
-* the block-scaled accumulation is an explicit fused multiply-add (:func:`fma`), not left to the compiler's
-  contraction, which Triton's ``TRITON_DEFAULT_FP_FUSION`` can turn off; ``a_s * y`` before a bias is rounded on
-  its own (:func:`mul_rn`), as the contract rounds it before the add.
+* the block-scaled accumulation is an explicit fused multiply-add (:func:`quant.epilogues.fma`), not left to the
+  compiler's contraction, which Triton's ``TRITON_DEFAULT_FP_FUSION`` can turn off; ``a_s * y`` before a bias is
+  rounded on its own (:func:`mul_rn`), as the contract rounds it before the add.
 """
 
 from __future__ import annotations
@@ -48,18 +48,9 @@ import torch
 
 from helion_fusions.kernels.rope import mul_rn
 from helion_fusions.kernels.silu_mul import silu
-from helion_fusions.quant.epilogues import _compiling_to_triton, _fma, load_scale_in, store_quantized
+from helion_fusions.quant.epilogues import _compiling_to_triton, fma, load_scale_in, store_quantized
 
 SCALE_BLOCK = 128  # the block of a block-scaled GEMM's scales along K (and N for b); the K tile of every path
-
-
-def fma(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``x * y + z`` in fp32, rounded once (``y`` broadcasts against ``x``). Eager code (the reference, and the kernel
-    run as PyTorch) adds the exact fp64 product and rounds that sum to fp32: the same value but where rounding to
-    fp64 first lands on an fp32 tie (about one sum in 2^29)."""
-    if _compiling_to_triton():
-        return _fma(x, y, z)
-    return torch.addcmul(z.double(), x.double(), y.double()).float()
 
 
 def columns(x: torch.Tensor, prefix: tuple, tile_g, G: int) -> torch.Tensor:

@@ -57,7 +57,7 @@ import helion
 import torch
 
 from helion_fusions import quant
-from helion_fusions.kernels.scaled_mm import SCALE_BLOCK, Phase, fma, scaled_mm_kernel
+from helion_fusions.kernels.scaled_mm import SCALE_BLOCK, Phase, scaled_mm_kernel
 from helion_fusions.ops.common import poisoned, scratch
 from helion_fusions.ops.silu_mul import PER_TOKEN_GROUP_FP8_QUANT, silu_and_mul_reference
 from helion_fusions.quant import Quant
@@ -302,7 +302,7 @@ def _product(a: torch.Tensor, b: torch.Tensor, a_scales: torch.Tensor, b_scales:
         columns = b_scales.repeat_interleave(SCALE_BLOCK, 0)[:n]  # [N, K / 128]
         for index, start in enumerate(range(0, k, SCALE_BLOCK)):
             part = a[:, start:start + SCALE_BLOCK].float() @ b[start:start + SCALE_BLOCK].float()
-            acc = fma(part, a_scales[:, index, None] * columns[None, :, index], acc)
+            acc = quant.fma(part, a_scales[:, index, None] * columns[None, :, index], acc)
         return acc
     return a_scales.reshape(-1, 1) * (b_scales.reshape(1, -1) * (a.float() @ b.float()))
 

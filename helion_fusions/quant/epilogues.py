@@ -147,9 +147,13 @@ def ue8m0(scale: torch.Tensor) -> torch.Tensor:
     return (exponent << 23).view(torch.float32)
 
 
-def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``a * b + c`` rounded once (Triton codegen only; ``b`` broadcasts against ``a``)."""
-    return hl.inline_triton("tl.fma({0}, {1}, {2})", args=(a, b, c), output_like=a)
+def fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``a * b + c`` in fp32, rounded once (``b`` broadcasts against ``a``). Eager code (the references, and a kernel
+    run as PyTorch) adds the exact fp64 product and rounds that sum to fp32: the same value but where rounding to
+    fp64 first lands on an fp32 tie (about one sum in 2^29)."""
+    if _compiling_to_triton():
+        return hl.inline_triton("tl.fma({0}, {1}, {2})", args=(a, b, c), output_like=a)
+    return torch.addcmul(c.double(), a.double(), b.double()).float()
 
 
 def div_by_scale(value: torch.Tensor, scale: torch.Tensor, fp8_max: float, bounded: bool = False) -> torch.Tensor:
@@ -175,7 +179,7 @@ def div_by_scale(value: torch.Tensor, scale: torch.Tensor, fp8_max: float, bound
         v = hl.inline_triton("tl.clamp({0}, -{1}, {1}, propagate_nan=tl.PropagateNan.ALL)",
                              args=(value, scale * (2.0 * fp8_max)), output_like=value)
     q0 = v * r
-    return _fma(-_fma(q0, scale, -v), r, q0)
+    return fma(-fma(q0, scale, -v), r, q0)
 
 
 def fp8_quantize(value: torch.Tensor, scale: torch.Tensor, fp8_max: float, dtype: torch.dtype,
