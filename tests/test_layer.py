@@ -113,3 +113,15 @@ def test_block_flavour_scales(tokens: int) -> None:
     assert ours_scale.shape == plain_scale.shape == (tokens, x.shape[1] // decoder.GROUP)
     assert ours_scale.stride() == plain_scale.stride() == (1, -(-tokens // 4) * 4)
     assert torch.equal(ours_scale, plain_scale) and torch.equal(ours.view(torch.uint8), plain.view(torch.uint8))
+
+
+@pytest.mark.parametrize("flavour", decoder.QUANTS)
+def test_every_version_traces_whole(flavour: str) -> None:
+    """Each version of the layer traces as one graph (``fullgraph=True``, as ``perf.layer`` compiles it; AOT eager
+    here: the trace and the functionalized in-place ops, without a code generator) and gives its eager bytes."""
+    weights = decoder.make_layer(decoder.SMOKE_MODEL, flavour, CPU)
+    x, residual, positions = decoder.make_inputs(decoder.SMOKE_MODEL, 7, CPU)
+    for version in (decoder.ours_layer, decoder.ours_gemm_layer, decoder.torch_layer):
+        traced = torch.compile(version, fullgraph=True, dynamic=False, backend="aot_eager")
+        got, expected = traced(weights, x, residual.clone(), positions), version(weights, x, residual.clone(), positions)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected)), version.__name__
