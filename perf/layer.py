@@ -20,7 +20,8 @@ H200). On a CPU, run eagerly, static gives 0, dynamic and block about 0.06: thei
 fp32 residual sum, as vLLM's kernels do, and the composite its bf16 rounding. The versions agree within
 ``TOLERANCE``, while a wrong step gives order one.
 
-It writes ``perf/results/<device>_layer.csv`` and ``.md``; ``--profile`` also writes
+It writes ``perf/results/<device>_layer.csv`` and ``.md`` (``--append``: merged into the table there, a row
+measured again replacing the earlier one); ``--profile`` also writes
 ``<device>_layer_profile.txt``: each row's GPU kernels in both versions (torch.profiler), the costliest
 first. Without a GPU it runs both versions eagerly on a tiny model (our ops run their references on a
 CPU) and checks that they agree.
@@ -46,7 +47,7 @@ from helion_fusions.tools.testing import Timer
 from perf.bench import GRAPH_MAX_TOKENS
 from perf.decoder import (MODELS, QUANTS, SMOKE_MODEL, Layer, LayerFn, make_inputs, make_layer, ours_gemm_layer,
                           ours_layer, torch_layer)
-from perf.tables import RESULTS, allow_static_compiles, geomean, write_csv
+from perf.tables import RESULTS, allow_static_compiles, geomean, read_csv, replace_rows, write_csv
 
 TOKENS = (1, 16, 64, 256, 512, 2048, 8192)
 DEFAULT_MODELS = ("llama3_8b", "qwen2_5_7b")
@@ -162,6 +163,22 @@ def summary(rows: list[dict], failed: Sequence[str] = ()) -> list[str]:
     return lines
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of an earlier run's CSV, typed as :func:`bench_rows` returns them."""
+    rows = read_csv(path, COLUMNS, ("device", "model", "quant", "graphs", "torch", "helion", "triton", "repro"), ("T",))
+    for row in rows:
+        row["graphs"] = row["graphs"] == "True"
+    return rows
+
+
+def merge_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
+    """``rows`` plus the ``earlier`` rows they do not measure again, by model, flavour, T and graphs."""
+    def order(row: dict) -> tuple:
+        return ([*MODELS, row["model"]].index(row["model"]), [*QUANTS, row["quant"]].index(row["quant"]), row["T"],
+                row["graphs"])
+    return sorted(replace_rows(earlier, rows, lambda r: (r["model"], r["quant"], r["T"], r["graphs"])), key=order)
+
+
 def _stem(device_name: str, gemms: str) -> str:
     return f"{device_name}_layer" + "_gemm" * (gemms == "ours")
 
@@ -217,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=30, help="timed calls per measurement")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--profile", action="store_true", help="also write each row's kernels, both versions")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of the existing table that this run does not measure")
     parser.add_argument("--gemms", choices=("cublas", "ours"), default="cublas",
                         help="ours: the ours version's GEMMs are our scaled_mm ops, gate_up fused with SiLU-and-mul "
                              "+ quant (-> <device>_layer_gemm.*); cublas: torch._scaled_mm, as in the compile version")
@@ -236,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     identity, label, timer, rows, failed = device_identity(), torch.cuda.get_device_name(), Timer(args.reps), [], []
     stem = _stem(identity.name, args.gemms)
     profile_to = args.out / f"{stem}_profile.txt" if args.profile else None
+    earlier = read_rows(args.out / f"{stem}.csv") if args.append and (args.out / f"{stem}.csv").exists() else []
     if profile_to is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         profile_to.write_text("")
@@ -255,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{_where(row)}: compile {row['compile_us']:.1f} us, ours {row['ours_us']:.1f} us, "
                           f"speedup {row['speedup']:.2f}x, ours_host_us {row['ours_host_us']:.0f}", flush=True)
                 if rows:  # a run cut short keeps its rows
-                    write_results(rows, identity.name, label, args.out, args.gemms, failed)
+                    write_results(merge_rows(earlier, rows), identity.name, label, args.out, args.gemms, failed)
             del layer
             torch.cuda.empty_cache()
     if rows:

@@ -125,3 +125,17 @@ def test_every_version_traces_whole(flavour: str) -> None:
         traced = torch.compile(version, fullgraph=True, dynamic=False, backend="aot_eager")
         got, expected = traced(weights, x, residual.clone(), positions), version(weights, x, residual.clone(), positions)
         assert all(torch.equal(g, e) for g, e in zip(got, expected)), version.__name__
+
+
+def test_append_keeps_the_rows_a_run_does_not_measure(tmp_path) -> None:
+    """``--append``: an earlier table's rows come back typed as measured; a row measured again replaces its own."""
+    earlier = [_row(16, False, 110.0, 100.0), _row(16, True, 90.0, 100.0), _row(2048, False, 800.0, 1000.0)]
+    layer.write_results(earlier, "test_device", "Test Device", tmp_path)
+    read = layer.read_rows(tmp_path / "test_device_layer.csv")
+    assert [(r["T"], r["graphs"], r["speedup"]) for r in read] == [(r["T"], r["graphs"], pytest.approx(r["speedup"]))
+                                                                   for r in earlier]
+    block = {**_row(1, False, 100.0, 90.0), "quant": "block"}
+    merged = layer.merge_rows(read, [_row(16, True, 95.0, 100.0), block])
+    assert [(r["quant"], r["T"], r["graphs"], r["compile_us"]) for r in merged] == [
+        ("static", 16, False, 110.0), ("static", 16, True, 95.0), ("static", 2048, False, 800.0),
+        ("block", 1, False, 100.0)]
