@@ -207,18 +207,23 @@ def test_weight_stream_buckets_read_the_weight_once(spec) -> None:
 def test_large_m_buckets_search_stages_and_grouped_programs(spec) -> None:
     """From M = 512 the search tries 3 and 4 stages (and 5 at M = 512), from M = 2048 also programs grouped along
     N, plain and with TMA: on an H200, block-scaled 64 x 128 tiles took 0.89-0.93x the time with 3 stages as with
-    the 4 the search held alone, and grouped programs 0.95-0.97x at M = 8192. The grouped ones generate code."""
+    the 4 the search held alone, and grouped programs 0.95-0.97x at M = 8192. One-scale gate_up also tries 2
+    stages, at which its 64 x 128 tiles fit two programs an SM. The grouped and 2-stage ones generate code."""
     for m in (512, 2048, 8192):
         for block in (1, scaled_mm.SCALE_BLOCK):
             searched = spec.search_configs({"M": m, "N": 4096, "K": 4096, "BLOCK": block})
-            assert {c.config["num_stages"] for c in searched} == ({3, 4, 5} if m == 512 else {3, 4}), (m, block)
+            two = {2} if spec in GATED and block == 1 else set()
+            assert {c.config["num_stages"] for c in searched} == ({3, 4, 5} if m == 512 else {3, 4}) | two, (m, block)
+            group = scaled_mm.GROUP_SIZES[0] if spec in GROUPED else 1  # the fused epilogue's tiles count groups
+            paired = {"block_sizes": [64, 128 // group], "num_warps": 4, "num_stages": 2}
+            assert any(c.config.items() >= paired.items() for c in searched) == bool(two), (m, block)
             grouped = [c for c in searched if c.config.get("l2_groupings")]
             assert {c.config.get("indexing") for c in grouped} == ({None, "tensor_descriptor"} if m >= 2048 else set())
     product = own_launches(spec.prepare(**_inputs(300, 256, 384, "token_channel", spec=spec)))[0]
     bound = code_generator(product.kernel).bind(product.args)
     for block in (1, scaled_mm.SCALE_BLOCK):
         for config in spec.search_configs({"M": 2048, "N": 4096, "K": 4096, "BLOCK": block}):
-            if config.config.get("l2_groupings"):
+            if config.config.get("l2_groupings") or config.config["num_stages"] == 2:
                 assert "tl.dot" in triton_code(bound, product.args, config)
 
 

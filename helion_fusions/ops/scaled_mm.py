@@ -27,8 +27,7 @@ The fp8 epilogues write what the unfused path leaves: ``y`` rounded to bf16 (the
 gate_up (``scaled_mm_silu_mul_*``): ``b`` is ``[K, 2 I]``, gate columns ``0 .. I - 1`` and up columns
 ``I .. 2 I - 1`` (per-channel scales and bias ``[2 I]``, block scales ``[2 I / 128, ...]``, I a multiple of 128);
 ``out`` is ``[M, I]``. ``g`` and ``u`` are ``y``'s two halves rounded to bf16, then ``round(silu(f32 g)) * u`` in bf16
-(``silu_and_mul``'s rule), then the static or per-group fp8 rule above. With ``eps = 1 / 512`` the per-group
-op writes ``silu_and_mul_per_block_quant``'s bytes.
+(``silu_and_mul``'s rule), then the static or per-group fp8 rule (eps 1 / 512: ``silu_and_mul_per_block_quant``'s).
 
 Split-K: up to ``SPLIT_MAX_M`` rows a program per output tile leaves most SMs idle, so the K depth is split
 (:func:`split_count`): one launch writes each slice's fp32 sum of products into a scratch ``[S, .., M, N]``,
@@ -108,10 +107,9 @@ def _check_operands(a: Any, b: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if b.dim() != 2 or b.size(0) != a.size(1) or (b.size(0) > 1 and b.stride(0) != 1):
         raise ValueError(f"b: expected a column-major [K, N] tensor with K = {a.size(1)} (the transpose of a row-major "
                          f"[N, K] weight), got shape {list(b.shape)} strides {list(b.stride())}")
-    if a.size(1) % 16 or a.size(1) == 0:
-        raise ValueError(f"a: K = {a.size(1)} must be a positive multiple of 16")
-    if b.size(1) % 16 or b.size(1) == 0:
-        raise ValueError(f"b: N = {b.size(1)} must be a positive multiple of 16")
+    for name, dim, size in (("a", "K", a.size(1)), ("b", "N", b.size(1))):
+        if size % 16 or size == 0:
+            raise ValueError(f"{name}: {dim} = {size} must be a positive multiple of 16")
     return a, b
 
 
@@ -447,13 +445,15 @@ def _tuning(flavour: Quant, gated: bool):
 
     def search_configs(shape: Shape) -> list[helion.Config]:
         """M tiles as tall as the bucket (16 or 64 rows; 64 and 128 from M = 128) by N tiles of whole quant groups
-        (block scales from M = 512: 64 or 128 columns), plain, with TMA loads, from M = 2048 grouped 8 M tiles deep
-        along N (``l2_groupings``), and persistent (not for a one-scale weight stream, M <= 128). Weight streams: narrow
-        N tiles, 5 stages; from M = 512: 3, 4 (and 5 at 512) stages. Why: perf/results/nvidia_h200_gemm_search.md."""
+        (block scales from M = 512: 64 or 128 columns); plain, TMA, from M = 2048 grouped 8 M tiles deep along N,
+        persistent (not for a one-scale weight stream, M <= 128); 3 and 5 stages to M = 128, then 3 and 4 (5 at 512),
+        and 2 for one-scale gate_up, where 64 x 128 tiles over 4 warps fit two programs an SM (80 KiB of shared
+        memory, 240 registers a thread): one's silu epilogue beside the other's K loop. Why: gemm_search.md."""
         m, group, block = shape["M"], group_of(shape), shape.get("BLOCK", 1) == SCALE_BLOCK
         rows = (16,) if m <= 16 else (64,) if m <= 64 else (64, 128)
         columns = (32, 64) if m <= 16 else (32, 64, 128) if m <= 128 else (64, 128) if block else (128, 256)
         stages = (3, 5) if m <= 128 else (3,) if m < 512 else (3, 4, 5) if m == 512 else (3, 4)
+        stages = (2, *stages) if gated and not block and m >= 512 else stages
         tiles = [_tile(r, c, group, num_warps=warps(r, c, shape), num_stages=s)
                  for r in rows for c in columns for s in stages
                  if c % group == 0 and r * c <= max_tile(shape) and c <= max_columns(shape)]
