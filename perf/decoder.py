@@ -260,8 +260,7 @@ def _quantize(y: torch.Tensor, linear: Linear) -> tuple[torch.Tensor, torch.Tens
         groups = y.unflatten(-1, (-1, GROUP))
         scale = quant.fp8_dynamic_scale(groups.abs().amax(dim=-1), fp8_max, GROUP_EPS)
         q = (groups / scale.unsqueeze(-1)).clamp(-fp8_max, fp8_max).to(fp8).flatten(1)
-        tokens = scale.shape[0]
-        return q, F.pad(scale.t(), (0, -(-tokens // 4) * 4 - tokens))[:, :tokens].t()
+        return q, group_scales(*scale.shape, scale.device).copy_(scale)
     scale = quant.fp8_dynamic_scale(y.abs().amax(dim=-1, keepdim=True), fp8_max)
     return (y / scale).clamp(-fp8_max, fp8_max).to(fp8), scale
 
